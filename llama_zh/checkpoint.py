@@ -1,0 +1,297 @@
+"""The native checkpoint: a directory every stage reads and writes.
+
+    model.safetensors                      or  model-00001-of-00003.safetensors ... + model.safetensors.index.json
+    model_config.yaml                      format_version, the ModelConfig, dtype
+    tokenizer.model                        the sentencepiece model the weights were trained with
+
+Weights move as a `WeightStream`: the native names, dtypes and shapes known up front, the tensors
+produced one at a time. Every converter reads into one and writes from one, so no format is ever
+held whole in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import yaml
+
+from llama_zh.config import ModelConfig
+from llama_zh.model import Transformer, build_model
+from llama_zh.tensor_io import DTYPES, CheckpointError, SafetensorsWriter, iter_safetensors, safetensors_header
+from llama_zh.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "model_config.yaml"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+@dataclass
+class WeightStream:
+    config: ModelConfig
+    specs: dict[str, Spec]  # native name -> (dtype, shape), in the order `tensors()` yields them
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    tokenizer: Path | None = None
+    source: str = ""  # where the weights come from, for error messages
+    notes: list[str] = field(default_factory=list)
+
+    def cast(self, dtype: torch.dtype | None) -> "WeightStream":
+        if dtype is None:
+            return self
+
+        def tensors():
+            for name, t in self.tensors():
+                yield name, t.to(dtype) if t.is_floating_point() else t
+
+        specs = {n: (dtype if d.is_floating_point else d, s) for n, (d, s) in self.specs.items()}
+        return WeightStream(self.config, specs, tensors, self.tokenizer, self.source, self.notes)
+
+
+def expected_specs(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Native parameter names and shapes for `config` (from a meta-device model: no memory)."""
+    model = build_model(config, device="meta")
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def check_specs(stream: WeightStream) -> None:
+    """Every parameter present once, with the shape the config implies, and nothing else."""
+    expected = expected_specs(stream.config)
+    missing = [n for n in expected if n not in stream.specs]
+    extra = [n for n in stream.specs if n not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+        raise CheckpointError(f"{stream.source}: tensors do not match the model config: {'; '.join(parts)}")
+    for name, shape in expected.items():
+        got = stream.specs[name][1]
+        if tuple(got) != shape:
+            raise CheckpointError(
+                f"{stream.source}: tensor {name} has shape {tuple(got)}, the model config "
+                f"(dim={stream.config.dim}, vocab_size={stream.config.vocab_size}, ffn_dim={stream.config.ffn_dim}, "
+                f"n_heads={stream.config.n_heads}, n_kv_heads={stream.config.n_kv_heads}) implies {shape}"
+            )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+class _AtomicDir:
+    """Builds a directory under a temporary name beside `path`; `commit()` puts it in place."""
+
+    def __init__(self, path: Path, overwrite: bool):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite and any(self.path.iterdir()):
+            raise CheckpointError(f"{self.path}: already exists and is not empty (set overwrite to replace it)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+
+    def commit(self) -> Path:
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _plan_shards(specs: dict[str, Spec], max_shard_bytes: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for name, (dtype, shape) in specs.items():
+        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def write_safetensors_shards(directory: Path, specs: dict[str, Spec], tensors: Iterator[tuple[str, torch.Tensor]],
+                             max_shard_bytes: int, prefix: str = "model", rename: Callable[[str], str] = lambda n: n,
+                             metadata: dict[str, str] | None = None) -> None:
+    """Stream tensors into one or more safetensors files (+ an index when sharded), HF naming."""
+    shards = _plan_shards(specs, max_shard_bytes)
+    files = [f"{prefix}.safetensors"] if len(shards) == 1 else [
+        f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    weight_map, total = {}, 0
+    tensors = iter(tensors)
+    for filename, names in zip(files, shards):
+        plan = [(rename(n), specs[n][0], specs[n][1]) for n in names]
+        writer = SafetensorsWriter(directory / filename, plan, metadata)
+        try:
+            for expected in names:
+                name, t = next(tensors)
+                if name != expected:
+                    raise CheckpointError(f"weight stream out of order: got {name}, expected {expected}")
+                writer.write(rename(name), t)
+                total += t.numel() * t.element_size()
+                weight_map[rename(name)] = filename
+                del t
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_native(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                 extra: dict | None = None) -> Path:
+    """Write `stream` as a native checkpoint directory at `path`, atomically."""
+    check_specs(stream)
+    dtypes = {d for d, _ in stream.specs.values()}
+    target = _AtomicDir(path, overwrite)
+    try:
+        write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes)
+        meta = {"format_version": FORMAT_VERSION, "model": stream.config.to_dict(),
+                "dtype": _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed"}
+        if extra:
+            meta.update(extra)
+        (target.tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
+        if stream.tokenizer is not None:
+            shutil.copyfile(stream.tokenizer, target.tmp / "tokenizer.model")
+        return target.commit()
+    except BaseException:
+        target.abort()
+        raise
+
+
+def model_stream(model: Transformer, tokenizer: Path | None = None) -> WeightStream:
+    state = {n: p for n, p in model.state_dict().items()}
+    specs = {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}
+    return WeightStream(model.config, specs, lambda: iter(state.items()), tokenizer, source="in-memory model")
+
+
+def save_checkpoint(model: Transformer, path: Path, tokenizer: Path | None = None, overwrite: bool = True,
+                    extra: dict | None = None) -> Path:
+    return write_native(model_stream(model, tokenizer), path, overwrite=overwrite, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def is_native(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def _safetensors_files(directory: Path, prefix: str) -> list[Path]:
+    index = directory / f"{prefix}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (directory / f).is_file():
+                raise CheckpointError(f"{index}: lists {f}, which is missing")
+        return [directory / f for f in files]
+    single = directory / f"{prefix}.safetensors"
+    return [single] if single.is_file() else []
+
+
+def safetensors_stream(files: list[Path], rename: Callable[[str], str | None], transform=None) -> tuple[dict[str, Spec], Callable]:
+    """Specs and tensor generator over safetensors files; `rename` maps a file key to a native name (None: skip)."""
+    entries: list[tuple[str, Path, str]] = []  # (native name, file, key in file), in file order
+    specs: dict[str, Spec] = {}
+    for f in files:
+        header, _ = safetensors_header(f)
+        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            name = rename(key)
+            if name is None:
+                continue
+            if name in specs:
+                raise CheckpointError(f"{f}: tensor {key} maps to {name}, which another tensor already gave")
+            specs[name] = (DTYPES[entry["dtype"]], tuple(entry["shape"]))
+            entries.append((name, f, key))
+
+    def tensors():
+        for f in files:
+            mine = [(name, key) for name, ff, key in entries if ff == f]
+            for (name, _), (_, t) in zip(mine, iter_safetensors(f, [key for _, key in mine])):
+                yield name, transform(name, t) if transform else t
+
+    return specs, tensors
+
+
+def read_native(path: Path) -> WeightStream:
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: not a native checkpoint (no {CONFIG_FILE})")
+    try:
+        meta = yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{config_file}: not valid YAML ({e})") from e
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CheckpointError(f"{config_file}: expected keys format_version and model")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{config_file}: format_version {meta.get('format_version')!r}, this llama_zh reads {FORMAT_VERSION}")
+    config = ModelConfig.from_dict(meta["model"], source=f"{config_file}: model")
+    files = _safetensors_files(path, "model")
+    if not files:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    specs, tensors = safetensors_stream(files, lambda k: k)
+    tok = path / "tokenizer.model"
+    return WeightStream(config, specs, tensors, tok if tok.is_file() else None, source=str(path))
+
+
+def read_any(path: Path) -> WeightStream:
+    """A native or Hugging Face directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if is_native(path):
+        return read_native(path)
+    if (path / "config.json").is_file():
+        from llama_zh.convert import hf
+
+        return hf.read(path)
+    raise CheckpointError(f"{path}: neither a native checkpoint ({CONFIG_FILE}) nor a Hugging Face directory (config.json)")
+
+
+def load_model(stream: WeightStream, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    check_specs(stream)
+    model = build_model(stream.config, device="meta")
+    state = {}
+    for name, t in stream.tensors():
+        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a native or Hugging Face directory; tokenizer is None if the directory has none."""
+    stream = read_any(Path(path))
+    model = load_model(stream, device, dtype).eval()
+    tokenizer = Tokenizer(stream.tokenizer) if stream.tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > stream.config.vocab_size:
+        raise CheckpointError(
+            f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size is {stream.config.vocab_size}"
+        )
+    return model, tokenizer

@@ -1,0 +1,91 @@
+"""The model's shape as a torch-free dataclass, and the named shapes of ANCHORS §2.
+
+The named shapes live in conf/model/<name>.yaml, one file each, so the Hydra group and the Python
+API read the same data: `ModelConfig.from_name("llama_7b")` and `model=llama_7b` cannot disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot describe a LLaMA model."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vocab_size: int | None = None  # None: taken from the tokenizer when the model is built
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads = n_heads)
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{field} must be a positive integer, got {value!r}")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
+            raise ConfigError(f"model.vocab_size must be a positive integer or null, got {self.vocab_size!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head size {self.head_dim} must be even for rotary embeddings")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError("model.norm_eps and model.rope_theta must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count (needs vocab_size)."""
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is unset: build the model with a tokenizer first")
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        block = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        return self.n_layers * block + 2 * self.vocab_size * self.dim + self.dim
+
+    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+        return dataclasses.replace(self, vocab_size=vocab_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "model config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        path = CONF_DIR / "model" / f"{name}.yaml"
+        if not path.is_file():
+            names = ", ".join(available_names())
+            raise ConfigError(f"unknown model name {name!r}; known: {names}")
+        return cls.from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def available_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))

@@ -1,0 +1,63 @@
+"""Conversion between the native checkpoint and outside formats, any reader to any writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream, read_native, write_native
+from llama_zh.config import ModelConfig
+from llama_zh.convert import hf, meta, tencentpretrain
+from llama_zh.tokenizer import Tokenizer
+
+SOURCE_FORMATS = ("hf", "tencentpretrain", "meta", "native")
+DESTINATION_FORMATS = ("native", "hf", "tencentpretrain")
+
+
+class FormatError(ValueError):
+    pass
+
+
+def read(src: Path, src_format: str, model: ModelConfig | None = None, tokenizer: Path | None = None) -> WeightStream:
+    src = Path(src)
+    if src_format not in SOURCE_FORMATS:
+        raise FormatError(f"stage.src_format: unknown format {src_format!r}; expected one of {', '.join(SOURCE_FORMATS)}")
+    if not src.exists():
+        raise FormatError(f"stage.src: {src} does not exist")
+    if src_format == "hf":
+        return hf.read(src, tokenizer)
+    if src_format == "meta":
+        return meta.read(src, tokenizer)
+    if src_format == "native":
+        stream = read_native(src)
+        if tokenizer is not None:
+            stream.tokenizer = Path(tokenizer)
+        return stream
+    if model is None:
+        raise FormatError("a TencentPretrain file carries no configuration: choose its shape with model=<name>")
+    if model.vocab_size is None:
+        if tokenizer is None:
+            raise FormatError("model.vocab_size is null: pass stage.tokenizer so the vocabulary size can be read from it")
+        model = model.with_vocab(Tokenizer(tokenizer).vocab_size)
+    return tencentpretrain.read(src, model, tokenizer)
+
+
+def write(stream: WeightStream, dst: Path, dst_format: str, overwrite: bool = False,
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    if dst_format == "native":
+        return write_native(stream, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    if dst_format == "hf":
+        return hf.write(stream, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    if dst_format == "tencentpretrain":
+        return tencentpretrain.write(stream, dst, overwrite=overwrite)
+    raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
+
+
+def convert(src: Path, src_format: str, dst: Path, dst_format: str, model: ModelConfig | None = None,
+            tokenizer: Path | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    if dst_format not in DESTINATION_FORMATS:
+        raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
+    stream = read(src, src_format, model, tokenizer).cast(dtype)
+    return write(stream, dst, dst_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

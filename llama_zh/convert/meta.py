@@ -1,0 +1,110 @@
+"""Meta's original LLaMA release: `consolidated.NN.pth` shards + `params.json` (ANCHORS §1).
+
+Model-parallel shards split each matrix along one dimension; each tensor is rebuilt by
+concatenating its slices from every (memory-mapped) shard, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llama_zh.checkpoint import WeightStream, check_specs
+from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.convert.keys import KeyMap, interleaved_to_halves, rope_permuter
+from llama_zh.tensor_io import CheckpointError, torch_load_weights
+
+KEYS = KeyMap(
+    {
+        "embed.weight": "tok_embeddings.weight",
+        "layers.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+        "layers.{i}.attn.wq.weight": "layers.{i}.attention.wq.weight",
+        "layers.{i}.attn.wk.weight": "layers.{i}.attention.wk.weight",
+        "layers.{i}.attn.wv.weight": "layers.{i}.attention.wv.weight",
+        "layers.{i}.attn.wo.weight": "layers.{i}.attention.wo.weight",
+        "layers.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+        "layers.{i}.ffn.w_gate.weight": "layers.{i}.feed_forward.w1.weight",
+        "layers.{i}.ffn.w_up.weight": "layers.{i}.feed_forward.w3.weight",
+        "layers.{i}.ffn.w_down.weight": "layers.{i}.feed_forward.w2.weight",
+        "norm.weight": "norm.weight",
+        "head.weight": "output.weight",
+    },
+    ignore=(r"^rope\.freqs$",),
+)
+
+# Dimension along which model-parallel shards split each tensor; None: replicated (norms).
+SHARD_DIM = {
+    "embed.weight": 1,
+    "attn.wq.weight": 0, "attn.wk.weight": 0, "attn.wv.weight": 0, "attn.wo.weight": 1,
+    "ffn.w_gate.weight": 0, "ffn.w_up.weight": 0, "ffn.w_down.weight": 1,
+    "attn_norm.weight": None, "ffn_norm.weight": None, "norm.weight": None,
+    "head.weight": 0,
+}
+
+
+def _shard_dim(name: str) -> int | None:
+    return SHARD_DIM[name.split(".", 2)[-1] if name.startswith("layers.") else name]
+
+
+def read(path: Path, tokenizer: Path | None = None, max_seq_len: int = 2048) -> WeightStream:
+    path = Path(path)
+    params_file = path / "params.json"
+    if not params_file.is_file():
+        raise CheckpointError(f"{path}: no params.json (not a Meta LLaMA directory)")
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"{path}: no consolidated.*.pth files")
+    try:
+        params = json.loads(params_file.read_text())
+        n_heads = params["n_heads"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ConfigError(f"{params_file}: not a LLaMA params.json ({e})") from e
+    rename = KEYS.renamer(str(shards[0]))
+    states = [torch_load_weights(f) for f in shards]  # memory-mapped: nothing read yet
+    keys = {key: rename(key) for key in states[0]}
+    specs = {}
+    for key, name in keys.items():
+        if name is None:
+            continue
+        dim = _shard_dim(name)
+        shape = list(states[0][key].shape)
+        if dim is not None:
+            shape[dim] = sum(s[key].shape[dim] for s in states)
+        specs[name] = (states[0][key].dtype, tuple(shape))
+    try:
+        config = ModelConfig(
+            name=path.name,
+            vocab_size=specs["embed.weight"][1][0],
+            dim=params["dim"],
+            n_layers=params["n_layers"],
+            n_heads=n_heads,
+            n_kv_heads=params.get("n_kv_heads") or n_heads,
+            ffn_dim=specs["layers.0.ffn.w_gate.weight"][1][0],  # from the weights: no multiple_of arithmetic
+            norm_eps=float(params.get("norm_eps", 1e-6)),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            max_seq_len=max_seq_len,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing {e.args[0]} in params.json or the weights") from e
+    del states
+    permute = rope_permuter(config.n_heads, config.n_kv_heads, interleaved_to_halves)
+
+    def tensors():
+        states = [torch_load_weights(f) for f in shards]
+        for key, name in keys.items():
+            if name is None:
+                continue
+            dim = _shard_dim(name)
+            t = states[0][key].clone() if dim is None else torch.cat([s[key] for s in states], dim=dim)
+            yield name, permute(name, t)
+
+    if tokenizer is None:
+        for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
+            if candidate.is_file():
+                tokenizer = candidate
+                break
+    stream = WeightStream(config, specs, tensors, Path(tokenizer) if tokenizer else None, source=str(path))
+    check_specs(stream)
+    return stream

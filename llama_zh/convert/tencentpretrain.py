@@ -1,0 +1,76 @@
+"""TencentPretrain LLaMA checkpoints: one torch-pickled state dict (`.bin`), ANCHORS §1.
+
+The file carries no configuration: the shape comes from `model=` (heads, eps, theta) and the tokenizer
+(vocab), and every tensor is checked against it. RoPE is interleaved as in Meta's weights, so q/k rows
+are permuted on the way in and out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from llama_zh.checkpoint import WeightStream, check_specs
+from llama_zh.config import ModelConfig
+from llama_zh.convert.keys import KeyMap, halves_to_interleaved, interleaved_to_halves, rope_permuter
+from llama_zh.tensor_io import CheckpointError, torch_load_weights
+
+KEYS = KeyMap(
+    {
+        "embed.weight": "embedding.word.embedding.weight",
+        "layers.{i}.attn_norm.weight": "encoder.transformer.{i}.layer_norm_1.weight",
+        "layers.{i}.attn.wq.weight": "encoder.transformer.{i}.self_attn.linear_layers.0.weight",
+        "layers.{i}.attn.wk.weight": "encoder.transformer.{i}.self_attn.linear_layers.1.weight",
+        "layers.{i}.attn.wv.weight": "encoder.transformer.{i}.self_attn.linear_layers.2.weight",
+        "layers.{i}.attn.wo.weight": "encoder.transformer.{i}.self_attn.final_linear.weight",
+        "layers.{i}.ffn_norm.weight": "encoder.transformer.{i}.layer_norm_2.weight",
+        "layers.{i}.ffn.w_gate.weight": "encoder.transformer.{i}.feed_forward.linear_gate.weight",
+        "layers.{i}.ffn.w_up.weight": "encoder.transformer.{i}.feed_forward.linear_1.weight",
+        "layers.{i}.ffn.w_down.weight": "encoder.transformer.{i}.feed_forward.linear_2.weight",
+        "norm.weight": "encoder.layer_norm.weight",
+        "head.weight": "target.lm.output_layer.weight",
+    }
+)
+
+
+def read(path: Path, config: ModelConfig, tokenizer: Path | None = None) -> WeightStream:
+    path = Path(path)
+    state = torch_load_weights(path)  # memory-mapped
+    rename = KEYS.renamer(str(path))
+    names = {key: rename(key) for key in state}
+    specs = {names[k]: (t.dtype, tuple(t.shape)) for k, t in state.items() if names[k] is not None}
+    if config.vocab_size is None and "embed.weight" in specs:
+        raise CheckpointError(f"{path}: the vocab size is unknown: pass the tokenizer (stage.tokenizer) or set model.vocab_size")
+    del state
+    permute = rope_permuter(config.n_heads, config.n_kv_heads, interleaved_to_halves)
+
+    def tensors():
+        state = torch_load_weights(path)
+        for key, name in names.items():
+            if name is not None:
+                yield name, permute(name, state[key]).clone()
+        del state
+
+    stream = WeightStream(config, specs, tensors, Path(tokenizer) if tokenizer else None, source=str(path))
+    check_specs(stream)
+    return stream
+
+
+def write(stream: WeightStream, path: Path, overwrite: bool = False, **_) -> Path:
+    """A single pickle of tensors, as TencentPretrain saves it (this format cannot be streamed)."""
+    check_specs(stream)
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists (set overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    permute = rope_permuter(stream.config.n_heads, stream.config.n_kv_heads, halves_to_interleaved)
+    state = {KEYS.to_outside(name): permute(name, t).contiguous() for name, t in stream.tensors()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,139 @@
+"""Tensor files read and written one tensor at a time.
+
+Why not `safetensors.torch.save_file`/`load_file`: they hold every tensor of a file in memory at
+once, and `safe_open` maps the file, so every page read stays resident. Converting a 7B model with
+them peaks at one or two full copies. Here the safetensors header is written first from the planned
+names, dtypes and shapes, then each tensor is appended as it is produced, and reads use plain
+`pread`s: peak memory is one tensor (measured in experiments/convert_memory.py). The files are
+ordinary safetensors, read back by the `safetensors` library in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(RuntimeError):
+    """A weight file that is missing, unreadable, unsafe or does not fit the model."""
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, byte offset of the data section)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def iter_safetensors(path: Path, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) in file order (or in `names` order), reading each tensor alone."""
+    path = Path(path)
+    header, data_start = safetensors_header(path)
+    order = list(names) if names is not None else sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    with open(path, "rb") as f:
+        for name in order:
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            f.seek(data_start + begin)
+            raw = bytearray(f.read(end - begin))
+            if len(raw) != end - begin:
+                raise CheckpointError(f"{path}: truncated data for tensor {name}")
+            dtype = DTYPES[entry["dtype"]]
+            t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            yield name, t.reshape(entry["shape"])
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose tensors arrive one by one, in the planned order.
+
+    Writes to `<path>.tmp` and renames on `close()`, so a failed conversion leaves no file that looks
+    complete.
+    """
+
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        self._expected = []
+        for name, dtype, shape in plan:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._expected.append((name, dtype, tuple(shape)))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self._file = open(self.tmp, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, exp_dtype, exp_shape = self._expected[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (exp_name, exp_dtype, exp_shape):
+            raise CheckpointError(f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, planned {exp_name} {exp_dtype} {exp_shape}")
+        t = tensor.detach().contiguous().cpu()
+        if t.numel():
+            self._file.write(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            self._file.close()
+            self.tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{self.path}: only {self._next} of {len(self._expected)} tensors written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def torch_load_weights(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """A pickled state dict, with code execution refused (`weights_only=True`).
+
+    `mmap=True` keeps tensors on disk until touched (zip-format files); old-format pickles fall back
+    to a full load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if mmap and "mmap" in str(e):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                raise
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load: the pickle holds more than tensors ({first})") from e
+    except Exception as e:  # corrupt zip, truncated file, not a pickle
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    return state
