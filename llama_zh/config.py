@@ -13,10 +13,12 @@ from typing import Any, Mapping
 
 import yaml
 
+from llama_zh.errors import LlamaZhError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-class ConfigError(ValueError):
+class ConfigError(LlamaZhError, ValueError):
     """A model configuration that cannot describe a LLaMA model."""
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from llama_zh.errors import LlamaZhError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(LlamaZhError, ValueError):
     pass
 
 
@@ -69,15 +71,18 @@ def train_sentencepiece(corpus: Path, output: Path, vocab_size: int, model_type:
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
         prefix = os.path.join(tmp, "spm")
-        spm.SentencePieceTrainer.Train(
-            input=str(corpus), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-            character_coverage=character_coverage, byte_fallback=True, split_digits=True,
-            normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=max_sentence_length,
-            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-            seed_sentencepiece_size=seed_sentencepiece_size, train_extremely_large_corpus=False,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.Train(
+                input=str(corpus), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+                character_coverage=character_coverage, byte_fallback=True, split_digits=True,
+                normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=max_sentence_length,
+                input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+                seed_sentencepiece_size=seed_sentencepiece_size, train_extremely_large_corpus=False,
+                num_threads=num_threads or os.cpu_count() or 1, minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise TokenizerError(f"{corpus}: sentencepiece training failed: {str(e).splitlines()[0]}") from None
         shutil.move(prefix + ".model", str(output) + ".tmp")
         os.replace(str(output) + ".tmp", output)
     return output

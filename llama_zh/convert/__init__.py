@@ -9,13 +9,14 @@ import torch
 from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream, read_native, write_native
 from llama_zh.config import ModelConfig
 from llama_zh.convert import hf, meta, tencentpretrain
+from llama_zh.errors import LlamaZhError
 from llama_zh.tokenizer import Tokenizer
 
 SOURCE_FORMATS = ("hf", "tencentpretrain", "meta", "native")
 DESTINATION_FORMATS = ("native", "hf", "tencentpretrain")
 
 
-class FormatError(ValueError):
+class FormatError(LlamaZhError, ValueError):
     pass
 
 
