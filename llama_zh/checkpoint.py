@@ -50,7 +50,9 @@ class WeightStream:
 
         def tensors():
             for name, t in self.tensors():
-                yield name, t.to(dtype) if t.is_floating_point() else t
+                t = t.to(dtype) if t.is_floating_point() else t
+                yield name, t
+                del t  # before the next read: one tensor alive at a time
 
         specs = {n: (dtype if d.is_floating_point else d, s) for n, (d, s) in self.specs.items()}
         return WeightStream(self.config, specs, tensors, self.tokenizer, self.source, self.notes)
@@ -233,8 +235,12 @@ def safetensors_stream(files: list[Path], rename: Callable[[str], str | None], t
     def tensors():
         for f in files:
             mine = [(name, key) for name, ff, key in entries if ff == f]
-            for (name, _), (_, t) in zip(mine, iter_safetensors(f, [key for _, key in mine])):
-                yield name, transform(name, t) if transform else t
+            reader = iter_safetensors(f, [key for _, key in mine])
+            for name, _ in mine:
+                t = next(reader)[1]
+                t = transform(name, t) if transform else t
+                yield name, t
+                del t  # a loop variable would keep it alive while the next tensor is read
 
     return specs, tensors
 

@@ -3,9 +3,10 @@
 Why not `safetensors.torch.save_file`/`load_file`: they hold every tensor of a file in memory at
 once, and `safe_open` maps the file, so every page read stays resident. Converting a 7B model with
 them peaks at one or two full copies. Here the safetensors header is written first from the planned
-names, dtypes and shapes, then each tensor is appended as it is produced, and reads use plain
-`pread`s: peak memory is one tensor (measured in experiments/convert_memory.py). The files are
-ordinary safetensors, read back by the `safetensors` library in the tests.
+names, dtypes and shapes, then each tensor is appended as it is produced, and reads go straight
+into each tensor's own buffer: this module holds one tensor at a time and never a second copy
+of it (figures from experiments/convert_memory.py in experiments/README.md). The files are ordinary
+safetensors, read back by the `safetensors` library in the tests.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from llama_zh.errors import LlamaZhError
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -28,19 +31,43 @@ DTYPES = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LlamaZhError, RuntimeError):
     """A weight file that is missing, unreadable, unsafe or does not fit the model."""
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:
-    """(tensor entries, byte offset of the data section)."""
+    """(tensor entries, byte offset of the data section), every entry checked against the file's size.
+
+    A truncated or damaged file fails here, before a conversion has written anything.
+    """
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, truncated or empty)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(f"{path}: not a safetensors file or truncated (header of {n} bytes, file of {size})")
             header = json.loads(f.read(n))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a table of tensors)")
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            numel = int(np.prod(shape, dtype=np.int64))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {name}: malformed header entry {entry!r}") from e
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; readable: {', '.join(DTYPES)}")
+        if not 0 <= begin <= end or end - begin != numel * torch.empty(0, dtype=DTYPES[dtype]).element_size():
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets {[begin, end]} do not fit {dtype} {shape}")
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to {8 + n + end}, the file has {size}")
     return header, 8 + n
 
 
@@ -54,12 +81,15 @@ def iter_safetensors(path: Path, names: Iterable[str] | None = None) -> Iterator
             entry = header[name]
             begin, end = entry["data_offsets"]
             f.seek(data_start + begin)
-            raw = bytearray(f.read(end - begin))
-            if len(raw) != end - begin:
+            raw = bytearray(end - begin)  # read straight into the tensor's buffer: no second copy
+            if f.readinto(raw) != end - begin:
                 raise CheckpointError(f"{path}: truncated data for tensor {name}")
             dtype = DTYPES[entry["dtype"]]
             t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            yield name, t.reshape(entry["shape"])
+            t = t.reshape(entry["shape"])
+            del raw  # held by `t` alone, so this frame keeps nothing once the consumer drops it
+            yield name, t
+            del t
 
 
 class SafetensorsWriter:
@@ -92,7 +122,7 @@ class SafetensorsWriter:
             raise CheckpointError(f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, planned {exp_name} {exp_dtype} {exp_shape}")
         t = tensor.detach().contiguous().cpu()
         if t.numel():
-            self._file.write(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
         self._next += 1
 
     def close(self) -> None:
@@ -128,8 +158,10 @@ def torch_load_weights(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]
             else:
                 raise
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: the pickle holds more than tensors ({first})") from e
+        # torch's message opens with advice to retry with weights_only=False: keep only what was refused.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        what = next((line for line in lines if "global" in line.lower()), lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{path}: refused to load: the pickle holds more than tensors ({what})") from e
     except Exception as e:  # corrupt zip, truncated file, not a pickle
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

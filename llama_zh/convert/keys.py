@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from llama_zh.tensor_io import CheckpointError
+
 NATIVE_KEYS = (
     "embed.weight",
     "layers.{i}.attn_norm.weight",
@@ -55,11 +57,13 @@ class KeyMap:
         return self.to_outside_templates[name]
 
     def renamer(self, source: str) -> Callable[[str], str | None]:
+        """`to_native` for the files of `source`; an unknown key is a CheckpointError naming it."""
+
         def rename(key: str) -> str | None:
             try:
                 return self.to_native(key)
             except KeyError:
-                raise KeyError(f"{source}: unexpected tensor {key!r}") from None
+                raise CheckpointError(f"{source}: unexpected tensor {key!r}, not part of a LLaMA model in this format") from None
 
         return rename
 
