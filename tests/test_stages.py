@@ -139,6 +139,21 @@ def test_multirun_gives_one_job_per_value(data_dir, tmp_path):
         assert float(read_metrics(job)[0]["lr"]) > 0
 
 
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", [p.stem for p in EXPERIMENTS])
+def test_every_experiment_file_runs(experiment, data_dir, tmp_path):
+    # A stale experiment file (a renamed key, a removed group) fails here rather than in a user's hands.
+    llama_zh(f"experiment={experiment}", "debug=fast", "trainer.enable_progress_bar=false", run_dir=tmp_path / "run",
+             data_dir=data_dir)
+    assert (tmp_path / "run" / "checkpoints" / "final" / "model.safetensors").is_file()
+
+
+def test_experiment_files_were_found():
+    assert EXPERIMENTS
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
