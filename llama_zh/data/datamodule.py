@@ -12,49 +12,69 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from llama_zh.data.corpus import DataError
 from llama_zh.data.datasets import PackedDataset, SFTDataset, pad_collate
+from llama_zh.data.mix import MixedWindows
 from llama_zh.data.packing import load_tokens
 from llama_zh.data.prepare import prepare_tokens
-from llama_zh.data.sft import Template, load_records, tokenize_record
+from llama_zh.data.sft import Template, load_records, pack_examples, tokenize_record
 from llama_zh.tokenizer import Tokenizer
 
 
 class PretrainData(pl.LightningDataModule):
+    """Training windows drawn from the sources of data= in their configured proportions; validation in order.
+
+    The position in the training stream is part of the Lightning checkpoint (`state_dict`), so a
+    resumed run continues with the batch that would have come next.
+    """
+
     def __init__(self, data_cfg: DictConfig, tokenizer: Tokenizer, seed: int = 0):
         super().__init__()
         self.cfg, self.tokenizer, self.seed = data_cfg, tokenizer, seed
+        self.start_batch = 0
 
     def prepare_data(self) -> None:
         prepare_tokens(self.cfg, self.tokenizer)
 
+    def _windows(self, paths) -> ConcatDataset:
+        paths = paths if isinstance(paths, (list, tuple)) else [paths]
+        return ConcatDataset([PackedDataset(load_tokens(p, self.tokenizer), self.cfg.seq_len, str(p)) for p in paths])
+
     def setup(self, stage: str | None = None) -> None:
         files = prepare_tokens(self.cfg, self.tokenizer)  # no-op once prepared
-        self.splits = {
-            split: ConcatDataset([PackedDataset(load_tokens(p, self.tokenizer), self.cfg.seq_len, str(p))
-                                  for p in by_source.values()])
-            for split, by_source in files.items()
-        }
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits[split], batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.cfg.num_workers, drop_last=shuffle)
+        self.train_sources = {name: self._windows(paths) for name, paths in files["train"].items()}
+        self.val = ConcatDataset([self._windows(paths) for paths in files["val"].values()])
+        self.source_names = list(self.train_sources)
+        # Weights share out training windows (= tokens); none given: the sources' natural sizes.
+        self.weights = [
+            float(self.cfg.sources[name].get("weight") or len(ds)) for name, ds in self.train_sources.items()
+        ]
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        stream = MixedWindows(list(self.train_sources.values()), self.weights, self.seed, self.cfg.batch_size,
+                              rank=rank, world_size=world, start_batch=self.start_batch)
+        return DataLoader(stream, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return DataLoader(self.val, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+
+    def state_dict(self) -> dict:
+        # Micro-batches this rank has consumed: optimizer steps x accumulation.
+        trainer = self.trainer
+        return {"batches_consumed": trainer.global_step * trainer.accumulate_grad_batches if trainer else self.start_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_batch = int(state["batches_consumed"])
 
 
 class InstructionData(pl.LightningDataModule):
     """Alpaca records -> (prompt, response) token pairs; a held-out slice of the train file for validation."""
 
     def __init__(self, train_file: Path, template: Template, tokenizer: Tokenizer, max_len: int, batch_size: int,
-                 val_fraction: float = 0.02, seed: int = 0, num_workers: int = 0):
+                 val_fraction: float = 0.02, seed: int = 0, num_workers: int = 0, pack: bool = False):
         super().__init__()
         self.train_file, self.template, self.tokenizer = Path(train_file), template, tokenizer
         self.max_len, self.batch_size, self.val_fraction = max_len, batch_size, val_fraction
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.pack = seed, num_workers, pack
 
     def setup(self, stage: str | None = None) -> None:
         records = load_records(self.train_file)
@@ -63,7 +83,10 @@ class InstructionData(pl.LightningDataModule):
         n_val = max(1, int(len(examples) * self.val_fraction)) if len(examples) > 1 else 0
         if len(examples) - n_val < 1:
             raise DataError(f"{self.train_file}: too few records to train on")
-        self.val, self.train = SFTDataset(examples[:n_val]), SFTDataset(examples[n_val:])
+        val, train = examples[:n_val], examples[n_val:]
+        if self.pack:  # after the split, so validation records never share a sequence with training ones
+            val, train = pack_examples(val, self.max_len), pack_examples(train, self.max_len)
+        self.val, self.train = SFTDataset(val), SFTDataset(train)
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id >= 0 else self.tokenizer.eos_id

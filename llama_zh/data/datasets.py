@@ -30,20 +30,20 @@ class PackedDataset(Dataset):
 
 
 class SFTDataset(Dataset):
-    """Tokenized (prompt, response) pairs; labels cover the response (and eos) only."""
+    """Examples as segments (ids, trained): labels are the trained segments' tokens, -100 elsewhere."""
 
-    def __init__(self, examples: list[tuple[list[int], list[int]]]):
+    def __init__(self, examples: list[list[tuple[list[int], bool]]]):
         self.examples = examples
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        prompt, response = self.examples[i]
-        ids = torch.tensor(prompt + response)
-        labels = torch.tensor([IGNORE_INDEX] * len(prompt) + response)
+        ids = [t for seg, _ in self.examples[i] for t in seg]
+        labels = [t if trained else IGNORE_INDEX for seg, trained in self.examples[i] for t in seg]
+        ids_t, labels_t = torch.tensor(ids), torch.tensor(labels)
         # Shift: position t predicts token t + 1.
-        return {"input_ids": ids[:-1], "labels": labels[1:]}
+        return {"input_ids": ids_t[:-1], "labels": labels_t[1:]}
 
 
 def pad_collate(pad_id: int):

@@ -1,9 +1,14 @@
-"""Instruction data: Alpaca-format records, the prompt template, and tokenization for SFT.
+"""Instruction data: Alpaca records and multi-turn conversations, the template, tokenization for SFT.
 
-Truncation policy when prompt + response exceed `max_len` tokens: the prompt keeps its *last*
-tokens (the instruction's end and the response header are what the model must see), but never
-drops below half of `max_len`; the response keeps its *first* tokens in the rest (its eos is then
-lost). Records with no room for a single response token cannot happen under this policy.
+An example is a list of segments `(token ids, trained)`: prompts and user turns are context only
+(labels -100), responses and assistant turns (each with its eos) are trained on.
+
+Truncation policy, for examples longer than `max_len` tokens:
+- Alpaca record: the prompt keeps its *last* tokens (the instruction's end and the response header
+  are what the model must see), but never below half of `max_len`; the response keeps its *first*
+  tokens in the rest (its eos is then lost).
+- Conversation: whole exchanges (a user turn and its answer) are dropped from the end until it fits;
+  if the first exchange alone is too long, it is cut like an Alpaca record.
 """
 
 from __future__ import annotations
@@ -15,16 +20,52 @@ from pathlib import Path
 from llama_zh.data.corpus import DataError, Source, is_held_out
 from llama_zh.tokenizer import Tokenizer
 
+Segment = tuple[list[int], bool]  # (ids, trained)
+
+SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+            "system": "system"}
+
 
 @dataclass
 class Template:
     prompt_input: str
     prompt_no_input: str
+    system: str = ""  # conversations: text before the first turn (a system turn in the data replaces it)
+    user: str = "{text}"  # conversations: a user turn, with the header the answer follows
+    assistant: str = "{text}"  # conversations: an assistant turn (eos is appended)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Template":
+        return cls(**{k: cfg[k] for k in ("prompt_input", "prompt_no_input", "system", "user", "assistant") if k in cfg})
 
     def format(self, instruction: str, input: str = "") -> str:
         if input:
             return self.prompt_input.format(instruction=instruction, input=input)
         return self.prompt_no_input.format(instruction=instruction)
+
+
+def _turns(record: dict) -> list | None:
+    """ShareGPT `conversations` [{from, value}] or `messages` [{role, content}]; None if neither."""
+    return record.get("conversations", record.get("messages"))
+
+
+def _check_conversation(turns, loc: str) -> list[tuple[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{loc}: 'conversations' must be a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{loc}: turn {i} must be an object with a speaker and a text")
+        speaker = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if speaker not in SPEAKERS:
+            raise DataError(f"{loc}: turn {i}: speaker {speaker!r}; expected one of {', '.join(SPEAKERS)}")
+        if not isinstance(text, str):
+            raise DataError(f"{loc}: turn {i}: missing or non-string text ('value' or 'content')")
+        out.append((SPEAKERS[speaker], text))
+    if not any(s == "assistant" for s, _ in out):
+        raise DataError(f"{loc}: no assistant turn to train on")
+    return out
 
 
 def load_records(path: Path) -> list[dict]:
@@ -56,9 +97,12 @@ def load_records(path: Path) -> list[dict]:
             where.append(f"{path}:{lineno}")
     if not records:
         raise DataError(f"{path}: no records")
-    for rec, loc in zip(records, where):
+    for i, (rec, loc) in enumerate(zip(records, where)):
         if not isinstance(rec, dict):
-            raise DataError(f"{loc}: expected an object with instruction, input, output")
+            raise DataError(f"{loc}: expected an object with instruction, input, output (or conversations)")
+        if _turns(rec) is not None:
+            records[i] = {"conversation": _check_conversation(_turns(rec), loc)}
+            continue
         for key in ("instruction", "output"):
             if not isinstance(rec.get(key), str):
                 raise DataError(f"{loc}: missing or non-string field {key!r}")
@@ -67,18 +111,69 @@ def load_records(path: Path) -> list[dict]:
     return records
 
 
-def tokenize_record(record: dict, template: Template, tokenizer: Tokenizer, max_len: int) -> tuple[list[int], list[int]]:
-    """(prompt ids with bos, response ids with eos), truncated by the module's policy."""
-    prompt = tokenizer.encode(template.format(record["instruction"], record.get("input", "")), bos=True)
-    response = tokenizer.encode(record["output"], eos=True)
-    # +1: the last token is only a label, never an input (see SFTDataset).
-    budget = max_len + 1
+def _fit_pair(prompt: list[int], response: list[int], budget: int) -> tuple[list[int], list[int]]:
     if len(prompt) + len(response) > budget:
         keep_prompt = max(budget - len(response), budget // 2)
         if len(prompt) > keep_prompt:
-            prompt = prompt[:1] + prompt[len(prompt) - keep_prompt + 1 :]
+            prompt = prompt[:1] + prompt[len(prompt) - keep_prompt + 1 :]  # bos stays
         response = response[: budget - len(prompt)]
     return prompt, response
+
+
+def tokenize_record(record: dict, template: Template, tokenizer: Tokenizer, max_len: int) -> list[Segment]:
+    """Segments of one record (Alpaca or conversation), truncated by the module's policy."""
+    # +1: the last token is only a label, never an input (see SFTDataset).
+    budget = max_len + 1
+    if "conversation" in record:
+        return _tokenize_conversation(record["conversation"], template, tokenizer, budget)
+    prompt = tokenizer.encode(template.format(record["instruction"], record.get("input", "")), bos=True)
+    response = tokenizer.encode(record["output"], eos=True)
+    prompt, response = _fit_pair(prompt, response, budget)
+    return [(prompt, False), (response, True)]
+
+
+def _tokenize_conversation(turns: list[tuple[str, str]], template: Template, tokenizer: Tokenizer,
+                           budget: int) -> list[Segment]:
+    system = next((text for speaker, text in turns if speaker == "system"), template.system)  # the data's wins
+    # Exchanges: user text (context) then the assistant's answer (trained); consecutive turns merge.
+    segments: list[Segment] = []
+    context = tokenizer.encode(system, bos=True) if system else [tokenizer.bos_id]
+    for speaker, text in turns:
+        if speaker == "user":
+            context += tokenizer.encode(template.user.format(text=text))
+        elif speaker == "assistant":
+            segments += [(context, False), (tokenizer.encode(template.assistant.format(text=text), eos=True), True)]
+            context = []
+    kept, used = [], 0
+    for i in range(0, len(segments), 2):
+        size = len(segments[i][0]) + len(segments[i + 1][0])
+        if used + size > budget:
+            break
+        kept += segments[i : i + 2]
+        used += size
+    if not kept:  # the first exchange alone is too long
+        prompt, response = _fit_pair(segments[0][0], segments[1][0], budget)
+        kept = [(prompt, False), (response, True)]
+    return kept
+
+
+def pack_examples(examples: list[list[Segment]], max_len: int) -> list[list[Segment]]:
+    """Greedy in-order packing of short examples into sequences of at most max_len + 1 tokens.
+
+    Packed examples attend to the ones before them in the sequence (no block-diagonal mask): cheap,
+    and each still starts with bos; labels stay those of each example.
+    """
+    packed, current, size = [], [], 0
+    for ex in examples:
+        n = sum(len(ids) for ids, _ in ex)
+        if current and size + n > max_len + 1:
+            packed.append(current)
+            current, size = [], 0
+        current = current + ex
+        size += n
+    if current:
+        packed.append(current)
+    return packed
 
 
 SENTIMENT_INSTRUCTION = "判断这条评论的情感是正面还是负面。"

@@ -55,7 +55,7 @@ def run(cfg: DictConfig):
     model, tokenizer = load_checkpoint(stage.checkpoint)
     if tokenizer is None:
         raise LlamaZhError(f"stage.checkpoint: {stage.checkpoint} has no tokenizer.model")
-    template = Template(cfg.template.prompt_input, cfg.template.prompt_no_input) if stage.apply_template else None
+    template = Template.from_config(cfg.template) if stage.apply_template else None
 
     out = Path(stage.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ def run(cfg: DictConfig):
     log.info("model %s: %.2fM parameters", model.config.name, model.config.n_params / 1e6)
 
     data = PretrainData(cfg.data, tokenizer, seed=cfg.seed)
-    module = CausalLM(model, OptimConfig(**cfg.optim), total_steps=cfg.trainer.max_steps)
+    data.setup("fit")
+    module = CausalLM(model, OptimConfig(**cfg.optim), total_steps=cfg.trainer.max_steps, source_names=data.source_names)
     saver = NativeCheckpoint(output_dir(cfg) / "checkpoints", tokenizer.path, cfg.stage.save_every_n_steps,
                              extra={"stage": "pretrain", "data": cfg.data.name})
     trainer = build_trainer(cfg, [saver], {"n_params": model.config.n_params, "tokenizer_sha256": tokenizer.sha256()})

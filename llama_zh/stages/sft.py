@@ -28,8 +28,8 @@ def run(cfg: DictConfig):
     check_seq_len(cfg.stage.seq_len, model.config, "stage.seq_len")
     train_file = Path(cfg.stage.data) if cfg.stage.data else build_review_sentiment(Path(cfg.paths.data_dir) / "sft_review_sentiment")["train"]
     log.info("instruction data: %s", train_file)
-    data = InstructionData(train_file, Template(cfg.template.prompt_input, cfg.template.prompt_no_input), tokenizer,
-                           cfg.stage.seq_len, cfg.stage.batch_size, cfg.stage.val_fraction, cfg.seed)
+    data = InstructionData(train_file, Template.from_config(cfg.template), tokenizer, cfg.stage.seq_len,
+                           cfg.stage.batch_size, cfg.stage.val_fraction, cfg.seed, pack=cfg.stage.pack)
     module = CausalLM(model, OptimConfig(**cfg.optim), total_steps=cfg.trainer.max_steps)
     saver = NativeCheckpoint(output_dir(cfg) / "checkpoints", tokenizer.path, cfg.stage.save_every_n_steps,
                              extra={"stage": "sft", "data": str(train_file)})
