@@ -11,8 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader
 
 from llama_zh.data.corpus import DataError
-from llama_zh.data.datasets import PackedDataset, SFTDataset, pad_collate
-from llama_zh.data.packing import load_tokens
+from llama_zh.data.datasets import SFTDataset, packed_shards, pad_collate
 from llama_zh.data.prepare import prepare_tokens
 from llama_zh.data.sft import Template, load_records, tokenize_record
 from llama_zh.tokenizer import Tokenizer
@@ -29,8 +28,8 @@ class PretrainData(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         files = prepare_tokens(self.cfg, self.tokenizer)  # no-op once prepared
         self.splits = {
-            split: ConcatDataset([PackedDataset(load_tokens(p, self.tokenizer), self.cfg.seq_len, str(p))
-                                  for p in by_source.values()])
+            split: ConcatDataset([packed_shards(shards, self.tokenizer, self.cfg.seq_len, f"{source}.{split}")
+                                  for source, shards in by_source.items()])
             for split, by_source in files.items()
         }
 
