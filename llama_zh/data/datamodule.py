@@ -11,9 +11,8 @@ from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader
 
 from llama_zh.data.corpus import DataError
-from llama_zh.data.datasets import PackedDataset, SFTDataset, pad_collate
+from llama_zh.data.datasets import SFTDataset, packed_shards, pad_collate
 from llama_zh.data.mix import MixedWindows
-from llama_zh.data.packing import load_tokens
 from llama_zh.data.prepare import prepare_tokens
 from llama_zh.data.sft import Template, load_records, pack_examples, tokenize_record
 from llama_zh.tokenizer import Tokenizer
@@ -34,14 +33,13 @@ class PretrainData(pl.LightningDataModule):
     def prepare_data(self) -> None:
         prepare_tokens(self.cfg, self.tokenizer)
 
-    def _windows(self, paths) -> ConcatDataset:
-        paths = paths if isinstance(paths, (list, tuple)) else [paths]
-        return ConcatDataset([PackedDataset(load_tokens(p, self.tokenizer), self.cfg.seq_len, str(p)) for p in paths])
-
     def setup(self, stage: str | None = None) -> None:
         files = prepare_tokens(self.cfg, self.tokenizer)  # no-op once prepared
-        self.train_sources = {name: self._windows(paths) for name, paths in files["train"].items()}
-        self.val = ConcatDataset([self._windows(paths) for paths in files["val"].values()])
+        windows = {split: {source: packed_shards(shards, self.tokenizer, self.cfg.seq_len, f"{source}.{split}")
+                           for source, shards in by_source.items()}
+                   for split, by_source in files.items()}
+        self.train_sources = windows["train"]
+        self.val = ConcatDataset(list(windows["val"].values()))
         self.source_names = list(self.train_sources)
         # Weights share out training windows (= tokens); none given: the sources' natural sizes.
         self.weights = [

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from llama_zh.data.corpus import DataError
+from llama_zh.data.packing import load_tokens
+from llama_zh.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label value cross_entropy skips
 
@@ -27,6 +31,20 @@ class PackedDataset(Dataset):
         start = i * self.seq_len
         window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         return {"input_ids": window[:-1], "labels": window[1:]}
+
+
+def packed_shards(shards: list[Path], tokenizer: Tokenizer, seq_len: int, name: str) -> ConcatDataset:
+    """One PackedDataset per shard, concatenated (windows never span two shards).
+
+    A shard's last partial window is dropped, as is a shard shorter than one window: under
+    `seq_len` tokens per shard, nothing at the usual shard sizes.
+    """
+    tokens = [load_tokens(Path(p), tokenizer) for p in shards]
+    parts = [PackedDataset(t, seq_len, str(p)) for p, t in zip(shards, tokens) if len(t) >= seq_len + 1]
+    if not parts:
+        raise DataError(f"{name}: {sum(map(len, tokens))} tokens in {len(shards)} shards, "
+                        f"fewer than one sequence of {seq_len} + 1 in any shard")
+    return ConcatDataset(parts)
 
 
 class SFTDataset(Dataset):

@@ -1,10 +1,12 @@
-"""On-demand preparation of a `data=` choice: split corpus, tokenizer, packed tokens.
+"""On-demand preparation of a `data=` choice: split corpus, tokenizer, packed token shards.
 
 Layout under the data directory (`data.dir`):
-    corpus/<source>.{train,val}.txt      cleaned documents, held-out split by content hash
-    corpus/done.json                     document counts; present only once every file is complete
-    tok-<sha12>/<source>.{train,val}.bin packed tokens for the tokenizer with that sha256 prefix
-Each step is skipped when its output is complete, so a second run starts at once.
+    corpus/<source>.{train,val}.txt        cleaned documents, held-out split by content hash
+    corpus/<source>.report.json            counts, options and inputs; present only once the source is complete
+    tok-<sha12>/<source>.<split>.NNNNN.bin token shards for the tokenizer with that sha256 prefix (+ .json index)
+    tok-<sha12>/<source>.<split>.json      the shard manifest; present only once every shard is complete
+Each step is skipped when its output is complete and still matches its inputs (a source whose
+options or input files changed is rebuilt, and its shards with it), so a second run starts at once.
 """
 
 from __future__ import annotations
@@ -13,34 +15,63 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from llama_zh.data.corpus import DataError, Source, read_documents, write_split_corpus
-from llama_zh.data.packing import pack_documents
+from llama_zh.data.corpus import SPLITS, DataError, Source, corpus_file, report_file, write_source
+from llama_zh.data.packing import BlockEncoder, PackResult, pack_corpus_file
 from llama_zh.tokenizer import Tokenizer, TokenizerError, train_sentencepiece
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val")
+DEFAULT_SHARD_TOKENS = 50_000_000
 
 
 def sources_of(data_cfg: DictConfig) -> list[Source]:
     if not data_cfg.get("sources"):
         raise DataError(f"data.sources: the data config {data_cfg.get('name')!r} lists no sources")
-    return [Source(name, list(s.files), s.get("format", "text")) for name, s in data_cfg.sources.items()]
+    return [Source.from_config(name, OmegaConf.to_container(block, resolve=True))
+            for name, block in data_cfg.sources.items()]
+
+
+def corpus_dir(data_cfg: DictConfig) -> Path:
+    return Path(data_cfg.dir) / "corpus"
+
+
+def _current_report(directory: Path, source: Source, holdout_modulus: int) -> dict | None:
+    """The source's report if its split files are complete and built from the same options and inputs."""
+    try:
+        report = json.loads(report_file(directory, source.name).read_text())
+    except (OSError, ValueError):
+        return None
+    fingerprint = source.fingerprint(holdout_modulus)
+    if any(report.get(k) != v for k, v in fingerprint.items()):
+        return None
+    for split in SPLITS:
+        path = corpus_file(directory, source.name, split)
+        if not path.is_file() or path.stat().st_size != report["outputs"][split]["bytes"]:
+            return None
+    return report
+
+
+def build_corpus(data_cfg: DictConfig) -> dict[str, dict]:
+    """Every source's report, (re)writing the sources whose corpus is missing or stale; `reused` says which."""
+    directory = corpus_dir(data_cfg)
+    holdout = data_cfg.get("holdout_modulus", 10)
+    reports = {}
+    for source in sources_of(data_cfg):
+        report = _current_report(directory, source, holdout)
+        reused = report is not None
+        if not reused:
+            log.info("building corpus %s/%s in %s", data_cfg.name, source.name, directory)
+            report = write_source(source, directory, holdout)
+        reports[source.name] = {**report, "reused": reused}
+    return reports
 
 
 def prepare_corpus(data_cfg: DictConfig) -> Path:
-    corpus = Path(data_cfg.dir) / "corpus"
-    done = corpus / "done.json"
-    if done.is_file():
-        return corpus
-    log.info("building corpus %s in %s", data_cfg.name, corpus)
-    counts = write_split_corpus(sources_of(data_cfg), corpus, data_cfg.get("holdout_modulus", 10))
-    done.with_name("done.json.tmp").write_text(json.dumps(counts, indent=2))
-    os.replace(done.with_name("done.json.tmp"), done)
-    log.info("corpus documents per source: %s", counts)
-    return corpus
+    build_corpus(data_cfg)
+    return corpus_dir(data_cfg)
 
 
 def ensure_tokenizer(tok_cfg: DictConfig, data_cfg: DictConfig) -> Tokenizer:
@@ -51,7 +82,7 @@ def ensure_tokenizer(tok_cfg: DictConfig, data_cfg: DictConfig) -> Tokenizer:
     if not tok_cfg.get("train"):
         raise TokenizerError(f"tokenizer.path: {path} does not exist")
     corpus = prepare_corpus(data_cfg)
-    train_files = [corpus / f"{s.name}.train.txt" for s in sources_of(data_cfg)]
+    train_files = [corpus_file(corpus, s.name, "train") for s in sources_of(data_cfg)]
     # sentencepiece reads comma-separated input files itself.
     log.info("training tokenizer %s (%d pieces) on %s", tok_cfg.name, tok_cfg.train.vocab_size, data_cfg.name)
     train_sentencepiece(",".join(map(str, train_files)), path, **tok_cfg.train)
@@ -62,17 +93,45 @@ def packed_dir(data_cfg: DictConfig, tokenizer: Tokenizer) -> Path:
     return Path(data_cfg.dir) / f"tok-{tokenizer.sha256()[:12]}"
 
 
-def prepare_tokens(data_cfg: DictConfig, tokenizer: Tokenizer) -> dict[str, dict[str, Path]]:
-    """Packed token files per split and source, built if missing: {split: {source: path}}."""
-    corpus = prepare_corpus(data_cfg)
+def packing_options(data_cfg: DictConfig) -> tuple[int, int]:
+    """(num_proc, shard_tokens) from `data.packing`; num_proc null: min(4, CPU count)."""
+    packing = data_cfg.get("packing") or {}
+    num_proc = packing.get("num_proc") or min(4, os.cpu_count() or 1)
+    shard_tokens = packing.get("shard_tokens") or DEFAULT_SHARD_TOKENS
+    for key, value in (("num_proc", num_proc), ("shard_tokens", shard_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise DataError(f"data.packing.{key}: {value!r}; expected a positive integer")
+    return num_proc, shard_tokens
+
+
+def build_shards(data_cfg: DictConfig, tokenizer: Tokenizer,
+                 splits: Sequence[str] = SPLITS) -> dict[str, dict[str, PackResult]]:
+    """Token shards per split and source, packing what is missing: {split: {source: PackResult}}."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise DataError(f"split {unknown[0]!r}: expected one of {', '.join(SPLITS)}")
+    reports = build_corpus(data_cfg)
+    corpus = corpus_dir(data_cfg)
     out_dir = packed_dir(data_cfg, tokenizer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, dict[str, Path]] = {split: {} for split in SPLITS}
-    for source in sources_of(data_cfg):
-        for split in SPLITS:
-            out = out_dir / f"{source.name}.{split}.bin"
-            if not (out.is_file() and out.with_name(out.name + ".json").is_file()):
-                index = pack_documents(read_documents(corpus / f"{source.name}.{split}.txt"), tokenizer, out)
-                log.info("packed %s %s: %d documents, %d tokens", source.name, split, index["documents"], index["tokens"])
-            files[split][source.name] = out
-    return files
+    num_proc, shard_tokens = packing_options(data_cfg)
+    results: dict[str, dict[str, PackResult]] = {split: {} for split in splits}
+    with BlockEncoder(tokenizer, num_proc) as encoder:  # its worker processes start only if something is packed
+        for name, report in reports.items():
+            for split in splits:
+                result = pack_corpus_file(corpus_file(corpus, name, split), report["outputs"][split]["sha1"],
+                                          tokenizer, encoder, out_dir, name, split, shard_tokens)
+                if result.bytes_packed:
+                    log.info("packed %s %s: %d shards (%d reused), %d documents, %d tokens; %.1f MB in %.1f s "
+                             "(%.1f MB/s, %.0f tokens/s, %d processes)", name, split, len(result.shards),
+                             result.reused_shards, result.documents, result.tokens, result.bytes_packed / 1e6,
+                             result.seconds, result.bytes_packed / 1e6 / max(result.seconds, 1e-9),
+                             result.tokens_packed / max(result.seconds, 1e-9), num_proc)
+                results[split][name] = result
+    return results
+
+
+def prepare_tokens(data_cfg: DictConfig, tokenizer: Tokenizer,
+                   splits: Sequence[str] = SPLITS) -> dict[str, dict[str, list[Path]]]:
+    """Token shard paths in order per split and source, built if missing: {split: {source: [shards]}}."""
+    return {split: {name: r.shards for name, r in by_source.items()}
+            for split, by_source in build_shards(data_cfg, tokenizer, splits).items()}

@@ -12,8 +12,8 @@ import torch
 from omegaconf import DictConfig
 
 from llama_zh.checkpoint import load_checkpoint
-from llama_zh.data.datasets import PackedDataset
-from llama_zh.data.packing import load_tokens
+from llama_zh.data.corpus import SPLITS
+from llama_zh.data.datasets import packed_shards
 from llama_zh.data.prepare import prepare_tokens
 from llama_zh.errors import LlamaZhError
 from llama_zh.eval.perplexity import perplexity
@@ -29,12 +29,12 @@ def run(cfg: DictConfig):
     if tokenizer is None:
         raise LlamaZhError(f"stage.checkpoint: {cfg.stage.checkpoint} has no tokenizer.model")
     check_seq_len(cfg.data.seq_len, model.config, "data.seq_len")
-    files = prepare_tokens(cfg.data, tokenizer)
-    if cfg.stage.split not in files:
-        raise LlamaZhError(f"stage.split: {cfg.stage.split!r}; expected one of {', '.join(files)}")
+    if cfg.stage.split not in SPLITS:
+        raise LlamaZhError(f"stage.split: {cfg.stage.split!r}; expected one of {', '.join(SPLITS)}")
+    files = prepare_tokens(cfg.data, tokenizer, splits=[cfg.stage.split])  # the other split is not tokenized
     results = {}
-    for source, path in files[cfg.stage.split].items():
-        dataset = PackedDataset(load_tokens(path, tokenizer), cfg.data.seq_len, str(path))
+    for source, shards in files[cfg.stage.split].items():
+        dataset = packed_shards(shards, tokenizer, cfg.data.seq_len, f"{source}.{cfg.stage.split}")
         results[source] = perplexity(model, dataset, cfg.stage.batch_size, cfg.stage.max_batches)
         log.info("%s/%s: loss %.4f  ppl %.2f  (%d tokens)", cfg.stage.split, source,
                  results[source]["loss"], results[source]["ppl"], results[source]["tokens"])
