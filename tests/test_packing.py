@@ -191,6 +191,17 @@ def test_dataset_over_shards_drops_only_partial_windows(packed, tokenizer):
         packed_shards(result.shards, tokenizer, max(lengths), "news.train")
 
 
+def test_blank_lines_and_a_missing_final_newline(tokenizer, tmp_path):
+    corpus = tmp_path / "odd.txt"
+    corpus.write_text("第一篇\n\n第二篇\n第三篇", encoding="utf-8")
+    result = pack(corpus, tokenizer, tmp_path / "out", shard_tokens=5)
+    assert result.documents == 3 and len(result.shards) == 3
+    ends = [i["corpus_end"] for i in result.indexes]
+    assert ends == [len("第一篇\n".encode()), len("第一篇\n\n第二篇\n".encode()), corpus.stat().st_size]
+    tokens = np.concatenate([load_tokens(p, tokenizer) for p in result.shards]).tolist()
+    assert tokens == [t for d in ("第一篇", "第二篇", "第三篇") for t in tokenizer.encode(d, bos=True, eos=True)]
+
+
 def test_token_dtype_widens_past_uint16():
     assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
 

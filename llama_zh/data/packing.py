@@ -98,14 +98,18 @@ def encode_block(sp: spm.SentencePieceProcessor, path: str, start: int, end: int
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
-    lines = data.split(b"\n")
-    if lines[-1] == b"":  # the block's last line ended with a newline
-        lines.pop()
-    line_ends = np.minimum(start + np.cumsum([len(line) + 1 for line in lines], dtype=np.int64), end)
-    nonempty = [i for i, line in enumerate(lines) if line]
-    docs = [lines[i].decode("utf-8") for i in nonempty]
+    # One decode and one split per block, and the line ends from the newline bytes: no per-line Python work.
+    docs = data.decode("utf-8").split("\n")
+    line_ends = start + 1 + np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n"))
+    if docs[-1]:  # the file's last line, without a newline
+        line_ends = np.append(line_ends, end)
+    else:
+        docs.pop()
+    if not all(docs):
+        line_ends = line_ends[[i for i, doc in enumerate(docs) if doc]]
+        docs = [doc for doc in docs if doc]
     tokens, doc_tokens = encode_with_bos_eos(sp, docs, dtype)
-    return EncodedBlock(tokens, doc_tokens, line_ends[nonempty], end)
+    return EncodedBlock(tokens, doc_tokens, line_ends, end)
 
 
 _worker: tuple[spm.SentencePieceProcessor, np.dtype] | None = None
@@ -357,7 +361,7 @@ def _progress_bar(name: str, total: int, initial: int, enabled: bool | None):
     from tqdm import tqdm
 
     # disable=None: shown on a terminal, silent in logs and tests.
-    return tqdm(total=total, initial=initial, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
+    return tqdm(total=total, initial=initial, desc=name, unit="B", unit_scale=True, unit_divisor=1000,
                 disable=None if enabled is None else not enabled, leave=False)
 
 
