@@ -2,7 +2,7 @@
 
 import importlib
 
-STAGES = ("convert", "pretrain", "sft", "eval", "infer")
+STAGES = ("convert", "pretrain", "sft", "eval", "infer", "tokenizer")
 
 
 def run_stage(cfg):
