@@ -2,7 +2,7 @@
 
 import importlib
 
-STAGES = ("prepare", "convert", "pretrain", "sft", "eval", "infer")
+STAGES = ("prepare", "tokenizer", "convert", "pretrain", "sft", "eval", "infer")
 
 
 def run_stage(cfg):
