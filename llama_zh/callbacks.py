@@ -1,28 +1,61 @@
-"""Lightning callbacks of llama_zh."""
+"""Lightning callbacks of llama_zh: native checkpoints, and the resumable training state.
+
+The training state of a run lives in `<run dir>/checkpoints/state/step-NNNNNN/`:
+    state.ckpt          Lightning's checkpoint (weights, optimizer, LR schedule, loops, data position)
+    state/              ... or DeepSpeed's directory of shards under a ZeRO strategy
+    tokenizer.model     the run's tokenizer
+    llama_zh.json       what a resume checks: model shape, tokenizer hash, strategy, finetune method
+Each is written under a temporary name and renamed into place once complete, so a run killed at
+any moment leaves only whole states (and perhaps a `.step-*.tmp` that the next run removes).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytorch_lightning as pl
+from llama_zh.checkpoint import write_native
+from llama_zh.errors import LlamaZhError
+from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, save_adapter
 
-from llama_zh.checkpoint import save_checkpoint
+log = logging.getLogger(__name__)
+
+STATE_META = "llama_zh.json"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 class NativeCheckpoint(pl.Callback):
-    """Writes native checkpoints: `step-NNNNNN` every `every_n_steps` (0: never) and `final` at the end."""
+    """Writes native checkpoints: `step-NNNNNN` every `every_n_steps` (0: never) and `final` at the end.
 
-    def __init__(self, directory: Path, tokenizer: Path | None, every_n_steps: int = 0, extra: dict | None = None):
+    Adapters are merged into the weights as they stream out (the adapters alone go beside them in
+    adapter.safetensors + adapter_config.json); under ZeRO-3 each tensor is gathered in turn, never the whole model.
+    """
+
+    def __init__(self, directory: Path, tokenizer: Path | None, every_n_steps: int = 0, extra: dict | None = None,
+                 finetune: FinetuneConfig | None = None):
         self.directory, self.tokenizer, self.every = Path(directory), tokenizer, every_n_steps
-        self.extra = extra or {}
+        self.extra, self.finetune = extra or {}, finetune
         self.final: Path | None = None
         self._last_saved = -1
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path:
         path = self.directory / name
+        model = pl_module.model
+        stream = export_stream(model, self.tokenizer)
+        adapters = adapter_state(model)  # collective under ZeRO-3: every process takes part
         if trainer.is_global_zero:
             extra = {**self.extra, "global_step": trainer.global_step}
-            save_checkpoint(pl_module.model, path, tokenizer=self.tokenizer, extra=extra)
+            write_native(stream, path, overwrite=True, extra=extra)
+            if adapters:
+                save_adapter(adapters, path, self.finetune)
+        else:
+            for _ in stream.tensors():  # take part in each gather
+                pass
         trainer.strategy.barrier()
         return path
 
@@ -34,3 +67,129 @@ class NativeCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.final = self._save(trainer, pl_module, "final")
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush a finished state to disk before it is renamed into place (a crash of the machine, not
+    just of the process, must not leave a complete-looking state with missing bytes)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class TrainingState(pl.Callback):
+    """Saves the full training state every `every_n_steps` optimizer steps and at the end, atomically,
+    keeping the newest `keep_last`."""
+
+    def __init__(self, directory: Path, every_n_steps: int, keep_last: int, meta: dict, deepspeed: bool,
+                 tokenizer: Path | None = None):
+        if every_n_steps < 0 or keep_last < 1:
+            raise LlamaZhError("state_every_n_steps must be >= 0 and state_keep_last >= 1")
+        self.directory, self.every, self.keep_last = Path(directory), every_n_steps, keep_last
+        self.meta, self.deepspeed, self.tokenizer = meta, deepspeed, tokenizer
+        self._last_saved = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_saved = trainer.global_step  # a resumed run does not rewrite the state it started from
+        if trainer.is_global_zero:
+            for stale in self.directory.glob(".step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step > 0 and step % self.every == 0 and step != self._last_saved:
+            self.save(trainer, step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_saved:
+            self.save(trainer, trainer.global_step)
+
+    def save(self, trainer: pl.Trainer, step: int) -> Path:
+        self._last_saved = step
+        final = self.directory / f"step-{step:06d}"
+        tmp = self.directory / f".step-{step:06d}.tmp"
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        trainer.strategy.barrier()
+        for logger in trainer.loggers:
+            logger.save()  # metrics.csv up to this state: a resumed run continues it from here
+        trainer.save_checkpoint(tmp / ("state" if self.deepspeed else "state.ckpt"))  # every rank: ZeRO shards
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            meta = {**self.meta, "global_step": step}
+            if self.tokenizer is not None:  # a state is self-contained: consolidation needs no other file
+                shutil.copyfile(self.tokenizer, tmp / "tokenizer.model")
+            (tmp / STATE_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+            _fsync_tree(tmp)
+            if final.exists():  # a rerun that reached the same step again
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_states(self.directory)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("training state: %s", final)
+        trainer.strategy.barrier()
+        return final
+
+
+def list_states(directory: Path) -> list[Path]:
+    """Complete states in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    states = [p for p in directory.iterdir() if STEP_DIR.match(p.name) and (p / STATE_META).is_file()]
+    return sorted(states, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def state_checkpoint(step_dir: Path) -> Path:
+    """What to hand Lightning's `fit(ckpt_path=...)` for a state directory."""
+    for name in ("state.ckpt", "state"):
+        if (step_dir / name).exists():
+            return step_dir / name
+    raise LlamaZhError(f"resume: {step_dir} holds no state.ckpt or state/ (not a llama_zh training state)")
+
+
+def resolve_resume(resume, state_dir: Path) -> Path | None:
+    """The state directory to resume from: `auto` the newest in `state_dir` (None if there is none),
+    a path that state (or the state.ckpt / state inside it), null or `never` none."""
+    if resume is None or resume is False or str(resume).lower() in ("null", "none", "never", "false", ""):
+        return None
+    if str(resume) == "auto":
+        states = list_states(state_dir)
+        return states[-1] if states else None
+    path = Path(str(resume))
+    if path.name in ("state.ckpt", "state"):
+        path = path.parent
+    if not (path / STATE_META).is_file():
+        raise LlamaZhError(f"resume={resume}: not a llama_zh training state (no {STATE_META}); "
+                           f"states are the step-NNNNNN directories under <run dir>/checkpoints/state/")
+    return path
+
+
+def check_resumable(step_dir: Path, expected: dict) -> dict:
+    """Refuse a state whose model shape, tokenizer, strategy family or finetune method differ from this run's."""
+    meta = json.loads((step_dir / STATE_META).read_text())
+    problems = []
+    if meta.get("model") != expected["model"]:
+        diff = [f"{k} {meta.get('model', {}).get(k)} -> {v}" for k, v in expected["model"].items()
+                if meta.get("model", {}).get(k) != v]
+        problems.append(f"the model shape differs ({', '.join(diff)})")
+    if meta.get("tokenizer_sha256") != expected["tokenizer_sha256"]:
+        problems.append(f"the tokenizer differs (sha256 {str(meta.get('tokenizer_sha256'))[:12]}... in the state, "
+                        f"{expected['tokenizer_sha256'][:12]}... now)")
+    if meta.get("deepspeed") != expected["deepspeed"]:
+        problems.append(f"it was written by strategy={meta.get('strategy')}, which cannot be read by "
+                        f"strategy={expected['strategy']} (resume with strategy={meta.get('strategy')})")
+    if meta.get("finetune") != expected["finetune"]:
+        problems.append(f"it trained with finetune={meta.get('finetune')}, this run with finetune={expected['finetune']}")
+    if problems:
+        raise LlamaZhError(f"resume: cannot continue from {step_dir}: {'; '.join(problems)}. Start a new run directory "
+                           "(hydra.run.dir=...) or pass resume=null to start from scratch")
+    if meta.get("global_batch") != expected["global_batch"] or meta.get("world_size") != expected["world_size"]:
+        log.warning("resume: %s was trained with global batch %s on %s processes, this run uses %s on %s: the data "
+                    "position carries over but the run will not match an uninterrupted one", step_dir,
+                    meta.get("global_batch"), meta.get("world_size"), expected["global_batch"], expected["world_size"])
+    return meta

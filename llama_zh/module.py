@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llama_zh.data.datasets import IGNORE_INDEX
 from llama_zh.errors import LlamaZhError
@@ -45,40 +50,115 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The RNG seed of one micro-batch: randomness (dropout) is a function of the position in
+    training alone, so a resumed run draws what the uninterrupted one would have."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{micro}/{rank}".encode(), digest_size=8).digest()
+    return struct.unpack("<Q", digest)[0] >> 1
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in backward instead of keeping them (non-reentrant, so
+    frozen inputs and ZeRO-3 gathering work). Parameter names are unchanged."""
+    for block in model.layers:
+        if getattr(block, "_checkpointed", False):
+            continue
+        forward = block.forward
+
+        def checkpointed(x, cos, sin, cache=None, _forward=forward):
+            if cache is not None or not torch.is_grad_enabled():
+                return _forward(x, cos, sin, cache)
+            return checkpoint(_forward, x, cos, sin, None, use_reentrant=False)
+
+        block.forward = checkpointed
+        block._checkpointed = True
+
+
 class CausalLM(pl.LightningModule):
-    def __init__(self, model: Transformer, optim: OptimConfig, total_steps: int, source_names: list[str] | None = None):
+    """Trains a `Transformer` given whole, or built by `model` (a callable) inside `configure_model`:
+    under ZeRO-3 that runs in deepspeed.zero.Init, so the weights are partitioned as they are created."""
+
+    def __init__(self, model: Transformer | Callable[[], Transformer], optim: OptimConfig, total_steps: int,
+                 source_names: list[str] | None = None, seed: int = 0, cpu_adam: bool = False,
+                 flops_per_token: float | None = None, peak_flops: float | None = None):
         super().__init__()
-        self.model, self.optim, self.total_steps = model, optim, total_steps
-        self._step_start: float | None = None
+        if isinstance(model, nn.Module):
+            self.model, self._build = model, None
+        else:
+            self.model, self._build = None, model
+        self.optim, self.total_steps, self.seed = optim, total_steps, seed
+        self.cpu_adam = cpu_adam  # DeepSpeedCPUAdam: required by DeepSpeed's optimizer offload
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.tokens_seen = 0
+        self._step_start: float | None = None
+        self._step_tokens = 0
+        self._last_step = -1
         # Windows drawn per data source, to log the mixture's realised proportions.
         self.source_names = source_names or []
         self.source_counts = torch.zeros(len(self.source_names), dtype=torch.long)
 
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self._build()
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
+
+    # ------------------------------------------------------------------------------------ training
+
+    def on_train_start(self) -> None:
+        self._last_step = self.trainer.global_step  # a resumed run starts mid-way
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        accumulation = self.trainer.accumulate_grad_batches
+        torch.manual_seed(step_seed(self.seed, self.trainer.global_step, batch_idx % accumulation, self.global_rank))
+        if self._step_start is None:  # the first micro-batch of an optimizer step
+            self._step_start, self._step_tokens = time.perf_counter(), 0
 
     def training_step(self, batch, batch_idx):
         logits = self.model(batch["input_ids"])
         loss = causal_lm_loss(logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"])
-        return loss
-
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        self._step_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Averaged over processes (each holds a different slice of the global batch).
+        distributed = self.trainer.world_size > 1
+        self.log("train/loss", loss, prog_bar=True, sync_dist=distributed)
+        self.log("train/ppl", torch.exp(loss.detach()), sync_dist=distributed)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        # Counters move here, not in on_train_batch_end: callbacks (the training-state saver among
+        # them) see that hook before the module does, and the state must include this batch.
         n_tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.tokens_seen += n_tokens
-        elapsed = time.perf_counter() - self._step_start
-        self.log("train/tokens_per_s", n_tokens / max(elapsed, 1e-9), prog_bar=True)
+        self._step_tokens += n_tokens
         self.log("train/tokens", float(self.tokens_seen))
         if self.source_names and "source" in batch:
             self.source_counts += torch.bincount(batch["source"].cpu(), minlength=len(self.source_names))
             total = self.source_counts.sum().clamp(min=1)
             for name, count in zip(self.source_names, self.source_counts):
                 self.log(f"data/share_{name}", count / total)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Before clipping; DeepSpeed keeps its gradients to itself and reports the norm after its step.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.trainer.global_step == self._last_step:
+            return  # mid-accumulation: the optimizer has not stepped yet
+        self._last_step = self.trainer.global_step
+        elapsed = max(time.perf_counter() - self._step_start, 1e-9)
+        tokens_per_s = self._step_tokens / elapsed
+        self.log("train/step_time_s", elapsed)
+        self.log("train/tokens_per_s", tokens_per_s, prog_bar=True)
+        if self.flops_per_token and self.peak_flops:
+            self.log("train/mfu", tokens_per_s * self.flops_per_token / (self.peak_flops * self.trainer.world_size))
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None and engine.get_global_grad_norm() is not None:
+            self.log("train/grad_norm", float(engine.get_global_grad_norm()))
+        self._step_start = None
+
+    # ---------------------------------------------------------------------------------- validation
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_tokens = 0.0, 0
@@ -99,13 +179,38 @@ class CausalLM(pl.LightningModule):
         self.log("val/loss", loss.float(), prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss).float())
 
+    # ------------------------------------------------------------------------------- checkpointing
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["llama_zh_counters"] = {"tokens_seen": self.tokens_seen, "source_counts": self.source_counts.clone()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        counters = checkpoint.get("llama_zh_counters")
+        if counters:
+            self.tokens_seen = counters["tokens_seen"]
+            if len(counters["source_counts"]) == len(self.source_counts):
+                self.source_counts = counters["source_counts"].clone()
+
+    # ---------------------------------------------------------------------------------- optimizer
+
     def configure_optimizers(self):
         # Weight decay on matrices only: decaying norm gains pulls them toward zero for no benefit.
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # ZeRO-3 parameters are flattened placeholders: their true rank is in ds_shape.
+        ndim = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731
+        decay = [p for p in params if ndim(p) >= 2]
+        no_decay = [p for p in params if ndim(p) < 2]
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
+        groups = [g for g in groups if g["params"]]
+        if self.cpu_adam:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.optim.warmup_steps, self.total_steps, self.optim.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+

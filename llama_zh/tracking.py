@@ -1,16 +1,32 @@
-"""Experiment tracking: W&B (offline unless WANDB_MODE says otherwise) and metrics.csv in the run directory."""
+"""Experiment tracking: W&B (offline unless WANDB_MODE says otherwise) and metrics.csv in the run directory.
+
+- Never wait on the network: `online` is tried only when the W&B host answers within a few seconds,
+  and any failure to start falls back to offline, saying so.
+- A resumed run continues its W&B run (the id is kept in the run directory) and its metrics.csv,
+  from which the rows logged after the state it resumes from are dropped: the file then reads as
+  the uninterrupted run's would.
+"""
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import socket
 import subprocess
+import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.csv"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def git_commit() -> str | None:
@@ -23,27 +39,108 @@ def git_commit() -> str | None:
 
 
 def run_config(cfg: DictConfig) -> dict:
-    """The resolved config plus provenance, as logged with every run."""
+    """The resolved config plus provenance and the choices of each config group, as logged with every run."""
     values = OmegaConf.to_container(cfg, resolve=True)
     values["git_commit"] = git_commit()
+    choices = {"stage": cfg.stage.get("name"), "model": cfg.get("model", {}).get("name"),
+               "trainer": cfg.get("trainer", {}).get("name"), "strategy": cfg.get("strategy", {}).get("name"),
+               "finetune": cfg.get("finetune", {}).get("method"), "quant": cfg.get("quant", {}).get("name"),
+               "data": cfg.get("data", {}).get("name")}
+    values["choices"] = {k: v for k, v in choices.items() if v is not None}
+    data = cfg.get("data")
+    if data is not None and data.get("sources"):
+        values["data_mix"] = {name: s.get("weight") for name, s in data.sources.items()}  # null: natural sizes
     return values
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path, extra: dict | None = None) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(output_dir), name="", version="")]
+class _KeepingWriter(ExperimentWriter):
+    """Appends to an existing metrics.csv (Lightning's writer deletes it), keeping its columns."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+
+
+class ResumingCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def truncate_metrics(path: Path, from_step: int) -> None:
+    """Drop the rows logged at optimizer step >= `from_step` (a killed run's progress past its last state)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < from_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)
+
+
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _wandb_logger(wandb_cfg: DictConfig, cfg: DictConfig, output_dir: Path, mode: str, run_id: str) -> WandbLogger:
+    os.environ["WANDB_MODE"] = mode
+    return WandbLogger(
+        project=wandb_cfg.project, save_dir=str(output_dir), offline=mode == "offline", group=wandb_cfg.group,
+        tags=list(wandb_cfg.tags), job_type=cfg.stage.name, name=f"{cfg.stage.name}-{output_dir.name}",
+        id=run_id, resume="allow",
+    )
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path, extra: dict | None = None,
+                  resume_step: int | None = None) -> list[Logger]:
+    if resume_step is not None:
+        truncate_metrics(output_dir / METRICS_FILE, resume_step)
+        csv_logger: CSVLogger = ResumingCSVLogger(save_dir=str(output_dir), name="", version="")
+    else:
+        csv_logger = CSVLogger(save_dir=str(output_dir), name="", version="")
+    loggers: list[Logger] = [csv_logger]
+    config = run_config(cfg) | (extra or {})
+    csv_logger.log_hyperparams(config)
+
     wandb_cfg = cfg.logger.get("wandb")
     if wandb_cfg and wandb_cfg.mode != "disabled":
-        # Never let a run wait on the network: offline is the default, and W&B's own start timeout is short.
-        os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")
-        os.environ["WANDB_MODE"] = wandb_cfg.mode
-        if wandb_cfg.mode == "offline":
+        # One W&B run per run directory: a resumed run continues it.
+        id_file = output_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        mode = wandb_cfg.mode
+        os.environ.setdefault("WANDB_INIT_TIMEOUT", "20")
+        if mode == "online" and not wandb_reachable():
+            log.warning("W&B: %s is unreachable; logging offline instead (sync later with `wandb sync %s/wandb/"
+                        "offline-run-*`)", os.environ.get("WANDB_BASE_URL", "api.wandb.ai"), output_dir)
+            mode = "offline"
+        if mode == "offline":
             log.info("W&B offline: sync later with `wandb sync %s/wandb/offline-run-*`", output_dir)
-        loggers.append(WandbLogger(
-            project=wandb_cfg.project, save_dir=str(output_dir), offline=wandb_cfg.mode == "offline",
-            group=wandb_cfg.group, tags=list(wandb_cfg.tags), job_type=cfg.stage.name,
-            name=f"{cfg.stage.name}-{output_dir.name}",
-        ))
-    config = run_config(cfg) | (extra or {})
-    for lg in loggers:
-        lg.log_hyperparams(config)
+        wandb_logger = _wandb_logger(wandb_cfg, cfg, output_dir, mode, run_id)
+        try:
+            wandb_logger.log_hyperparams(config)
+        except Exception as e:  # noqa: BLE001 - any failure to start W&B must not stop training
+            if mode == "offline":
+                raise
+            log.warning("W&B failed to start online (%s: %s); logging offline instead", type(e).__name__, e)
+            wandb_logger = _wandb_logger(wandb_cfg, cfg, output_dir, "offline", run_id)
+            wandb_logger.log_hyperparams(config)
+        loggers.append(wandb_logger)
     return loggers

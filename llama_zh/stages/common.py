@@ -1,14 +1,28 @@
-"""What several stages share: the run directory, the model's shape, the Lightning trainer."""
+"""What several stages share: the run directory, the model's shape, and training itself
+(hardware and batch checks, memory plan, strategy, resume, the Lightning trainer)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from llama_zh.callbacks import NativeCheckpoint, TrainingState, check_resumable, resolve_resume, state_checkpoint
+from llama_zh.checkpoint import WeightStream, check_specs, load_model
 from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.errors import LlamaZhError
+from llama_zh.finetune import FinetuneConfig, apply_finetune, count_trainable
+from llama_zh.hardware import (BatchPlan, batch_plan, check_hardware, device_memory_bytes, host_memory_bytes,
+                               lightning_args, model_flops_per_token, peak_flops, uses_gpu)
+from llama_zh.memory_plan import PlanInputs, fits, plan_memory
+from llama_zh.model import Transformer, build_model
+from llama_zh.module import CausalLM, OptimConfig, enable_activation_checkpointing
+from llama_zh.strategies import build_strategy, check_strategy, gathered, is_deepspeed, offloads_optimizer, zero_stage
 from llama_zh.tokenizer import Tokenizer
 from llama_zh.tracking import build_loggers
 
@@ -38,9 +52,181 @@ def check_seq_len(seq_len: int, config: ModelConfig, field: str) -> None:
         raise ConfigError(f"{field}={seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], extra_hparams: dict | None = None) -> pl.Trainer:
+# ------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class ModelSource:
+    """Where the weights come from: a checkpoint stream, or a random init of `config`."""
+
+    config: ModelConfig
+    stream: WeightStream | None = None
+    seed: int = 0
+
+
+class _OneParameterAtATime:
+    """Stands in for a ZeRO-3 model in `Transformer.init_weights`: yields each parameter gathered
+    whole, and re-partitions it (rank 0's values) before the next, so the init is the plain one."""
+
+    def __init__(self, model: Transformer):
+        self.model, self.config = model, model.config
+
+    def named_parameters(self):
+        for name, p in self.model.named_parameters():
+            with gathered([p], modifier_rank=0):
+                yield name, p
+
+
+def load_partitioned(model: Transformer, stream: WeightStream) -> None:
+    """Copy a checkpoint into a ZeRO-3 model one tensor at a time (rank 0 reads; each gather holds
+    one full tensor, then it is re-partitioned)."""
+    check_specs(stream)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    names = iter(stream.tensors()) if rank == 0 else ((n, None) for n in stream.specs)
+    for name, tensor in names:
+        param = model.get_parameter(name)
+        with gathered([param], modifier_rank=0), torch.no_grad():
+            if rank == 0:
+                param.copy_(tensor.to(param.dtype))
+        del tensor
+
+
+def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpointing: bool) -> Callable[[], Transformer]:
+    """The callable CausalLM.configure_model runs: under ZeRO-3 it runs inside deepspeed.zero.Init,
+    so every weight is partitioned as it is created and never exists whole on one process."""
+
+    def build() -> Transformer:
+        if zero3:
+            model = Transformer(source.config)  # zero.Init partitions each module as it is constructed
+            if source.stream is not None:
+                load_partitioned(model, source.stream)
+            else:
+                Transformer.init_weights(_OneParameterAtATime(model), source.seed)
+        elif source.stream is not None:
+            model = load_model(source.stream)
+        else:
+            model = build_model(source.config, seed=source.seed)
+        apply_finetune(model, ft)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        return model.train()
+
+    return build
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan: BatchPlan) -> None:
+    strategy = cfg.strategy
+    ds = strategy.get("deepspeed")
+    inputs = PlanInputs(
+        model=config, trainable_params=trainable, micro_batch=plan.micro_batch, seq_len=plan.seq_len,
+        world_size=plan.devices * plan.nodes, local_processes=plan.devices, precision=str(cfg.trainer.precision),
+        on_gpu=uses_gpu(cfg.trainer), zero_stage=zero_stage(strategy),
+        ddp=strategy.name == "ddp" or (strategy.name == "auto" and plan.devices * plan.nodes > 1),
+        offload_optimizer=bool(ds and ds.offload_optimizer), offload_parameters=bool(ds and ds.offload_parameters),
+        reduce_bucket_size=int(ds.reduce_bucket_size) if ds else 0,
+        activation_checkpointing=bool(strategy.get("activation_checkpointing")),
+    )
+    memory = plan_memory(inputs)
+    available = device_memory_bytes(cfg.trainer)
+    log.info("memory plan per device (model %s, trainer=%s, strategy=%s, micro batch %d x %d tokens):\n%s",
+             config.name, cfg.trainer.name, strategy.name, plan.micro_batch, plan.seq_len, memory.table(available))
+    ok, why = fits(memory, available, host_memory_bytes(), inputs.on_gpu)
+    if not ok:
+        message = (f"memory plan: {why}. Lower the micro batch, use strategy=zero3 / zero3_offload or "
+                   "strategy.activation_checkpointing=true, or set memory_check=false to run anyway")
+        if cfg.get("memory_check", True):
+            raise LlamaZhError(message)
+        log.warning("%s (memory_check=false: running anyway)", message)
+
+
+@dataclass
+class TrainJob:
+    """Everything a training stage decides before `fit`."""
+
+    stage: str
+    source: ModelSource
+    tokenizer: Tokenizer
+    datamodule: pl.LightningDataModule
+    plan: BatchPlan
+    source_names: list[str] | None = None
+    extra: dict | None = None  # written into native checkpoints' model_config.yaml and logged
+
+
+def prepare_batch(cfg: DictConfig, micro_batch: int, seq_len: int) -> BatchPlan:
+    """Hardware and batch checks, before anything heavy: a run that cannot start fails at once."""
+    check_hardware(cfg.trainer)
+    check_strategy(cfg.strategy)
+    plan = batch_plan(micro_batch, seq_len, cfg.trainer, cfg.get("global_batch_size"))
+    log.info("%s", plan.describe())
+    return plan
+
+
+def fit(cfg: DictConfig, job: TrainJob) -> Path:
     out = output_dir(cfg)
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    loggers = build_loggers(cfg, out, extra_hparams)
-    return pl.Trainer(**trainer_args, logger=loggers, callbacks=callbacks, default_root_dir=str(out),
-                      enable_checkpointing=False)
+    optim = OptimConfig(**cfg.optim)
+    ft = FinetuneConfig.from_cfg(cfg.get("finetune"))
+    strategy_cfg = cfg.strategy
+    deepspeed = is_deepspeed(strategy_cfg)
+    config = job.source.config
+
+    # Trainable count from a meta-device copy: no memory, and before any process is launched.
+    probe = apply_finetune(build_model(config, device="meta"), ft)
+    trainable, total = count_trainable(probe)
+    log.info("model %s: %.2fM parameters, %.2fM trainable (finetune=%s)", config.name, total / 1e6, trainable / 1e6,
+             ft.method)
+    memory_plan_check(cfg, config, trainable, job.plan)
+
+    expected = {
+        "model": config.to_dict(), "tokenizer_sha256": job.tokenizer.sha256(), "stage": job.stage,
+        "strategy": strategy_cfg.name, "deepspeed": deepspeed, "finetune": ft.method,
+        "global_batch": job.plan.global_batch, "world_size": job.plan.devices * job.plan.nodes,
+    }
+    if ft.method == "lora":
+        expected["lora"] = {"rank": ft.rank, "alpha": ft.alpha}  # to merge adapters when consolidating
+    state_dir = out / "checkpoints" / "state"
+    resume_dir = resolve_resume(cfg.get("resume", "auto"), state_dir)
+    ckpt_path = None
+    if resume_dir is not None:
+        meta = check_resumable(resume_dir, expected)
+        ckpt_path = str(state_checkpoint(resume_dir))
+        log.info("resuming from %s (step %s)", resume_dir, meta.get("global_step"))
+
+    trainable_fraction = trainable / max(total, 1)
+    module = CausalLM(
+        model_builder(job.source, ft, zero3=zero_stage(strategy_cfg) == 3,
+                      checkpointing=bool(strategy_cfg.get("activation_checkpointing"))),
+        optim, total_steps=cfg.trainer.max_steps, source_names=job.source_names, seed=cfg.seed,
+        cpu_adam=offloads_optimizer(strategy_cfg),
+        flops_per_token=model_flops_per_token(total, config.n_layers, config.dim, job.plan.seq_len, trainable_fraction),
+        peak_flops=peak_flops(cfg.trainer),
+    )
+    extra = {"stage": job.stage, "finetune": ft.method, **(job.extra or {})}
+    native = NativeCheckpoint(out / "checkpoints", job.tokenizer.path, cfg.stage.get("save_every_n_steps", 0), extra=extra,
+                              finetune=ft)
+    state = TrainingState(state_dir, int(cfg.get("state_every_n_steps", 0)), int(cfg.get("state_keep_last", 2)),
+                          meta=expected, deepspeed=deepspeed, tokenizer=job.tokenizer.path)
+    hparams = {"n_params": total, "n_trainable": trainable, "tokenizer_sha256": expected["tokenizer_sha256"],
+               "global_batch": job.plan.global_batch, "tokens_per_step": job.plan.tokens_per_step,
+               "resumed_from": str(resume_dir) if resume_dir else None}
+    resume_step = int(meta["global_step"]) if resume_dir is not None else None
+    trainer = build_trainer(cfg, [state, native], hparams, job.plan, resume_step)
+    trainer.fit(module, datamodule=job.datamodule, ckpt_path=ckpt_path)
+    log.info("final checkpoint: %s", native.final)
+    return native.final
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], extra_hparams: dict | None = None,
+                  plan: BatchPlan | None = None, resume_step: int | None = None) -> pl.Trainer:
+    out = output_dir(cfg)
+    args = lightning_args(cfg.trainer)
+    if plan is not None:
+        args["accumulate_grad_batches"] = plan.accumulation
+    strategy_cfg = cfg.get("strategy")
+    if strategy_cfg is not None:
+        args["strategy"] = build_strategy(strategy_cfg, plan.micro_batch if plan else 1)
+    loggers = build_loggers(cfg, out, extra_hparams, resume_step)
+    return pl.Trainer(**args, logger=loggers, callbacks=callbacks, default_root_dir=str(out), enable_checkpointing=False)
+

@@ -1,0 +1,220 @@
+"""`finetune=`: which weights train. full; lora (low-rank adapters on the native model); freeze.
+
+LoRA is written here on the native `Transformer` rather than taken from peft: peft wraps
+Hugging Face modules by their names and class types, and our model is not a Hugging Face one, so
+peft would need a converted model, another naming scheme in our checkpoints, and its own save
+format. The adapter is ~40 lines; tests check it against peft on the same weights.
+
+Whatever the method, the model keeps its native parameter names for the base weights and writes
+native checkpoints: `native_tensors` merges adapters into the weights as it streams them out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from llama_zh.checkpoint import WeightStream, expected_specs
+from llama_zh.errors import LlamaZhError
+from llama_zh.model import Transformer
+from llama_zh.strategies import gathered, is_partitioned
+
+# Hugging Face module names (as in Chinese-LLaMA-Alpaca's recipes) -> llama_zh's.
+HF_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w_gate",
+              "up_proj": "w_up", "down_proj": "w_down", "embed_tokens": "embed", "lm_head": "head", "norm": "norm"}
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+TOP_MODULES = ("embed", "head", "norm")
+METHODS = ("full", "lora", "freeze")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "full"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    modules_to_save: list[str] = field(default_factory=list)
+    train_modules: list[str] = field(default_factory=list)
+    train_last_n_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LlamaZhError(f"finetune.method={self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method == "lora" and (self.rank <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1):
+            raise LlamaZhError("finetune: lora needs rank > 0, alpha > 0 and 0 <= dropout < 1")
+        if self.train_last_n_blocks < 0:
+            raise LlamaZhError("finetune.train_last_n_blocks must be >= 0")
+        self.target_modules = [canonical(n, "finetune.target_modules", PROJECTIONS + ("head",)) for n in self.target_modules]
+        self.modules_to_save = [canonical(n, "finetune.modules_to_save", TOP_MODULES) for n in self.modules_to_save]
+        self.train_modules = [canonical(n, "finetune.train_modules", TOP_MODULES) for n in self.train_modules]
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig | dict | None) -> "FinetuneConfig":
+        if cfg is None:
+            return cls()
+        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LlamaZhError(f"finetune: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def canonical(name: str, field_name: str, allowed: tuple[str, ...]) -> str:
+    name = HF_ALIASES.get(name, name)
+    if name not in allowed:
+        raise LlamaZhError(f"{field_name}: unknown module {name!r}; expected some of {', '.join(allowed)} "
+                           f"(or the Hugging Face names {', '.join(k for k, v in HF_ALIASES.items() if v in allowed)})")
+    return name
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / rank) * B A dropout(x); A (rank, in) Kaiming-uniform, B (out, rank) zero,
+    so training starts from the base model exactly."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        weight = base.weight
+        shape = getattr(weight, "ds_shape", weight.shape)  # (out, in), also for a ZeRO-3 placeholder
+        self.lora_a = nn.Parameter(torch.empty(rank, shape[1], dtype=weight.dtype, device=weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(shape[0], rank, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        """base + scale * B A, computed in fp32 and returned in the base weight's dtype (needs full tensors)."""
+        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
+        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+
+
+def apply_finetune(model: Transformer, ft: FinetuneConfig) -> Transformer:
+    """Freeze and wrap `model` in place for `ft`; returns it."""
+    if ft.method == "full":
+        return model
+    model.requires_grad_(False)
+    if ft.method == "freeze":
+        for name in ft.train_modules:
+            getattr(model, name).requires_grad_(True)
+        if ft.train_last_n_blocks:
+            if ft.train_last_n_blocks > len(model.layers):
+                raise LlamaZhError(f"finetune.train_last_n_blocks={ft.train_last_n_blocks} but the model has "
+                                   f"{len(model.layers)} blocks")
+            for block in model.layers[len(model.layers) - ft.train_last_n_blocks:]:
+                block.requires_grad_(True)
+            model.norm.requires_grad_(True)
+    else:  # lora
+        targets = set(ft.target_modules)
+        for block in model.layers:
+            for parent in (block.attn, block.ffn):
+                for child_name, child in list(parent.named_children()):
+                    if child_name in targets and isinstance(child, nn.Linear):
+                        setattr(parent, child_name, LoRALinear(child, ft.rank, ft.alpha, ft.dropout))
+        if "head" in targets:
+            model.head = LoRALinear(model.head, ft.rank, ft.alpha, ft.dropout)
+        for name in ft.modules_to_save:
+            module = getattr(model, name)
+            (module.base if isinstance(module, LoRALinear) else module).requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise LlamaZhError(f"finetune={ft.method}: the settings leave no weight to train")
+    return model
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (ZeRO-3 placeholders counted by their full size)."""
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    return sum(numel(p) for p in model.parameters() if p.requires_grad), sum(numel(p) for p in model.parameters())
+
+
+def _native_tensor(model: Transformer, name: str) -> torch.Tensor:
+    """The native tensor `name`, adapters merged, ZeRO-3 shards gathered; a copy only when it must be."""
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    if isinstance(module, LoRALinear):
+        with gathered([module.base.weight, module.lora_a, module.lora_b]):
+            return module.merged_weight()
+    param = getattr(module, leaf)
+    if is_partitioned(param):
+        with gathered([param]):
+            return param.detach().clone()
+    return param.detach()
+
+
+def native_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under their native names, one at a time (every process must iterate
+    under ZeRO-3: each tensor is gathered collectively)."""
+    for name in expected_specs(model.config):
+        tensor = _native_tensor(model, name)
+        yield name, tensor
+        del tensor
+
+
+def export_stream(model: Transformer, tokenizer=None) -> WeightStream:
+    """A WeightStream over the model's native weights (merged adapters), for `write_native`."""
+    shapes = expected_specs(model.config)
+    dtype = next(model.parameters()).dtype
+    specs = {n: (dtype, s) for n, s in shapes.items()}
+    return WeightStream(model.config, specs, lambda: native_tensors(model), tokenizer, source="training model")
+
+
+def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The LoRA matrices (A, B) by native module name, e.g. `layers.0.attn.wq.lora_a`."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            with gathered([module.lora_a, module.lora_b]):
+                state[f"{name}.lora_a"] = module.lora_a.detach().clone()
+                state[f"{name}.lora_b"] = module.lora_b.detach().clone()
+    return state
+
+
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+
+
+def save_adapter(adapters: dict[str, torch.Tensor], directory: Path, ft: FinetuneConfig) -> None:
+    """adapter.safetensors (the A, B matrices) + adapter_config.json (rank, alpha, targets) in `directory`."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_FILE))
+    config = {"rank": ft.rank, "alpha": ft.alpha, "target_modules": ft.target_modules,
+              "modules_to_save": ft.modules_to_save}
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_adapter(model: Transformer, directory: Path) -> Transformer:
+    """Wrap `model` (the base weights) with the adapters saved in `directory` (unmerged, dropout off)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+    ft = FinetuneConfig(method="lora", rank=config["rank"], alpha=config["alpha"], dropout=0.0,
+                        target_modules=config["target_modules"], modules_to_save=[])
+    apply_finetune(model, ft)
+    state = load_file(str(Path(directory) / ADAPTER_FILE))
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            module.lora_a.data.copy_(state[f"{name}.lora_a"])
+            module.lora_b.data.copy_(state[f"{name}.lora_b"])
+    return model
+
+
+def merge_lora(model: Transformer) -> Transformer:
+    """Replace every LoRALinear by a plain Linear holding the merged weight (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_path, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            module.base.weight.data = module.merged_weight()
+            setattr(parent, child, module.base)
+    return model

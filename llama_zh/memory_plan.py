@@ -1,0 +1,162 @@
+"""Memory per device of a training run, from model x trainer x strategy x batch, before it starts.
+
+Rows (bytes per process):
+- params      the weights as the device holds them (ZeRO-3: a 1/W shard plus the layers gathered
+              for compute; autocast's 16-bit weight copies, cached for the forward, under *-mixed)
+- grads       gradients of the trainable weights (ZeRO-2/3: a shard plus the reduce bucket; DDP:
+              plus its bucket copy)
+- optimizer   AdamW's two moments, plus the fp32 master copy DeepSpeed keeps (ZeRO: 1/W each)
+- activations what autograd saves for backward for one micro-batch, plus the logits' gradient
+- runtime     the process itself: interpreter, libraries, CUDA context (measured on CPU)
+Offloaded state is counted in the `host` column (CPU RAM of the node, shared by its processes).
+
+Activation sizes per token are fitted to what `torch.autograd.graph.saved_tensors_hooks` records
+for this model's forward (tests/test_train_memory.py re-measures them): per block, fp32:
+32 C + 16 F + 8 KD bytes (C width, F FFN width, KD kv width); bf16 autocast: 36 C + 8 F + 4 KD;
+plus 4 V (fp32 log-softmax) or 6 V (bf16 logits + fp32 log-softmax) for the loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from llama_zh.config import ModelConfig
+
+GiB = 1024**3
+SIXTEEN_BIT = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "bf16", "16", "fp16")
+
+
+@dataclass
+class PlanInputs:
+    model: ModelConfig  # with vocab_size
+    trainable_params: int
+    micro_batch: int
+    seq_len: int
+    world_size: int  # data-parallel processes in all
+    local_processes: int  # processes on one node
+    precision: str
+    on_gpu: bool
+    zero_stage: int = 0  # 0: no DeepSpeed
+    ddp: bool = False
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    reduce_bucket_size: int = 200_000_000
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class MemoryPlan:
+    inputs: PlanInputs
+    device: dict[str, int] = field(default_factory=dict)  # row -> bytes on each device
+    host: dict[str, int] = field(default_factory=dict)  # row -> bytes of CPU RAM per process (offload)
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    def table(self, device_memory: int | None = None) -> str:
+        rows = ["params", "grads", "optimizer", "activations", "runtime"]
+        width = max(len(r) for r in rows)
+        lines = [f"{'':{width}}  {'device GiB':>10}  {'host GiB':>9}"]
+        for r in rows:
+            lines.append(f"{r:{width}}  {self.device.get(r, 0) / GiB:10.3f}  {self.host.get(r, 0) / GiB:9.3f}")
+        lines.append(f"{'total':{width}}  {self.device_total / GiB:10.3f}  {self.host_total / GiB:9.3f}")
+        if device_memory:
+            lines.append(f"{'available':{width}}  {device_memory / GiB:10.3f}")
+        return "\n".join(lines)
+
+
+def block_params(m: ModelConfig) -> int:
+    kv = m.n_kv_heads * m.head_dim
+    return m.dim * (m.dim + 2 * kv) + m.dim * m.dim + 3 * m.dim * m.ffn_dim + 2 * m.dim
+
+
+def activation_bytes_per_token(m: ModelConfig, sixteen_bit: bool, checkpointing: bool) -> int:
+    kv = m.n_kv_heads * m.head_dim
+    if sixteen_bit:
+        per_block, loss = 36 * m.dim + 8 * m.ffn_dim + 4 * kv, 6 * m.vocab_size
+    else:
+        per_block, loss = 32 * m.dim + 16 * m.ffn_dim + 8 * kv, 4 * m.vocab_size
+    # Embedding output, final norm (fp32 residual stream).
+    outside = 12 * m.dim
+    if checkpointing:
+        # Each block keeps only its input; one block's activations exist again while it is recomputed.
+        blocks = m.n_layers * 4 * m.dim + per_block
+    else:
+        blocks = m.n_layers * per_block
+    # The logits' gradient (fp32) lives during backward next to everything still saved.
+    return blocks + loss + outside + 4 * m.vocab_size
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def plan_memory(p: PlanInputs, runtime_bytes: int | None = None) -> MemoryPlan:
+    m, n, nt, w = p.model, p.model.n_params, p.trainable_params, p.world_size
+    sixteen = p.precision in SIXTEEN_BIT
+    plan = MemoryPlan(p)
+    dev, host = plan.device, plan.host
+    largest = max(block_params(m), m.vocab_size * m.dim)
+
+    if p.zero_stage == 0:
+        dev["params"] = 4 * n + (2 * n if sixteen else 0)  # fp32 weights (+ autocast's cached 16-bit copies)
+        dev["grads"] = 4 * nt * (2 if p.ddp and w > 1 else 1)  # DDP buckets copy the gradients
+        dev["optimizer"] = 8 * nt
+    else:
+        pb = 2 if sixteen else 4  # DeepSpeed converts the module to 16 bits under mixed precision
+        if p.zero_stage == 3:
+            # Shard, plus the layers gathered around the one computing (about two of the largest).
+            shard, working = pb * n // w, 2 * pb * largest
+            dev["params"] = working + (0 if p.offload_parameters else shard)
+            if p.offload_parameters:
+                host["params"] = shard
+        else:
+            dev["params"] = pb * n
+        grads_full = pb * nt
+        bucket = pb * min(p.reduce_bucket_size, nt)
+        dev["grads"] = grads_full if p.zero_stage == 1 else grads_full // w + bucket
+        optimizer = (8 + 4) * nt // w  # two moments + the fp32 master copy, sharded
+        if p.offload_optimizer:
+            host["optimizer"] = optimizer
+            host["grads"] = 4 * nt // w  # fp32 gradient partition the CPU optimizer steps from
+        else:
+            dev["optimizer"] = optimizer
+    dev["activations"] = p.micro_batch * p.seq_len * activation_bytes_per_token(m, sixteen, p.activation_checkpointing)
+    if runtime_bytes is None:
+        runtime_bytes = GiB if p.on_gpu else current_rss()
+    dev["runtime"] = runtime_bytes
+    return plan
+
+
+def fits(plan: MemoryPlan, device_memory: int, host_memory: int, on_gpu: bool) -> tuple[bool, str]:
+    """Whether the plan fits; on the CPU the device is the host, so both columns share its RAM."""
+    local = plan.inputs.local_processes
+    if on_gpu:
+        if plan.device_total > device_memory:
+            return False, f"{plan.device_total / GiB:.1f} GiB per GPU planned, {device_memory / GiB:.1f} GiB available"
+        if plan.host_total * local > host_memory:
+            return False, (f"{plan.host_total * local / GiB:.1f} GiB of CPU RAM planned for offload on this node, "
+                           f"{host_memory / GiB:.1f} GiB available")
+        return True, ""
+    need = plan.device_total + plan.host_total
+    if need > device_memory:
+        return False, (f"{need / GiB:.1f} GiB per process planned, {device_memory / GiB:.1f} GiB of RAM available "
+                       f"per process ({local} on this node)")
+    return True, ""
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

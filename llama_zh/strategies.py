@@ -1,0 +1,123 @@
+"""`strategy=` choices as Lightning strategies, DeepSpeed included on the CPU.
+
+Lightning's DeepSpeedStrategy refuses any accelerator but CUDA, and checks that device indices
+match local ranks (CPU devices have no index). DeepSpeed itself runs on the CPU (its CPU
+accelerator, gloo, DeepSpeedCPUAdam), so `DeepSpeedAnyDevice` lifts exactly those two checks and
+nothing else: CPU runs exercise the same ZeRO code paths, checkpoints and consolidation as GPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+
+import torch
+from lightning_fabric.utilities.seed import reset_seed
+from omegaconf import DictConfig
+from pytorch_lightning.accelerators import CUDAAccelerator
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+
+from llama_zh.errors import LlamaZhError
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedAnyDevice(DeepSpeedStrategy):
+    """DeepSpeedStrategy that also runs on CPU devices (gloo backend)."""
+
+    strategy_name = "deepspeed_any_device"
+
+    def _on_cuda(self) -> bool:
+        return isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        if self._on_cuda():
+            return super().setup_environment()
+        # DeepSpeedStrategy.setup_environment is the CUDA check followed by DDPStrategy's.
+        DDPStrategy.setup_environment(self)
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if self._on_cuda():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        # As the parent, with the local rank as DeepSpeed's device rank (a CPU device has no index).
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+    def setup_distributed(self) -> None:
+        if self._on_cuda():
+            return super().setup_distributed()
+        # As the parent, minus the device-index check (CPU devices carry no index).
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+
+def is_deepspeed(strategy_cfg: DictConfig) -> bool:
+    return strategy_cfg.get("deepspeed") is not None
+
+
+def zero_stage(strategy_cfg: DictConfig) -> int:
+    return int(strategy_cfg.deepspeed.stage) if is_deepspeed(strategy_cfg) else 0
+
+
+def offloads_optimizer(strategy_cfg: DictConfig) -> bool:
+    return is_deepspeed(strategy_cfg) and bool(strategy_cfg.deepspeed.offload_optimizer)
+
+
+def check_strategy(strategy_cfg: DictConfig) -> None:
+    """Refuse a strategy config that cannot work, before anything is launched."""
+    name = strategy_cfg.name
+    if not is_deepspeed(strategy_cfg):
+        if name not in ("auto", "ddp"):
+            raise LlamaZhError(f"strategy={name}: neither auto, ddp nor a DeepSpeed strategy (no `deepspeed:` block)")
+        return
+    ds = strategy_cfg.deepspeed
+    if ds.stage not in (1, 2, 3):
+        raise LlamaZhError(f"strategy.deepspeed.stage={ds.stage}: expected 1, 2 or 3")
+    if ds.offload_parameters and ds.stage != 3:
+        raise LlamaZhError("strategy.deepspeed.offload_parameters needs stage 3 (ZeRO-1/2 keep the weights on the device)")
+
+
+def build_strategy(strategy_cfg: DictConfig, micro_batch: int) -> Strategy | str:
+    check_strategy(strategy_cfg)
+    if not is_deepspeed(strategy_cfg):
+        # ddp: Lightning picks the backend from the device (gloo on CPU, NCCL on CUDA).
+        return "auto" if strategy_cfg.name == "auto" else DDPStrategy()
+    ds = strategy_cfg.deepspeed
+    return DeepSpeedAnyDevice(
+        stage=int(ds.stage),
+        offload_optimizer=bool(ds.offload_optimizer),
+        offload_parameters=bool(ds.offload_parameters),
+        allgather_bucket_size=int(ds.allgather_bucket_size),
+        reduce_bucket_size=int(ds.reduce_bucket_size),
+        overlap_comm=bool(ds.overlap_comm),
+        contiguous_gradients=bool(ds.contiguous_gradients),
+        sub_group_size=int(ds.sub_group_size),
+        logging_batch_size_per_gpu=micro_batch,
+        logging_level=logging.WARNING,
+    )
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter (its data lives in shards across processes)."""
+    return hasattr(param, "ds_id")
+
+
+def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
+    """Context in which ZeRO-3 parameters hold their full data (a no-op for ordinary ones).
+
+    modifier_rank None: read-only; an int: that rank's changes are broadcast and re-partitioned on exit.
+    """
+    sharded = [p for p in params if is_partitioned(p)]
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank)

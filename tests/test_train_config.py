@@ -1,0 +1,129 @@
+"""trainer= x strategy= composition, batch arithmetic, and the checks that fail before launch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from llama_zh.errors import LlamaZhError
+from llama_zh.hardware import LLAMA_ZH_KEYS, batch_plan, check_hardware, lightning_args
+from llama_zh.strategies import DeepSpeedAnyDevice, build_strategy
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+TRAINERS = sorted(p.stem for p in (Path(CONF) / "trainer").glob("*.yaml"))
+STRATEGIES = sorted(p.stem for p in (Path(CONF) / "strategy").glob("*.yaml"))
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_groups_were_found():
+    assert {"cpu", "cpu_ddp2", "gpu1", "a800x8", "multinode"} <= set(TRAINERS)
+    assert {"auto", "ddp", "zero2", "zero3", "zero3_offload"} <= set(STRATEGIES)
+
+
+@pytest.mark.parametrize("trainer,strategy,precision", [
+    ("cpu", "auto", "32-true"), ("cpu_ddp2", "ddp", "32-true"), ("gpu1", "auto", "bf16-mixed"),
+    ("a800x8", "zero2", "bf16-mixed"), ("multinode", "zero2", "bf16-mixed"),
+])
+def test_each_trainer_names_its_default_strategy_and_precision(trainer, strategy, precision):
+    cfg = config(f"trainer={trainer}")
+    assert (cfg.trainer.name, cfg.strategy.name, cfg.trainer.precision) == (trainer, strategy, precision)
+
+
+def test_command_line_strategy_wins_over_the_trainers_default():
+    assert config("trainer=a800x8", "strategy=zero3_offload").strategy.name == "zero3_offload"
+    assert config("strategy=zero3", "trainer=a800x8").strategy.name == "zero3"
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_trainer_files_give_valid_lightning_arguments(trainer):
+    import inspect
+
+    import pytorch_lightning as pl
+
+    args = lightning_args(config(f"trainer={trainer}").trainer)
+    assert not set(args) & set(LLAMA_ZH_KEYS)
+    assert set(args) <= set(inspect.signature(pl.Trainer.__init__).parameters)
+
+
+def test_multinode_reads_node_count_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    assert config("trainer=multinode").trainer.num_nodes == 4
+    monkeypatch.setenv("NUM_NODES", "2")
+    monkeypatch.setenv("GPUS_PER_NODE", "4")
+    cfg = config("trainer=multinode")
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (2, 4)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_builds(strategy):
+    cfg = config(f"strategy={strategy}")
+    built = build_strategy(cfg.strategy, micro_batch=4)
+    if strategy.startswith("zero"):
+        assert isinstance(built, DeepSpeedAnyDevice)
+        zero = built.config["zero_optimization"]
+        assert zero["stage"] == cfg.strategy.deepspeed.stage
+        assert ("offload_optimizer" in zero) == ("offload" in strategy)
+        assert built.config["train_micro_batch_size_per_gpu"] == 4
+
+
+def trainer_cfg(**values):
+    base = {"name": "t", "accelerator": "cpu", "devices": 1, "num_nodes": 1, "accumulate_grad_batches": 1}
+    return OmegaConf.create(base | values)
+
+
+def test_global_batch_arithmetic():
+    plan = batch_plan(8, 512, trainer_cfg(devices=8, num_nodes=4, accumulate_grad_batches=2), None)
+    assert plan.global_batch == 8 * 8 * 4 * 2 and plan.tokens_per_step == plan.global_batch * 512
+    assert "global batch 512 sequences = micro batch 8 x devices 8 x nodes 4 x accumulation 2" in plan.describe()
+    derived = batch_plan(4, 256, trainer_cfg(devices=2), 64)
+    assert derived.accumulation == 8 and derived.global_batch == 64
+
+
+@pytest.mark.parametrize("global_batch,message", [
+    (60, "global_batch_size=60 is not a positive multiple of micro batch 4 x devices 2 x nodes 1 = 8; use 56 or 64"),
+    (4, "use 8 or 16"),
+    (0, "global_batch_size=0 is not a positive multiple"),
+])
+def test_global_batch_that_does_not_divide_is_refused(global_batch, message):
+    with pytest.raises(LlamaZhError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        batch_plan(4, 256, trainer_cfg(devices=2), global_batch)
+
+
+def test_global_batch_and_a_different_accumulation_conflict():
+    with pytest.raises(LlamaZhError, match="set only one of them"):
+        batch_plan(4, 256, trainer_cfg(accumulate_grad_batches=3), 32)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without GPUs")
+def test_gpu_trainer_without_gpu_suggests_cpu_trainer():
+    with pytest.raises(LlamaZhError, match="trainer=a800x8 needs CUDA GPUs .* use trainer=cpu"):
+        check_hardware(config("trainer=a800x8").trainer)
+
+
+def llama_zh(*overrides, tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
+    return subprocess.run([sys.executable, "-m", "llama_zh", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer=a800x8"], "use trainer=cpu"),
+    (["global_batch_size=12", "data.batch_size=8"], "global_batch_size=12 is not a positive multiple of micro batch 8"),
+    (["strategy=zero2", "strategy.deepspeed.offload_parameters=true"], "offload_parameters needs stage 3"),
+])
+def test_bad_training_setup_fails_before_launch(overrides, message, tmp_path):
+    if overrides == ["trainer=a800x8"] and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = llama_zh(*overrides, tmp_path=tmp_path)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    # Failed before anything heavy: no corpus built, no checkpoint directory.
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()

@@ -1,0 +1,135 @@
+"""finetune=: LoRA on the native model (merge equality, parity with peft), freeze, and end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_zh.checkpoint import load_checkpoint, write_native
+from llama_zh.config import ModelConfig
+from llama_zh.errors import LlamaZhError
+from llama_zh.finetune import (FinetuneConfig, LoRALinear, apply_finetune, count_trainable, export_stream,
+                               load_adapter, merge_lora)
+from llama_zh.model import build_model
+
+CONFIG = ModelConfig(name="t", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
+LORA = FinetuneConfig(method="lora", rank=4, alpha=8, dropout=0.1, target_modules=["wq", "wk", "wv", "wo", "w_gate",
+                      "w_up", "w_down"], modules_to_save=["embed", "head"])
+
+
+def lora_model(seed=0):
+    model = apply_finetune(build_model(CONFIG, seed=seed), LORA)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):  # B starts at zero: give it values so the adapters matter
+            module.lora_b.data.normal_(0, 0.05, generator=generator)
+    return model.eval()
+
+
+def tokens():
+    return torch.randint(0, CONFIG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(5))
+
+
+def test_lora_trains_adapters_and_saved_modules_only():
+    model = lora_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "embed.weight" in trainable and "head.weight" in trainable
+    assert "layers.0.attn.wq.lora_a" in trainable and "layers.1.ffn.w_down.lora_b" in trainable
+    assert "layers.0.attn.wq.base.weight" not in trainable and "norm.weight" not in trainable
+    n_trainable, total = count_trainable(model)
+    assert n_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
+
+
+def test_merged_native_checkpoint_matches_the_adapter_model(tmp_path):
+    model = lora_model()
+    with torch.no_grad():
+        expected = model(tokens())
+    path = write_native(export_stream(model), tmp_path / "merged")
+    merged, _ = load_checkpoint(path)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens()), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merge_lora(model)(tokens()), expected, atol=1e-5, rtol=0)
+
+
+def test_lora_forward_matches_peft_on_the_same_weights(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from llama_zh.convert import hf
+
+    base = build_model(CONFIG, seed=0).eval()
+    hf.write(export_stream(base), tmp_path / "hf")
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+             "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+    reference = peft.get_peft_model(reference, peft.LoraConfig(
+        r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0, target_modules=[n.split(".")[1] for n in names.values()]))
+
+    ours = lora_model()  # same base (seed 0), random adapters
+    peft_modules = dict(reference.named_modules())
+    for i in range(CONFIG.n_layers):
+        for our_name, hf_name in names.items():
+            part = "attn" if our_name in ("wq", "wk", "wv", "wo") else "ffn"
+            mine = ours.get_submodule(f"layers.{i}.{part}.{our_name}")
+            theirs = peft_modules[f"base_model.model.model.layers.{i}.{hf_name}"]
+            theirs.lora_A["default"].weight.data.copy_(mine.lora_a.data)
+            theirs.lora_B["default"].weight.data.copy_(mine.lora_b.data)
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens()), reference(tokens()).logits, atol=1e-5, rtol=0)
+
+
+def test_freeze_embeddings_and_head_is_stage_one_of_the_vocab_recipe():
+    model = apply_finetune(build_model(CONFIG, seed=0), FinetuneConfig(method="freeze", train_modules=["embed_tokens", "lm_head"]))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"embed.weight", "head.weight"}
+
+
+def test_freeze_last_blocks():
+    ft = FinetuneConfig(method="freeze", train_modules=[], train_last_n_blocks=1)
+    model = apply_finetune(build_model(CONFIG, seed=0), ft)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("layers.1.", "norm.")) for n in trainable) and "layers.1.ffn.w_up.weight" in trainable
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"method": "adapter"}, "finetune.method='adapter'"),
+    ({"method": "lora", "target_modules": ["qkv"]}, "finetune.target_modules: unknown module 'qkv'"),
+    ({"method": "lora", "rank": 0}, "rank > 0"),
+    ({"method": "freeze", "train_modules": []}, "leave no weight to train"),
+])
+def test_bad_finetune_settings(values, message):
+    with pytest.raises(LlamaZhError, match=message):
+        apply_finetune(build_model(CONFIG, seed=0), FinetuneConfig(**values))
+
+
+@pytest.mark.slow
+def test_sft_with_lora_end_to_end(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
+    common = ["logger=csv", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1",
+              "trainer.val_check_interval=2", "trainer.max_steps=2"]
+
+    def llama_zh(*overrides, run):
+        result = subprocess.run([sys.executable, "-m", "llama_zh", *common, *overrides, f"hydra.run.dir={tmp_path / run}"],
+                                capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    llama_zh("data.seq_len=32", "data.batch_size=2", run="pt")
+    base = tmp_path / "pt" / "checkpoints" / "final"
+    llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=lora", "stage.seq_len=64", "stage.batch_size=2",
+             "finetune.rank=4", "finetune.dropout=0.0", "optim.lr=1e-2", "optim.warmup_steps=0", run="sft")
+    tuned = tmp_path / "sft" / "checkpoints" / "final"
+    assert json.loads((tuned / "adapter_config.json").read_text())["rank"] == 4
+
+    merged, tokenizer = load_checkpoint(tuned)
+    adapted, _ = load_checkpoint(base)
+    load_adapter(adapted, tuned)
+    # modules_to_save (embed, head) trained fully: take them from the tuned checkpoint.
+    adapted.embed.weight.data.copy_(merged.embed.weight.data)
+    adapted.head.weight.data.copy_(merged.head.weight.data)
+    ids = torch.tensor([tokenizer.encode("这本书写得很好，推荐。", bos=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), adapted.eval()(ids), atol=1e-5, rtol=0)
+        assert not torch.allclose(merged(ids), load_checkpoint(base)[0](ids), atol=1e-3)  # it did train

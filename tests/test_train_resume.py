@@ -1,0 +1,135 @@
+"""Exact resume: a pretrain run SIGKILLed at any moment and rerun with the same command continues
+from its newest training state, and every later step's loss equals the uninterrupted run's, bit
+for bit on CPU (plain strategy), data position and LR schedule included."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+# Small and fast: 2 sequences of 32 tokens per micro-batch, accumulation 2, a state every 3 steps.
+ARGS = ["debug=fast", "logger=csv", "trainer.enable_progress_bar=false", "data.seq_len=32", "data.batch_size=2",
+        "trainer.accumulate_grad_batches=2", "trainer.max_steps=12", "trainer.val_check_interval=8",
+        "trainer.log_every_n_steps=1", "state_every_n_steps=3", "state_keep_last=2", "optim.warmup_steps=3"]
+COMPARED = ("step", "train/loss", "lr", "train/tokens", "train/grad_norm", "data/share_news", "val/loss")
+
+
+def command(run_dir, *extra):
+    return [sys.executable, "-m", "llama_zh", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+
+
+def environment(data_dir):
+    return dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", LLAMA_ZH_DATA=str(data_dir))
+
+
+def run(args, data_dir, check=True):
+    result = subprocess.run(args, capture_output=True, text=True, env=environment(data_dir), timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
+def kill_when(args, data_dir, condition, timeout=300):
+    """Start the run and SIGKILL it the moment `condition()` holds; returns True if it was killed."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(data_dir))
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if condition():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.005)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def metrics(run_dir: Path) -> list[tuple]:
+    with open(run_dir / "metrics.csv") as f:
+        return [tuple(r.get(k, "") for k in COMPARED) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    run_dir = tmp_path_factory.mktemp("reference")
+    run(command(run_dir), data_dir)
+    return run_dir
+
+
+def states(run_dir: Path) -> list[str]:
+    state_dir = run_dir / "checkpoints" / "state"
+    return sorted(p.name for p in state_dir.iterdir()) if state_dir.is_dir() else []
+
+
+def test_sigkill_twice_then_rerun_equals_uninterrupted_run(reference, data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = command(run_dir)
+    # 1. Killed while the state of step 6 is being written: only the .tmp directory exists.
+    writing = lambda: any(n.startswith(".step-000006") for n in states(run_dir))  # noqa: E731
+    assert kill_when(args, data_dir, writing), "the run finished before it could be killed"
+    assert "step-000003" in states(run_dir)
+    # 2. Rerun; killed again between states, once step 9's state exists and training went on a little.
+    started = {}
+
+    def past_step_9():
+        if "step-000009" in states(run_dir):
+            started.setdefault("t", time.monotonic())
+            return time.monotonic() - started["t"] > 0.3
+        return False
+
+    assert kill_when(args, data_dir, past_step_9), "the rerun finished before it could be killed"
+    # 3. Rerun to the end.
+    result = run(args, data_dir)
+    assert "resuming from" in result.stdout + result.stderr
+
+    assert metrics(run_dir) == metrics(reference)
+    final, ref_final = (load_file(d / "checkpoints" / "final" / "model.safetensors") for d in (run_dir, reference))
+    assert final.keys() == ref_final.keys()
+    for name in final:
+        assert torch.equal(final[name], ref_final[name]), name
+    # Only whole states remain, the newest `state_keep_last`, each with its metadata.
+    assert states(run_dir) == ["step-000009", "step-000012"]
+    meta = json.loads((run_dir / "checkpoints" / "state" / "step-000012" / "llama_zh.json").read_text())
+    assert meta["global_step"] == 12 and meta["global_batch"] == 4
+
+
+def test_finished_run_rerun_does_not_train_again(reference, data_dir):
+    before = metrics(reference)
+    result = run(command(reference), data_dir)
+    assert "resuming from" in result.stdout + result.stderr
+    assert metrics(reference) == before
+
+
+def test_resume_from_another_shape_or_tokenizer_is_refused(reference, data_dir, tmp_path):
+    state = reference / "checkpoints" / "state" / "step-000012"
+    result = run(command(tmp_path / "other", "model.n_layers=2", f"resume={state}"), data_dir, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot continue from" in result.stderr and "n_layers 4 -> 2" in result.stderr
+
+    # Same shape, another tokenizer (a different vocabulary size of the trained sentencepiece model).
+    result = run(command(tmp_path / "tok", "tokenizer.train.vocab_size=7000", "model.vocab_size=8000",
+                         f"tokenizer.path={tmp_path}/tok7000/tokenizer.model", f"resume={state}"), data_dir, check=False)
+    assert result.returncode == 1 and "the tokenizer differs" in result.stderr, result.stderr[-2000:]
+
+
+def test_resume_path_that_is_not_a_state_is_refused(data_dir, tmp_path):
+    result = run(command(tmp_path / "run", f"resume={tmp_path}"), data_dir, check=False)
+    assert result.returncode == 1 and "not a llama_zh training state" in result.stderr
