@@ -1,7 +1,12 @@
-"""Sampling and autoregressive decoding: prefill the prompt once, then one cached step per token.
+"""Sampling and autoregressive decoding: prefill the prompts once, then one cached step per token.
 
 Plain PyTorch: the model is any `llama_zh.model.Transformer`. Logits processing is a set of pure
 functions on (B, V) tensors (B batch, V vocabulary, T history length), each testable alone.
+
+Batches. Prompts of different lengths are left-padded into one KV cache (`KVCache.left_pad`), which
+gives each row the positions it would have alone and hides the padding from attention, so a batch
+decodes each prompt as it would be decoded alone: greedy rows are the same tokens, and seeded sampling
+draws each row from its own generator (seed + row), so a row does not depend on its neighbours either.
 
 Order of the logits processors. The reference tool (ANCHORS §3; llama_inference's generate.py) applies
 top-k, then top-p, then temperature, then the repetition penalty, i.e. the penalty only reweights
@@ -32,6 +37,15 @@ class Decoder(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+LONG_PROMPT = ("truncate", "fail")
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, row: int, length: int, max_len: int):
+        super().__init__(f"prompt {row} has {length} tokens, the model's context is {max_len} (stage.long_prompt=fail)")
+        self.row, self.length, self.max_len = row, length, max_len
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0  # 0: greedy (argmax after the repetition penalty)
@@ -43,6 +57,7 @@ class SamplingConfig:
     seed: int | None = None  # None: torch's global RNG, not reproducible
     stop_strings: list[str] = field(default_factory=list)
     penalty_after_filters: bool = False  # True: the reference's order (see the module docstring)
+    long_prompt: str = "truncate"  # a prompt that fills the context: "truncate" (left, warning) or "fail"
 
     def __post_init__(self) -> None:
         def number(name: str, value) -> float:
@@ -77,6 +92,8 @@ class SamplingConfig:
                 raise ValueError(f"stage.stop_strings must hold non-empty strings, got {s!r}")
         if not isinstance(self.penalty_after_filters, bool):
             raise ValueError(f"stage.penalty_after_filters must be true or false, got {self.penalty_after_filters!r}")
+        if self.long_prompt not in LONG_PROMPT:
+            raise ValueError(f"stage.long_prompt must be one of {', '.join(LONG_PROMPT)}, got {self.long_prompt!r}")
 
     @classmethod
     def reference(cls, **overrides) -> "SamplingConfig":
@@ -93,11 +110,13 @@ class SamplingConfig:
 def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float, window: int) -> torch.Tensor:
     """CTRL penalty: logits (B, V) of tokens among the last `window` of previous_ids (B, T) are made less
     likely, positive ones divided by `penalty`, negative ones multiplied; a token seen several times is
-    penalised once. Returns a new tensor."""
+    penalised once; negative ids (padding of shorter rows) are ignored. Returns a new tensor."""
     if penalty == 1.0 or previous_ids.shape[-1] == 0:
         return logits
+    B, V = logits.shape
     recent = previous_ids[:, -window:]  # (B, min(T, window))
-    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, recent, True)  # (B, V): a set, so once each
+    recent = torch.where(recent >= 0, recent, V)  # padding -> an extra column, dropped below
+    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, recent, True)[:, :V]  # a set
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
@@ -126,9 +145,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
+                generator: torch.Generator | list[torch.Generator] | None = None,
                 previous_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Next ids (B,) from logits (B, V); previous_ids (B, T) feed the repetition penalty."""
+    """Next ids (B,) from logits (B, V); previous_ids (B, T) feed the repetition penalty.
+
+    `generator`: one for the whole batch, or a list of B, one per row (each row then draws exactly
+    what it would draw alone with that generator)."""
     logits = logits.float()  # fp16 logits lose the small differences the filters compare
     penalise = previous_ids is not None and cfg.repetition_penalty != 1.0
     if penalise and (not cfg.penalty_after_filters or cfg.temperature == 0):
@@ -142,6 +165,8 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     if penalise and cfg.penalty_after_filters:
         logits = apply_repetition_penalty(logits, previous_ids, cfg.repetition_penalty, cfg.repetition_window)
     probs = logits.softmax(dim=-1)  # (B, V)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -172,76 +197,158 @@ def _ids_within(ids: list[int], n_chars: int, tokenizer: Decoder, lo: int) -> in
     return n
 
 
-@torch.inference_mode()
-def stream_generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConfig, eos_id: int | None = None,
-                    tokenizer: Decoder | None = None) -> Iterator[int]:
-    """Yield new token ids one by one (batch of one).
-
-    Stops at `eos_id` (not yielded; None: the tokenizer's eos if a tokenizer is given, else never),
-    after `cfg.max_new_tokens` tokens, when prompt + new tokens fill `model.config.max_seq_len`
-    (with a warning), or at a stop string.
+class _Row:
+    """One prompt's decoding state: the ids it generated, how many are released, whether it has ended.
 
     Stop strings are searched in the decoded text of the new tokens only (not the prompt). When one
-    appears, generation ends and the ids yielded are exactly the longest prefix of the new ids whose
+    appears, the row ends and the ids released are exactly the longest prefix of the new ids whose
     text ends before the stop string: the tokens that make up the stop string are dropped, and so is
     any text a token carries just before the stop string inside that same token. To honour this
     while streaming, ids whose text could be the start of a stop string are held back until the
-    stop string is ruled out (then they are yielded) or completed (then they are dropped).
-
-    A prompt of max_seq_len tokens or more keeps only its last max_seq_len - 1 tokens (warning).
+    stop string is ruled out (then they are released) or completed (then they are dropped).
     """
-    if len(prompt_ids) == 0:
-        raise ValueError("prompt_ids is empty: give at least one token (e.g. bos) to condition on")
+
+    def __init__(self, budget: int):
+        self.new_ids: list[int] = []
+        self.emitted = 0  # new_ids[:emitted] are released; the rest is held back
+        self.budget = budget  # new tokens the context leaves room for (max_new_tokens at most)
+        self.done = False
+
+    def add(self, token: int, eos_id: int | None, cfg: SamplingConfig, tokenizer: Decoder | None) -> list[int]:
+        """Take the next sampled token; return the ids it releases."""
+        if token == eos_id:
+            self.done = True
+            return self._flush()
+        self.new_ids.append(token)
+        if cfg.stop_strings:
+            text = tokenizer.decode(self.new_ids)
+            stop_at = _earliest_stop(text, cfg.stop_strings)
+            safe_chars = stop_at if stop_at is not None else len(text) - _partial_stop_len(text, cfg.stop_strings)
+            safe = _ids_within(self.new_ids, safe_chars, tokenizer, self.emitted)
+            released = self.new_ids[self.emitted : safe]
+            self.emitted = safe
+            if stop_at is not None:
+                self.done = True
+                return released
+        else:
+            released = [token]
+            self.emitted += 1
+        if len(self.new_ids) >= self.budget:
+            self.done = True
+            released += self._flush()
+        return released
+
+    def _flush(self) -> list[int]:
+        """Held-back ids of a stop string that never completed."""
+        released = self.new_ids[self.emitted :]
+        self.emitted = len(self.new_ids)
+        return released
+
+
+def fit_prompt(prompt: list[int], cfg: SamplingConfig, max_len: int, row: int = 0) -> list[int]:
+    """The prompt as decoded: unchanged if it leaves room for a new token in the context of `max_len`.
+
+    Otherwise, with `cfg.long_prompt == "fail"`, PromptTooLong; with "truncate", its last
+    max(max_len - max_new_tokens, max_len // 2) tokens, with a warning: the start is lost anyway, so
+    the answer is given room, but never more than half the context.
+    """
+    if len(prompt) == 0:
+        raise ValueError(f"prompt_ids is empty (row {row}): give at least one token (e.g. bos) to condition on")
+    if len(prompt) < max_len:
+        return list(prompt)
+    if cfg.long_prompt == "fail":
+        raise PromptTooLong(row, len(prompt), max_len)
+    keep = max(max_len - cfg.max_new_tokens, max_len // 2)
+    warnings.warn(f"prompt {row} of {len(prompt)} tokens leaves no room in the context of {max_len}: "
+                  f"keeping its last {keep} tokens", stacklevel=4)
+    return list(prompt[-keep:])
+
+
+@torch.inference_mode()
+def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig,
+                          eos_id: int | None = None, tokenizer: Decoder | None = None,
+                          seeds: list[int] | None = None) -> Iterator[list[list[int]]]:
+    """Decode a batch of prompts (any lengths) together; after each step, yield the ids each row
+    releases in it (one list per row, often empty).
+
+    A row ends at `eos_id` (not released; None: the tokenizer's eos if a tokenizer is given, else
+    never), at a stop string (see `_Row`), after `cfg.max_new_tokens` tokens, or when its prompt and
+    new tokens fill `model.config.max_seq_len` (with a warning). Decoding stops when every row has
+    ended. The KV cache is allocated once, for the longest prompt plus the most new tokens any row
+    can take. Seeded sampling: row i draws from a generator seeded with `seeds[i]` (default
+    cfg.seed + i); cfg.seed None and no seeds: torch's global RNG, not reproducible.
+    """
     if cfg.stop_strings and tokenizer is None:
         raise ValueError("stage.stop_strings needs a tokenizer to decode the generated text")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     if eos_id is None and tokenizer is not None and tokenizer.eos_id >= 0:
         eos_id = tokenizer.eos_id
     max_len = model.config.max_seq_len
-    prompt = list(prompt_ids)
-    if len(prompt) >= max_len:
-        warnings.warn(f"prompt of {len(prompt)} tokens leaves no room in the context of {max_len}: "
-                      f"keeping its last {max_len - 1} tokens", stacklevel=3)
-        prompt = prompt[-(max_len - 1):]
-    n_new = min(cfg.max_new_tokens, max_len - len(prompt))
+    prompts = [fit_prompt(p, cfg, max_len, row) for row, p in enumerate(prompts)]
+    if not prompts:
+        return
+    B = len(prompts)
+    rows = [_Row(min(cfg.max_new_tokens, max_len - len(p))) for p in prompts]
+    n_steps = max(r.budget for r in rows)
 
-    weight = model.embed.weight  # the activation device and dtype: the cache must match both
-    generator = torch.Generator(device=weight.device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    cache = KVCache.allocate(model.config, 1, len(prompt) + n_new, device=weight.device, dtype=weight.dtype)
-    prompt_t = torch.tensor([prompt], device=weight.device)  # (1, T)
-    logits = model(prompt_t, cache)[:, -1]  # (1, V): prefill in one pass
-    history = prompt_t[:, -cfg.repetition_window:]  # (1, <= window): what the penalty looks back on
+    # Norms are never quantized: their weight gives the activations' device and dtype, which the cache must match.
+    device, dtype = model.norm.weight.device, model.norm.weight.dtype
+    P = max(len(p) for p in prompts)
+    left_pad = [P - len(p) for p in prompts]
+    ids = torch.zeros(B, P, dtype=torch.long)  # padding id 0: the cache hides it from attention
+    for i, p in enumerate(prompts):
+        ids[i, left_pad[i]:] = torch.tensor(p)
+    ids = ids.to(device)
+    cache = KVCache.allocate(model.config, B, P + n_steps - 1, device=device, dtype=dtype,
+                             left_pad=left_pad if any(left_pad) else None)
 
-    new_ids: list[int] = []
-    emitted = 0  # new_ids[:emitted] are yielded; the rest is held back (possible stop string)
-    for step in range(n_new):
-        next_id = sample_next(logits, cfg, generator, history)  # (1,)
-        token = int(next_id)
-        if token == eos_id:
-            break
-        new_ids.append(token)
-        if cfg.stop_strings:
-            text = tokenizer.decode(new_ids)
-            stop_at = _earliest_stop(text, cfg.stop_strings)
-            safe_chars = stop_at if stop_at is not None else len(text) - _partial_stop_len(text, cfg.stop_strings)
-            safe = _ids_within(new_ids, safe_chars, tokenizer, emitted)
-            yield from new_ids[emitted:safe]
-            emitted = safe
-            if stop_at is not None:
-                return
-        else:
-            yield token
-            emitted += 1
-        if step + 1 == n_new:
-            if n_new < cfg.max_new_tokens:
-                warnings.warn(f"generation stopped after {n_new} new tokens: the context of {max_len} is full",
-                              stacklevel=3)
-            break
-        history = torch.cat((history, next_id.view(1, 1)), dim=1)[:, -cfg.repetition_window:]
-        logits = model(next_id.view(1, 1), cache)[:, -1]
-    yield from new_ids[emitted:]  # held back for a stop string that never completed
+    generators = None
+    if seeds is not None or cfg.seed is not None:
+        seeds = seeds if seeds is not None else [cfg.seed + i for i in range(B)]
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    history = None  # (B, <= window): what the penalty looks back on, padding as -1
+    if cfg.repetition_penalty != 1.0:
+        pad_mask = torch.arange(P, device=device)[None, :] < torch.tensor(left_pad, device=device)[:, None]
+        history = ids.masked_fill(pad_mask, -1)[:, -cfg.repetition_window:]
+
+    logits = model(ids, cache)[:, -1]  # (B, V): prefill in one pass
+    for step in range(n_steps):
+        next_ids = sample_next(logits, cfg, generators, history)  # (B,)
+        tokens = next_ids.tolist()
+        released = [row.add(t, eos_id, cfg, tokenizer) if not row.done else [] for row, t in zip(rows, tokens)]
+        finished = all(row.done for row in rows)
+        if finished:
+            short = [i for i, r in enumerate(rows) if r.budget < cfg.max_new_tokens and len(r.new_ids) == r.budget]
+            if short:
+                warnings.warn(f"generation of prompt(s) {short} stopped after {rows[short[0]].budget} new tokens: "
+                              f"the context of {max_len} is full", stacklevel=3)
+        yield released
+        if finished:
+            return
+        if history is not None:
+            history = torch.cat((history, next_ids[:, None]), dim=1)[:, -cfg.repetition_window:]
+        logits = model(next_ids[:, None], cache)[:, -1]
+
+
+def generate_batch(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int | None = None,
+                   tokenizer: Decoder | None = None, seeds: list[int] | None = None) -> list[list[int]]:
+    """The new ids of each prompt (eos and stop string excluded); see `stream_generate_batch`."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for released in stream_generate_batch(model, prompts, cfg, eos_id=eos_id, tokenizer=tokenizer, seeds=seeds):
+        for ids, new in zip(out, released):
+            ids.extend(new)
+    return out
+
+
+def stream_generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConfig, eos_id: int | None = None,
+                    tokenizer: Decoder | None = None) -> Iterator[int]:
+    """Yield the new ids of one prompt as they are released; see `stream_generate_batch`."""
+    for released in stream_generate_batch(model, [prompt_ids], cfg, eos_id=eos_id, tokenizer=tokenizer):
+        yield from released[0]
 
 
 def generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConfig, eos_id: int | None = None,
              tokenizer: Decoder | None = None) -> list[int]:
-    """The new token ids (eos and stop string excluded); see `stream_generate` for when it stops."""
-    return list(stream_generate(model, prompt_ids, cfg, eos_id=eos_id, tokenizer=tokenizer))
+    """The new token ids of one prompt (eos and stop string excluded); see `stream_generate_batch`."""
+    return generate_batch(model, [prompt_ids], cfg, eos_id=eos_id, tokenizer=tokenizer)[0]

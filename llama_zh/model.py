@@ -33,10 +33,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for `positions` (T,), each (T, D), computed in fp32 then cast."""
+    """cos/sin tables for `positions` (T,) or per row (B, T): each (T, D) or (B, 1, T, D), computed in fp32 then cast."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (T, D): halves layout
+    freqs = positions.float()[..., None] * inv_freq  # (T, D/2) or (B, T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (..., T, D): halves layout
+    if angles.ndim == 3:
+        angles = angles[:, None]  # (B, 1, T, D): broadcast over heads
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -49,20 +51,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer, allocated once for the longest sequence to be decoded."""
+    """Keys and values of every layer, allocated once for the longest sequence to be decoded.
+
+    Prompts of different lengths share one cache left-padded: row b's first `left_pad[b]` slots hold
+    padding. Its tokens then take positions from 0 as they would alone, and no real query attends to
+    a padding slot (a padding query attends to itself only, so no softmax row is empty).
+    """
 
     k: torch.Tensor  # (L, B, K, S_max, D)
     v: torch.Tensor  # (L, B, K, S_max, D)
     pos: int = 0  # tokens already written
+    left_pad: torch.Tensor | None = None  # (B,) long; None: no padding
 
     @classmethod
-    def allocate(cls, config: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> "KVCache":
+    def allocate(cls, config: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32,
+                 left_pad: torch.Tensor | None = None) -> "KVCache":
         shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        if left_pad is not None:
+            left_pad = torch.as_tensor(left_pad, dtype=torch.long, device=device)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   left_pad=left_pad)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+    def visible(self, T: int) -> torch.Tensor:
+        """(B, 1, T, S) bool: which of the S = pos + T key slots each of the next T queries attends to."""
+        key = torch.arange(self.pos + T, device=self.k.device)  # (S,)
+        query = key[self.pos:, None]  # (T, 1)
+        real = key[None, :] >= self.left_pad[:, None]  # (B, S)
+        return ((key <= query) & real[:, None] | (key == query))[:, None]
 
 
 class Attention(nn.Module):
@@ -75,7 +94,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None, visible: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -96,6 +115,8 @@ class Attention(nn.Module):
                 causal = False
             elif start > 0:
                 causal = False  # one new token sees every cached key
+            if visible is not None:  # left-padded rows (KVCache.visible)
+                mask, causal = visible, False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, H, T, D)
@@ -121,8 +142,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, cos, sin, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache: KVCache | None, visible: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, visible)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -146,9 +167,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the limit of {limit}")
         x = self.embed(input_ids)  # (B, T, C)
         positions = torch.arange(start, start + T, device=input_ids.device)
+        visible = None
+        if cache is not None and cache.left_pad is not None:
+            positions = (positions[None, :] - cache.left_pad[:, None]).clamp(min=0)  # (B, T): each row from 0
+            visible = cache.visible(T)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, visible)
         if cache is not None:
             cache.pos += T
         return self.head(self.norm(x))

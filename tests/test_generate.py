@@ -1,14 +1,17 @@
 """Sampling filters, cached decoding against a no-cache loop and transformers, seeds, eos and stop strings."""
 
+import dataclasses
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from llama_zh.config import ModelConfig
 from llama_zh.generate import (
-    SamplingConfig, apply_repetition_penalty, generate, sample_next, stream_generate, top_k_filter, top_p_filter,
+    PromptTooLong, SamplingConfig, apply_repetition_penalty, generate, generate_batch, sample_next, stream_generate,
+    stream_generate_batch, top_k_filter, top_p_filter,
 )
 from llama_zh.model import build_model
 
@@ -137,6 +140,7 @@ def test_reference_preset():
     ("stop_strings", "User:", "stage.stop_strings must be a list of strings"),
     ("stop_strings", ["ok", ""], "stage.stop_strings must hold non-empty strings"),
     ("penalty_after_filters", "yes", "stage.penalty_after_filters must be true or false"),
+    ("long_prompt", "cut", "stage.long_prompt must be one of truncate, fail"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -238,16 +242,22 @@ def test_long_prompt_is_truncated_from_the_left():
     rng = random.Random(0)
     prompt = [rng.randrange(3, 300) for _ in range(50)]
     cfg = SamplingConfig(max_new_tokens=5, **GREEDY)
-    with pytest.warns(UserWarning) as record:
+    with pytest.warns(UserWarning, match="keeping its last 27 tokens") as record:  # room for the 5 new tokens
         got = generate(model, prompt, cfg)
-    messages = [str(w.message) for w in record]
-    assert any("keeping its last 31 tokens" in m for m in messages) and any("is full" in m for m in messages)
-    assert got == naive_greedy(model, prompt[-31:], 1)  # one token fits, then the context is full
-    with pytest.warns(UserWarning, match="context of 32 is full"):
-        assert len(generate(model, prompt[-28:], cfg)) == 4
-    with pytest.warns(UserWarning) as record:  # exactly full: no room either
+    assert not any("is full" in str(w.message) for w in record)
+    assert got == naive_greedy(model, prompt[-27:], 5)
+    with pytest.warns(UserWarning, match="keeping its last 27 tokens"):  # exactly full: no room either
         assert generate(model, prompt[-32:], cfg) == got
-    assert "keeping its last 31 tokens" in str(record[0].message)
+    with pytest.warns(UserWarning, match="stopped after 4 new tokens: the context of 32 is full"):
+        assert generate(model, prompt[-28:], cfg) == naive_greedy(model, prompt[-28:], 4)  # fits, the answer does not
+    long_answer = SamplingConfig(max_new_tokens=30, **GREEDY)
+    with pytest.warns(UserWarning) as record:  # never less than half the context for the prompt
+        assert generate(model, prompt, long_answer) == naive_greedy(model, prompt[-16:], 16)
+    messages = [str(w.message) for w in record]
+    assert any("keeping its last 16 tokens" in m for m in messages) and any("is full" in m for m in messages)
+    with pytest.raises(PromptTooLong, match="prompt 1 has 32 tokens, the model's context is 32"):
+        generate_batch(model, [prompt[:5], prompt[-32:]], SamplingConfig(long_prompt="fail", **GREEDY))
+    assert generate(model, prompt[-31:], SamplingConfig(max_new_tokens=1, long_prompt="fail", **GREEDY))
 
 
 def test_empty_prompt_and_missing_tokenizer():
@@ -267,7 +277,7 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, script, prompt_len, vocab_size=300):
         super().__init__()
         self.config = ModelConfig(vocab_size=vocab_size, dim=8, n_layers=1, n_heads=1, ffn_dim=8, max_seq_len=256)
-        self.embed = torch.nn.Embedding(vocab_size, 8)
+        self.norm = torch.nn.LayerNorm(8)  # the engine reads the activations' device and dtype off it
         self.script, self.prompt_len, self.calls = list(script), prompt_len, 0
 
     def forward(self, ids, cache):
@@ -353,3 +363,245 @@ def test_stop_string_with_sentencepiece(tmp_path):
     assert answer.startswith(text)
     assert not answer.startswith(tok.decode(script[:len(got) + 1]))  # the next token reaches into the stop: got is the longest
     assert model.calls < len(script)  # it stopped early
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+BATCH_PROMPTS = [[1, 17, 42, 99, 5], [1], list(range(3, 40)), [1, 250, 251, 7, 7, 7, 9, 12, 300 - 1, 44, 2]]
+
+
+def test_left_padded_prefill_matches_each_prompt_alone():
+    from llama_zh.model import KVCache
+
+    model = tiny_model(sharpen=1.0)
+    P = max(map(len, BATCH_PROMPTS))
+    pad = [P - len(p) for p in BATCH_PROMPTS]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pad, BATCH_PROMPTS)])
+    with torch.no_grad():
+        cache = KVCache.allocate(model.config, len(BATCH_PROMPTS), P + 1, left_pad=pad)
+        batched = model(ids, cache)  # (B, P, V)
+        step = model(torch.tensor([[5], [6], [7], [8]]), cache)[:, 0]  # one cached step on top
+        for i, p in enumerate(BATCH_PROMPTS):
+            alone = model(torch.tensor([p + [5 + i]]))[0]
+            torch.testing.assert_close(batched[i, pad[i]:], alone[:-1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step[i], alone[-1], atol=1e-5, rtol=1e-5)
+        assert batched.isfinite().all()  # padding queries see themselves: no empty softmax row
+
+
+def test_batched_greedy_equals_one_by_one(monkeypatch):
+    from llama_zh import model as model_module
+
+    model = tiny_model()
+    sizes = []
+    allocate = model_module.KVCache.allocate.__func__
+    monkeypatch.setattr(model_module.KVCache, "allocate",
+                        classmethod(lambda cls, *a, **k: sizes.append(a[2]) or allocate(cls, *a, **k)))
+    cfg = SamplingConfig(max_new_tokens=30, **GREEDY)
+    alone = [generate(model, p, cfg) for p in BATCH_PROMPTS]
+    sizes.clear()
+    assert generate_batch(model, BATCH_PROMPTS, cfg) == alone
+    assert sizes == [37 + 30 - 1]  # one cache: the longest prompt plus the new tokens but the last
+    assert all(len(a) == 30 for a in alone)
+    assert generate_batch(model, BATCH_PROMPTS[::-1], cfg) == alone[::-1]
+
+
+def test_batched_rows_end_on_their_own():
+    model = tiny_model()
+    cfg = SamplingConfig(max_new_tokens=30, **GREEDY)
+    free = [generate(model, p, cfg) for p in BATCH_PROMPTS]
+    eos = free[0][3]  # a token row 0 meets early; other rows may meet it later or never
+    alone = [generate(model, p, cfg, eos_id=eos) for p in BATCH_PROMPTS]
+    assert len(alone[0]) == free[0].index(eos) < 30 and any(len(a) == 30 for a in alone)
+    steps = list(stream_generate_batch(model, BATCH_PROMPTS, cfg, eos_id=eos))
+    assert [[t for s in steps for t in s[i]] for i in range(4)] == alone
+    assert len(steps) == max(len(a) for a in alone) + (max(len(a) for a in alone) < 30)  # stops when all rows end
+
+
+def test_batched_context_limit_per_row():
+    model = tiny_model(max_seq_len=32)
+    prompts = [list(range(3, 31)), [1, 5, 9]]  # 28 tokens leave room for 4, 3 tokens for all 10
+    cfg = SamplingConfig(max_new_tokens=10, **GREEDY)
+    with pytest.warns(UserWarning, match=r"prompt\(s\) \[0\] stopped after 4 new tokens"):
+        got = generate_batch(model, prompts, cfg)
+    assert [len(g) for g in got] == [4, 10]
+    assert got == [naive_greedy(model, prompts[0], 4), naive_greedy(model, prompts[1], 10)]
+
+
+def test_batched_penalty_ignores_padding():
+    model = tiny_model()
+    cfg = SamplingConfig(max_new_tokens=25, repetition_penalty=10.0, repetition_window=8, **GREEDY)
+    # Token 0 is the padding id: a prompt that is mostly padding must not have 0 penalised.
+    assert generate_batch(model, BATCH_PROMPTS, cfg) == [generate(model, p, cfg) for p in BATCH_PROMPTS]
+
+
+def test_batched_seeded_sampling_equals_one_by_one():
+    import dataclasses
+
+    model = tiny_model(sharpen=3.0)
+    cfg = SamplingConfig.reference(max_new_tokens=25, seed=11)
+    got = generate_batch(model, BATCH_PROMPTS, cfg)
+    alone = [generate(model, p, dataclasses.replace(cfg, seed=11 + i)) for i, p in enumerate(BATCH_PROMPTS)]
+    assert got == alone
+    assert len({tuple(g) for g in got}) == 4 and len(set(got[1])) > 5  # sampled, not constant
+    assert generate_batch(model, BATCH_PROMPTS[:2], cfg, seeds=[11, 12]) == got[:2]
+    assert generate_batch(model, [BATCH_PROMPTS[1]], cfg, seeds=[12]) == [got[1]]  # a row's seed is its own
+
+
+# ------------------------------------------------------------------------------------------ stage=infer
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from llama_zh.config import ConfigError  # noqa: E402
+from llama_zh.data.corpus import DataError  # noqa: E402
+from llama_zh.data.sft import Template  # noqa: E402
+from llama_zh.stages import infer  # noqa: E402
+from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
+
+INFER_YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "stage" / "infer.yaml")
+
+
+def stage_cfg(**overrides):
+    cfg = OmegaConf.merge(INFER_YAML, {"checkpoint": "x", "seed": 5, "output": "x"}, overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "native", tok)
+
+
+def test_presets_and_overrides():
+    assert infer.sampling_config(stage_cfg()) == SamplingConfig(temperature=0.0, max_new_tokens=64, seed=5)
+    ref = infer.sampling_config(stage_cfg(preset="reference", max_new_tokens=9))
+    assert ref == SamplingConfig.reference(max_new_tokens=9, seed=5)
+    tuned = infer.sampling_config(stage_cfg(preset="reference", temperature=0.5, stop=["User:"], long_prompt="fail"))
+    assert (tuned.temperature, tuned.top_k, tuned.penalty_after_filters, tuned.stop_strings, tuned.long_prompt) == \
+        (0.5, 10, True, ["User:"], "fail")
+    plain = infer.sampling_config(stage_cfg(temperature=0.7, top_p=0.9))
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.repetition_penalty) == (0.7, 0.9, 0, 1.0)
+    with pytest.raises(ConfigError, match="stage.preset: 'hot'"):
+        infer.sampling_config(stage_cfg(preset="hot"))
+    with pytest.raises(ConfigError, match="stage.top_p must be in"):
+        infer.sampling_config(stage_cfg(top_p=2.0))
+
+
+def test_prompts_file_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("好的\n\n".encode() + b"\xff\xfe oops\n")
+    with pytest.raises(DataError, match=f"{bad}:3: not valid UTF-8"):
+        infer.read_prompts(bad)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(DataError, match="no prompts"):
+        infer.read_prompts(blank)
+    ok = tmp_path / "ok.txt"
+    ok.write_text("一\n\n二\r\n", encoding="utf-8")
+    assert infer.read_prompts(ok) == [(1, "一"), (3, "二")]
+
+
+PROMPTS = ["这本书写得很好，推荐。", "差", "质量太差了，不会再买。物流也很慢，客服态度不好。", "还行吧", "很好"]
+
+
+@pytest.mark.parametrize("preset", ["greedy", "reference"])
+def test_answers_do_not_depend_on_batch_size(ckpt, tok, tmp_path, preset):
+    path, model = ckpt
+    sampling = infer.sampling_config(stage_cfg(preset=preset, max_new_tokens=12))
+    prompts = list(enumerate(PROMPTS, 1))
+    outputs = []
+    for batch_size in (1, 2, 8):
+        out = tmp_path / f"answers{batch_size}.txt"
+        infer.answer_file(model, tok, prompts, sampling, out, batch_size)
+        outputs.append(out.read_text(encoding="utf-8"))
+    assert outputs[0] == outputs[1] == outputs[2]
+    answers = outputs[0].split("\n\n")[:-1]
+    assert len(answers) == len(PROMPTS) and outputs[0].endswith("\n\n")
+    seeds = [5 + i for i in range(len(PROMPTS))]
+    expected = [tok.decode(generate(model, tok.encode(p, bos=True), dataclasses.replace(sampling, seed=s), tokenizer=tok))
+                for p, s in zip(PROMPTS, seeds)]
+    assert answers == expected
+
+
+def test_long_prompt_policy_names_the_line(ckpt, tok, tmp_path):
+    _, model = ckpt
+    long = "很好" * 200
+    prompts = [(1, "短"), (4, long)]
+    with pytest.raises(DataError, match=r"prompts:4: prompt of \d+ tokens does not fit the context of 128"):
+        infer.answer_file(model, tok, prompts, infer.sampling_config(stage_cfg(long_prompt="fail", max_new_tokens=4)),
+                          tmp_path / "a.txt", 8, source="prompts")
+    assert not (tmp_path / "a.txt").exists()
+    with pytest.warns(UserWarning, match="keeping its last 124 tokens"):
+        infer.answer_file(model, tok, prompts, infer.sampling_config(stage_cfg(max_new_tokens=4)), tmp_path / "a.txt", 8)
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8").count("\n\n") == 2
+
+
+class WordTokenizer:
+    """One id per character ('<s>' 1, '</s>' 2): token counts can be worked out by hand."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text, bos=False, eos=False):
+        return [1] * bos + [ord(c) for c in text] + [2] * eos
+
+
+def test_chat_history_is_truncated_by_tokens():
+    tok = WordTokenizer()
+    template = Template(prompt_input="", prompt_no_input="", system="S", user="U{text}:", assistant="{text}")
+    history = [("aaaa", "bb"), ("c", "dddddd")]
+    # bos S | Uaaaa: bb </s> | Uc: dddddd </s> | Uxy:  ->  2 + 9 + 10 + 4 = 25 tokens
+    ids, dropped = infer.chat_prompt_ids(history, "xy", template, tok, budget=25)
+    assert len(ids) == 25 and dropped == 0
+    assert ids[:2] == [1, ord("S")] and ids[2:11] == [ord(c) for c in "Uaaaa:bb"] + [2]
+    ids, dropped = infer.chat_prompt_ids(history, "xy", template, tok, budget=24)  # the oldest exchange goes whole
+    assert dropped == 1 and ids == [1, ord("S")] + [ord(c) for c in "Uc:dddddd"] + [2] + [ord(c) for c in "Uxy:"]
+    ids, dropped = infer.chat_prompt_ids(history, "xy", template, tok, budget=15)  # not even the last: both go
+    assert dropped == 2 and len(ids) == 6
+    ids, dropped = infer.chat_prompt_ids([], "z" * 30, template, tok, budget=10)  # the turn alone: its end, bos kept
+    assert ids == [1] + [ord("z")] * 8 + [ord(":")]
+    # Characters are not the measure: history of many short turns.
+    many = [("你", "好")] * 10  # 5 tokens each (U你: 好 </s>)
+    ids, dropped = infer.chat_prompt_ids(many, "x", template, tok, budget=2 + 3 + 5 * 3)
+    assert dropped == 7 and len(ids) == 20
+
+
+def test_chat_loop_clear_and_exit(ckpt, tok):
+    import io
+
+    _, model = ckpt
+    template = Template(prompt_input="", prompt_no_input="", system="", user="User: {text}\nBot: ", assistant="{text}\n")
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=6, stop_strings=["User:"])
+    out = io.StringIO()
+    history = infer.run_chat(model, tok, template, sampling, io.StringIO("你好\n\n很好\nclear\n再见\nexit\n不会读到\n"), out)
+    assert [u for u, _ in history] == ["再见"]  # cleared, then one turn; nothing after exit
+    text = out.getvalue()
+    assert text.count("> ") == 6 and "(conversation cleared)" in text  # one per line read, the empty one too
+    first_prompt = tok.encode("User: 你好\nBot: ", bos=True)
+    first = tok.decode(generate(model, first_prompt, sampling, tokenizer=tok))
+    assert first and text.split("\n> ")[1] == first.rstrip("\n")
+
+
+@pytest.mark.slow
+def test_infer_stage_end_to_end(ckpt, tok, tmp_path):
+    path, model = ckpt
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    out = tmp_path / "answers.txt"
+    llama_zh("stage=infer", f"stage.checkpoint={path}", f"stage.prompts={prompts}", f"stage.output={out}",
+             "stage.max_new_tokens=10", "stage.batch_size=3", run_dir=tmp_path / "run")
+    expected = "".join(tok.decode(generate(model, tok.encode(p, bos=True), SamplingConfig(temperature=0, max_new_tokens=10),
+                                           tokenizer=tok)) + "\n\n" for p in PROMPTS)
+    assert out.read_text(encoding="utf-8") == expected
+
+    chat = llama_zh("stage=infer", "stage.mode=chat", "template=chat", f"stage.checkpoint={path}",
+                    "stage.max_new_tokens=6", run_dir=tmp_path / "chat", stdin="你好\nclear\n再见\nexit\n")
+    assert chat.stdout.count("\n> ") == 4 and "(conversation cleared)" in chat.stdout
+
+    bad = llama_zh("stage=infer", f"stage.checkpoint={tmp_path}", f"stage.prompts={prompts}", run_dir=tmp_path / "r2",
+                   check=False)
+    assert bad.returncode == 1 and "neither a native checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+    nofile = llama_zh("stage=infer", f"stage.checkpoint={path}", run_dir=tmp_path / "r3", check=False)
+    assert nofile.returncode == 1 and "stage.prompts: a prompts file is needed" in nofile.stderr

@@ -13,7 +13,7 @@ from llama_zh.errors import LlamaZhError
 from llama_zh.tokenizer import Tokenizer
 
 SOURCE_FORMATS = ("hf", "tencentpretrain", "meta", "native")
-DESTINATION_FORMATS = ("native", "hf", "tencentpretrain")
+DESTINATION_FORMATS = ("native", "hf", "tencentpretrain", "gguf")
 
 
 class FormatError(LlamaZhError, ValueError):
@@ -52,6 +52,10 @@ def write(stream: WeightStream, dst: Path, dst_format: str, overwrite: bool = Fa
         return hf.write(stream, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
     if dst_format == "tencentpretrain":
         return tencentpretrain.write(stream, dst, overwrite=overwrite)
+    if dst_format == "gguf":
+        from llama_zh.convert import gguf  # needs the gguf package only when asked for
+
+        return gguf.write(stream, dst, overwrite=overwrite)
     raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
 
 

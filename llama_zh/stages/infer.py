@@ -1,27 +1,88 @@
-"""stage=infer: a prompts file (one per line) -> an answers file (one answer per prompt, then a blank line)."""
+"""stage=infer: answers for a prompts file (batched), or an interactive multi-turn chat (stage.mode=chat).
+
+mode=file: one prompt per line -> one answer per prompt followed by a blank line (the reference tool's
+layout, ANCHORS §3). Prompts are decoded `stage.batch_size` at a time, longest first (less padding);
+the answers keep the file's order, and prompt i samples with seed + i, so the answers do not depend
+on the batch size.
+
+mode=chat: reads turns from stdin, streams each answer to stdout. The conversation is laid out as
+SFT lays out multi-turn data (data/sft.py: bos, system, then user turn, answer + eos, ...), in the
+template= chosen (chat is the reference's `User: ...\nBot: ...`). The oldest exchanges are dropped,
+counted in tokens, so that the conversation leaves room for stage.max_new_tokens. `clear` forgets
+the conversation, `exit` (or end of input) quits.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from llama_zh.checkpoint import load_checkpoint
 from llama_zh.config import ConfigError
 from llama_zh.data.corpus import DataError
 from llama_zh.data.sft import Template
 from llama_zh.errors import LlamaZhError
-from llama_zh.generate import SamplingConfig, generate
+from llama_zh.generate import PromptTooLong, SamplingConfig, generate_batch, stream_generate
+from llama_zh.model import Transformer
+from llama_zh.quant import QuantConfig, QuantReport, load_for_inference
+from llama_zh.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+MODES = ("file", "chat")
+PRESETS = ("greedy", "reference")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "repetition_window", "penalty_after_filters")
+PRECISIONS = {"32": torch.float32, "32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+              "bf16": torch.bfloat16, "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16}
 
 
-def read_prompts(path: Path) -> list[str]:
-    """Non-empty lines of a UTF-8 file; invalid UTF-8 names the line."""
+# ------------------------------------------------------------------------------------------ shared setup
+
+
+def inference_target(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
+    """Device and weight dtype from trainer= (hardware lives there): gpu -> cuda in the trainer's
+    precision; cpu -> cpu, weights as stored."""
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is available (use trainer=cpu)")
+        precision = str(cfg.trainer.get("precision", "32-true"))
+        return torch.device("cuda"), PRECISIONS.get(precision, torch.float32)
+    return torch.device("cpu"), None
+
+
+def load_model(cfg: DictConfig) -> tuple[Transformer, Tokenizer, QuantReport]:
+    """The checkpoint of stage.checkpoint (native or HF) on trainer='s device, quantized by quant=."""
+    device, dtype = inference_target(cfg)
+    quant = QuantConfig.from_config(OmegaConf.to_container(cfg.quant, resolve=True))
+    model, tokenizer, report = load_for_inference(cfg.stage.checkpoint, quant, device, dtype)
+    if tokenizer is None:
+        raise LlamaZhError(f"stage.checkpoint: {cfg.stage.checkpoint} has no tokenizer.model")
+    log.info("%s", report.summary())
+    return model, tokenizer, report
+
+
+def sampling_config(stage: DictConfig) -> SamplingConfig:
+    """stage.preset's values (greedy, or the reference tool's), overridden by every non-null stage key."""
+    preset = stage.get("preset") or "greedy"
+    if preset not in PRESETS:
+        raise ConfigError(f"stage.preset: {preset!r}; expected one of {', '.join(PRESETS)}")
+    values = {k: stage[k] for k in SAMPLING_KEYS if stage.get(k) is not None}
+    values.update(max_new_tokens=stage.max_new_tokens, seed=stage.seed, stop_strings=list(stage.stop),
+                  long_prompt=stage.get("long_prompt", "truncate"))
+    try:
+        return SamplingConfig.reference(**values) if preset == "reference" else SamplingConfig(**{"temperature": 0.0, **values})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def read_prompts(path: Path) -> list[tuple[int, str]]:
+    """(line number, prompt) for the non-empty lines of a UTF-8 file; invalid UTF-8 names the line."""
     if not path.is_file():
         raise DataError(f"stage.prompts: {path} does not exist")
     prompts = []
@@ -32,48 +93,153 @@ def read_prompts(path: Path) -> list[str]:
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if line.strip():
-                prompts.append(line)
+                prompts.append((lineno, line))
     if not prompts:
-        raise DataError(f"{path}: no prompts (the file is empty)")
+        raise DataError(f"{path}: no prompts (the file is empty or blank)")
     return prompts
-
-
-def sampling_config(stage: DictConfig) -> SamplingConfig:
-    try:
-        return SamplingConfig(temperature=stage.temperature, top_k=stage.top_k, top_p=stage.top_p,
-                              repetition_penalty=stage.repetition_penalty, repetition_window=stage.repetition_window,
-                              max_new_tokens=stage.max_new_tokens, seed=stage.seed, stop_strings=list(stage.stop),
-                              penalty_after_filters=stage.penalty_after_filters)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def run(cfg: DictConfig):
     stage = cfg.stage
+    mode = stage.get("mode", "file")
+    if mode not in MODES:
+        raise ConfigError(f"stage.mode: {mode!r}; expected one of {', '.join(MODES)}")
+    if not int(stage.batch_size) >= 1:
+        raise ConfigError(f"stage.batch_size must be >= 1, got {stage.batch_size}")
     sampling = sampling_config(stage)
-    prompts = read_prompts(Path(stage.prompts))
-    model, tokenizer = load_checkpoint(stage.checkpoint)
-    if tokenizer is None:
-        raise LlamaZhError(f"stage.checkpoint: {stage.checkpoint} has no tokenizer.model")
+    if mode == "file":
+        if not stage.get("prompts"):
+            raise ConfigError("stage.prompts: a prompts file is needed in stage.mode=file (or use stage.mode=chat)")
+        prompts = read_prompts(Path(stage.prompts))  # before loading the model: bad input fails fast
+    model, tokenizer, _ = load_model(cfg)
+    if mode == "chat":
+        template = Template.from_config(cfg.template)
+        if stage.get("stop_at_user_turn", True):
+            header = user_header(template)
+            if header and header not in sampling.stop_strings:
+                sampling.stop_strings.append(header)
+        return run_chat(model, tokenizer, template, sampling, sys.stdin, sys.stdout)
     template = Template.from_config(cfg.template) if stage.apply_template else None
+    return answer_file(model, tokenizer, prompts, sampling, Path(stage.output), int(stage.batch_size), template,
+                       str(stage.prompts))
 
-    out = Path(stage.output)
+
+# ---------------------------------------------------------------------------------------------- file mode
+
+
+def answer_file(model: Transformer, tokenizer: Tokenizer, prompts: list[tuple[int, str]], sampling: SamplingConfig,
+                out: Path, batch_size: int, template: Template | None = None, source: str = "prompts") -> str:
+    texts = [template.format(p) if template else p for _, p in prompts]
+    ids = [tokenizer.encode(t, bos=True) for t in texts]
+    max_len = model.config.max_seq_len
+    if sampling.long_prompt == "fail":
+        for (lineno, _), p in zip(prompts, ids):
+            if len(p) >= max_len:
+                raise DataError(f"{source}:{lineno}: prompt of {len(p)} tokens does not fit the context of "
+                                f"{max_len} (stage.long_prompt=fail; truncate keeps its end)")
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: padding stays small
+    answers: list[list[int]] = [[] for _ in ids]
+    seed = sampling.seed
+    start = time.perf_counter()
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        seeds = [seed + i for i in batch] if seed is not None else None
+        try:
+            out_ids = generate_batch(model, [ids[i] for i in batch], sampling, tokenizer=tokenizer, seeds=seeds)
+        except PromptTooLong as e:  # only if the check above was bypassed
+            raise DataError(f"{source}:{prompts[batch[e.row]][0]}: {e}") from None
+        for i, new in zip(batch, out_ids):
+            answers[i] = new
+        log.info("[%d/%d] prompts answered", min(b + batch_size, len(order)), len(order))
+    elapsed = time.perf_counter() - start
+    new_tokens = sum(map(len, answers))
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    new_tokens, start = 0, time.perf_counter()
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for i, prompt in enumerate(prompts):
-                text = template.format(prompt) if template else prompt
-                ids = generate(model, tokenizer.encode(text, bos=True), sampling, tokenizer=tokenizer)
-                new_tokens += len(ids)
-                answer = tokenizer.decode(ids)
+            for (lineno, prompt), new in zip(prompts, answers):
+                answer = tokenizer.decode(new)
                 f.write(answer + "\n\n")
-                log.info("[%d/%d] %s -> %s", i + 1, len(prompts), prompt[:40], answer[:80].replace("\n", " "))
+                log.debug("line %d: %s -> %s", lineno, prompt[:40], answer[:80].replace("\n", " "))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    elapsed = time.perf_counter() - start
-    log.info("%d answers, %d new tokens in %.1f s (%.1f tokens/s): %s", len(prompts), new_tokens, elapsed,
-             new_tokens / max(elapsed, 1e-9), out)
+    log.info("%d answers, %d new tokens in %.1f s (%.1f tokens/s, batch size %d): %s", len(prompts), new_tokens,
+             elapsed, new_tokens / max(elapsed, 1e-9), batch_size, out)
     return str(out)
+
+
+# ---------------------------------------------------------------------------------------------- chat mode
+
+
+def user_header(template: Template) -> str:
+    """The text a user turn starts with (`User:` in the chat template), stripped; "" if none."""
+    return template.user.split("{text}")[0].strip()
+
+
+def chat_prompt_ids(history: list[tuple[str, str]], user_text: str, template: Template, tokenizer: Tokenizer,
+                    budget: int) -> tuple[list[int], int]:
+    """The conversation's ids for the next answer and how many of the oldest exchanges were dropped.
+
+    Laid out as SFT lays out conversations: [bos] system, then per exchange the user turn and the
+    answer + eos (each segment tokenized alone), then the new user turn. Whole exchanges are dropped,
+    oldest first, until it fits in `budget` tokens; a new turn too long alone keeps its last tokens.
+    """
+    head = tokenizer.encode(template.system, bos=True) if template.system else [tokenizer.bos_id]
+    turn = tokenizer.encode(template.user.format(text=user_text))
+    exchanges = [tokenizer.encode(template.user.format(text=u)) + tokenizer.encode(template.assistant.format(text=a), eos=True)
+                 for u, a in history]
+    kept: list[list[int]] = []
+    used = len(head) + len(turn)
+    for ex in reversed(exchanges):
+        if used + len(ex) > budget:
+            break
+        kept.insert(0, ex)
+        used += len(ex)
+    ids = head + [t for ex in kept for t in ex] + turn
+    if len(ids) > budget:
+        ids = ids[:1] + ids[len(ids) - budget + 1 :]  # bos stays
+    return ids, len(exchanges) - len(kept)
+
+
+def run_chat(model: Transformer, tokenizer: Tokenizer, template: Template, sampling: SamplingConfig,
+             stdin: TextIO, stdout: TextIO) -> list[tuple[str, str]]:
+    """The interactive loop; returns the conversation since the last `clear`."""
+    max_len = model.config.max_seq_len
+    budget = max(max_len - sampling.max_new_tokens, max_len // 2)
+    history: list[tuple[str, str]] = []
+    stdout.write("chat: type a message; `clear` forgets the conversation, `exit` quits\n")
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.strip()
+        if text == "exit":
+            break
+        if text == "clear":
+            history.clear()
+            stdout.write("(conversation cleared)\n")
+            continue
+        if not text:
+            continue
+        ids, dropped = chat_prompt_ids(history, text, template, tokenizer, budget)
+        if dropped:
+            log.info("chat: %d oldest exchange(s) no longer fit the context and were dropped", dropped)
+        new: list[int] = []
+        shown = ""
+        for token in stream_generate(model, ids, sampling, tokenizer=tokenizer):
+            new.append(token)
+            text_so_far = tokenizer.decode(new)
+            # A character split across byte tokens decodes as U+FFFD until its last byte: wait for it.
+            if not text_so_far.endswith("\ufffd") and text_so_far.startswith(shown):
+                stdout.write(text_so_far[len(shown):])
+                stdout.flush()
+                shown = text_so_far
+        answer = tokenizer.decode(new)
+        stdout.write(answer[len(shown):] + "\n")
+        stdout.flush()
+        history.append((text, answer.strip()))
+    return history

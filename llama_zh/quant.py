@@ -1,0 +1,250 @@
+"""Weight quantization of a built model with bitsandbytes: int8 (LLM.int8(), Linear8bitLt) or nf4 (Linear4bit).
+
+The attention and FFN projections of every block are replaced (the reference tool's choice, ANCHORS
+§3); the embedding and the output head stay in full precision unless the quant config asks for them.
+`load_for_inference` builds the model on the meta device and streams the checkpoint one tensor at a
+time: each projection is quantized as it arrives, on the target device, so the full-precision model
+never exists there (nor in CPU memory): the peak is the quantized model plus one full-precision tensor.
+
+On CPU, bitsandbytes' nf4 kernel (packed for AVX512-BF16) needs an output size that is a multiple
+of 32 (ANCHORS §7) and an input size that is a multiple of the block size; other layers are left in
+full precision and counted in the report, on any CPU, so that a report does not depend on which CPU
+wrote it. int8 on CPU multiplies in fp16 after quantizing the fp32 activations (bitsandbytes says so
+on every call; the warning is silenced).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from llama_zh.checkpoint import WeightStream, check_specs, read_any
+from llama_zh.config import ConfigError
+from llama_zh.errors import LlamaZhError
+from llama_zh.model import Transformer, build_model
+from llama_zh.tensor_io import CheckpointError
+from llama_zh.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "int8", "nf4")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROJECTIONS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w_gate", "ffn.w_up", "ffn.w_down")
+NF4_CPU_MULTIPLE = 32
+
+
+class QuantError(LlamaZhError, RuntimeError):
+    pass
+
+
+@dataclass
+class QuantConfig:
+    name: str = "none"  # none | int8 | nf4
+    threshold: float = 6.0  # int8: activation columns with a value above it are multiplied in fp16 (LLM.int8())
+    compute_dtype: str = "bfloat16"  # nf4: dtype of the matmul after dequantizing
+    double_quant: bool = False  # nf4: quantize the per-block scales too (QLoRA's double quantization)
+    blocksize: int = 64  # nf4: weights per scale
+    quantize_embedding: bool = False
+    quantize_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(f"quant.name: {self.name!r}; expected one of {', '.join(METHODS)}")
+        if self.compute_dtype not in DTYPES:
+            raise ConfigError(f"quant.compute_dtype: {self.compute_dtype!r}; expected one of {', '.join(DTYPES)}")
+        if not isinstance(self.threshold, (int, float)) or self.threshold < 0:
+            raise ConfigError(f"quant.threshold must be a number >= 0 (0: no outlier columns), got {self.threshold!r}")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ConfigError(f"quant.blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "QuantConfig":
+        values = dict(cfg or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"quant: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+@dataclass
+class QuantReport:
+    method: str
+    device: str
+    bytes_full: int  # the weights in the load dtype, unquantized
+    bytes_after: int  # as loaded: quantized weights with their scales, plus everything left unquantized
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it stayed in full precision
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_full
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "device": self.device, "weight_mib_full": self.bytes_full / 2**20,
+                "weight_mib": self.bytes_after / 2**20, "weight_ratio": self.ratio,
+                "layers_quantized": len(self.quantized), "layers_skipped": len(self.skipped), "skipped": self.skipped}
+
+    def summary(self) -> str:
+        text = (f"quant={self.method} on {self.device}: weights {self.bytes_full / 2**20:.1f} MiB -> "
+                f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.2f}x), {len(self.quantized)} layers quantized")
+        if self.skipped:
+            reasons = sorted(set(self.skipped.values()))
+            text += f", {len(self.skipped)} left unquantized ({'; '.join(reasons)})"
+        return text
+
+
+def import_bitsandbytes(method: str):
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # ImportError, or a broken native library raising anything at import
+        raise QuantError(f"quant={method} needs bitsandbytes, which failed to import "
+                         f"({type(e).__name__}: {e}); pip install bitsandbytes, or use quant=none") from None
+    return bnb
+
+
+def _tensor_bytes(t: torch.Tensor | None, seen: set) -> int:
+    if t is None or not isinstance(t, torch.Tensor) or t.is_meta:
+        return 0
+    key = (t.untyped_storage().data_ptr(), t.device)
+    if key in seen:
+        return 0
+    seen.add(key)
+    return t.untyped_storage().nbytes()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, with bitsandbytes' scales (int8 SCB, nf4 quant state)."""
+    seen: set = set()
+    total = 0
+    for module in model.modules():
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            total += _tensor_bytes(t, seen)
+            total += _tensor_bytes(getattr(t, "SCB", None), seen)
+            qs = getattr(t, "quant_state", None)
+            if qs is not None:
+                total += sum(_tensor_bytes(v, seen) for v in qs.as_dict().values())
+        state = getattr(module, "state", None)  # Linear8bitLt keeps CB/SCB there after its first forward
+        if state is not None and hasattr(state, "SCB"):
+            total += _tensor_bytes(state.SCB, seen) + _tensor_bytes(getattr(state, "CB", None), seen)
+    return total
+
+
+def _drop_cast_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast from")
+
+
+class _Quantizer:
+    """Makes the bitsandbytes module for one weight, quantized on `device` as it is created."""
+
+    def __init__(self, cfg: QuantConfig, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.bnb = import_bitsandbytes(cfg.name)
+        # Logged on every call when activations are fp32 (CPU): expected, and said once in this module's docs.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cast_notice)
+
+    def cannot_take(self, weight: torch.Tensor) -> str | None:
+        out_features, in_features = weight.shape
+        if self.cfg.name == "nf4" and self.device.type == "cpu":
+            if out_features % NF4_CPU_MULTIPLE:
+                return f"nf4 on CPU needs an output size that is a multiple of {NF4_CPU_MULTIPLE}"
+            if in_features % self.cfg.blocksize:
+                return f"nf4 on CPU needs an input size that is a multiple of quant.blocksize={self.cfg.blocksize}"
+        return None
+
+    def linear(self, weight: torch.Tensor) -> nn.Module:
+        out_features, in_features = weight.shape
+        nn_ = self.bnb.nn
+        if self.cfg.name == "int8":  # bitsandbytes takes the rows' absmax scales from an fp16 copy
+            layer = nn_.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
+                                     threshold=float(self.cfg.threshold), device="meta")
+            layer.weight = nn_.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(self.device)
+        else:
+            layer = nn_.Linear4bit(in_features, out_features, bias=False, compute_dtype=DTYPES[self.cfg.compute_dtype],
+                                   compress_statistics=self.cfg.double_quant, quant_type="nf4", device="meta")
+            # Quantized from the compute dtype, so that dequantizing yields it directly.
+            weight = weight.to(DTYPES[self.cfg.compute_dtype])
+            layer.weight = nn_.Params4bit(weight, requires_grad=False, blocksize=self.cfg.blocksize,
+                                          compress_statistics=self.cfg.double_quant, quant_type="nf4",
+                                          module=layer).to(self.device)
+        return layer.eval()
+
+    def embedding(self, weight: torch.Tensor) -> nn.Module:
+        num, dim = weight.shape
+        nn_ = self.bnb.nn
+        if self.cfg.name == "int8":
+            emb = nn_.Embedding8bit(num, dim, device="meta")
+            emb.weight = nn_.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(self.device)
+        else:
+            emb = nn_.EmbeddingNF4(num, dim, device="meta")
+            emb.weight = nn_.Params4bit(weight, requires_grad=False, blocksize=self.cfg.blocksize,
+                                        compress_statistics=False, quant_type="nf4", module=emb).to(self.device)
+        emb.dtype = self.dtype  # what its lookups return
+        return emb
+
+
+def _targets(model: Transformer, cfg: QuantConfig) -> dict[str, str]:
+    """Module name -> "linear" | "embedding" for the modules `cfg` quantizes."""
+    if cfg.name == "none":
+        return {}
+    targets = {f"layers.{i}.{p}": "linear" for i in range(len(model.layers)) for p in PROJECTIONS}
+    if cfg.quantize_head:
+        targets["head"] = "linear"
+    if cfg.quantize_embedding:
+        targets["embed"] = "embedding"
+    return targets
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_quantized(stream: WeightStream, cfg: QuantConfig, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> tuple[Transformer, QuantReport]:
+    """The model of `stream` on `device`, quantized by `cfg` one tensor at a time; the rest in `dtype`
+    (None: as stored)."""
+    check_specs(stream)
+    device = torch.device(device)
+    model = build_model(stream.config, device="meta")
+    targets = _targets(model, cfg)
+    quantizer = _Quantizer(cfg, device, dtype or torch.float32) if targets else None
+    full = 0
+    report = QuantReport(cfg.name, str(device), 0, 0)
+    for name, t in stream.tensors():
+        load_dtype = dtype or t.dtype
+        full += t.numel() * torch.empty(0, dtype=load_dtype).element_size()
+        module_name, _, param = name.rpartition(".")
+        kind = targets.get(module_name)
+        reason = quantizer.cannot_take(t) if kind == "linear" else None
+        if kind and reason is None:
+            quantizer.dtype = load_dtype
+            new = quantizer.linear(t) if kind == "linear" else quantizer.embedding(t)
+            _set_module(model, module_name, new)
+            report.quantized.append(module_name)
+        else:
+            if reason:
+                report.skipped[module_name] = reason
+            module = model.get_submodule(module_name)
+            module._parameters[param] = nn.Parameter(t.to(device=device, dtype=load_dtype), requires_grad=False)
+        del t
+    report.bytes_full, report.bytes_after = full, weight_bytes(model)
+    return model.eval(), report
+
+
+def load_for_inference(path: str | Path, quant: QuantConfig | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None, QuantReport]:
+    """(model, tokenizer, report) from a native or Hugging Face directory, quantized by `quant`."""
+    stream = read_any(Path(path))
+    model, report = load_quantized(stream, quant or QuantConfig(), device, dtype)
+    tokenizer = Tokenizer(stream.tokenizer) if stream.tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > stream.config.vocab_size:
+        raise CheckpointError(
+            f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size is {stream.config.vocab_size}"
+        )
+    return model, tokenizer, report
