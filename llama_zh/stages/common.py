@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -162,6 +163,21 @@ def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan
     return memory
 
 
+class TrainResult(float):
+    """What a training stage returns: its last val/loss (the objective of a Hydra sweeper such as
+    Optuna; nan if it never validated), carrying the final native checkpoint's path."""
+
+    checkpoint: Path
+
+    def __new__(cls, val_loss: float, checkpoint: Path | None = None) -> "TrainResult":
+        result = super().__new__(cls, val_loss)
+        result.checkpoint = checkpoint
+        return result
+
+    def __reduce__(self):  # launchers pickle job results back (submitit)
+        return TrainResult, (float(self), self.checkpoint)
+
+
 @dataclass
 class TrainJob:
     """Everything a training stage decides before `fit`."""
@@ -184,7 +200,7 @@ def prepare_batch(cfg: DictConfig, micro_batch: int, seq_len: int) -> BatchPlan:
     return plan
 
 
-def fit(cfg: DictConfig, job: TrainJob) -> Path:
+def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     out = output_dir(cfg)
     optim = OptimConfig(**cfg.optim)
     ft = FinetuneConfig.from_cfg(cfg.get("finetune"))
@@ -239,7 +255,8 @@ def fit(cfg: DictConfig, job: TrainJob) -> Path:
         # run's native checkpoint must exist (the run may have been killed right before writing it).
         native.final = native.save(trainer, module, "final")
     log.info("final checkpoint: %s", native.final)
-    return native.final
+    val = trainer.callback_metrics.get("val/loss")
+    return TrainResult(float(val) if val is not None else math.nan, native.final)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], extra_hparams: dict | None = None,
