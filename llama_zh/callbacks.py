@@ -19,8 +19,10 @@ import shutil
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from llama_zh.checkpoint import write_native
 from llama_zh.errors import LlamaZhError
+from llama_zh.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
 from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, save_adapter
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class NativeCheckpoint(pl.Callback):
         self.final: Path | None = None
         self._last_saved = -1
 
-    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path:
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path:
         path = self.directory / name
         model = pl_module.model
         stream = export_stream(model, self.tokenizer)
@@ -63,10 +65,40 @@ class NativeCheckpoint(pl.Callback):
         step = trainer.global_step  # optimizer steps: unchanged across accumulated micro-batches
         if self.every and step > 0 and step % self.every == 0 and step != self._last_saved:
             self._last_saved = step
-            self._save(trainer, pl_module, f"step-{step:06d}")
+            self.save(trainer, pl_module, f"step-{step:06d}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.final = self._save(trainer, pl_module, "final")
+        self.final = self.save(trainer, pl_module, "final")
+
+
+class MemoryReport(pl.Callback):
+    """Compares the memory plan with what the run used: peak RSS on CPU (the device and the host
+    are the same RAM), peak allocated CUDA memory on GPU. Logged per process at the end of training."""
+
+    def __init__(self, plan: MemoryPlan):
+        self.plan = plan
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+        # The model is built by now: the peak from here on covers the training steps.
+        reset_peak_rss()
+        log.info("memory: rank %d RSS at fit start %.3f GiB", trainer.global_rank, current_rss() / GiB)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            measured, planned = torch.cuda.max_memory_reserved(device), self.plan.device_total - self.plan.device["runtime"]
+            what = "peak reserved CUDA memory"
+        else:
+            measured, planned = peak_rss(), self.plan.device_total + self.plan.host_total
+            what = "peak RSS"
+        log.info("memory: rank %d %s %.3f GiB, planned %.3f GiB (ratio %.2f)", trainer.global_rank, what,
+                 measured / GiB, planned / GiB, measured / max(planned, 1))
+        for logger in trainer.loggers:
+            # At the last step trained (the step a rerun would not redo).
+            logger.log_metrics({"memory/measured_gib": measured / GiB, "memory/planned_gib": planned / GiB},
+                               step=max(trainer.global_step - 1, 0))
 
 
 def _fsync_tree(root: Path) -> None:

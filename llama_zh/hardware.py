@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -154,6 +153,3 @@ def model_flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int, 
     backward = 2 * n_params * (1 + trainable_fraction)
     return 2 * n_params + backward + 12 * n_layers * dim * seq_len
 
-
-def round_up(x: int, multiple: int) -> int:
-    return math.ceil(x / multiple) * multiple

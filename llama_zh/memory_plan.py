@@ -7,7 +7,8 @@ Rows (bytes per process):
               plus its bucket copy)
 - optimizer   AdamW's two moments, plus the fp32 master copy DeepSpeed keeps (ZeRO: 1/W each)
 - activations what autograd saves for backward for one micro-batch, plus the logits' gradient
-- runtime     the process itself: interpreter, libraries, CUDA context (measured on CPU)
+- runtime     the process itself: interpreter, libraries, CUDA context (on CPU: the RSS at planning
+              time plus CPU_FIT_SETUP)
 Offloaded state is counted in the `host` column (CPU RAM of the node, shared by its processes).
 
 Activation sizes per token are fitted to what `torch.autograd.graph.saved_tensors_hooks` records
@@ -18,12 +19,15 @@ plus 4 V (fp32 log-softmax) or 6 V (bf16 logits + fp32 log-softmax) for the loss
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from llama_zh.config import ModelConfig
 
 GiB = 1024**3
+# What Lightning's fit adds to a CPU process before the first step (trainer, loops, lazily imported
+# modules), measured on the development machine: RSS at fit start minus RSS at planning time,
+# model excluded (0.24 GiB with pytorch-lightning 2.6.6, torch 2.13).
+CPU_FIT_SETUP = GiB // 4
 SIXTEEN_BIT = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "bf16", "16", "fp16")
 
 
@@ -76,32 +80,59 @@ def block_params(m: ModelConfig) -> int:
     return m.dim * (m.dim + 2 * kv) + m.dim * m.dim + 3 * m.dim * m.ffn_dim + 2 * m.dim
 
 
-def activation_bytes_per_token(m: ModelConfig, sixteen_bit: bool, checkpointing: bool) -> int:
+def block_bytes_per_token(m: ModelConfig, sixteen_bit: bool) -> int:
+    """What one block saves for backward, per token."""
     kv = m.n_kv_heads * m.head_dim
-    if sixteen_bit:
-        per_block, loss = 36 * m.dim + 8 * m.ffn_dim + 4 * kv, 6 * m.vocab_size
-    else:
-        per_block, loss = 32 * m.dim + 16 * m.ffn_dim + 8 * kv, 4 * m.vocab_size
-    # Embedding output, final norm (fp32 residual stream).
-    outside = 12 * m.dim
+    return 36 * m.dim + 8 * m.ffn_dim + 4 * kv if sixteen_bit else 32 * m.dim + 16 * m.ffn_dim + 8 * kv
+
+
+def saved_bytes_per_token(m: ModelConfig, sixteen_bit: bool, checkpointing: bool) -> int:
+    """What autograd saves for backward, per token (no weight copies), at its peak."""
+    loss = (6 if sixteen_bit else 4) * m.vocab_size
+    outside = 12 * m.dim  # embedding output, final norm (fp32 residual stream)
     if checkpointing:
         # Each block keeps only its input; one block's activations exist again while it is recomputed.
-        blocks = m.n_layers * 4 * m.dim + per_block
+        blocks = m.n_layers * 4 * m.dim + block_bytes_per_token(m, sixteen_bit)
     else:
-        blocks = m.n_layers * per_block
-    # The logits' gradient (fp32) lives during backward next to everything still saved.
-    return blocks + loss + outside + 4 * m.vocab_size
+        blocks = m.n_layers * block_bytes_per_token(m, sixteen_bit)
+    return blocks + loss + outside
 
 
-def current_rss() -> int:
+def activation_bytes_per_token(m: ModelConfig, sixteen_bit: bool, checkpointing: bool) -> int:
+    # Plus the logits themselves (alive until the step's loss is returned) and their fp32 gradient,
+    # which lives during backward next to everything still saved.
+    logits = (2 if sixteen_bit else 4) * m.vocab_size
+    return saved_bytes_per_token(m, sixteen_bit, checkpointing) + logits + 4 * m.vocab_size
+
+
+def _status_bytes(field: str) -> int:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def current_rss() -> int:
+    return _status_bytes("VmRSS")
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory since start or the last `reset_peak_rss()` (Linux)."""
+    return _status_bytes("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def plan_memory(p: PlanInputs, runtime_bytes: int | None = None) -> MemoryPlan:
@@ -136,7 +167,7 @@ def plan_memory(p: PlanInputs, runtime_bytes: int | None = None) -> MemoryPlan:
             dev["optimizer"] = optimizer
     dev["activations"] = p.micro_batch * p.seq_len * activation_bytes_per_token(m, sixteen, p.activation_checkpointing)
     if runtime_bytes is None:
-        runtime_bytes = GiB if p.on_gpu else current_rss()
+        runtime_bytes = GiB if p.on_gpu else current_rss() + CPU_FIT_SETUP
     dev["runtime"] = runtime_bytes
     return plan
 
@@ -157,6 +188,3 @@ def fits(plan: MemoryPlan, device_memory: int, host_memory: int, on_gpu: bool) -
                        f"per process ({local} on this node)")
     return True, ""
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -100,6 +100,8 @@ def build_strategy(strategy_cfg: DictConfig, micro_batch: int) -> Strategy | str
         overlap_comm=bool(ds.overlap_comm),
         contiguous_gradients=bool(ds.contiguous_gradients),
         sub_group_size=int(ds.sub_group_size),
+        # Under offload, zero.Init creates each weight's shard in CPU RAM directly.
+        remote_device="cpu" if ds.offload_parameters else None,
         logging_batch_size_per_gpu=micro_batch,
         logging_level=logging.WARNING,
     )

@@ -127,3 +127,23 @@ def test_bad_training_setup_fails_before_launch(overrides, message, tmp_path):
     assert "Traceback" not in result.stderr
     # Failed before anything heavy: no corpus built, no checkpoint directory.
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("option,plugin,target", [
+    ("+sweep=optuna_lr", "hydra_plugins.hydra_optuna_sweeper", "sweeper"),
+    ("+launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "launcher"),
+])
+def test_optional_sweeper_and_launcher_configs_compose(option, plugin, target):
+    pytest.importorskip(plugin, reason="optional extra (pip install llama_zh[sweep] / [slurm])")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[option, "trainer=multinode"], return_hydra_config=True)
+    assert plugin.split(".")[1] in cfg.hydra[target]._target_
+
+
+def test_training_stages_return_a_float_objective_with_the_checkpoint():
+    import pickle
+
+    from llama_zh.stages.common import TrainResult
+
+    result = pickle.loads(pickle.dumps(TrainResult(2.5, Path("/x/final"))))
+    assert result == 2.5 and isinstance(result, float) and result.checkpoint == Path("/x/final")

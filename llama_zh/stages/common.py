@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,14 +13,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llama_zh.callbacks import NativeCheckpoint, TrainingState, check_resumable, resolve_resume, state_checkpoint
-from llama_zh.checkpoint import WeightStream, check_specs, load_model
+from llama_zh.callbacks import MemoryReport, NativeCheckpoint, TrainingState, check_resumable, resolve_resume, state_checkpoint
+from llama_zh.checkpoint import WeightStream, load_model
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.errors import LlamaZhError
 from llama_zh.finetune import FinetuneConfig, apply_finetune, count_trainable
 from llama_zh.hardware import (BatchPlan, batch_plan, check_hardware, device_memory_bytes, host_memory_bytes,
                                lightning_args, model_flops_per_token, peak_flops, uses_gpu)
-from llama_zh.memory_plan import PlanInputs, fits, plan_memory
+from llama_zh.memory_plan import MemoryPlan, PlanInputs, fits, peak_rss, plan_memory, reset_peak_rss
 from llama_zh.model import Transformer, build_model
 from llama_zh.module import CausalLM, OptimConfig, enable_activation_checkpointing
 from llama_zh.strategies import build_strategy, check_strategy, gathered, is_deepspeed, offloads_optimizer, zero_stage
@@ -80,7 +81,15 @@ class _OneParameterAtATime:
 def load_partitioned(model: Transformer, stream: WeightStream) -> None:
     """Copy a checkpoint into a ZeRO-3 model one tensor at a time (rank 0 reads; each gather holds
     one full tensor, then it is re-partitioned)."""
-    check_specs(stream)
+    # Shapes are checked against the partitioned parameters' full shapes (a meta-device model built
+    # here would be partitioned by zero.Init too).
+    params = dict(model.named_parameters())
+    for name, (_, shape) in stream.specs.items():
+        if name not in params or tuple(getattr(params[name], "ds_shape", params[name].shape)) != tuple(shape):
+            raise LlamaZhError(f"{stream.source}: tensor {name} {tuple(shape)} does not fit the model "
+                               f"({tuple(params[name].ds_shape) if name in params else 'no such parameter'})")
+    if set(params) != set(stream.specs):
+        raise LlamaZhError(f"{stream.source}: missing tensors {', '.join(sorted(set(params) - set(stream.specs))[:4])}")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     names = iter(stream.tensors()) if rank == 0 else ((n, None) for n in stream.specs)
     for name, tensor in names:
@@ -96,6 +105,17 @@ def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpoi
     so every weight is partitioned as it is created and never exists whole on one process."""
 
     def build() -> Transformer:
+        measured = reset_peak_rss()
+        before = peak_rss()
+        model = _build()
+        if measured:
+            full = source.config.n_params * 4
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            log.info("rank %d: model built, peak RSS growth %.1f MiB (the whole model in fp32: %.1f MiB)", rank,
+                     (peak_rss() - before) / 2**20, full / 2**20)
+        return model
+
+    def _build() -> Transformer:
         if zero3:
             model = Transformer(source.config)  # zero.Init partitions each module as it is constructed
             if source.stream is not None:
@@ -117,7 +137,7 @@ def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpoi
 # -------------------------------------------------------------------------------------- training
 
 
-def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan: BatchPlan) -> None:
+def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan: BatchPlan) -> MemoryPlan:
     strategy = cfg.strategy
     ds = strategy.get("deepspeed")
     inputs = PlanInputs(
@@ -140,6 +160,22 @@ def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan
         if cfg.get("memory_check", True):
             raise LlamaZhError(message)
         log.warning("%s (memory_check=false: running anyway)", message)
+    return memory
+
+
+class TrainResult(float):
+    """What a training stage returns: its last val/loss (the objective of a Hydra sweeper such as
+    Optuna; nan if it never validated), carrying the final native checkpoint's path."""
+
+    checkpoint: Path
+
+    def __new__(cls, val_loss: float, checkpoint: Path | None = None) -> "TrainResult":
+        result = super().__new__(cls, val_loss)
+        result.checkpoint = checkpoint
+        return result
+
+    def __reduce__(self):  # launchers pickle job results back (submitit)
+        return TrainResult, (float(self), self.checkpoint)
 
 
 @dataclass
@@ -164,7 +200,7 @@ def prepare_batch(cfg: DictConfig, micro_batch: int, seq_len: int) -> BatchPlan:
     return plan
 
 
-def fit(cfg: DictConfig, job: TrainJob) -> Path:
+def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     out = output_dir(cfg)
     optim = OptimConfig(**cfg.optim)
     ft = FinetuneConfig.from_cfg(cfg.get("finetune"))
@@ -177,7 +213,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> Path:
     trainable, total = count_trainable(probe)
     log.info("model %s: %.2fM parameters, %.2fM trainable (finetune=%s)", config.name, total / 1e6, trainable / 1e6,
              ft.method)
-    memory_plan_check(cfg, config, trainable, job.plan)
+    memory = memory_plan_check(cfg, config, trainable, job.plan)
 
     expected = {
         "model": config.to_dict(), "tokenizer_sha256": job.tokenizer.sha256(), "stage": job.stage,
@@ -212,10 +248,15 @@ def fit(cfg: DictConfig, job: TrainJob) -> Path:
                "global_batch": job.plan.global_batch, "tokens_per_step": job.plan.tokens_per_step,
                "resumed_from": str(resume_dir) if resume_dir else None}
     resume_step = int(meta["global_step"]) if resume_dir is not None else None
-    trainer = build_trainer(cfg, [state, native], hparams, job.plan, resume_step)
+    trainer = build_trainer(cfg, [state, native, MemoryReport(memory)], hparams, job.plan, resume_step)
     trainer.fit(module, datamodule=job.datamodule, ckpt_path=ckpt_path)
+    if native.final is None:
+        # Resumed from a state at max_steps: Lightning skips training and its end hooks, but the
+        # run's native checkpoint must exist (the run may have been killed right before writing it).
+        native.final = native.save(trainer, module, "final")
     log.info("final checkpoint: %s", native.final)
-    return native.final
+    val = trainer.callback_metrics.get("val/loss")
+    return TrainResult(float(val) if val is not None else math.nan, native.final)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], extra_hparams: dict | None = None,

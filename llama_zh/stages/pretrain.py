@@ -36,4 +36,4 @@ def run(cfg: DictConfig):
     data.setup("fit")
     job = TrainJob("pretrain", source, tokenizer, data, plan, source_names=data.source_names,
                    extra={"data": cfg.data.name})
-    return str(fit(cfg, job))
+    return fit(cfg, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint

@@ -35,4 +35,4 @@ def run(cfg: DictConfig):
                            cfg.stage.batch_size, cfg.stage.val_fraction, cfg.seed, pack=cfg.stage.pack)
     job = TrainJob("sft", ModelSource(stream.config, stream, cfg.seed), tokenizer, data, plan,
                    extra={"data": str(train_file)})
-    return str(fit(cfg, job))
+    return fit(cfg, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint
