@@ -199,3 +199,21 @@ def test_gpu_load_never_holds_the_full_precision_model(method, tmp_path):
     with torch.no_grad():
         ref = model(x)
     assert float((got - ref).norm() / ref.norm()) <= LOGIT_TOLERANCE[method] + 0.01
+
+
+def test_hf_directory_loads_quantized(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=256, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, tokenizer, report = load_for_inference(tmp_path / "hf", QuantConfig(name="int8"))
+    assert tokenizer is None and len(report.quantized) == 14
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        ref = hf(x).logits
+    with torch.inference_mode():
+        got = model(x)
+    assert float((got - ref).norm() / ref.norm()) <= LOGIT_TOLERANCE["int8"]

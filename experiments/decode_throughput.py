@@ -1,0 +1,194 @@
+"""Greedy decode throughput of llama_zh.generate vs transformers' generate, on the same weights, CPU.
+
+For each shape: a random-initialised transformers.LlamaForCausalLM is saved, loaded into llama_zh with
+the production loader (same fp32 weights), and both decode 128 new tokens greedily from the same
+prompts (batch 1 and 8, prompts of 32 tokens; eos never stops either). Reported per run:
+
+- tokens/s: batch x new tokens / wall time of the whole generate call (prefill included);
+- decode ms/step: (time for N new tokens - time for 1 new token) / (N - 1), i.e. the cached steps only;
+- the weight-read floor: the time to read every weight a decode step reads once (every matrix of the
+  blocks and the head; of the embedding one row), measured two ways: `sum` (torch.sum over each
+  matrix: pure memory reads) and `gemv` (a batch-1 x @ W.T with each matrix: the arithmetic a
+  decode step cannot avoid). A decode step at batch 1 can be no faster than either. The floors are
+  measured again right before every decode run and "vs floor" is the median of the per-run ratios,
+  so that the load of other processes (memory bandwidth included) cancels out.
+- quant: weight memory and batch-1 tokens/s of quant=int8 and quant=nf4 (bitsandbytes) as ratios to none.
+
+Runs alternate implementations and repeat (`--repeats`); the table gives the median (and best) of
+the repeats, because the machine is shared. Same tokens: whether both produced identical ids.
+
+    python experiments/decode_throughput.py                     # tiny and ~130M, batch 1 and 8, quant ratios
+    python experiments/decode_throughput.py --shapes tiny --repeats 5 --no-quant
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llama_zh.checkpoint import read_any  # noqa: E402
+from llama_zh.generate import SamplingConfig, generate_batch  # noqa: E402
+from llama_zh.quant import QuantConfig, load_quantized  # noqa: E402
+
+SHAPES = {
+    # conf/model/tiny.yaml with the sample tokenizer's 8000 pieces
+    "tiny": dict(vocab_size=8000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=352),
+    # GPT-2-small-like width and depth, LLaMA's 32000 vocabulary: 134M parameters
+    "130m": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, intermediate_size=2048),
+}
+
+
+def timed(fn, repeats: int = 1) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def hf_model(shape: dict, directory: Path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(**shape, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def floors(model, repeats: int) -> dict:
+    """Seconds to read every weight of a decode step once (median of `repeats`): by torch.sum, and by a
+    batch-1 GEMV (x @ W.T, what nn.Linear does)."""
+    mats = [p for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("embed")]
+    xs = {p.shape[1]: torch.randn(1, p.shape[1]) for p in mats}
+    with torch.inference_mode():
+        for p in mats:  # warm-up
+            p.sum(), xs[p.shape[1]] @ p.T
+        total_sum = statistics.median(timed(lambda: [p.sum() for p in mats], repeats))
+        total_gemv = statistics.median(timed(lambda: [xs[p.shape[1]] @ p.T for p in mats], repeats))
+    return {"sum": total_sum, "gemv": total_gemv, "bytes": sum(p.numel() * p.element_size() for p in mats)}
+
+
+def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, quant: bool, quant_tokens: int) -> list[str]:
+    shape = SHAPES[name]
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_model(shape, Path(tmp))
+        stream = read_any(Path(tmp))
+        ours, _ = load_quantized(stream, QuantConfig())
+        n_params = sum(p.numel() for p in ours.parameters())
+        floor = floors(ours, max(repeats, 5))
+        lines.append(f"\n### {name}: {n_params / 1e6:.1f}M parameters, fp32; weights read per decode step "
+                     f"{floor['bytes'] / 2**20:.0f} MiB; floor: sum {floor['sum'] * 1e3:.1f} ms, "
+                     f"gemv {floor['gemv'] * 1e3:.1f} ms per step\n")
+        lines.append("| batch | impl | tokens/s (median) | tokens/s (best) | decode ms/step (median) | vs floor (gemv / sum) "
+                     "| speed-up vs transformers | same tokens |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        g = torch.Generator().manual_seed(1)
+        for batch in batches:
+            prompts = torch.randint(3, shape["vocab_size"], (batch, 32), generator=g)
+            mask = torch.ones_like(prompts)
+
+            def run_hf(n):
+                with torch.inference_mode():
+                    return hf.generate(prompts, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=n,
+                                       min_new_tokens=n, pad_token_id=0)[:, prompts.shape[1]:].tolist()
+
+            def run_ours(n):
+                return generate_batch(ours, prompts.tolist(), SamplingConfig(temperature=0.0, max_new_tokens=n))
+
+            same = run_hf(new_tokens) == run_ours(new_tokens)  # also warms both up
+            times = {"transformers": [], "llama_zh": []}
+            step = {"transformers": [], "llama_zh": []}
+            ratio = {"transformers": [], "llama_zh": []}  # decode step / floors measured just before it
+            for _ in range(repeats):  # alternate, so that load from other processes hits both alike
+                for impl, fn in (("transformers", run_hf), ("llama_zh", run_ours)):
+                    here = floors(ours, 5) if batch == 1 else None
+                    one = min(timed(lambda: fn(1), 2))
+                    full = timed(lambda: fn(new_tokens))[0]
+                    times[impl].append(full)
+                    step[impl].append((full - one) / (new_tokens - 1))
+                    if here:
+                        ratio[impl].append((step[impl][-1] / here["gemv"], step[impl][-1] / here["sum"]))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            for impl in ("transformers", "llama_zh"):
+                tps = batch * new_tokens / med[impl]
+                best = batch * new_tokens / min(times[impl])
+                ms = statistics.median(step[impl]) * 1e3
+                vs_floor = "-"
+                if ratio[impl]:
+                    vs_floor = (f"{statistics.median(r[0] for r in ratio[impl]):.2f} / "
+                                f"{statistics.median(r[1] for r in ratio[impl]):.2f}")
+                speedup = f"{med['transformers'] / med['llama_zh']:.2f}x" if impl == "llama_zh" else "-"
+                lines.append(f"| {batch} | {impl} | {tps:.1f} | {best:.1f} | {ms:.2f} | {vs_floor} | {speedup} | "
+                             f"{'yes' if same else 'NO'} |")
+        if quant:
+            lines += bench_quant(stream, ours, quant_tokens, repeats, shape["vocab_size"])
+        del hf
+    return lines
+
+
+def bench_quant(stream, ours, new_tokens: int, repeats: int, vocab: int) -> list[str]:
+    prompt = [torch.randint(3, vocab, (32,), generator=torch.Generator().manual_seed(2)).tolist()]
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
+    rows, base = [], None
+    for method in ("none", "int8", "nf4"):
+        model, report = (ours, None) if method == "none" else load_quantized(stream, QuantConfig(name=method))
+        if report is None:
+            from llama_zh.quant import weight_bytes
+
+            mib = weight_bytes(model) / 2**20
+            skipped = 0
+        else:
+            mib, skipped = report.bytes_after / 2**20, len(report.skipped)
+        generate_batch(model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=2))  # warm-up
+        tps = new_tokens / statistics.median(timed(lambda: generate_batch(model, prompt, cfg), repeats))
+        if base is None:
+            base = (mib, tps)
+        rows.append(f"| {method} | {mib:.1f} | {mib / base[0]:.2f} | {tps:.1f} | {tps / base[1]:.3f} | {skipped} |")
+    return [f"\nquant (batch 1, {new_tokens} new tokens, median of {repeats}):\n",
+            "| quant | weight MiB | weight / none | tokens/s | tokens/s / none | layers left unquantized |",
+            "|---|---|---|---|---|---|", *rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="tiny,130m")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-quant", action="store_true")
+    parser.add_argument("--quant-tokens", type=int, default=32)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
+          f"{platform.python_version()}; torch {torch.__version__}; transformers {transformers.__version__}; "
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f}")
+    print(f"greedy, {args.new_tokens} new tokens from 32-token prompts, fp32, median of {args.repeats} alternating runs")
+    for name in args.shapes.split(","):
+        for line in bench_shape(name, [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats,
+                                not args.no_quant, args.quant_tokens):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
