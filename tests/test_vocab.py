@@ -242,10 +242,22 @@ def test_stage_trains_extends_reports_and_resizes(tmp_path, tokenizers, checkpoi
 
 
 @pytest.mark.slow
-def test_stage_refuses_a_tokenizer_that_does_not_extend_the_checkpoint(tmp_path, tokenizers, checkpoint):
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["stage.tokenizer_model={extra}", "stage.resize_checkpoint={ckpt}"],
+         "extra.model (6000 pieces) does not extend {ckpt}/tokenizer.model (2000 pieces): id 259"),
+        (["stage.base=/nonexistent/tokenizer.model", "stage.resize_checkpoint={ckpt}"], "/nonexistent/tokenizer.model: tokenizer model not found"),
+        (["stage.init=zero", "stage.resize_checkpoint={ckpt}"], "stage.init: 'zero'; expected one of subtoken_mean, mean, normal"),
+        (["stage.tokenizer_model={extra}", "stage.pad_token='<pad>'"], "stage.tokenizer_model is used as it is"),
+        (["stage.vocab_size=300"], "sentencepiece training failed"),
+    ],
+)
+def test_stage_bad_input_is_one_line(overrides, message, tmp_path, tokenizers, checkpoint):
     _, src = checkpoint
-    result = llama_zh(f"stage.tokenizer_model={tokenizers['extra']}", f"stage.resize_checkpoint={src}",
+    fill = {"extra": tokenizers["extra"], "ckpt": src}
+    result = llama_zh(*(o.format(**fill) for o in overrides), f"stage.output={tmp_path / 'out'}",
                       data_dir=tmp_path / "data", run_dir=tmp_path / "run")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "extra.model (6000 pieces) does not extend" in result.stderr and "(2000 pieces)" in result.stderr
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert message.format(**fill) in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out" / "checkpoint").exists() and not (tmp_path / "out" / "tokenizer.model").exists()
