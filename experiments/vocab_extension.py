@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import json
 import math
 import platform
 import random
@@ -89,14 +90,16 @@ def build_tokenizers(work: Path, english_train: list[str], data_cfg) -> dict[str
             "base+sample_zh, score 0": work / "extended_score0.model"}
 
 
-def part_a(tokenizers: dict[str, Path], held_out: dict[str, list[str]]) -> None:
+def part_a(tokenizers: dict[str, Path], held_out: dict[str, list[str]]) -> list[dict]:
     print("\n(a) held-out text: tokens per character, tokens per UTF-8 byte, % of tokens that are byte pieces, "
           "% of characters spelled in bytes")
     print(f"| {'text':<10} | {'tokenizer':<24} | {'pieces':>6} | {'tok/char':>8} | {'tok/byte':>8} | {'byte tok %':>10} | {'byte char %':>11} |")
     print(f"|{'-' * 12}|{'-' * 26}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 13}|")
+    rows = []
     for text_name, docs in held_out.items():
         for tok_name, path in tokenizers.items():
             r = tokenizer_report(path, docs)
+            rows.append({"text": text_name, "tokenizer": tok_name, "pieces": Tokenizer(path).vocab_size, **r})
             print(f"| {text_name:<10} | {tok_name:<24} | {Tokenizer(path).vocab_size:>6} | {r['tokens_per_char']:>8.3f} | "
                   f"{r['tokens_per_byte']:>8.3f} | {100 * r['byte_token_share']:>10.1f} | {100 * r['byte_char_share']:>11.1f} |")
     base = Tokenizer(tokenizers["base"]).encode_batch(held_out["english"])
@@ -107,6 +110,7 @@ def part_a(tokenizers: dict[str, Path], held_out: dict[str, list[str]]) -> None:
         pieces = Counter(tok.sp.IdToPiece(i) for a, b in changed for i in set(a) - set(b))
         print(f"held-out English documents whose ids differ from the base's, {name}: {len(changed)} of {len(base)}; "
               f"pieces most often new in them: {', '.join(f'{p!r} {n}' for p, n in pieces.most_common(8))}")
+    return rows
 
 
 def packed(docs: list[str], tokenizer: Tokenizer, path: Path) -> PackedDataset:
@@ -210,6 +214,8 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--tune-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--tokens-only", action="store_true", help="part (a) only: the tokenizer table, no training")
+    parser.add_argument("--json", type=Path, default=None, help="also write part (a)'s rows to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vocab_extension-"))
@@ -226,7 +232,13 @@ def main() -> None:
     held_out["english"] = [d for d in english if is_held_out(d)]
     print(f"English: {len(english) - len(held_out['english'])} training paragraphs, {len(held_out['english'])} held out, "
           f"{sum(map(len, english)) / 1e6:.2f} M characters")
-    part_a(tokenizers, held_out)
+    rows = part_a(tokenizers, held_out)
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+        tmp.replace(args.json)
+    if args.tokens_only:
+        return
 
     chinese = [d for s in sources_of(data_cfg) for d in read_documents(corpus / f"{s.name}.train.txt")]
     random.Random(args.seed).shuffle(chinese)

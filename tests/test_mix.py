@@ -149,3 +149,23 @@ def test_pretrain_data_mixes_and_resumes(mix_cfg):
     resumed.load_state_dict({"batches_consumed": 250})
     for a, b in zip(batches[250:], itertools.islice(resumed.train_dataloader(), 50)):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_train_sources_selects_what_training_draws_but_validates_on_all(mix_cfg):
+    from llama_zh.data.datamodule import PretrainData
+    from llama_zh.tokenizer import Tokenizer
+
+    cfg, tok_path = mix_cfg
+    tokenizer = Tokenizer(tok_path)
+    both = PretrainData(cfg, tokenizer, seed=3)
+    both.setup("fit")
+    only = PretrainData(OmegaConf.merge(cfg, {"train_sources": ["reviews"]}), tokenizer, seed=3)
+    only.setup("fit")
+    assert only.source_names == ["reviews"] and only.weights == [0.75]
+    reviews_windows = {tuple(w["input_ids"].tolist()) for w in both.train_sources["reviews"]}
+    for batch in itertools.islice(only.train_dataloader(), 20):
+        assert all(tuple(row.tolist()) in reviews_windows for row in batch["input_ids"])
+    assert len(only.val) == len(both.val)  # validation still covers news and reviews
+    for bad in (["wiki"], []):
+        with pytest.raises(DataError, match=r"data.train_sources: .*expected a non-empty list of \['news', 'reviews'\]"):
+            PretrainData(OmegaConf.merge(cfg, {"train_sources": bad}), tokenizer, seed=3).setup("fit")

@@ -38,7 +38,7 @@ class PretrainData(pl.LightningDataModule):
         windows = {split: {source: packed_shards(shards, self.tokenizer, self.cfg.seq_len, f"{source}.{split}")
                            for source, shards in by_source.items()}
                    for split, by_source in files.items()}
-        self.train_sources = windows["train"]
+        self.train_sources = select_sources(windows["train"], self.cfg.get("train_sources"))
         self.val = ConcatDataset(list(windows["val"].values()))
         self.source_names = list(self.train_sources)
         # Weights share out training windows (= tokens); none given: the sources' natural sizes.
@@ -62,6 +62,18 @@ class PretrainData(pl.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.start_batch = int(state["batches_consumed"])
+
+
+def select_sources(by_source: dict, names) -> dict:
+    """`data.train_sources`: the sources training draws from (null: all). The others are still packed and
+    validated on, so that runs on different subsets of one corpus share its tokenizer, shards and val/loss."""
+    if names is None:
+        return by_source
+    names = list(names)
+    unknown = [n for n in names if n not in by_source]
+    if not names or unknown:
+        raise DataError(f"data.train_sources: {unknown or names!r}; expected a non-empty list of {sorted(by_source)}")
+    return {n: by_source[n] for n in names}
 
 
 class InstructionData(pl.LightningDataModule):
