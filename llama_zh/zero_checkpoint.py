@@ -26,6 +26,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -42,7 +43,16 @@ PREFIX = "model."  # the LightningModule holds the Transformer as `model`
 
 
 def _load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    """A DeepSpeed state file, with pickled code refused: only tensors, containers and the two plain
+    DeepSpeed classes its optimizer files record (the ZeRO stage enum, the loss scaler) may be built."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise LlamaZhError(f"{path}: refused to unpickle: {str(e).splitlines()[0]}") from None
 
 
 def _natural(path: str) -> list:

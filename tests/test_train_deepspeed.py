@@ -101,3 +101,17 @@ def test_consolidation_command_writes_a_native_checkpoint(plain, data_dir, tmp_p
     final = weights(run / "checkpoints" / "final")
     for name, p in model.state_dict().items():
         assert torch.equal(p, final[name].to(torch.bfloat16)), name
+
+
+def test_zero_state_files_refuse_pickled_code(tmp_path):
+    from llama_zh.errors import LlamaZhError
+    from llama_zh.zero_checkpoint import _load
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": Payload()}, path)
+    with pytest.raises(LlamaZhError, match="refused to unpickle"):
+        _load(str(path))

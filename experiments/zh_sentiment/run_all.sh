@@ -12,7 +12,7 @@ step() {
   "$@"
   echo "$name: $((SECONDS - start)) s" | tee -a "$study/timings.txt"
 }
-step "1 tokenizer" python experiments/vocab_extension.py --tokens-only --workdir "$study/tokenizer" --json "$study/tokenizer/tokens.json"
+[ -f "$study/tokenizer/tokens.json" ] || step "1 tokenizer" python experiments/vocab_extension.py --tokens-only --workdir "$study/tokenizer" --json "$study/tokenizer/tokens.json"
 step "2 pretrain" python -m llama_zh --multirun experiment=zh_sentiment/pretrain arm=news,reviews,mixed
 step "2b pretrain eval" python -m llama_zh --multirun experiment=zh_sentiment/pretrain_eval arm=news,reviews,mixed
 step "3 sft" python -m llama_zh --multirun experiment=zh_sentiment/sft arm=news,reviews,mixed

@@ -249,7 +249,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
                "resumed_from": str(resume_dir) if resume_dir else None}
     resume_step = int(meta["global_step"]) if resume_dir is not None else None
     trainer = build_trainer(cfg, [state, native, MemoryReport(memory)], hparams, job.plan, resume_step)
-    trainer.fit(module, datamodule=job.datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=True)  # no pickled code
     if native.final is None:
         # Resumed from a state at max_steps: Lightning skips training and its end hooks, but the
         # run's native checkpoint must exist (the run may have been killed right before writing it).
