@@ -143,7 +143,7 @@ def write_plot(curves, accuracy, baseline: float, path: Path) -> None:
         line, = ax_loss.plot(steps, values, alpha=0.5, label=f"{arm} train")
         if series.get("val/loss"):
             vs, vv = zip(*series["val/loss"])
-            ax_loss.plot(vs, vv, "o-", color=line.get_color(), label=f"{arm} val (news + reviews)")
+            ax_loss.plot(vs, vv, "o-", color=line.get_color(), label=f"{arm} val (first 40 held-out batches: news)")
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="Pretraining loss by data choice")
     ax_loss.legend(fontsize=8)
     width = 0.25
