@@ -43,16 +43,21 @@ PREFIX = "model."  # the LightningModule holds the Transformer as `model`
 
 
 def _load(path: str) -> dict:
-    """A DeepSpeed state file, with pickled code refused: only tensors, containers and the two plain
-    DeepSpeed classes its optimizer files record (the ZeRO stage enum, the loss scaler) may be built."""
+    """A DeepSpeed state file, with pickled code refused: only tensors, containers and the plain
+    DeepSpeed data classes its optimizer files record (the ZeRO stage enum, the loss scalers, the
+    fragment addresses of ZeRO-1/2 flat groups) may be built."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise LlamaZhError(f"{path}: refused to unpickle: {str(e).splitlines()[0]}") from None
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        why = f"it names {unsupported.group(1)}" if unsupported else str(e).splitlines()[0]
+        raise LlamaZhError(f"{path}: refused to unpickle: {why}, which is not a tensor or plain state") from None
 
 
 def _natural(path: str) -> list:
