@@ -117,7 +117,7 @@ def main() -> None:
             ppl = [r.get("perplexity", {}).get(s, {}).get("ppl") for s in sources]
             lines.append(f"| {arm} | {quant} | {100 * acc:.1f}% | {100 * r['generation']['exact_match']:.1f}% | "
                          + " | ".join(fmt(p, 1) for p in ppl)
-                         + f" | {r['quant']['bytes_after'] / 2**20:.2f} | {fmt(r.get('speed', {}).get('decode_tokens_per_s'), 0)} |")
+                         + f" | {r['quant']['weight_mib']:.2f} | {fmt(r.get('speed', {}).get('decode_tokens_per_s'), 0)} |")
     how = "retrained now on the same split" if args.snownlp else "quoted from ANCHORS §7, measured the same way"
     lines += [f"| SnowNLP naive Bayes ({how}) | - | {100 * baseline:.1f}% | | " + " | " * len(sources) + " | |", ""]
 
