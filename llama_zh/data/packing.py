@@ -20,6 +20,8 @@ by `num_proc` workers and written strictly in file order, so the shard bytes do 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import multiprocessing
@@ -115,9 +117,26 @@ def encode_block(sp: spm.SentencePieceProcessor, path: str, start: int, end: int
 _worker: tuple[spm.SentencePieceProcessor, np.dtype] | None = None
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Encoding makes no reference cycles, only strings, lists and arrays freed by reference counting,
+    but the many objects it allocates set off the cyclic collector, which then walks every object of
+    the process: in a forked worker that is the parent's whole heap (torch's modules included), each
+    walk touching copy-on-write pages. Measured on 100 MB (2 workers, 2 cores): 3.2 s with it, 2.5-2.8 s
+    without (experiments/packing.md)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _init_worker(model_proto: bytes, dtype_name: str) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it terminates the pool
+    gc.disable()  # see _no_cyclic_gc; a worker runs nothing else
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(model_proto)
     _worker = (sp, np.dtype(dtype_name))
@@ -139,7 +158,9 @@ class BlockEncoder:
     def encode(self, path: Path, blocks: Iterable[tuple[int, int]]) -> Iterator[EncodedBlock]:
         if self.num_proc == 1:
             for start, end in blocks:
-                yield encode_block(self.tokenizer.sp, str(path), start, end, self.dtype)
+                with _no_cyclic_gc():
+                    block = encode_block(self.tokenizer.sp, str(path), start, end, self.dtype)
+                yield block
             return
         pool = self._pool()
         pending: deque = deque()
