@@ -148,9 +148,14 @@ def train(model, streams, steps: int, lr: float, params=None, warmup: int = 20):
     model.eval()
 
 
+def eval_loss(model, dataset: PackedDataset) -> float:
+    """Nats per token over the whole packed held-out text, in back-to-back windows of SEQ_LEN."""
+    return perplexity(model, [dataset.tokens], SEQ_LEN, batch_size=BATCH)["loss"]
+
+
 def held_out_loss(model, dataset: PackedDataset, tokens_per_char: float) -> str:
-    r = perplexity(model, dataset, BATCH)
-    return f"{r['loss']:.3f} ({r['loss'] * tokens_per_char / math.log(2):.2f} bits/char)"
+    loss = eval_loss(model, dataset)
+    return f"{loss:.3f} ({loss * tokens_per_char / math.log(2):.2f} bits/char)"
 
 
 def part_b(work: Path, tokenizers: dict[str, Path], train_docs: dict[str, list[str]], held_out: dict[str, list[str]],
@@ -173,15 +178,23 @@ def part_b(work: Path, tokenizers: dict[str, Path], train_docs: dict[str, list[s
     }
     print(f"\n(b) model {ModelConfig.from_name('tiny').to_dict()}, seq {SEQ_LEN}, batch {BATCH}; held-out eval: "
           f"{len(eval_zh)} Chinese documents (news + reviews), {len(eval_en)} English; loss = nats per token")
-    model = build_model(ModelConfig.from_name("tiny").with_vocab(base_tok.vocab_size), seed=seed)
-    start = time.perf_counter()
-    streams = [batches(data["pretrain en"], seed), batches(data["pretrain zh"], seed + 1)]
-    for step, loss in train(model, streams, pretrain_steps, lr=1e-3):
-        if step % 100 == 0 or step == pretrain_steps:
-            print(f"pretrain step {step}: train loss {loss:.3f} ({time.perf_counter() - start:.0f} s)")
+    checkpoint, done = work / "base-ckpt", work / "base-ckpt.json"
+    recipe = {"pretrain_steps": pretrain_steps, "seed": seed, "tokenizer_sha256": base_tok.sha256()}
+    if done.is_file() and json.loads(done.read_text()) == recipe:
+        model, _ = load_checkpoint(checkpoint)
+        print(f"pretrained base model of an earlier run reused: {checkpoint} ({recipe})")
+    else:
+        model = build_model(ModelConfig.from_name("tiny").with_vocab(base_tok.vocab_size), seed=seed)
+        start = time.perf_counter()
+        streams = [batches(data["pretrain en"], seed), batches(data["pretrain zh"], seed + 1)]
+        for step, loss in train(model, streams, pretrain_steps, lr=1e-3):
+            if step % 100 == 0 or step == pretrain_steps:
+                print(f"pretrain step {step}: train loss {loss:.3f} ({time.perf_counter() - start:.0f} s)")
+        done.unlink(missing_ok=True)
+        save_checkpoint(model, checkpoint, tokenizer=tokenizers["base"])
+        done.write_text(json.dumps(recipe))
     print(f"base model, base tokenizer: Chinese held-out {held_out_loss(model, data['base zh eval'], tpc['base', 'zh'])}, "
           f"English held-out {held_out_loss(model, data['base en eval'], tpc['base', 'en'])}")
-    checkpoint = save_checkpoint(model, work / "base-ckpt", tokenizer=tokenizers["base"])
 
     checkpoints = {init: resize_checkpoint(checkpoint, tokenizers["base+sample_zh"], work / f"resized-{init}", init=init,
                                            seed=seed, overwrite=True) for init in INITS}
@@ -204,9 +217,9 @@ def part_b(work: Path, tokenizers: dict[str, Path], train_docs: dict[str, list[s
             for step, _ in train(resized, [batches(data["tune zh"], seed + 2)], tune_steps, lr=1e-3, params=params, warmup=10):
                 if step in marks:
                     resized.eval()
-                    losses.append(perplexity(resized, data["ext zh eval"], BATCH)["loss"])
+                    losses.append(eval_loss(resized, data["ext zh eval"]))
                     resized.train()
-            en = perplexity(resized, data["ext en eval"], BATCH)["loss"]
+            en = eval_loss(resized, data["ext en eval"])
             print(f"  {init:<14} " + "  ".join(f"{s}: {l:.3f}" for s, l in zip(marks, losses)) + f"   English {en:.3f}")
 
 

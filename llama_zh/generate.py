@@ -312,7 +312,7 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
         pad_mask = torch.arange(P, device=device)[None, :] < torch.tensor(left_pad, device=device)[:, None]
         history = ids.masked_fill(pad_mask, -1)[:, -cfg.repetition_window:]
 
-    logits = model(ids, cache)[:, -1]  # (B, V): prefill in one pass
+    logits = model(ids, cache, last_only=True)[:, -1]  # (B, V): prefill in one pass
     for step in range(n_steps):
         next_ids = sample_next(logits, cfg, generators, history)  # (B,)
         tokens = next_ids.tolist()
@@ -328,7 +328,7 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
             return
         if history is not None:
             history = torch.cat((history, next_ids[:, None]), dim=1)[:, -cfg.repetition_window:]
-        logits = model(next_ids[:, None], cache)[:, -1]
+        logits = model(next_ids[:, None], cache, last_only=True)[:, -1]
 
 
 def generate_batch(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int | None = None,

@@ -32,18 +32,16 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for `positions` (T,) or per row (B, T): each (T, D) or (B, 1, T, D), computed in fp32 then cast."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (T, D/2) or (B, T, D/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (..., T, D): halves layout
-    if angles.ndim == 3:
-        angles = angles[:, None]  # (B, 1, T, D): broadcast over heads
+def rope_tables(length: int, head_dim: int, theta: float, device=None, dtype=torch.float32):
+    """cos/sin of every position 0 .. length-1, each (length, D): computed in fp32 then cast."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq  # (length, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (length, D): halves layout
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); rotate dim j with dim j + D/2."""
+    """x (B, T, N, D) with cos/sin (T, 1, D) or (B, T, 1, D); rotate dim j with dim j + D/2."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -84,6 +82,30 @@ class KVCache:
         return ((key <= query) & real[:, None] | (key == query))[:, None]
 
 
+def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """One weight (sum of out, in) whose row blocks become the linears' weights, so that one matrix
+    product computes all of them and the state dict keeps its names; None if they cannot share one."""
+    if not all(type(m) is nn.Linear and m.bias is None for m in linears):
+        return None  # quantized or adapted (LoRA) projections keep their own forward
+    weights = [m.weight for m in linears]
+    if len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1 or weights[0].device.type == "meta":
+        return None
+    fused = torch.cat([w.detach() for w in weights])
+    row = 0
+    for m, w in zip(linears, weights):
+        m.weight = nn.Parameter(fused[row : row + w.shape[0]], requires_grad=w.requires_grad)
+        row += w.shape[0]
+    return fused, tuple(m.weight.data_ptr() for m in linears)
+
+
+def _still_fused(fused: tuple[torch.Tensor, tuple[int, ...]] | None, *linears: nn.Linear) -> bool:
+    """Whether the fused weight may stand in for `linears` now: no autograd (the parameters are views
+    of it, which a product with it would not give gradients to), and the parameters are still those
+    views (not moved, cast or replaced since)."""
+    return (fused is not None and not torch.is_grad_enabled()
+            and tuple(m.weight.data_ptr() for m in linears) == fused[1])
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -93,13 +115,20 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wqkv = None  # set by Transformer.fuse_projections: (weight, pointers of wq/wk/wv's views of it)
 
     def forward(self, x, cos, sin, cache: KVCache | None, visible: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if _still_fused(self.wqkv, self.wq, self.wk, self.wv):
+            qkv = F.linear(x, self.wqkv[0]).view(B, T, H + 2 * K, D)
+            qk = apply_rope(qkv[:, :, : H + K], cos, sin)  # q and k heads rotated in one pass
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + K :]
+        else:
+            q = apply_rope(self.wq(x).view(B, T, H, D), cos, sin)
+            k = apply_rope(self.wk(x).view(B, T, K, D), cos, sin)
+            v = self.wv(x).view(B, T, K, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
 
         mask, causal = None, T > 1
         if cache is not None:
@@ -117,10 +146,8 @@ class Attention(nn.Module):
                 causal = False  # one new token sees every cached key
             if visible is not None:  # left-padded rows (KVCache.visible)
                 mask, causal = visible, False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class FeedForward(nn.Module):
@@ -129,8 +156,12 @@ class FeedForward(nn.Module):
         self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.w_gate_up = None  # set by Transformer.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _still_fused(self.w_gate_up, self.w_gate, self.w_up):
+            gate, up = F.linear(x, self.w_gate_up[0]).chunk(2, dim=-1)
+            return self.w_down(F.silu(gate, inplace=True).mul_(up))  # no autograd here: in place is safe
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -157,26 +188,64 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._rope_tables: dict = {}  # (device, dtype) -> (cos, sin), see _rope
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab). With a cache, the tokens continue it."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) of the last position with
+        `last_only` (what decoding needs: the head's work for the others is skipped). With a cache,
+        the tokens continue it."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
-        if start + T > (cache.max_len if cache is not None else self.config.max_seq_len):
-            limit = cache.max_len if cache is not None else self.config.max_seq_len
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens exceeds the limit of {limit}")
         x = self.embed(input_ids)  # (B, T, C)
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        cos, sin = self._rope(start + T, x.device, x.dtype)  # (S, D)
         visible = None
         if cache is not None and cache.left_pad is not None:
+            positions = torch.arange(start, start + T, device=input_ids.device)
             positions = (positions[None, :] - cache.left_pad[:, None]).clamp(min=0)  # (B, T): each row from 0
+            cos, sin = cos[positions, None], sin[positions, None]  # (B, T, 1, D)
             visible = cache.visible(T)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        else:
+            cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # (T, 1, D)
         for block in self.layers:
             x = block(x, cos, sin, cache, visible)
         if cache is not None:
             cache.pos += T
+        if last_only:
+            x = x[:, -1:]
         return self.head(self.norm(x))
+
+    def _rope(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables covering `length` positions, computed once per device and dtype (not state:
+        they follow from the config)."""
+        key = (device, dtype)
+        tables = self._rope_tables.get(key)
+        if tables is None or tables[0].shape[0] < length:
+            with torch.inference_mode(False):  # normal tensors: a later training step may use them
+                tables = rope_tables(max(length, self.config.max_seq_len), self.config.head_dim, self.config.rope_theta,
+                                     device, dtype)
+            self._rope_tables[key] = tables
+        return tables
+
+    @torch.no_grad()
+    def fuse_projections(self) -> int:
+        """For inference: compute q/k/v with one matrix product and gate/up with another.
+
+        Each group's weights are copied into one matrix and the projections' parameters become views
+        of it, so the state dict, the names and the memory stay as they were. The fused product is
+        used only without autograd and only while the parameters are still those views (moving or
+        casting the model afterwards falls back to the separate products; fuse again after). Groups
+        with a quantized or adapted projection are left alone. Returns the number of groups fused.
+        """
+        fused = 0
+        for block in self.layers:
+            attn, ffn = block.attn, block.ffn
+            attn.wqkv = _fuse_linears([attn.wq, attn.wk, attn.wv])
+            ffn.w_gate_up = _fuse_linears([ffn.w_gate, ffn.w_up])
+            fused += (attn.wqkv is not None) + (ffn.w_gate_up is not None)
+        return fused
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:

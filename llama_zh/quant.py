@@ -234,6 +234,7 @@ def load_quantized(stream: WeightStream, cfg: QuantConfig, device: str | torch.d
             module._parameters[param] = nn.Parameter(t.to(device=device, dtype=load_dtype), requires_grad=False)
         del t
     report.bytes_full, report.bytes_after = full, weight_bytes(model)
+    model.fuse_projections()  # q/k/v and gate/up in one product each where unquantized; same memory
     return model.eval(), report
 
 

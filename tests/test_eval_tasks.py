@@ -37,10 +37,10 @@ class BigramLM(torch.nn.Module):
         self.config = ModelConfig(vocab_size=V, dim=8, n_layers=1, n_heads=1, ffn_dim=8, max_seq_len=64)
         self.norm = torch.nn.LayerNorm(8)
 
-    def forward(self, ids, cache=None):
+    def forward(self, ids, cache=None, last_only=False):
         if cache is not None:
             cache.pos += ids.shape[1]
-        return self.table[ids]
+        return self.table[ids[:, -1:] if last_only else ids]
 
     def logp(self, prev, nxt):
         return float(self.table[prev].log_softmax(-1)[nxt])
@@ -307,7 +307,7 @@ class FixedAnswerLM(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(8)
         self.prompt_len = None
 
-    def forward(self, ids, cache):
+    def forward(self, ids, cache, last_only=False):
         if cache.pos == 0:
             self.prompt_len = ids.shape[1]
         step = cache.pos + ids.shape[1] - self.prompt_len

@@ -50,7 +50,7 @@ def continuation_logprobs(model: Transformer, prompts: list[list[int]], continua
                              left_pad=pad if any(pad) else None)
     chunk = max(1, LOGIT_BUDGET // B)
     for start in range(0, P, chunk):
-        last = model(ids[:, start : start + chunk], cache)[:, -1]  # (B, V) after the last chunk
+        last = model(ids[:, start : start + chunk], cache, last_only=True)[:, -1]  # (B, V) after the last chunk
     first = last.float().log_softmax(dim=-1)  # (B, V): the next token after each prompt
 
     scores = torch.empty(B, len(continuations))
