@@ -139,3 +139,24 @@ def test_last_only_gives_the_last_position_and_inference_tables_serve_training()
     assert last.shape == (2, 1, 300)
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
     model(ids).sum().backward()  # ... and must still be usable by autograd
+
+
+def test_column_major_wide_weights_give_the_same_logits_and_save_as_before(tmp_path):
+    from llama_zh import load_checkpoint, save_checkpoint
+
+    config = ModelConfig.from_name("tiny").with_vocab(600)  # head 600 x 128 and gate/up 704 x 128 are wide
+    model = build_model(config, seed=0).eval()
+    ids = torch.randint(0, 600, (3, 7))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(ids)
+    model.fuse_projections(column_major_wide=True)
+    assert model.head.weight.stride() == (1, 600)  # laid out in-major
+    assert model.layers[0].ffn.w_gate.weight.stride()[0] == 1
+    assert model.layers[0].attn.wq.weight.stride()[1] == 1  # q/k/v (256 x 128) is not wide: unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    saved = save_checkpoint(model, tmp_path / "ckpt")
+    loaded, _ = load_checkpoint(saved)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
