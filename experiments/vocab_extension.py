@@ -1,7 +1,7 @@
 """Chinese vocabulary extension, measured: (a) tokens per character, (b) which init of the new rows starts lower.
 
-Run by hand (about 10 minutes on 2 CPU cores). Part (a)'s figures are step 1 of the zh_sentiment study
-(experiments/zh_sentiment/results.md); part (b) has no recorded run yet.
+Run by hand (about 15 minutes on 2 idle CPU cores; a rerun with the same --workdir reuses the
+pretrained base model). Figures of both parts: experiments/README.md, "Vocabulary extension".
 
     python experiments/vocab_extension.py [--workdir DIR] [--pretrain-steps 600] [--tune-steps 100]
 

@@ -85,7 +85,8 @@ def extend_tokenizer(base: Path, extra: Path, out: Path, pad_token: str | None =
     BPE merges the highest-scoring pair first, so every base merge still wins over a new one (text the
     base already segments keeps its segmentation as far as base pieces reach), and the new pieces
     merge among themselves in the order `extra` learned. Chinese-LLaMA-Alpaca's score 0 puts every
-    new piece above every base piece, and all of them in one tie (experiments/vocab.md compares the two).
+    new piece above every base piece, and all of them in one tie (experiments/README.md, section
+    "Vocabulary extension", compares the two).
     """
     out = Path(out)
     proto, extra_proto = load_model_proto(base), load_model_proto(extra)
