@@ -217,10 +217,12 @@ class Transformer(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._rope_tables: dict = {}  # (device, dtype) -> (cos, sin), see _rope
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) of the last position with
         `last_only` (what decoding needs: the head's work for the others is skipped). With a cache,
-        the tokens continue it."""
+        the tokens continue it. `return_hidden`: the final normalised states (B, T, C) instead of
+        the logits, for a loss that applies the head itself (llama_zh.loss)."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         limit = cache.max_len if cache is not None else self.config.max_seq_len
@@ -242,7 +244,7 @@ class Transformer(nn.Module):
             cache.pos += T
         if last_only:
             x = x[:, -1:]
-        return self.head(self.norm(x))
+        return self.norm(x) if return_hidden else self.head(self.norm(x))
 
     def _rope(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables covering `length` positions, computed once per device and dtype (not state:

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llama_zh.data.datasets import IGNORE_INDEX
 from llama_zh.errors import LlamaZhError
+from llama_zh.loss import linear_cross_entropy, worthwhile
 from llama_zh.model import Transformer
 
 
@@ -80,8 +81,9 @@ class CausalLM(pl.LightningModule):
 
     def __init__(self, model: Transformer | Callable[[], Transformer], optim: OptimConfig, total_steps: int,
                  source_names: list[str] | None = None, seed: int = 0, cpu_adam: bool = False,
-                 flops_per_token: float | None = None, peak_flops: float | None = None):
+                 flops_per_token: float | None = None, peak_flops: float | None = None, chunked_loss: bool = True):
         super().__init__()
+        self.chunked_loss = chunked_loss  # off: always the plain logits + cross-entropy (for comparisons)
         if isinstance(model, nn.Module):
             self.model, self._build = model, None
         else:
@@ -115,9 +117,19 @@ class CausalLM(pl.LightningModule):
         if self._step_start is None:  # the first micro-batch of an optimizer step
             self._step_start, self._step_tokens = time.perf_counter(), 0
 
+    def loss(self, batch) -> torch.Tensor:
+        """Mean next-token cross-entropy of the batch. Where it is faster (llama_zh.loss.worthwhile),
+        the head is applied inside a chunked loss instead of materialising every logit."""
+        head = self.model.head
+        if (self.chunked_loss and type(head) is nn.Linear and head.bias is None
+                and not hasattr(head.weight, "ds_id")  # a ZeRO-3 partition is only whole inside head's forward
+                and worthwhile(head.weight)):
+            hidden = self.model(batch["input_ids"], return_hidden=True)
+            return linear_cross_entropy(hidden, head.weight, batch["labels"], IGNORE_INDEX)
+        return causal_lm_loss(self.model(batch["input_ids"]), batch["labels"])
+
     def training_step(self, batch, batch_idx):
-        logits = self.model(batch["input_ids"])
-        loss = causal_lm_loss(logits, batch["labels"])
+        loss = self.loss(batch)
         # Averaged over processes (each holds a different slice of the global batch).
         distributed = self.trainer.world_size > 1
         self.log("train/loss", loss, prog_bar=True, sync_dist=distributed)
@@ -164,8 +176,7 @@ class CausalLM(pl.LightningModule):
         self._val_sum, self._val_tokens = 0.0, 0
 
     def validation_step(self, batch, batch_idx):
-        logits = self.model(batch["input_ids"])
-        loss = causal_lm_loss(logits, batch["labels"])
+        loss = self.loss(batch)
         n = int((batch["labels"] != IGNORE_INDEX).sum())
         self._val_sum += float(loss) * n
         self._val_tokens += n
