@@ -99,10 +99,11 @@ WIDE = 4  # out_features / in_features from which a weight is read faster column
 def _column_major(weight: torch.Tensor) -> torch.Tensor:
     """The same (out, in) matrix stored in-major: x @ W.T then reads W as rows of W.T, contiguous.
 
-    Measured on this project's CPU (2-core EPYC, MKL, fp32, one thread; experiments/inference.md):
-    for matrices at least WIDE times wider than deep, the product with 1 or 8 rows runs faster this
-    way, with bit-identical results: 32000x768 1.71x (1 row) / 1.30x (8 rows), 4096x768 1.39x / 1.21x,
-    8000x128 1.50x / 1.02x; for squarer ones it is a wash or slower (2304x768 0.98x / 0.88x)."""
+    Measured on this project's CPU (2-core EPYC, MKL, fp32, one thread; experiments/inference.md),
+    one hot-cache run: for matrices at least WIDE times wider than deep, the product with 1 row runs
+    faster this way, with bit-identical results: 32000x768 1.71x, 4096x768 1.39x, 8000x128 1.50x; for
+    squarer ones it is a wash or slower (2304x768 0.98x, 768x2048 0.88x). With 8 rows the gain is
+    smaller and not steady between runs (32000x768 1.30x; 4096x768 1.21x in one run, 0.74x in another)."""
     return weight.T.contiguous().T
 
 
