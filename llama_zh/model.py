@@ -103,7 +103,7 @@ def _column_major(weight: torch.Tensor) -> torch.Tensor:
     one hot-cache run: for matrices at least WIDE times wider than deep, the product with 1 row runs
     faster this way, with bit-identical results: 32000x768 1.71x, 4096x768 1.39x, 8000x128 1.50x; for
     squarer ones it is a wash or slower (2304x768 0.98x, 768x2048 0.88x). With 8 rows the gain is
-    smaller and not steady between runs (32000x768 1.30x; 4096x768 1.21x in one run, 0.74x in another)."""
+    smaller and not steady between runs (32000x768 1.30x; 4096x768 1.21x in one run, 0.73x in another)."""
     return weight.T.contiguous().T
 
 
