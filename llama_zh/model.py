@@ -26,12 +26,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same arithmetic as below, without the two no-op casts
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        # Normalise in fp32 whatever the activation dtype: bf16 sums of squares lose too much.
-        x32 = x.float()
+        # Normalise in fp32 whatever the activation dtype: bf16 sums of squares lose too much. In fp32
+        # the casts are skipped: no-ops, but each still an operator call on the decoding hot path.
+        x32 = x if x.dtype == torch.float32 else x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * (x32 if x.dtype == torch.float32 else x32.to(x.dtype))
 
 
 def rope_tables(length: int, head_dim: int, theta: float, device=None, dtype=torch.float32):
