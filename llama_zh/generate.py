@@ -26,6 +26,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from llama_zh.kernels import wide_column_major
 from llama_zh.model import KVCache, Transformer
 
 
@@ -264,6 +265,15 @@ def fit_prompt(prompt: list[int], cfg: SamplingConfig, max_len: int, row: int = 
     return list(prompt[-keep:])
 
 
+def _lay_out_for(model: Transformer, rows: int, device: torch.device) -> None:
+    """A model fused for inference (Transformer.fuse_projections) gets the layout of wide weights
+    that decodes `rows` rows fastest (llama_zh.kernels.wide_column_major); re-laid only on a change."""
+    current = getattr(model, "wide_column_major", None)
+    if current is not None and current != wide_column_major(rows, device):
+        with torch.inference_mode(False):  # normal tensors: the parameters outlive this call
+            model.fuse_projections(column_major_wide=not current)
+
+
 @torch.inference_mode()
 def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig,
                           eos_id: int | None = None, tokenizer: Decoder | None = None,
@@ -294,6 +304,7 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
 
     # Norms are never quantized: their weight gives the activations' device and dtype, which the cache must match.
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
+    _lay_out_for(model, B, device)
     P = max(len(p) for p in prompts)
     left_pad = [P - len(p) for p in prompts]
     ids = torch.zeros(B, P, dtype=torch.long)  # padding id 0: the cache hides it from attention

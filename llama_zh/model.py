@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_zh.config import ModelConfig
+from llama_zh.kernels import linear
 
 
 class RMSNorm(nn.Module):
@@ -133,6 +134,15 @@ def _still_fused(fused: tuple[torch.Tensor, tuple[int, ...]] | None, *linears: n
             and tuple(m.weight.data_ptr() for m in linears) == fused[1])
 
 
+def _project(module: nn.Module, x: torch.Tensor, inference: bool) -> torch.Tensor:
+    """module(x); on the inference path (`inference`: the block's fused weights are in use, so no
+    autograd) a plain linear without hooks goes through llama_zh.kernels.linear."""
+    if (inference and type(module) is nn.Linear and module.bias is None
+            and not (module._forward_hooks or module._forward_pre_hooks)):
+        return linear(x, module.weight)
+    return module(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -147,8 +157,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None, visible: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if _still_fused(self.wqkv, self.wq, self.wk, self.wv):
-            qkv = F.linear(x, self.wqkv[0]).view(B, T, H + 2 * K, D)
+        fused = _still_fused(self.wqkv, self.wq, self.wk, self.wv)
+        if fused:
+            qkv = linear(x, self.wqkv[0]).view(B, T, H + 2 * K, D)
             qk = apply_rope(qkv.narrow(2, 0, H + K), cos, sin)  # q and k heads rotated in one pass
             q, k, v = qk.narrow(2, 0, H), qk.narrow(2, H, K), qkv.narrow(2, H + K, K)
         else:
@@ -174,7 +185,7 @@ class Attention(nn.Module):
             if visible is not None:  # left-padded rows (KVCache.visible)
                 mask, causal = visible, False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H)  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+        return _project(self.wo, y.transpose(1, 2).reshape(B, T, H * D), fused)
 
 
 class FeedForward(nn.Module):
@@ -187,8 +198,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _still_fused(self.w_gate_up, self.w_gate, self.w_up):
-            gate, up = F.linear(x, self.w_gate_up[0]).chunk(2, dim=-1)
-            return self.w_down(F.silu(gate, inplace=True).mul_(up))  # no autograd here: in place is safe
+            gate, up = linear(x, self.w_gate_up[0]).chunk(2, dim=-1)
+            return _project(self.w_down, F.silu(gate, inplace=True).mul_(up), True)  # no autograd: in place is safe
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -216,6 +227,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._rope_tables: dict = {}  # (device, dtype) -> (cos, sin), see _rope
+        self.head_fused = None  # set by fuse_projections: (weight, its pointer), as the blocks' fused weights
+        self.wide_column_major: bool | None = None  # the layout fuse_projections chose; None: not fused
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 return_hidden: bool = False) -> torch.Tensor:
@@ -244,7 +257,9 @@ class Transformer(nn.Module):
             cache.pos += T
         if last_only:
             x = x[:, -1:]
-        return self.norm(x) if return_hidden else self.head(self.norm(x))
+        if return_hidden:
+            return self.norm(x)
+        return _project(self.head, self.norm(x), _still_fused(self.head_fused, self.head))
 
     def _rope(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables covering `length` positions, computed once per device and dtype (not state:
@@ -277,9 +292,16 @@ class Transformer(nn.Module):
             ffn.w_gate_up = _fuse_linears([ffn.w_gate, ffn.w_up], column_major_wide)
             fused += (attn.wqkv is not None) + (ffn.w_gate_up is not None)
         head = self.head
-        if column_major_wide and type(head) is nn.Linear and head.weight.device.type != "meta" \
-                and head.weight.shape[0] >= WIDE * head.weight.shape[1]:
-            head.weight = nn.Parameter(_column_major(head.weight.detach()), requires_grad=head.weight.requires_grad)
+        if type(head) is nn.Linear and head.weight.device.type != "meta":
+            weight = head.weight.detach()
+            if column_major_wide and weight.shape[0] >= WIDE * weight.shape[1]:
+                weight = _column_major(weight)
+            elif not column_major_wide:
+                weight = weight.contiguous()  # row-major again after an earlier column-major call
+            if weight.data_ptr() != head.weight.data_ptr():  # a copy was made
+                head.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
+        self.head_fused = (head.weight, (head.weight.data_ptr(),)) if type(head) is nn.Linear else None
+        self.wide_column_major = column_major_wide
         return fused
 
     @torch.no_grad()

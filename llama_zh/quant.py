@@ -26,6 +26,7 @@ from torch import nn
 from llama_zh.checkpoint import WeightStream, check_specs, read_any
 from llama_zh.config import ConfigError
 from llama_zh.errors import LlamaZhError
+from llama_zh.kernels import wide_column_major
 from llama_zh.model import Transformer, build_model
 from llama_zh.tensor_io import CheckpointError
 from llama_zh.tokenizer import Tokenizer
@@ -235,8 +236,8 @@ def load_quantized(stream: WeightStream, cfg: QuantConfig, device: str | torch.d
         del t
     report.bytes_full, report.bytes_after = full, weight_bytes(model)
     # q/k/v and gate/up in one product each where unquantized, same memory; wide weights laid out
-    # for the CPU's faster GEMV (measured there, not on GPUs).
-    model.fuse_projections(column_major_wide=device.type == "cpu")
+    # for one-row products (generation re-lays them for a batch: llama_zh.kernels.wide_column_major).
+    model.fuse_projections(column_major_wide=wide_column_major(1, device))
     return model.eval(), report
 
 

@@ -1,0 +1,135 @@
+"""`linear(x, weight)`: F.linear without bias, through a CPU kernel for the few rows of a decoding step.
+
+The kernel (small_gemm.c, AVX2 + FMA) is compiled on first use with the system C compiler into a
+per-user cache and called through ctypes; it is used only where it measured faster than PyTorch's
+own product: fp32 on an x86-64 CPU with AVX2, a row-major weight, at most MAX_ROWS rows, and no
+autograd. Everything else, and every machine without a compiler, goes to F.linear unchanged.
+LLAMA_ZH_CPU_KERNELS=0 turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("small_gemm.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# Rows (batch x new tokens) up to which the kernel beats MKL on cold weights: the products of one
+# 130m decoding step at 1 thread, MKL / kernel: 1 row 1.13x, 8 rows 1.96x, 32 1.25x, 64 1.07x,
+# 128 0.92x (2 threads: 1.72x, 2.55x, 1.71x, 1.13x at 1, 8, 32, 64); past it the product is
+# compute-bound and MKL's blocked GEMM wins (experiments/inference.md, "small-batch kernel").
+MAX_ROWS = 64
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "llama_zh" / "kernels"
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source, flags and compiler, compiled once (atomically: a
+    temporary name renamed into place, so concurrent first uses cannot load half a file)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"small_gemm-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE}: {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it does not apply (reason logged once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("LLAMA_ZH_CPU_KERNELS", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in (
+            "AVX2", "AVX512"):
+        log.info("small-batch CPU kernel not used: needs an x86-64 CPU with AVX2")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("small-batch CPU kernel not used: no C compiler found (cc, gcc or clang)")
+        return None
+    try:
+        # torch is imported, so its OpenMP runtime (soname libgomp.so.1) is the one the kernel binds to.
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        log.warning("small-batch CPU kernel not used: %s", err)
+        return None
+    c_long, ptr = ctypes.c_long, ctypes.c_void_p
+    lib.llama_zh_sgemm_nt.argtypes = [c_long, c_long, c_long, ptr, c_long, ptr, c_long, ptr, c_long, ctypes.c_int]
+    lib.llama_zh_sgemm_nt.restype = None
+    _lib = lib
+    return lib
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear(x, weight) takes the kernel."""
+    if not _tried:
+        load()
+    return (_lib is not None and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[-1] == weight.shape[1]
+            and x.numel() <= MAX_ROWS * weight.shape[1] and x.numel() > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def wide_column_major(rows: int, device: str | torch.device) -> bool:
+    """Whether Transformer.fuse_projections should store wide weights column-major for products
+    with `rows` rows on `device`. On CPU with one thread, MKL's one-row product reads them faster
+    so (see model._column_major) than the kernel here reads them row-major; with several rows, or
+    two threads, the kernel is faster. 130m decoding, 1 thread: batch 8 101 ms/step row-major
+    through the kernel, 151 column-major through MKL; batch 1 55 and 46. A one-row step's products
+    with 2 threads: 30-32 ms row-major, 34-38 ms with the wide ones column-major
+    (experiments/inference.md)."""
+    if torch.device(device).type != "cpu":
+        return False
+    return load() is None or (rows == 1 and torch.get_num_threads() == 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight): x (..., K), weight (N, K) -> (..., N)."""
+    if not applies(x, weight):
+        return F.linear(x, weight)
+    N, K = weight.shape
+    rows = x.numel() // K
+    x2 = x.reshape(rows, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(rows, N, dtype=torch.float32)
+    _lib.llama_zh_sgemm_nt(rows, N, K, x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0),
+                           y.data_ptr(), N, torch.get_num_threads())
+    return y.view(*x.shape[:-1], N)

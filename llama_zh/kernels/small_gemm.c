@@ -1,0 +1,153 @@
+/* y = x @ w.T in fp32 for the few rows of x a decoding step has (AVX2 + FMA, x86-64).
+ *
+ * Why our own: at 2-8 rows the product is bound by reading w, and MKL's sgemm on this project's
+ * CPU (AMD EPYC, AVX2) reads it at well under the memory's speed: 8 rows x a cold 4096x768 weight
+ * took 3.6-5.1 ms with MKL and 2.0-2.4 ms here, the 32000x768 head 31-42 ms against 15-17 ms
+ * (experiments/inference.md has the full table and the command). The kernel keeps w row-major
+ * (PyTorch's nn.Linear layout), so nothing is repacked: each tile of outputs is a few rows of w
+ * streamed once, with a software prefetch a couple of tiles ahead, against a few rows of x that
+ * stay in L1; w is cut into chunks small enough (~128 KiB) to be read from L2 by the second and
+ * later blocks of x rows.
+ *
+ * Tiles (accumulators in registers: 8 of the 16 ymm): 4 rows of x x 2 rows of w, 2 x 4, 1 x 4;
+ * a remainder of w rows goes one dot product at a time. Any K: the last K % 8 columns use masked
+ * loads. Sums run in a different order than MKL's, so results differ from F.linear's in the last
+ * bits (the tests compare with a tolerance).
+ */
+#include <immintrin.h>
+
+#define PREFETCH_TILES 2 /* how far ahead of the current tile rows of w are prefetched */
+#define CHUNK_BYTES (128 * 1024) /* rows of w per chunk: L2-resident across blocks of x rows */
+
+static inline float hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* lanes 0 .. n-1 set: masked loads of the last n < 8 columns */
+static inline __m256i tail_mask(long n)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+#define Z _mm256_setzero_ps()
+#define FMA(a, b, acc) acc = _mm256_fmadd_ps(a, b, acc)
+#define PF(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+
+/* The k loop of every tile: STEP(LOAD, k) consumes columns k .. k+7, loaded with LOAD(pointer). */
+#define LOADU(p) _mm256_loadu_ps(p)
+#define LOADM(p) _mm256_maskload_ps(p, mask)
+#define K_LOOP(PREFETCH)                                  \
+    long k = 0;                                           \
+    for (; k + 16 <= K; k += 16) {                        \
+        PREFETCH;                                         \
+        STEP(LOADU, k);                                   \
+        STEP(LOADU, k + 8);                               \
+    }                                                     \
+    for (; k + 8 <= K; k += 8) STEP(LOADU, k);            \
+    if (k < K) {                                          \
+        __m256i mask = tail_mask(K - k);                  \
+        STEP(LOADM, k);                                   \
+    }
+
+typedef void (*tile_fn)(long K, const float *x, long ldx, const float *w, long ldw, float *y,
+                        long ldy, long ahead);
+
+/* 4 rows of x against 2 rows of w */
+static void tile4x2(long K, const float *x, long ldx, const float *w, long ldw, float *y, long ldy,
+                    long ahead)
+{
+    __m256 a0 = Z, a1 = Z, b0 = Z, b1 = Z, c0 = Z, c1 = Z, d0 = Z, d1 = Z;
+    const float *w0 = w, *w1 = w + ldw, *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
+#define STEP(LOAD, k)                                                   \
+    do {                                                                \
+        __m256 v0 = LOAD(w0 + (k)), v1 = LOAD(w1 + (k)), u;             \
+        u = LOAD(x0 + (k)); FMA(u, v0, a0); FMA(u, v1, a1);             \
+        u = LOAD(x1 + (k)); FMA(u, v0, b0); FMA(u, v1, b1);             \
+        u = LOAD(x2 + (k)); FMA(u, v0, c0); FMA(u, v1, c1);             \
+        u = LOAD(x3 + (k)); FMA(u, v0, d0); FMA(u, v1, d1);             \
+    } while (0)
+    K_LOOP((PF(w0 + ahead + k), PF(w1 + ahead + k)))
+#undef STEP
+    y[0] = hsum(a0), y[1] = hsum(a1);
+    y += ldy, y[0] = hsum(b0), y[1] = hsum(b1);
+    y += ldy, y[0] = hsum(c0), y[1] = hsum(c1);
+    y += ldy, y[0] = hsum(d0), y[1] = hsum(d1);
+}
+
+/* 2 rows of x against 4 rows of w */
+static void tile2x4(long K, const float *x, long ldx, const float *w, long ldw, float *y, long ldy,
+                    long ahead)
+{
+    __m256 a0 = Z, a1 = Z, a2 = Z, a3 = Z, b0 = Z, b1 = Z, b2 = Z, b3 = Z;
+    const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw, *x0 = x, *x1 = x + ldx;
+#define STEP(LOAD, k)                                                                         \
+    do {                                                                                      \
+        __m256 v0 = LOAD(w0 + (k)), v1 = LOAD(w1 + (k)), v2 = LOAD(w2 + (k)), v3 = LOAD(w3 + (k)), u; \
+        u = LOAD(x0 + (k)); FMA(u, v0, a0); FMA(u, v1, a1); FMA(u, v2, a2); FMA(u, v3, a3);   \
+        u = LOAD(x1 + (k)); FMA(u, v0, b0); FMA(u, v1, b1); FMA(u, v2, b2); FMA(u, v3, b3);   \
+    } while (0)
+    K_LOOP((PF(w0 + ahead + k), PF(w1 + ahead + k), PF(w2 + ahead + k), PF(w3 + ahead + k)))
+#undef STEP
+    y[0] = hsum(a0), y[1] = hsum(a1), y[2] = hsum(a2), y[3] = hsum(a3);
+    y += ldy, y[0] = hsum(b0), y[1] = hsum(b1), y[2] = hsum(b2), y[3] = hsum(b3);
+}
+
+/* 1 row of x against 4 rows of w */
+static void tile1x4(long K, const float *x, long ldx, const float *w, long ldw, float *y, long ldy,
+                    long ahead)
+{
+    __m256 a0 = Z, a1 = Z, a2 = Z, a3 = Z;
+    const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
+    (void)ldx, (void)ldy;
+#define STEP(LOAD, k)                                                                         \
+    do {                                                                                      \
+        __m256 u = LOAD(x + (k));                                                             \
+        FMA(u, LOAD(w0 + (k)), a0); FMA(u, LOAD(w1 + (k)), a1);                               \
+        FMA(u, LOAD(w2 + (k)), a2); FMA(u, LOAD(w3 + (k)), a3);                               \
+    } while (0)
+    K_LOOP((PF(w0 + ahead + k), PF(w1 + ahead + k), PF(w2 + ahead + k), PF(w3 + ahead + k)))
+#undef STEP
+    y[0] = hsum(a0), y[1] = hsum(a1), y[2] = hsum(a2), y[3] = hsum(a3);
+}
+
+/* one row of x against one row of w */
+static float dot(long K, const float *x, const float *w)
+{
+    __m256 a0 = Z;
+#define STEP(LOAD, k) FMA(LOAD(x + (k)), LOAD(w + (k)), a0)
+    K_LOOP((void)0)
+#undef STEP
+    return hsum(a0);
+}
+
+/* rows n0 .. n1-1 of w against `rows` rows of x, `cols` rows of w per tile */
+static void tile_rows(tile_fn tile, int rows, int cols, long n0, long n1, long K, const float *x,
+                      long ldx, const float *w, long ldw, float *y, long ldy)
+{
+    long n = n0;
+    for (; n + cols <= n1; n += cols)
+        tile(K, x, ldx, w + n * ldw, ldw, y + n, ldy, PREFETCH_TILES * cols * ldw);
+    for (; n < n1; n++)
+        for (int i = 0; i < rows; i++) y[i * ldy + n] = dot(K, x + i * ldx, w + n * ldw);
+}
+
+/* y (M x N, row stride ldy) = x (M x K, row stride ldx) @ w.T, w N x K with row stride ldw.
+ * The chunks of w rows are shared among `threads` OpenMP threads. */
+void llama_zh_sgemm_nt(long M, long N, long K, const float *x, long ldx, const float *w, long ldw,
+                       float *y, long ldy, int threads)
+{
+    long chunk = CHUNK_BYTES / (long)(sizeof(float) * K);
+    chunk = chunk < 4 ? 4 : chunk - chunk % 4;
+    long chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks > 1)
+    for (long c = 0; c < chunks; c++) {
+        long n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N, m = 0;
+        for (; m + 4 <= M; m += 4) tile_rows(tile4x2, 4, 2, n0, n1, K, x + m * ldx, ldx, w, ldw, y + m * ldy, ldy);
+        for (; m + 2 <= M; m += 2) tile_rows(tile2x4, 2, 4, n0, n1, K, x + m * ldx, ldx, w, ldw, y + m * ldy, ldy);
+        if (m < M) tile_rows(tile1x4, 1, 4, n0, n1, K, x + m * ldx, ldx, w, ldw, y + m * ldy, ldy);
+    }
+}

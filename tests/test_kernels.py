@@ -1,0 +1,148 @@
+"""llama_zh.kernels: the small-batch CPU product against F.linear, its fallbacks, and its use in decoding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_zh import kernels
+from llama_zh.config import ModelConfig
+from llama_zh.generate import SamplingConfig, generate_batch
+from llama_zh.model import build_model
+
+needs_kernel = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 CPU or no C compiler: kernel not built")
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _close(y, ref, K):
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=2e-6 * K)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_kernel_matches_f_linear_on_every_tile_and_tail(threads, n_threads):
+    threads(n_threads)
+    gen = torch.Generator().manual_seed(0)
+    # rows: each tile (4x2, 2x4, 1x4) and their remainders; N: remainders of 2 and 4 and several
+    # chunks; K: multiples of 16, of 8 only, and masked tails.
+    for M in (1, 2, 3, 4, 5, 7, 8, 9, 16, 64):
+        for N, K in [(1, 1), (5, 3), (7, 13), (33, 24), (250, 128), (101, 352), (1030, 40)]:
+            x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
+            with torch.no_grad():
+                assert kernels.applies(x, w)
+                _close(kernels.linear(x, w), F.linear(x, w), K)
+
+
+@needs_kernel
+def test_kernel_takes_strided_views():
+    gen = torch.Generator().manual_seed(1)
+    fused = torch.randn(96, 40, generator=gen)
+    w = fused[16:80]  # a projection's rows of a fused weight: row stride 40, offset
+    x = torch.randn(3, 5, 40, generator=gen)[:, 2:3]  # (B, 1, K) view with a row stride of 5 * 40
+    with torch.no_grad():
+        assert kernels.applies(x, w)
+        y = kernels.linear(x, w)
+    assert y.shape == (3, 1, 64)
+    _close(y, F.linear(x, w), 40)
+    wide = torch.randn(64, 40, generator=gen)[:, ::2]  # columns not contiguous: not the kernel's layout
+    assert not kernels.applies(x[..., :20], wide)
+    _close(kernels.linear(x[..., :20], wide), F.linear(x[..., :20], wide), 20)
+
+
+def test_everything_else_goes_to_f_linear():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 16, generator=gen)
+    x = torch.randn(2, 16, generator=gen)
+    column_major = w.T.contiguous().T
+    cases = {
+        "column-major weight": (x, column_major),
+        "bf16": (x.bfloat16(), w.bfloat16()),
+        "too many rows": (torch.randn(kernels.MAX_ROWS + 1, 16, generator=gen), w),
+    }
+    with torch.no_grad():
+        for name, (a, b) in cases.items():
+            assert not kernels.applies(a, b), name
+            torch.testing.assert_close(kernels.linear(a, b), F.linear(a, b), msg=name)
+    # Autograd: a weight or an input that needs a gradient gets F.linear, and the gradient flows.
+    trainable = w.clone().requires_grad_()
+    assert not kernels.applies(x, trainable)
+    kernels.linear(x, trainable).sum().backward()
+    torch.testing.assert_close(trainable.grad, x.sum(0).expand(24, 16))
+    xg = x.clone().requires_grad_()
+    assert not kernels.applies(xg, w)
+    kernels.linear(xg, w).sum().backward()
+    torch.testing.assert_close(xg.grad, w.sum(0).expand(2, 16))
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """kernels.load() as on a first call, building into an empty cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    return tmp_path
+
+
+def test_a_compiler_that_fails_leaves_f_linear_and_no_file(fresh_load, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # exits 1 for any arguments
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level("WARNING", logger="llama_zh.kernels"):
+        assert kernels.load() is None
+    assert "small-batch CPU kernel not used" in caplog.text and "false failed" in caplog.text
+    assert list(fresh_load.rglob("*.so")) == []  # the temporary file is gone, nothing half-written
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with torch.no_grad():
+        assert not kernels.applies(x, w)
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
+
+
+def test_switched_off_by_the_environment(fresh_load, monkeypatch):
+    monkeypatch.setenv("LLAMA_ZH_CPU_KERNELS", "0")
+    assert kernels.load() is None
+    assert list(fresh_load.rglob("*.so")) == []
+
+
+@needs_kernel
+def test_build_is_cached_by_source(fresh_load):
+    lib = kernels.load()
+    built = list(fresh_load.rglob("small_gemm-*.so"))
+    assert lib is not None and len(built) == 1
+    kernels._tried = False
+    kernels.load()
+    assert list(fresh_load.rglob("small_gemm-*.so")) == built  # reused, not rebuilt
+
+
+@needs_kernel
+def test_decoding_of_a_fused_model_uses_the_kernel_and_relays_wide_weights(threads, monkeypatch):
+    config = ModelConfig.from_name("tiny").with_vocab(600)  # head 600 x 128: wide
+    model = build_model(config, seed=0).eval()
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=6)
+    separate = generate_batch(model, prompts, cfg)
+    assert model.fuse_projections(column_major_wide=True) == 2 * config.n_layers
+    assert model.head.weight.stride() == (1, 600)
+
+    calls = []
+
+    def counting(x, w):
+        calls.append(kernels.applies(x, w))
+        return kernels.linear(x, w)
+
+    monkeypatch.setattr("llama_zh.model.linear", counting)
+    threads(2)
+    assert generate_batch(model, prompts, cfg) == separate
+    # batch 2: re-laid row-major, every product of the decoding steps through the kernel
+    assert model.wide_column_major is False and model.head.weight.is_contiguous()
+    assert model.layers[0].ffn.w_gate_up[0].is_contiguous()
+    assert calls and all(calls)
+    threads(1)
+    assert generate_batch(model, prompts[:1], cfg) == separate[:1]
+    assert model.wide_column_major is True and model.head.weight.stride() == (1, 600)
+    # the state dict is that of the separate projections throughout
+    torch.testing.assert_close(model.layers[1].attn.wk.weight, build_model(config, seed=0).layers[1].attn.wk.weight)
