@@ -12,6 +12,12 @@ from llama_zh.model import build_model
 needs_kernel = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 CPU or no C compiler: kernel not built")
 
 
+@pytest.fixture(autouse=True)
+def small_weights_too(monkeypatch):
+    """The kernel for the small weights of these tests (in use it starts at MIN_WEIGHT elements)."""
+    monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)
+
+
 @pytest.fixture
 def threads():
     before = torch.get_num_threads()
@@ -59,6 +65,7 @@ def test_everything_else_goes_to_f_linear():
     w = torch.randn(24, 16, generator=gen)
     x = torch.randn(2, 16, generator=gen)
     column_major = w.T.contiguous().T
+    most_rows = torch.zeros(kernels.MAX_ROWS, 16)
     cases = {
         "column-major weight": (x, column_major),
         "bf16": (x.bfloat16(), w.bfloat16()),
@@ -68,6 +75,10 @@ def test_everything_else_goes_to_f_linear():
         for name, (a, b) in cases.items():
             assert not kernels.applies(a, b), name
             torch.testing.assert_close(kernels.linear(a, b), F.linear(a, b), msg=name)
+        if kernels.load() is not None:
+            assert kernels.applies(most_rows, w)
+            kernels.MIN_WEIGHT = w.numel() + 1  # restored by the fixture
+            assert not kernels.applies(most_rows, w), "a weight under MIN_WEIGHT"
     # Autograd: a weight or an input that needs a gradient gets F.linear, and the gradient flows.
     trainable = w.clone().requires_grad_()
     assert not kernels.applies(x, trainable)
