@@ -1,6 +1,8 @@
 """The LLaMA transformer: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV cache.
 
-Plain PyTorch only: nothing here knows of Lightning, DeepSpeed, Hugging Face or the hardware.
+Plain PyTorch only: nothing here knows of Lightning, DeepSpeed, Hugging Face or the hardware (the
+inference path's products go through llama_zh.kernels.linear: F.linear, or a faster CPU product for
+the few rows of a decoding step where one applies).
 Rotary embeddings use the "rotate halves" layout (dim j pairs with j + head_dim/2), the layout of
 Hugging Face checkpoints; converters permute q/k rows for the interleaved Meta/TencentPretrain
 layout (ANCHORS §1). Shapes in comments: B batch, T new tokens, S keys, H heads, K kv heads,

@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("small_gemm.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-# Rows (batch x new tokens) up to which the kernel beats MKL on cold weights: the products of one
-# 130m decoding step at 1 thread, MKL / kernel: 1 row 1.13x, 8 rows 1.96x, 32 1.25x, 64 1.07x,
-# 128 0.92x (2 threads: 1.72x, 2.55x, 1.71x, 1.13x at 1, 8, 32, 64); past it the product is
-# compute-bound and MKL's blocked GEMM wins (experiments/inference.md, "small-batch kernel").
+# Rows (batch x new tokens) up to which the kernel beats MKL on cold weights. The products of one
+# 130m decoding step, F.linear / kernel, 1 thread: 1 row 1.05x, 8 rows 2.10x, 32 1.23x, 64 1.07x,
+# 128 0.83x; 2 threads: 1.83x, 2.51x, 1.64x, 1.30x, 1.08x (experiments/small_gemm.py). Past it the
+# product is compute-bound and MKL's blocked GEMM wins.
 MAX_ROWS = 64
 # Elements from which a weight goes to the kernel (1 MiB of fp32). Smaller weights stay in cache
 # from one decoding step to the next, where MKL is as fast (the tiny model's 704x128 gate/up at 8
@@ -115,10 +115,9 @@ def wide_column_major(rows: int, device: str | torch.device) -> bool:
     """Whether Transformer.fuse_projections should store wide weights column-major for products
     with `rows` rows on `device`. On CPU with one thread, MKL's one-row product reads them faster
     so (see model._column_major) than the kernel here reads them row-major; with several rows, or
-    two threads, the kernel is faster. 130m decoding, 1 thread: batch 8 101 ms/step row-major
-    through the kernel, 151 column-major through MKL; batch 1 55 and 46. A one-row step's products
-    with 2 threads: 30-32 ms row-major, 34-38 ms with the wide ones column-major
-    (experiments/inference.md)."""
+    two threads, the kernel is faster. The products of one 130m decoding step (experiments/
+    small_gemm.py), F.linear with the wide weights column-major / kernel: 1 row, 1 thread 28.3 /
+    34.6 ms; 1 row, 2 threads 37.2 / 25.6 ms; 8 rows, 1 thread 126.0 / 64.1 ms."""
     if torch.device(device).type != "cpu":
         return False
     return load() is None or (rows == 1 and torch.get_num_threads() == 1)
