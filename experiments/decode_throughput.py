@@ -19,6 +19,11 @@ the repeats, because the machine is shared. Same tokens: whether both produced i
 
     python experiments/decode_throughput.py                     # tiny and ~130M, batch 1 and 8, quant ratios
     python experiments/decode_throughput.py --shapes tiny --repeats 5 --no-quant
+    python experiments/decode_throughput.py --device cuda --dtype float16   # one GPU: ~2 minutes on an H200
+
+On a GPU every timed call ends with a synchronisation (the generated ids are copied to the host;
+the floors synchronise explicitly); "same tokens" in half precision may differ where two logits tie
+within rounding.
 """
 
 from __future__ import annotations
@@ -60,40 +65,48 @@ def timed(fn, repeats: int = 1) -> list[float]:
     return out
 
 
-def hf_model(shape: dict, directory: Path):
+def hf_model(shape: dict, directory: Path, device: torch.device, dtype: torch.dtype):
     import transformers
 
     cfg = transformers.LlamaConfig(**shape, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(directory)
-    return model
+    model.save_pretrained(directory)  # fp32: both sides are cast from the same weights
+    return model.to(device=device, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def floors(model, repeats: int) -> dict:
     """Seconds to read every weight of a decode step once (median of `repeats`): by torch.sum, and by a
     batch-1 GEMV (x @ W.T, what nn.Linear does)."""
     mats = [p for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("embed")]
-    xs = {p.shape[1]: torch.randn(1, p.shape[1]) for p in mats}
+    device = mats[0].device
+    xs = {(p.shape[1], p.dtype): torch.randn(1, p.shape[1], device=device, dtype=p.dtype) for p in mats}
     with torch.inference_mode():
         for p in mats:  # warm-up
-            p.sum(), xs[p.shape[1]] @ p.T
-        total_sum = statistics.median(timed(lambda: [p.sum() for p in mats], repeats))
-        total_gemv = statistics.median(timed(lambda: [xs[p.shape[1]] @ p.T for p in mats], repeats))
+            p.sum(), xs[p.shape[1], p.dtype] @ p.T
+        total_sum = statistics.median(timed(lambda: ([p.sum() for p in mats], synchronize(device)), repeats))
+        total_gemv = statistics.median(timed(lambda: ([xs[p.shape[1], p.dtype] @ p.T for p in mats],
+                                                      synchronize(device)), repeats))
     return {"sum": total_sum, "gemv": total_gemv, "bytes": sum(p.numel() * p.element_size() for p in mats)}
 
 
-def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, quant: bool, quant_tokens: int) -> list[str]:
+def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, quant: bool, quant_tokens: int,
+                device: torch.device, dtype: torch.dtype) -> list[str]:
     shape = SHAPES[name]
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
-        hf = hf_model(shape, Path(tmp))
+        hf = hf_model(shape, Path(tmp), device, dtype)
         stream = read_any(Path(tmp))
-        ours, _ = load_quantized(stream, QuantConfig())
+        ours, _ = load_quantized(stream, QuantConfig(), device, dtype)
         n_params = sum(p.numel() for p in ours.parameters())
         floor = floors(ours, max(repeats, 5))
-        lines.append(f"\n### {name}: {n_params / 1e6:.1f}M parameters, fp32; weights read per decode step "
+        lines.append(f"\n### {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}; weights read per decode step "
                      f"{floor['bytes'] / 2**20:.0f} MiB; floor: sum {floor['sum'] * 1e3:.1f} ms, "
                      f"gemv {floor['gemv'] * 1e3:.1f} ms per step\n")
         lines.append("| batch | impl | tokens/s (median) | tokens/s (best) | decode ms/step (median) | vs floor (gemv / sum) "
@@ -102,6 +115,8 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
         g = torch.Generator().manual_seed(1)
         for batch in batches:
             prompts = torch.randint(3, shape["vocab_size"], (batch, 32), generator=g)
+            prompt_lists = prompts.tolist()
+            prompts = prompts.to(device)
             mask = torch.ones_like(prompts)
 
             def run_hf(n):
@@ -110,7 +125,7 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
                                        min_new_tokens=n, pad_token_id=0)[:, prompts.shape[1]:].tolist()
 
             def run_ours(n):
-                return generate_batch(ours, prompts.tolist(), SamplingConfig(temperature=0.0, max_new_tokens=n))
+                return generate_batch(ours, prompt_lists, SamplingConfig(temperature=0.0, max_new_tokens=n))
 
             same = run_hf(new_tokens) == run_ours(new_tokens)  # also warms both up
             times = {"transformers": [], "llama_zh": []}
@@ -138,17 +153,18 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
                 lines.append(f"| {batch} | {impl} | {tps:.1f} | {best:.1f} | {ms:.2f} | {vs_floor} | {speedup} | "
                              f"{'yes' if same else 'NO'} |")
         if quant:
-            lines += bench_quant(stream, ours, quant_tokens, repeats, shape["vocab_size"])
+            lines += bench_quant(stream, ours, quant_tokens, repeats, shape["vocab_size"], device, dtype)
         del hf
     return lines
 
 
-def bench_quant(stream, ours, new_tokens: int, repeats: int, vocab: int) -> list[str]:
+def bench_quant(stream, ours, new_tokens: int, repeats: int, vocab: int, device: torch.device,
+                dtype: torch.dtype) -> list[str]:
     prompt = [torch.randint(3, vocab, (32,), generator=torch.Generator().manual_seed(2)).tolist()]
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
     rows, base = [], None
     for method in ("none", "int8", "nf4"):
-        model, report = (ours, None) if method == "none" else load_quantized(stream, QuantConfig(name=method))
+        model, report = (ours, None) if method == "none" else load_quantized(stream, QuantConfig(name=method), device, dtype)
         if report is None:
             from llama_zh.quant import weight_bytes
 
@@ -175,7 +191,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-quant", action="store_true")
     parser.add_argument("--quant-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -183,10 +202,13 @@ def main() -> None:
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
           f"{platform.python_version()}; torch {torch.__version__}; transformers {transformers.__version__}; "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f}")
-    print(f"greedy, {args.new_tokens} new tokens from 32-token prompts, fp32, median of {args.repeats} alternating runs")
+    if device.type == "cuda":
+        print(f"device {torch.cuda.get_device_name(device)}")
+    print(f"greedy, {args.new_tokens} new tokens from 32-token prompts, {args.dtype}, median of {args.repeats} "
+          "alternating runs")
     for name in args.shapes.split(","):
         for line in bench_shape(name, [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats,
-                                not args.no_quant, args.quant_tokens):
+                                not args.no_quant, args.quant_tokens, device, dtype):
             print(line, flush=True)
 
 
