@@ -150,7 +150,10 @@ class TrainingState(pl.Callback):
         trainer.strategy.barrier()
         for logger in trainer.loggers:
             logger.save()  # metrics.csv up to this state: a resumed run continues it from here
-        trainer.save_checkpoint(tmp / ("state" if self.deepspeed else "state.ckpt"))  # every rank: ZeRO shards
+        # weights_only=False: the whole state (optimizer, loops, callbacks), what resuming needs; said
+        # explicitly, else Lightning logs that it defaulted to it at every save. (Loading is separate:
+        # fit() reads it back with weights_only=True, stages/common.py.)
+        trainer.save_checkpoint(tmp / ("state" if self.deepspeed else "state.ckpt"), weights_only=False)  # every rank: ZeRO shards
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             meta = {**self.meta, "global_step": step}
