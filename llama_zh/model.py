@@ -109,12 +109,19 @@ def _column_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.T.contiguous().T
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear itself without bias: its product is x @ weight.T and nothing else, so a caller may
+    compute it another way (fused, chunked, another kernel); quantized or adapted (LoRA) projections
+    are other types and keep their own forward."""
+    return type(module) is nn.Linear and module.bias is None
+
+
 def _fuse_linears(linears: list[nn.Linear], column_major_wide: bool) -> tuple[torch.Tensor, tuple[int, ...]] | None:
     """One weight (sum of out, in) whose row blocks become the linears' weights, so that one matrix
     product computes all of them and the state dict keeps its names; None if they cannot share one.
     `column_major_wide`: store it column-major if it is WIDE (see _column_major)."""
-    if not all(type(m) is nn.Linear and m.bias is None for m in linears):
-        return None  # quantized or adapted (LoRA) projections keep their own forward
+    if not all(is_plain_linear(m) for m in linears):
+        return None
     weights = [m.weight for m in linears]
     if len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1 or weights[0].device.type == "meta":
         return None
@@ -139,7 +146,7 @@ def _still_fused(fused: tuple[torch.Tensor, tuple[int, ...]] | None, *linears: n
 def _project(module: nn.Module, x: torch.Tensor, inference: bool) -> torch.Tensor:
     """module(x); on the inference path (`inference`: the block's fused weights are in use, so no
     autograd) a plain linear without hooks goes through llama_zh.kernels.linear."""
-    if (inference and type(module) is nn.Linear and module.bias is None
+    if (inference and is_plain_linear(module)
             and not (module._forward_hooks or module._forward_pre_hooks)):
         return linear(x, module.weight)
     return module(x)

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from llama_zh.data.datasets import IGNORE_INDEX
 from llama_zh.errors import LlamaZhError
 from llama_zh.loss import linear_cross_entropy, worthwhile
-from llama_zh.model import Transformer
+from llama_zh.model import Transformer, is_plain_linear
 
 
 @dataclass
@@ -121,7 +121,7 @@ class CausalLM(pl.LightningModule):
         """Mean next-token cross-entropy of the batch. Where it is faster (llama_zh.loss.worthwhile),
         the head is applied inside a chunked loss instead of materialising every logit."""
         head = self.model.head
-        if (self.chunked_loss and type(head) is nn.Linear and head.bias is None
+        if (self.chunked_loss and is_plain_linear(head)
                 and not hasattr(head.weight, "ds_id")  # a ZeRO-3 partition is only whole inside head's forward
                 and worthwhile(head.weight)):
             hidden = self.model(batch["input_ids"], return_hidden=True)
