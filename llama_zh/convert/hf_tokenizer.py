@@ -50,7 +50,8 @@ class SpecialPieces:
         for kind in SPECIAL_KINDS:
             i = getattr(spec, f"{kind}_id")
             if i >= len(proto.pieces):
-                raise TokenizerError(f"{source}: trainer_spec.{kind}_id {i} is past the last piece ({len(proto.pieces) - 1})")
+                raise TokenizerError(f"{source}: trainer_spec.{kind}_id {i} is past the last piece "
+                                     f"({len(proto.pieces) - 1})")
             # The piece at the id, not trainer_spec.<kind>_piece: the id is what sentencepiece uses.
             ids[kind] = i if i >= 0 else None
             pieces[kind] = proto.pieces[i].piece if i >= 0 else None
@@ -122,9 +123,10 @@ def _warn_inexact(proto: sp_model.ModelProto, source: Path | str) -> None:
     text = [p for p in proto.pieces if p.type == Piece.NORMAL]
     chars = {p.piece for p in text if len(p.piece) == 1}
     scores = [p.score for p in text if len(p.piece) > 1]
-    if len(set(scores)) < len(scores):
+    tied = len(scores) - len(set(scores))
+    if tied:
         log.warning("%s: %d multi-character pieces share their score with another; where two such merges overlap, "
-                    "sentencepiece takes the leftmost and tokenizer.json the lower id", source, len(scores) - len(set(scores)))
+                    "sentencepiece takes the leftmost and tokenizer.json the lower id", source, tied)
     orphans = [p.piece for p in text if any(c not in chars for c in p.piece)]
     if orphans:
         log.warning("%s: %d pieces (e.g. %r) hold a character that is not a piece itself; tokenizer.json spells that "
