@@ -6,7 +6,6 @@ HF uses the same RoPE layout as the native model, so tensors copy unchanged.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from llama_zh.checkpoint import (
@@ -14,8 +13,10 @@ from llama_zh.checkpoint import (
     write_safetensors_shards,
 )
 from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.convert.hf_tokenizer import SpecialPieces, build_hf_tokenizer
 from llama_zh.convert.keys import KeyMap
 from llama_zh.tensor_io import CheckpointError, torch_load_weights
+from llama_zh.vocab import load_model_proto
 
 KEYS = KeyMap(
     {
@@ -35,6 +36,10 @@ KEYS = KeyMap(
     # Older checkpoints carry a non-parameter rotary buffer.
     ignore=(r"rotary_emb\.inv_freq$",),
 )
+
+# LLaMA's special pieces, for an export without a tokenizer to read them from.
+LLAMA_SPECIAL = SpecialPieces({"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None},
+                              {"bos": 1, "eos": 2, "unk": 0, "pad": None})
 
 
 def config_from_hf(config_file: Path) -> ModelConfig:
@@ -121,7 +126,9 @@ def _bin_stream(path: Path):
     return specs, tensors
 
 
-def hf_config(config: ModelConfig, dtype: str) -> dict:
+def hf_config(config: ModelConfig, dtype: str, special: SpecialPieces | None = None) -> dict:
+    """config.json; the special ids are the tokenizer's (LLaMA's bos 1, eos 2, no pad without one)."""
+    ids = (special or LLAMA_SPECIAL).ids
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -141,9 +148,9 @@ def hf_config(config: ModelConfig, dtype: str) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": None,
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["pad"],
         "torch_dtype": dtype,
         "dtype": dtype,
     }
@@ -152,36 +159,64 @@ def hf_config(config: ModelConfig, dtype: str) -> dict:
 def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
     check_specs(stream)
     dtype = str(next(iter(stream.specs.values()))[0]).removeprefix("torch.")
+    files = metadata_files(stream, dtype)  # a tokenizer that cannot be exported is refused before any weight is written
     target = _AtomicDir(path, overwrite)
     try:
         write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes,
                                  rename=KEYS.to_outside, metadata={"format": "pt"})
-        (target.tmp / "config.json").write_text(json.dumps(hf_config(stream.config, dtype), indent=2))
-        generation = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}
-        (target.tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        if stream.tokenizer is not None:
-            shutil.copyfile(stream.tokenizer, target.tmp / "tokenizer.model")
-            _write_tokenizer_config(target.tmp, stream.config)
+        for name, data in files.items():
+            (target.tmp / name).write_bytes(data)
         return target.commit()
     except BaseException:
         target.abort()
         raise
 
 
-def _write_tokenizer_config(directory: Path, config: ModelConfig) -> None:
-    # bos/eos spelled out: an empty bos/eos here is a known breakage of a public TP->HF script.
+def metadata_files(stream: WeightStream, dtype: str) -> dict[str, bytes]:
+    """Every file of the export but the weights: configs, and with a tokenizer its four files."""
+    files, special = {}, None
+    if stream.tokenizer is not None:
+        proto = load_model_proto(stream.tokenizer)
+        if len(proto.pieces) > stream.config.vocab_size:
+            raise CheckpointError(f"{stream.tokenizer}: {len(proto.pieces)} pieces, more than the model's vocab_size "
+                                  f"{stream.config.vocab_size} (ids past it have no embedding row)")
+        special = SpecialPieces.from_proto(proto, stream.tokenizer)
+        files |= tokenizer_files(stream.tokenizer, stream.config, special)
+    ids = (special or LLAMA_SPECIAL).ids
+    generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "do_sample": False}
+    if ids["pad"] is not None:
+        generation["pad_token_id"] = ids["pad"]
+    files["config.json"] = _json(hf_config(stream.config, dtype, special))
+    files["generation_config.json"] = _json(generation)
+    return files
+
+
+def tokenizer_files(model: Path, config: ModelConfig, special: SpecialPieces) -> dict[str, bytes]:
+    """tokenizer.model as it is, the tokenizer.json that reproduces it, and the files naming its special pieces.
+
+    tokenizer_class PreTrainedTokenizerFast: transformers (4 and 5) then runs tokenizer.json as
+    written. Under LlamaTokenizer, transformers 5 keeps only its vocabulary and merges and rebuilds
+    the Metaspace pipeline that drops a `▁` from text starting with a space. `legacy` and
+    `add_prefix_space`, the Llama classes' switches for that pipeline, are not written.
+    """
+    add_bos = special.ids["bos"] is not None
+    named = {f"{kind}_token": special.pieces[kind] for kind in ("bos", "eos", "unk", "pad")}
     tokenizer_config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": None,
-        "add_bos_token": True,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        # bos/eos spelled out: an empty bos/eos here is a known breakage of a public TP->HF script.
+        **named,
+        "add_bos_token": add_bos,
         "add_eos_token": False,
-        "legacy": True,
         "clean_up_tokenization_spaces": False,
         "model_max_length": config.max_seq_len,
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return {
+        "tokenizer.model": Path(model).read_bytes(),
+        "tokenizer.json": build_hf_tokenizer(model, add_bos=add_bos).to_str(pretty=True).encode("utf-8"),
+        "tokenizer_config.json": _json(tokenizer_config),
+        "special_tokens_map.json": _json({k: v for k, v in named.items() if v is not None}),
+    }
+
+
+def _json(value: dict) -> bytes:
+    return json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8")
