@@ -1,13 +1,17 @@
-"""Eval tasks on hand-checked cases: sliding-window perplexity, continuation scores, multiple choice,
-classification by label likelihood, exact match and character ROUGE-L, and the stage=eval sweep table."""
+"""Eval tasks on hand-checked cases: sliding-window and per-document perplexity, continuation scores,
+multiple choice by letters and by option texts, classification by label likelihood, exact match and
+character ROUGE-L, progress reporting, and stage=eval end to end (protocol record, sweep table)."""
 
+import io
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from llama_zh.config import ModelConfig
 from llama_zh.data.corpus import DataError
@@ -15,10 +19,17 @@ from llama_zh.data.sft import Template
 from llama_zh.eval.instructions import (
     evaluate_classification, evaluate_generation, exact_match, lcs_length, read_instruction_records, rouge_l_chars,
 )
-from llama_zh.eval.multiple_choice import build_prompt, evaluate_multiple_choice, letter_ids, read_questions
-from llama_zh.eval.perplexity import perplexity, source_perplexities, stream_nll, window_spans
-from llama_zh.eval.report import comparison_table, markdown_table
-from llama_zh.eval.scoring import continuation_logprobs
+from llama_zh.config import ConfigError
+from llama_zh.data.prepare import prepare_tokens
+from llama_zh.eval.multiple_choice import (
+    Question, build_prompt, check_scoring, evaluate_multiple_choice, letter_ids, read_questions,
+)
+from llama_zh.eval.perplexity import (
+    document_nlls, perplexity, rolling_perplexity, source_perplexities, stream_nll, window_spans,
+)
+from llama_zh.eval.progress import Progress
+from llama_zh.eval.report import comparison_table, markdown_table, result_metrics
+from llama_zh.eval.scoring import continuation_logprobs, row_continuation_logprobs
 from llama_zh.generate import SamplingConfig
 from llama_zh.model import build_model
 from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
@@ -379,3 +390,251 @@ def test_max_records_spreads_over_a_sorted_file():
 
     assert spread(list(range(10)), 4) == [0, 2, 5, 7]
     assert spread(list(range(3)), 5) == [0, 1, 2] and spread(list(range(3)), None) == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------- per-document (rolling) perplexity
+
+
+def rolling_reference(model, doc, window):
+    """-log P of each token of `doc` (bos first) computed one token at a time: token j is predicted from
+    the window that holds it, windows of `window` back to back, the last one ending at the document's
+    end (lm-eval's rolling windows), by a plain forward pass over exactly that window's inputs up to j."""
+    n, nll = len(doc), 0.0
+    with torch.no_grad():
+        for j in range(1, n):
+            start = (j - 1) // window * window
+            start = min(start, max(0, n - 1 - window))  # the last window is full, aligned to the end
+            context = torch.tensor([doc[start:j]])
+            nll -= float(model(context)[0, -1].log_softmax(-1)[doc[j]])
+    return nll
+
+
+def test_rolling_perplexity_equals_a_token_by_token_reference():
+    model = tiny_real_model(max_seq_len=64)
+    rng = np.random.default_rng(1)
+    window = 8
+    # One document far longer than the window (a partial last window), others shorter than it or just
+    # over, batched together so that short windows are padded next to full ones.
+    docs = [[1] + rng.integers(3, 300, n).tolist() for n in (45, 4, 12, 8, 1)]
+    got = document_nlls(model, docs, window, batch_size=3)
+    for doc, (nll, count) in zip(docs, got):
+        assert count == len(doc) - 1
+        assert nll == pytest.approx(rolling_reference(model, doc, window), rel=1e-5, abs=1e-5)
+    # A document scored alone ignores the others: the same as a batch of one.
+    assert document_nlls(model, docs[:1], window, batch_size=1)[0][0] == pytest.approx(got[0][0], rel=1e-6)
+
+
+def test_rolling_perplexity_reports_bits_per_byte_and_word_perplexity(tok):
+    model = tiny_real_model(vocab=tok.vocab_size, max_seq_len=64)
+    texts = ["这本书的内容很好，值得一读。 推荐给大家 second part", "质量太差了", "   "]
+    r = rolling_perplexity(model, tok, texts, window=8, batch_size=2)
+    docs = [tok.encode(t, bos=True) for t in texts[:2]]  # the blank text is no document
+    nll = sum(rolling_reference(model, d, 8) for d in docs)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts[:2])
+    words = sum(len(re.split(r"\s+", t)) for t in texts[:2])
+    assert (r["documents"], r["tokens"], r["bytes"], r["words"]) == (2, sum(len(d) - 1 for d in docs), n_bytes, words)
+    assert r["bits_per_byte"] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-5)
+    assert r["byte_perplexity"] == pytest.approx(math.exp(nll / n_bytes), rel=1e-5)
+    assert r["word_perplexity"] == pytest.approx(math.exp(nll / words), rel=1e-5)
+    assert r["token_perplexity"] == pytest.approx(math.exp(nll / r["tokens"]), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- multiple choice by option text
+
+
+class CharTokenizer:
+    """One token per character, bos 1: an option's tokens are its characters, so the scores can be
+    summed by hand from a bigram table."""
+
+    def __init__(self, text):
+        self.ids = {c: i + 3 for i, c in enumerate(sorted(set(text)))}
+        self.vocab_size, self.bos_id, self.eos_id = len(self.ids) + 3, 1, 2
+
+    def encode(self, text, bos=False, eos=False):
+        return [1] * bos + [self.ids[c] for c in text] + [2] * eos
+
+
+def test_option_scoring_acc_and_acc_norm_by_hand():
+    q1 = Question("1", "问", ("好好好好", "坏", "差", "错"), "A", "t.csv:2")
+    q2 = Question("2", "水", ("H2O", "水", "差", "错"), "B", "t.csv:3")
+    tok = CharTokenizer("".join(build_prompt(q, [], scoring="option") + "".join(q.options) for q in (q1, q2)))
+    i = tok.ids
+    table = torch.zeros(tok.vocab_size, tok.vocab_size)
+    table[:, i["差"]] = table[:, i["错"]] = -5.0  # the distractors are unlikely everywhere
+    table[i["："], i["好"]], table[i["好"], i["好"]], table[i["："], i["坏"]] = 1.0, 4.0, 2.5
+    table[i["："], i["H"]], table[i["H"], i["2"]], table[i["2"], i["O"]] = 2.0, 5.0, 5.0
+    table[i["："], i["水"]] = 3.0
+    model = BigramLM(table)
+
+    def by_hand(q, text):  # log P(text | prompt), the chain from the prompt's last character
+        chain = [tok.ids["："]] + tok.encode(text)
+        return sum(model.logp(a, z) for a, z in zip(chain, chain[1:]))
+
+    result = evaluate_multiple_choice(model, tok, [q1, q2], batch_size=2, scoring="option")
+    for q, pred in zip((q1, q2), result["predictions"]):
+        assert pred["loglikelihood"] == pytest.approx([by_hand(q, t) for t in q.options], abs=1e-5)
+    sums = {q.id: [by_hand(q, t) for t in q.options] for q in (q1, q2)}
+    # q1: the one-token 坏 has the highest sum, 好好好好 the highest per character.
+    assert max(range(4), key=sums["1"].__getitem__) == 1
+    assert max(range(4), key=lambda k: sums["1"][k] / len(q1.options[k])) == 0
+    # q2: 水 has the highest sum; per character H2O (3 characters) wins, per UTF-8 byte 水 (3 bytes) does.
+    assert max(range(4), key=sums["2"].__getitem__) == 1
+    assert max(range(4), key=lambda k: sums["2"][k] / len(q2.options[k])) == 0
+    assert max(range(4), key=lambda k: sums["2"][k] / len(q2.options[k].encode())) == 1
+    p1, p2 = result["predictions"]
+    assert (p1["predicted"], p1["predicted_norm"], p1["predicted_norm_bytes"]) == ("B", "A", "A")
+    assert (p2["predicted"], p2["predicted_norm"], p2["predicted_norm_bytes"]) == ("B", "A", "B")
+    assert result["acc"] == result["accuracy"] == pytest.approx(0.5) and result["correct"] == 1
+    assert result["acc_norm"] == pytest.approx(0.5) and result["acc_norm_bytes"] == pytest.approx(1.0)
+    assert result["scoring"] == "option"
+
+
+def test_option_scoring_equals_a_plain_forward_pass(tok, tmp_path):
+    path = tmp_path / "val.csv"
+    path.write_text(CEVAL, encoding="utf-8")
+    qs = read_questions(path)
+    model = tiny_real_model(vocab=tok.vocab_size, max_seq_len=256)
+    result = evaluate_multiple_choice(model, tok, qs[1:], shots=qs[:1], batch_size=4, scoring="option")
+    with torch.no_grad():
+        for q, pred in zip(qs[1:], result["predictions"]):
+            prompt = build_prompt(q, qs[:1], scoring="option")
+            assert prompt.endswith(q.question + "\n答案：") and "A. " not in prompt  # options are not listed
+            ids = tok.encode(prompt, bos=True)
+            expected = []
+            for text in q.options:
+                whole = tok.encode(prompt + text, bos=True)
+                assert whole[: len(ids)] == ids
+                cont = whole[len(ids):]
+                logp = model(torch.tensor([ids + cont[:-1]]))[0].log_softmax(-1)
+                expected.append(sum(float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(cont)))
+            assert pred["loglikelihood"] == pytest.approx(expected, abs=1e-4)
+            assert pred["predicted"] == "ABCD"[int(np.argmax(expected))]
+
+
+def test_row_continuations_of_different_lengths_by_hand():
+    table = torch.randn(7, 7, generator=torch.Generator().manual_seed(3))
+    model = BigramLM(table)
+    prompts = [[1, 3], [2, 4, 4]]
+    conts = [[[5], [6, 6, 2]], [[3, 3, 3, 3], [0]]]
+    got = row_continuation_logprobs(model, prompts, conts)
+    for b, p in enumerate(prompts):
+        for n, c in enumerate(conts[b]):
+            chain = [p[-1]] + c
+            assert float(got[b, n]) == pytest.approx(sum(model.logp(a, z) for a, z in zip(chain, chain[1:])), abs=1e-5)
+
+
+def test_an_unknown_mc_scoring_is_refused():
+    with pytest.raises(ConfigError, match=r"^stage\.mc\.scoring: 'text'; expected one of letter, option$"):
+        check_scoring("text")
+    with pytest.raises(ConfigError, match="stage.mc.scoring"):
+        evaluate_multiple_choice(BigramLM(torch.zeros(4, 4)), CharTokenizer("x"), [], scoring="Option")
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_writes_a_periodic_line_when_not_a_terminal():
+    stream, clock = io.StringIO(), FakeClock()
+    bar = Progress("eval mc", 10, "questions", every_s=30, stream=stream, clock=clock)
+    clock.now = 5
+    bar.update(4)
+    assert stream.getvalue() == ""  # not yet: one line per 30 s, not one per batch
+    clock.now = 31
+    bar.update(4)
+    assert stream.getvalue() == "eval mc: 8/10 questions (80%), 31 s, 0.3 questions/s\n"
+    clock.now = 40
+    bar.update(2)
+    bar.close()
+    assert stream.getvalue().splitlines()[-1].startswith("eval mc: 10/10 questions (100%), 40 s")
+    assert len(stream.getvalue().splitlines()) == 2
+
+
+def test_progress_is_a_bar_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    with Progress("eval mc", 3, "questions", stream=stream) as bar:
+        bar.update(3)
+    assert "eval mc" in stream.getvalue() and "3/3" in stream.getvalue() and "\r" in stream.getvalue()
+
+
+# ------------------------------------------------------------------------------- held-out-only data for eval
+
+
+def held_out_only_data(tmp_path, docs=("第一篇文档。", "第二篇文档。", "第三篇文档。", "第四篇文档。")):
+    text = tmp_path / "held.txt"
+    text.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    return OmegaConf.create({"name": "held", "dir": str(tmp_path / "data"), "holdout_modulus": 1,  # all held out
+                             "sources": {"held": {"files": [str(text)]}}, "packing": {"num_proc": 1}})
+
+
+def test_a_held_out_only_source_is_enough_for_eval_but_not_for_training(tok, tmp_path):
+    cfg = held_out_only_data(tmp_path)
+    with pytest.raises(DataError, match=r"source 'held' .*: no documents to train on \(read 4, kept 4, train 0, val 4,"):
+        prepare_tokens(cfg, tok)  # the corpus built for training
+    shards = prepare_tokens(cfg, tok, splits=["val"])["val"]["held"]  # what eval asks for
+    assert sum(len(np.fromfile(s, dtype=np.uint16)) for s in shards) > 4
+    # The corpus eval wrote (no training split) is then refused for training, naming the counts.
+    with pytest.raises(DataError, match=r"source 'held' .*: no documents to train on \(train 0, val 4; data.holdout_modulus=1\)"):
+        prepare_tokens(cfg, tok)
+
+
+# ------------------------------------------------------------------------------------------ protocol record
+
+
+def test_result_metrics_carry_the_new_scores():
+    report = {"rolling_perplexity": {"all": {"bits_per_byte": 1.5, "byte_perplexity": 2.8, "word_perplexity": 9.0,
+                                             "token_perplexity": 7.0, "documents": 3}},
+              "mc": {"accuracy": 0.5, "acc_norm": 0.75, "acc_norm_bytes": 0.25, "n": 4, "scoring": "option"}}
+    m = result_metrics(report)
+    assert m["rolling_perplexity/all/bits_per_byte"] == 1.5 and m["mc/acc_norm"] == 0.75 and m["mc/scoring"] == "option"
+    assert "mc/acc_norm" not in result_metrics({"mc": {"accuracy": 0.5, "n": 4}})
+
+
+@pytest.mark.slow
+def test_eval_records_the_protocol_of_every_score(tok, tmp_path):
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", tok, dim=64, ffn_dim=128, max_seq_len=256)
+    val = tmp_path / "val.csv"
+    val.write_text(CEVAL, encoding="utf-8")
+    docs = tmp_path / "held.txt"
+    docs.write_text("这本书的内容很好，值得一读。\n质量太差了，不推荐。\n物流很快，包装完好。\n", encoding="utf-8")
+    run = tmp_path / "run"
+    result = llama_zh("stage=eval", f"stage.checkpoint={ckpt}", "stage.tasks=[perplexity,rolling_perplexity,mc]",
+                      f"stage.mc.file={val}", f"stage.mc.dev_file={val}", "stage.mc.shots=1", "stage.mc.scoring=option",
+                      "stage.rolling.window=16", "data.seq_len=16", "stage.speed_probe_tokens=0",
+                      "~data.sources.reviews", f"data.sources.news.files=[{docs}]", "data.sources.news.format=text",
+                      "data.holdout_modulus=1", f"paths.data_dir={tmp_path / 'data'}", "logger=csv", run_dir=run)
+    report = json.loads((run / "eval_results.json").read_text())
+    sha = tok.sha256()
+    assert report["tokenizer_sha256"] == sha
+    assert set(report["protocol"]) == {"perplexity", "rolling_perplexity", "mc"}
+    for task, p in report["protocol"].items():
+        assert p["tokenizer_sha256"] == sha and "template" in p and "shots" in p, task
+    mc = report["protocol"]["mc"]
+    assert (mc["scoring"], mc["shots"]) == ("option", 1) and "答案：" in mc["template"]
+    assert report["protocol"]["perplexity"]["scoring"] == "packed-stream"
+    assert (report["protocol"]["rolling_perplexity"]["scoring"], report["protocol"]["rolling_perplexity"]["window"]) == \
+        ("rolling-per-document", 16)
+    assert report["rolling_perplexity"]["news"]["documents"] == 3 and report["perplexity"]["news"]["tokens"] > 0
+    assert report["mc"]["n"] == 3 and 0 <= report["mc"]["acc_norm"] <= 1
+    # stderr is a pipe here: one progress line per task at least, with its count.
+    for line in ("eval perplexity: ", "eval rolling_perplexity: 3/3 documents", "eval mc: 3/3 questions"):
+        assert line in result.stderr, result.stderr[-2000:]
+
+
+def test_eval_refuses_an_unknown_scoring_in_one_line(tmp_path):
+    result = llama_zh("stage=eval", "stage.checkpoint=/nonexistent/ckpt", "stage.tasks=mc", "stage.mc.scoring=text",
+                      run_dir=tmp_path / "run", check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == \
+        "llama_zh: error: stage.mc.scoring: 'text'; expected one of letter, option"

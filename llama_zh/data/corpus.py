@@ -235,10 +235,12 @@ class _SplitWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_source(source: Source, directory: Path, holdout_modulus: int = 10) -> dict:
+def write_source(source: Source, directory: Path, holdout_modulus: int = 10, require_train: bool = True) -> dict:
     """Write <source>.train.txt, <source>.val.txt and <source>.report.json under `directory`; return the report.
 
-    The report is written last: its presence means the split files are complete.
+    The report is written last: its presence means the split files are complete. A source with no
+    training documents is refused unless `require_train` is off (evaluation reads only the held-out
+    split, so a source that is all held out is fine there); one with no documents at all always is.
     """
     directory.mkdir(parents=True, exist_ok=True)
     report_file(directory, source.name).unlink(missing_ok=True)
@@ -253,15 +255,15 @@ def write_source(source: Source, directory: Path, holdout_modulus: int = 10) -> 
             doc = cleaner.clean(raw, counts)
             if doc is not None:
                 writers[split].write(doc)
-        if writers["train"].documents == 0:
-            raise DataError(f"source {source.name!r} ({', '.join(source.files)}): no documents to train on "
-                            f"({_describe(counts)})")
+        counts.train, counts.val = writers["train"].documents, writers["val"].documents
+        if counts.train == 0 and (require_train or counts.val == 0):
+            raise DataError(f"source {source.name!r} ({', '.join(source.files)}): no documents "
+                            f"{'to train on' if require_train else 'at all'} ({_describe(counts)})")
         outputs = {split: w.commit() for split, w in writers.items()}
     except BaseException:
         for w in writers.values():
             w.discard()
         raise
-    counts.train, counts.val = outputs["train"]["documents"], outputs["val"]["documents"]
     input_bytes = sum(f["bytes"] for f in fingerprint["inputs"])
     report = {"source": source.name, **fingerprint, "counts": asdict(counts), "outputs": outputs,
               "dedup_table_bytes": cleaner.seen.nbytes if cleaner.seen is not None else 0,

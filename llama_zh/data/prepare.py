@@ -54,8 +54,10 @@ def _current_report(directory: Path, source: Source, holdout_modulus: int) -> di
     return report
 
 
-def build_corpus(data_cfg: DictConfig) -> dict[str, dict]:
-    """Every source's report, (re)writing the sources whose corpus is missing or stale; `reused` says which."""
+def build_corpus(data_cfg: DictConfig, require_train: bool = True) -> dict[str, dict]:
+    """Every source's report, (re)writing the sources whose corpus is missing or stale; `reused` says which.
+
+    require_train off: a source may be all held out (evaluation needs only that split)."""
     directory = corpus_dir(data_cfg)
     holdout = data_cfg.get("holdout_modulus", 10)
     reports = {}
@@ -64,7 +66,11 @@ def build_corpus(data_cfg: DictConfig) -> dict[str, dict]:
         reused = report is not None
         if not reused:
             log.info("building corpus %s/%s in %s", data_cfg.name, source.name, directory)
-            report = write_source(source, directory, holdout)
+            report = write_source(source, directory, holdout, require_train)
+        elif require_train and report["outputs"]["train"]["documents"] == 0:  # written by an eval run
+            c = report["counts"]
+            raise DataError(f"source {source.name!r} ({', '.join(source.files)}): no documents to train on "
+                            f"(train 0, val {c['val']}; data.holdout_modulus={holdout})")
         reports[source.name] = {**report, "reused": reused}
     return reports
 
@@ -110,7 +116,7 @@ def build_shards(data_cfg: DictConfig, tokenizer: Tokenizer,
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise DataError(f"split {unknown[0]!r}: expected one of {', '.join(SPLITS)}")
-    reports = build_corpus(data_cfg)
+    reports = build_corpus(data_cfg, require_train="train" in splits)
     corpus = corpus_dir(data_cfg)
     out_dir = packed_dir(data_cfg, tokenizer)
     num_proc, shard_tokens = packing_options(data_cfg)

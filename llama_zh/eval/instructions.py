@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from llama_zh.data.corpus import DataError
 from llama_zh.data.sft import Template, load_records
@@ -39,12 +40,24 @@ def spread(records: list, limit: int | None) -> list:
     return [records[i * len(records) // limit] for i in range(limit)]
 
 
+def classification_records(records: list[dict], max_records: int | None) -> list[dict]:
+    """The records classification scores."""
+    return spread(records, max_records)
+
+
+def generation_records(records: list[dict], max_records: int | None) -> list[dict]:
+    """The records generation answers: those with a reference output, at most `max_records`."""
+    return spread([r for r in records if r["output"].strip()], max_records)
+
+
 def evaluate_classification(model: Transformer, tokenizer: Tokenizer, records: list[dict], template: Template,
-                            labels: list[str] | None = None, batch_size: int = 8, max_records: int | None = None) -> dict:
+                            labels: list[str] | None = None, batch_size: int = 8, max_records: int | None = None,
+                            progress: Callable[[int], None] | None = None) -> dict:
     """{'accuracy', 'correct', 'n', 'labels', 'confusion': {gold: {predicted: count}}}; labels None: the
-    distinct outputs of all records, scored on `spread(records, max_records)`."""
+    distinct outputs of all records, scored on `spread(records, max_records)`. `progress` is called
+    with the number of records each batch finished."""
     labels = sorted({r["output"].strip() for r in records}) if labels is None else [str(label) for label in labels]
-    records = spread(records, max_records)
+    records = classification_records(records, max_records)
     gold = [r["output"].strip() for r in records]
     if len(labels) < 2:
         raise DataError(f"classification needs at least 2 labels, got {labels}")
@@ -61,6 +74,8 @@ def evaluate_classification(model: Transformer, tokenizer: Tokenizer, records: l
         scores = continuation_logprobs(model, [prompts[i] for i in batch], label_ids)  # (b, n_labels)
         for row, i in enumerate(batch):
             predicted[i] = labels[int(scores[row].argmax())]
+        if progress:
+            progress(len(batch))
     correct = sum(p == g for p, g in zip(predicted, gold))
     confusion = {g: dict(Counter(p for p, gg in zip(predicted, gold) if gg == g)) for g in labels}
     return {"accuracy": correct / len(records), "correct": correct, "n": len(records), "labels": labels,
@@ -97,12 +112,13 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def evaluate_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], template: Template,
-                        sampling: SamplingConfig, batch_size: int = 8, max_records: int | None = None) -> dict:
+                        sampling: SamplingConfig, batch_size: int = 8, max_records: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> dict:
     """{'exact_match', 'rouge_l', 'n', 'new_tokens', 'examples': first few (prompt, reference, answer)}.
 
     Records with an empty reference output are skipped (nothing to compare with); then at most
     `max_records`, evenly spaced."""
-    records = spread([r for r in records if r["output"].strip()], max_records)
+    records = generation_records(records, max_records)
     if not records:
         raise DataError("generation: no record has a reference output")
     prompts = [tokenizer.encode(template.format(r["instruction"], r.get("input", "")), bos=True) for r in records]
@@ -113,6 +129,8 @@ def evaluate_generation(model: Transformer, tokenizer: Tokenizer, records: list[
         for i, ids in zip(batch, out):
             answers[i] = tokenizer.decode(ids)
             new_tokens += len(ids)
+        if progress:
+            progress(len(batch))
     em = [exact_match(a, r["output"]) for a, r in zip(answers, records)]
     rouge = [rouge_l_chars(a, r["output"]) for a, r in zip(answers, records)]
     examples = [{"input": r.get("input", "")[:100], "reference": r["output"], "answer": a}

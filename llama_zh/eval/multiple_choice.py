@@ -1,8 +1,17 @@
 """Multiple choice in the C-Eval CSV layout (id, question, A, B, C, D, answer), zero- or few-shot.
 
-The prompt is C-Eval's answer-only format: a header, then each shot as `question / A. .. / D. .. /
-答案：X`, then the question ending in `答案：`. The model's choice is the option letter whose token
-scores highest as the next token (letters tokenized as they follow the prompt).
+Two protocols (`scoring`), whose accuracies are not comparable with each other:
+
+letter  C-Eval's answer-only format: a header, then each shot as `question / A. .. / D. .. / 答案：X`,
+        then the question ending in `答案：`. The model's choice is the option letter whose token
+        scores highest as the next token (letters tokenized as they follow the prompt).
+option  the cloze form lm-eval's multiple-choice tasks use: the question alone ending in `答案：`
+        (shots end in their answer's text), and each option's text scored as the continuation.
+        acc: the highest summed log-likelihood; acc_norm: the highest log-likelihood per character
+        of the option text (lm-eval divides by `len(choice)`, characters); acc_norm_bytes: per byte
+        of its UTF-8 text (the same ranking for all-CJK options, not for mixed ones such as H2O).
+        The option's tokens are those the prompt followed by the option becomes after the prompt's
+        own tokens, as lm-eval splits a context and continuation.
 """
 
 from __future__ import annotations
@@ -10,14 +19,22 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from llama_zh.config import ConfigError
 from llama_zh.data.corpus import DataError
-from llama_zh.eval.scoring import batches_by_length, continuation_logprobs
+from llama_zh.eval.scoring import batches_by_length, continuation_logprobs, row_continuation_logprobs
 from llama_zh.model import Transformer
 from llama_zh.tokenizer import Tokenizer
 
 LETTERS = ("A", "B", "C", "D")
 COLUMNS = ("id", "question", *LETTERS, "answer")
+SCORINGS = ("letter", "option")
+# The prompt each protocol builds, recorded with its scores (shots are whole questions in the same form).
+TEMPLATES = {
+    "letter": "{header}{shots}{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\n答案：  -> scored: the letter token",
+    "option": "{header}{shots}{question}\n答案：  -> scored: each option's text",
+}
 
 
 @dataclass
@@ -31,6 +48,11 @@ class Question:
     def format(self, with_answer: bool) -> str:
         lines = [self.question] + [f"{letter}. {text}" for letter, text in zip(LETTERS, self.options)]
         return "\n".join(lines) + "\n答案：" + (self.answer + "\n\n" if with_answer else "")
+
+    def cloze(self, with_answer: bool) -> str:
+        """The question alone; a shot ends in its answer's text."""
+        answer = self.options[LETTERS.index(self.answer)] + "\n\n" if with_answer else ""
+        return self.question + "\n答案：" + answer
 
 
 def read_questions(path: Path) -> list[Question]:
@@ -66,7 +88,10 @@ def header(subject: str | None) -> str:
     return "以下是单项选择题，请选出其中的正确答案。\n\n"
 
 
-def build_prompt(question: Question, shots: list[Question], subject: str | None = None) -> str:
+def build_prompt(question: Question, shots: list[Question], subject: str | None = None,
+                 scoring: str = "letter") -> str:
+    if scoring == "option":
+        return header(subject) + "".join(s.cloze(True) for s in shots) + question.cloze(False)
     return header(subject) + "".join(s.format(True) for s in shots) + question.format(False)
 
 
@@ -82,9 +107,30 @@ def letter_ids(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> list
     return ids
 
 
+def option_ids(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int], text: str) -> list[int]:
+    """The tokens of `text` as it follows `prompt`: what prompt + text encodes to after the prompt's own
+    tokens (the option alone would get a word-start piece it never has after `答案：`); the text
+    encoded alone if the tokenizer merged across the boundary."""
+    whole = tokenizer.encode(prompt + text, bos=True)
+    if len(whole) > len(prompt_ids) and whole[: len(prompt_ids)] == prompt_ids:
+        return whole[len(prompt_ids) :]
+    return tokenizer.encode(text)
+
+
+def check_scoring(scoring: str) -> str:
+    if scoring not in SCORINGS:
+        raise ConfigError(f"stage.mc.scoring: {scoring!r}; expected one of {', '.join(SCORINGS)}")
+    return scoring
+
+
 def evaluate_multiple_choice(model: Transformer, tokenizer: Tokenizer, questions: list[Question],
-                             shots: list[Question] = (), subject: str | None = None, batch_size: int = 8) -> dict:
-    """{'accuracy', 'correct', 'n', 'predictions': [{'id', 'answer', 'predicted'}]}."""
+                             shots: list[Question] = (), subject: str | None = None, batch_size: int = 8,
+                             scoring: str = "letter", progress: Callable[[int], None] | None = None) -> dict:
+    """{'accuracy', 'correct', 'n', 'scoring', 'predictions': [{'id', 'answer', 'predicted', ...}]}; with
+    scoring 'option' also 'acc', 'acc_norm', 'acc_norm_bytes' ('accuracy' is 'acc'). `progress` is
+    called with the number of questions each batch finished."""
+    if check_scoring(scoring) == "option":
+        return _evaluate_options(model, tokenizer, questions, list(shots), subject, batch_size, progress)
     prompts = [build_prompt(q, list(shots), subject) for q in questions]
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
     letters = [letter_ids(tokenizer, p, i) for p, i in zip(prompts, ids)]
@@ -98,6 +144,43 @@ def evaluate_multiple_choice(model: Transformer, tokenizer: Tokenizer, questions
         for row, i in enumerate(batch):
             option_scores = [float(scores[row, column[t]]) for t in letters[i]]
             predicted[i] = LETTERS[max(range(4), key=option_scores.__getitem__)]
+        if progress:
+            progress(len(batch))
     correct = sum(p == q.answer for p, q in zip(predicted, questions))
-    return {"accuracy": correct / len(questions), "correct": correct, "n": len(questions),
+    return {"accuracy": correct / len(questions), "correct": correct, "n": len(questions), "scoring": "letter",
             "predictions": [{"id": q.id, "answer": q.answer, "predicted": p} for q, p in zip(questions, predicted)]}
+
+
+def _best(scores: list[float]) -> str:
+    return LETTERS[max(range(len(scores)), key=scores.__getitem__)]
+
+
+def _evaluate_options(model: Transformer, tokenizer: Tokenizer, questions: list[Question], shots: list[Question],
+                      subject: str | None, batch_size: int, progress: Callable[[int], None] | None) -> dict:
+    for q in questions:
+        empty = [letter for letter, text in zip(LETTERS, q.options) if not text]
+        if empty:
+            raise DataError(f"{q.where}: option {empty[0]} is empty; stage.mc.scoring=option scores the option texts")
+    prompts = [build_prompt(q, shots, subject, "option") for q in questions]
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    options = [[option_ids(tokenizer, p, i, text) for text in q.options] for p, i, q in zip(prompts, ids, questions)]
+    loglik: list[list[float]] = [[] for _ in questions]
+    for batch in batches_by_length([len(i) for i in ids], batch_size):
+        scores = row_continuation_logprobs(model, [ids[i] for i in batch], [options[i] for i in batch])
+        for row, i in enumerate(batch):
+            loglik[i] = [float(x) for x in scores[row]]
+        if progress:
+            progress(len(batch))
+    predictions = []
+    for q, ll in zip(questions, loglik):
+        per_char = [x / len(text) for x, text in zip(ll, q.options)]
+        per_byte = [x / len(text.encode("utf-8")) for x, text in zip(ll, q.options)]
+        predictions.append({"id": q.id, "answer": q.answer, "predicted": _best(ll), "predicted_norm": _best(per_char),
+                            "predicted_norm_bytes": _best(per_byte), "loglikelihood": ll})
+    n = len(questions)
+    correct = {k: sum(p[k] == p["answer"] for p in predictions)
+               for k in ("predicted", "predicted_norm", "predicted_norm_bytes")}
+    return {"accuracy": correct["predicted"] / n, "acc": correct["predicted"] / n,
+            "acc_norm": correct["predicted_norm"] / n, "acc_norm_bytes": correct["predicted_norm_bytes"] / n,
+            "correct": correct["predicted"], "correct_norm": correct["predicted_norm"], "n": n, "scoring": "option",
+            "predictions": predictions}

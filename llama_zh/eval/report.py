@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 HEADLINE = {  # metric key -> column title, in table order
     "perplexity/all/ppl": "ppl (all)",
+    "rolling_perplexity/all/bits_per_byte": "bits/byte (all)",
     "mc/accuracy": "mc acc",
+    "mc/acc_norm": "mc acc_norm",
     "classification/accuracy": "cls acc",
     "generation/exact_match": "EM",
     "generation/rouge_l": "ROUGE-L",
@@ -33,11 +35,16 @@ def result_metrics(report: dict) -> dict:
             m[f"perplexity/{source}/ppl"] = r["ppl"]
             m[f"perplexity/{source}/loss"] = r["loss"]
             m[f"perplexity/{source}/tokens"] = r["tokens"]
-    for task, keys in (("mc", ("accuracy", "n")), ("classification", ("accuracy", "n")),
+    for source, r in report.get("rolling_perplexity", {}).items():
+        for k in ("bits_per_byte", "byte_perplexity", "word_perplexity", "token_perplexity", "documents"):
+            m[f"rolling_perplexity/{source}/{k}"] = r[k]
+    for task, keys in (("mc", ("accuracy", "acc_norm", "acc_norm_bytes", "n")), ("classification", ("accuracy", "n")),
                        ("generation", ("exact_match", "rouge_l", "n"))):
         for k in keys:
-            if task in report:
+            if k in report.get(task, {}):
                 m[f"{task}/{k}"] = report[task][k]
+    if "mc" in report:
+        m["mc/scoring"] = report["mc"].get("scoring", "letter")
     q = report.get("quant", {})
     if q:
         m["quant"] = q["method"]

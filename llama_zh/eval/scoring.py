@@ -38,9 +38,24 @@ def continuation_logprobs(model: Transformer, prompts: list[list[int]], continua
     Every continuation is scored after every prompt. Prompts longer than the context minus the
     longest continuation keep their last tokens (see `fit_left`).
     """
-    if not prompts or not continuations or any(len(c) == 0 for c in continuations):
-        raise ValueError("need at least one prompt and non-empty continuations")
-    longest = max(len(c) for c in continuations)
+    return row_continuation_logprobs(model, prompts, [continuations] * len(prompts))
+
+
+@torch.inference_mode()
+def row_continuation_logprobs(model: Transformer, prompts: list[list[int]],
+                              continuations: list[list[list[int]]]) -> torch.Tensor:
+    """(B, N) float: log P(continuations[b][n] | prompts[b]), summed over the continuation's tokens.
+
+    Each prompt has its own N candidates (the option texts of its question). Candidate n of every
+    row is run in one pass on top of the shared prompt cache; shorter candidates are right-padded,
+    which cannot change the scores of the tokens before the padding (the model is causal).
+    """
+    if not prompts or len(continuations) != len(prompts):
+        raise ValueError("need at least one prompt and one list of continuations per prompt")
+    n_cands = len(continuations[0])
+    if not n_cands or any(len(c) != n_cands for c in continuations) or any(not t for c in continuations for t in c):
+        raise ValueError("every prompt needs the same number of non-empty continuations")
+    longest = max(len(t) for c in continuations for t in c)
     room = model.config.max_seq_len - longest + 1  # the last continuation token is never fed
     prompts = [fit_left(p, room) for p in prompts]
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
@@ -53,15 +68,23 @@ def continuation_logprobs(model: Transformer, prompts: list[list[int]], continua
         last = model(ids[:, start : start + chunk], cache, last_only=True)[:, -1]  # (B, V) after the last chunk
     first = last.float().log_softmax(dim=-1)  # (B, V): the next token after each prompt
 
-    scores = torch.empty(B, len(continuations))
-    for n, cont in enumerate(continuations):
-        total = first[:, cont[0]]  # (B,)
-        if len(cont) > 1:
-            cache.pos = P  # rewind: this continuation overwrites the previous one's slots
-            fed = torch.tensor(cont[:-1], device=device).expand(B, -1)  # (B, L-1)
-            logp = model(fed, cache).float().log_softmax(dim=-1)  # (B, L-1, V)
-            target = torch.tensor(cont[1:], device=device).expand(B, -1)
-            total = total + logp.gather(-1, target[..., None]).squeeze(-1).sum(dim=-1)
+    scores = torch.empty(B, n_cands)
+    rows = torch.arange(B, device=device)
+    for n in range(n_cands):
+        conts = [c[n] for c in continuations]
+        total = first[rows, torch.tensor([c[0] for c in conts], device=device)]  # (B,)
+        L = max(len(c) for c in conts)
+        if L > 1:
+            cache.pos = P  # rewind: this candidate overwrites the previous one's slots
+            padded = torch.zeros(B, L, dtype=torch.long)
+            for b, c in enumerate(conts):
+                padded[b, : len(c)] = torch.tensor(c)
+            padded = padded.to(device)
+            lengths = torch.tensor([len(c) for c in conts], device=device)
+            logp = model(padded[:, :-1], cache).float().log_softmax(dim=-1)  # (B, L-1, V)
+            picked = logp.gather(-1, padded[:, 1:, None]).squeeze(-1)  # (B, L-1)
+            real = torch.arange(1, L, device=device)[None, :] < lengths[:, None]
+            total = total + torch.where(real, picked, 0.0).sum(dim=-1)
         scores[:, n] = total.cpu()
     return scores
 
