@@ -234,12 +234,14 @@ def _read_adapter_config(directory: Path) -> FinetuneConfig:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise LlamaZhError(f"{path}: cannot read the adapter config ({e})") from None
-    missing = [k for k in ("rank", "alpha", "target_modules", "modules_to_save") if not isinstance(config, dict) or k not in config]
+    keys = ("rank", "alpha", "target_modules", "modules_to_save")
+    missing = [k for k in keys if not isinstance(config, dict) or k not in config]
     if missing:
         raise LlamaZhError(f"{path}: missing {', '.join(missing)}")
     try:
         return FinetuneConfig(method="lora", rank=config["rank"], alpha=config["alpha"], dropout=0.0,
-                              target_modules=list(config["target_modules"]), modules_to_save=list(config["modules_to_save"]))
+                              target_modules=list(config["target_modules"]),
+                              modules_to_save=list(config["modules_to_save"]))
     except (LlamaZhError, TypeError) as e:
         raise LlamaZhError(f"{path}: {e}") from None
 

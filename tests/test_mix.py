@@ -227,7 +227,8 @@ def test_pretrain_data_refuses_a_zero_weight(mix_cfg):
 
 
 def test_command_line_zero_weight_fails_naming_the_source(tmp_path):
-    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"), LLAMA_ZH_RAW=str(tmp_path / "raw"))
+    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"),
+               LLAMA_ZH_RAW=str(tmp_path / "raw"))
     result = subprocess.run([sys.executable, "-m", "llama_zh", "data=zh_mix", "data.sources.wiki.weight=0",
                              "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"],
                             capture_output=True, text=True, env=env, timeout=300)
