@@ -49,7 +49,7 @@ class NativeCheckpoint(pl.Callback):
         path = self.directory / name
         model = pl_module.model
         stream = export_stream(model, self.tokenizer)
-        adapters = adapter_state(model)  # collective under ZeRO-3: every process takes part
+        adapters = adapter_state(model, self.finetune)  # collective under ZeRO-3: every process takes part
         if trainer.is_global_zero:
             extra = {**self.extra, "global_step": trainer.global_step}
             write_native(stream, path, overwrite=True, extra=extra)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -100,6 +101,19 @@ class LoRALinear(nn.Module):
         return (self.base.weight.float() + delta).to(self.base.weight.dtype)
 
 
+def lora_targets(model: Transformer, target_modules: list[str]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+    """(full name, parent, child name, linear) of each projection LoRA wraps: what `apply_finetune`
+    wraps and what `load_adapter` expects shapes for, from one rule."""
+    targets = set(target_modules)
+    for i, block in enumerate(model.layers):
+        for part, parent in (("attn", block.attn), ("ffn", block.ffn)):
+            for child_name, child in list(parent.named_children()):
+                if child_name in targets and isinstance(child, nn.Linear):
+                    yield f"layers.{i}.{part}.{child_name}", parent, child_name, child
+    if "head" in targets and isinstance(model.head, nn.Linear):
+        yield "head", model, "head", model.head
+
+
 def apply_finetune(model: Transformer, ft: FinetuneConfig) -> Transformer:
     """Freeze and wrap `model` in place for `ft`; returns it."""
     if ft.method == "full":
@@ -116,14 +130,8 @@ def apply_finetune(model: Transformer, ft: FinetuneConfig) -> Transformer:
                 block.requires_grad_(True)
             model.norm.requires_grad_(True)
     else:  # lora
-        targets = set(ft.target_modules)
-        for block in model.layers:
-            for parent in (block.attn, block.ffn):
-                for child_name, child in list(parent.named_children()):
-                    if child_name in targets and isinstance(child, nn.Linear):
-                        setattr(parent, child_name, LoRALinear(child, ft.rank, ft.alpha, ft.dropout))
-        if "head" in targets:
-            model.head = LoRALinear(model.head, ft.rank, ft.alpha, ft.dropout)
+        for _, parent, child_name, child in lora_targets(model, ft.target_modules):
+            setattr(parent, child_name, LoRALinear(child, ft.rank, ft.alpha, ft.dropout))
         for name in ft.modules_to_save:
             module = getattr(model, name)
             (module.base if isinstance(module, LoRALinear) else module).requires_grad_(True)
@@ -169,43 +177,121 @@ def export_stream(model: Transformer, tokenizer=None) -> WeightStream:
     return WeightStream(model.config, specs, lambda: native_tensors(model), tokenizer, source="training model")
 
 
-def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The LoRA matrices (A, B) by native module name, e.g. `layers.0.attn.wq.lora_a`."""
+def _saved_weight(model: Transformer, name: str) -> nn.Parameter:
+    """The trained weight of a `modules_to_save` module (the base weight, unmerged, if LoRA also wraps it)."""
+    module = getattr(model, name)
+    return (module.base if isinstance(module, LoRALinear) else module).weight
+
+
+def adapter_state(model: Transformer, ft: FinetuneConfig | None) -> dict[str, torch.Tensor]:
+    """What turns the base model into the tuned one: the LoRA matrices by native module name
+    (`layers.0.attn.wq.lora_a`) and the fully trained `modules_to_save` weights (`embed.weight`).
+    Empty unless `ft` is LoRA. Collective under ZeRO-3: every process must call it."""
+    if ft is None or ft.method != "lora":
+        return {}
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             with gathered([module.lora_a, module.lora_b]):
                 state[f"{name}.lora_a"] = module.lora_a.detach().clone()
                 state[f"{name}.lora_b"] = module.lora_b.detach().clone()
+    # Without these an adapter applied to the base model silently keeps the base embeddings and head.
+    for name in ft.modules_to_save:
+        weight = _saved_weight(model, name)
+        with gathered([weight]):
+            state[f"{name}.weight"] = weight.detach().clone()
     return state
 
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_adapter(adapters: dict[str, torch.Tensor], directory: Path, ft: FinetuneConfig) -> None:
-    """adapter.safetensors (the A, B matrices) + adapter_config.json (rank, alpha, targets) in `directory`."""
+    """adapter.safetensors (A, B matrices and the modules_to_save weights) + adapter_config.json (rank,
+    alpha, targets) in `directory`, each written under a temporary name and renamed into place."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_FILE))
+    directory = Path(directory)
+    tensors = {k: v.contiguous() for k, v in adapters.items()}
+    _write_atomically(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     config = {"rank": ft.rank, "alpha": ft.alpha, "target_modules": ft.target_modules,
               "modules_to_save": ft.modules_to_save}
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    _write_atomically(directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+
+
+def _read_adapter_config(directory: Path) -> FinetuneConfig:
+    path = directory / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LlamaZhError(f"{path}: cannot read the adapter config ({e})") from None
+    keys = ("rank", "alpha", "target_modules", "modules_to_save")
+    missing = [k for k in keys if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise LlamaZhError(f"{path}: missing {', '.join(missing)}")
+    try:
+        return FinetuneConfig(method="lora", rank=config["rank"], alpha=config["alpha"], dropout=0.0,
+                              target_modules=list(config["target_modules"]),
+                              modules_to_save=list(config["modules_to_save"]))
+    except (LlamaZhError, TypeError) as e:
+        raise LlamaZhError(f"{path}: {e}") from None
+
+
+def _adapter_shapes(model: Transformer, ft: FinetuneConfig) -> dict[str, tuple[int, ...]]:
+    """The shape each tensor of an adapter for `ft` must have on `model` (not yet wrapped)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, _, _, linear in lora_targets(model, ft.target_modules):
+        out_features, in_features = linear.weight.shape
+        shapes[f"{name}.lora_a"] = (ft.rank, in_features)
+        shapes[f"{name}.lora_b"] = (out_features, ft.rank)
+    for name in ft.modules_to_save:
+        shapes[f"{name}.weight"] = tuple(_saved_weight(model, name).shape)
+    return shapes
 
 
 def load_adapter(model: Transformer, directory: Path) -> Transformer:
-    """Wrap `model` (the base weights) with the adapters saved in `directory` (unmerged, dropout off)."""
+    """Wrap `model` (the base weights) with the adapter saved in `directory` (unmerged, dropout off) and
+    put in its modules_to_save weights. The adapter is checked against the model before anything changes."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
-    ft = FinetuneConfig(method="lora", rank=config["rank"], alpha=config["alpha"], dropout=0.0,
-                        target_modules=config["target_modules"], modules_to_save=[])
+    directory = Path(directory)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise LlamaZhError(f"{directory}: the model already carries LoRA adapters; load an adapter onto the base model")
+    ft = _read_adapter_config(directory)
+    path = directory / ADAPTER_FILE
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise LlamaZhError(f"{path}: cannot read the adapter ({e})") from None
+    expected = _adapter_shapes(model, ft)
+    for name, shape in expected.items():
+        if name not in state:
+            raise LlamaZhError(f"{path}: missing tensor {name} (adapter_config.json lists it)")
+        if tuple(state[name].shape) != shape:
+            raise LlamaZhError(f"{path}: {name} has shape {tuple(state[name].shape)}, the model expects {shape} "
+                               f"(an adapter of another model?)")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise LlamaZhError(f"{path}: unexpected tensor {unexpected[0]} for the config in {ADAPTER_CONFIG}")
+
     apply_finetune(model, ft)
-    state = load_file(str(Path(directory) / ADAPTER_FILE))
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            module.lora_a.data.copy_(state[f"{name}.lora_a"])
-            module.lora_b.data.copy_(state[f"{name}.lora_b"])
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LoRALinear):
+                module.lora_a.copy_(state[f"{name}.lora_a"])
+                module.lora_b.copy_(state[f"{name}.lora_b"])
+        for name in ft.modules_to_save:
+            _saved_weight(model, name).copy_(state[f"{name}.weight"])
     return model
 
 

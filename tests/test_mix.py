@@ -1,6 +1,9 @@
 """The weighted mixture stream: proportions, permutations, rank x worker splits, resume."""
 
 import itertools
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -9,7 +12,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from llama_zh.data.corpus import DataError, read_documents, resolve_path
-from llama_zh.data.mix import FeistelPermutation, MixedWindows, MixtureSchedule, apportion
+from llama_zh.data.mix import (FeistelPermutation, MixedWindows, MixtureSchedule, apportion, check_source_weights,
+                               mix_weights)
+from llama_zh.data.prepare import sources_of
 
 
 class Tagged(Dataset):
@@ -84,10 +89,48 @@ def test_seed_determinism():
     assert [a[g] for g in range(3000)] != [c[g] for g in range(3000)]
 
 
-@pytest.mark.parametrize("weights", [[1, 0, 1], [1, -2, 1], [1, 1]])
-def test_bad_weights(weights):
-    with pytest.raises(DataError):
-        MixtureSchedule(SIZES, weights, seed=0)
+@pytest.mark.parametrize("weights,message", [
+    ([1, 0, 1], "data.sources.b.weight: 0"), ([1, -2, 1], "data.sources.b.weight: -2"),
+    ([0, 0, 0], "data.sources.a.weight: 0"), ([1, 1], "one weight per source"),
+    ([1, 1e-6, 1], "the weight of b is below 1/1000"),
+])
+def test_bad_weights(weights, message):
+    with pytest.raises(DataError, match=message):
+        MixtureSchedule(SIZES, weights, seed=0, names=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.5, -1, float("nan"), float("inf"), "lots", True])
+def test_a_source_weight_must_be_a_positive_number(value):
+    blocks = {"news": {"files": ["x"], "weight": 0.5}, "wiki": {"files": ["y"], "weight": value}}
+    with pytest.raises(DataError, match=r"^data\.sources\.wiki\.weight: ") as caught:
+        check_source_weights(blocks)
+    assert "\n" not in str(caught.value)
+
+
+def test_zero_is_not_unset():
+    sizes = {"news": 500, "wiki": 120}
+    assert mix_weights({"news": {}, "wiki": {"weight": None}}, sizes) == [500.0, 120.0]  # unset: by size
+    assert mix_weights({"news": {"weight": 2}, "wiki": {"weight": 0.5}}, sizes) == [2.0, 0.5]
+    for zero in ({"news": {"weight": 1}, "wiki": {"weight": 0}}, {"news": {"weight": 0}, "wiki": {"weight": 0}}):
+        with pytest.raises(DataError, match=r"data\.sources\.(news|wiki)\.weight: 0; .*data\.train_sources"):
+            mix_weights(zero, sizes)
+
+
+def test_weights_for_some_sources_only_are_refused():
+    # A size in windows (500) and a share (0.3) are not on one scale: news would take ~100%.
+    with pytest.raises(DataError, match="wiki set a weight but news do not"):
+        mix_weights({"news": {}, "wiki": {"weight": 0.3}}, {"news": 500, "wiki": 120})
+    # Sources training does not draw from play no part.
+    assert mix_weights({"news": {}, "wiki": {"weight": 0.3}}, {"wiki": 120}) == [0.3]
+
+
+def test_every_stage_reading_the_sources_refuses_a_zero_weight(tmp_path):
+    cfg = OmegaConf.create({"name": "x", "dir": str(tmp_path / "built"), "sources": {
+        "news": {"files": [str(tmp_path / "missing.txt")], "weight": 1},
+        "reviews": {"files": [str(tmp_path / "missing.txt")], "weight": 0}}})
+    with pytest.raises(DataError, match="data.sources.reviews.weight: 0"):
+        sources_of(cfg)  # before the files are looked at or anything is written
+    assert not (tmp_path / "built").exists()
 
 
 def test_ranks_and_workers_are_disjoint_and_complete():
@@ -169,3 +212,26 @@ def test_train_sources_selects_what_training_draws_but_validates_on_all(mix_cfg)
     for bad in (["wiki"], []):
         with pytest.raises(DataError, match=r"data.train_sources: .*expected a non-empty list of \['news', 'reviews'\]"):
             PretrainData(OmegaConf.merge(cfg, {"train_sources": bad}), tokenizer, seed=3).setup("fit")
+
+
+def test_pretrain_data_refuses_a_zero_weight(mix_cfg):
+    """A 0 weight used to be read as "unset" (the source's size): it got ~44% of the windows."""
+    from llama_zh.data.datamodule import PretrainData
+    from llama_zh.tokenizer import Tokenizer
+
+    cfg, tok_path = mix_cfg
+    for weights in ({"news": 0, "reviews": 0.75}, {"news": 0, "reviews": 0}):
+        zeroed = OmegaConf.merge(cfg, {"sources": {name: {"weight": w} for name, w in weights.items()}})
+        with pytest.raises(DataError, match="data.sources.news.weight: 0"):
+            PretrainData(zeroed, Tokenizer(tok_path), seed=3).setup("fit")
+
+
+def test_command_line_zero_weight_fails_naming_the_source(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"),
+               LLAMA_ZH_RAW=str(tmp_path / "raw"))
+    result = subprocess.run([sys.executable, "-m", "llama_zh", "data=zh_mix", "data.sources.wiki.weight=0",
+                             "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "data.sources.wiki.weight: 0" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "data" / "zh_mix").exists()  # refused before any corpus was built

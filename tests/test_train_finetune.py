@@ -4,15 +4,17 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from llama_zh.callbacks import NativeCheckpoint
 from llama_zh.checkpoint import load_checkpoint, write_native
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import (FinetuneConfig, LoRALinear, apply_finetune, count_trainable, export_stream,
-                               load_adapter, merge_lora)
+from llama_zh.finetune import (ADAPTER_CONFIG, ADAPTER_FILE, FinetuneConfig, LoRALinear, adapter_state, apply_finetune,
+                               count_trainable, export_stream, load_adapter, merge_lora, save_adapter)
 from llama_zh.model import build_model
 
 CONFIG = ModelConfig(name="t", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
@@ -94,6 +96,78 @@ def test_freeze_last_blocks():
     assert all(n.startswith(("layers.1.", "norm.")) for n in trainable) and "layers.1.ffn.w_up.weight" in trainable
 
 
+def trained(ft: FinetuneConfig, seed=0):
+    """A LoRA model as training leaves it: adapters non-zero and every trainable weight moved off the base."""
+    model = apply_finetune(build_model(CONFIG, seed=seed), ft)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def save_as_training_does(model, ft, directory):
+    """The end-of-training save of NativeCheckpoint (merged checkpoint + adapter), on one process."""
+    trainer = SimpleNamespace(is_global_zero=True, global_step=7, strategy=SimpleNamespace(barrier=lambda: None))
+    return NativeCheckpoint(directory, None, finetune=ft).save(trainer, SimpleNamespace(model=model), "final")
+
+
+@pytest.mark.parametrize("targets,saved", [
+    (list(LORA.target_modules), ["embed", "head"]),  # the default recipe (conf/finetune/lora.yaml)
+    (list(LORA.target_modules), []),
+    (["wq", "wv", "head"], ["head", "norm"]),  # head both adapted and trained: its base weight is saved unmerged
+])
+def test_base_plus_adapter_equals_the_merged_checkpoint(tmp_path, targets, saved):
+    ft = FinetuneConfig(method="lora", rank=4, alpha=8, target_modules=targets, modules_to_save=saved)
+    path = save_as_training_does(trained(ft), ft, tmp_path)
+    stored = json.loads((path / ADAPTER_CONFIG).read_text())
+    assert stored["modules_to_save"] == saved and stored["target_modules"] == targets
+    from safetensors.torch import load_file
+    tensors = set(load_file(str(path / ADAPTER_FILE)))
+    assert {n for n in tensors if not n.endswith((".lora_a", ".lora_b"))} == {f"{m}.weight" for m in saved}
+
+    merged, _ = load_checkpoint(path)
+    base = build_model(CONFIG, seed=0)
+    with torch.no_grad():
+        assert not torch.allclose(base.eval()(tokens()), merged(tokens()), atol=1e-3)  # the tuning matters
+        adapted = load_adapter(base, path).eval()
+        torch.testing.assert_close(adapted(tokens()), merged(tokens()), atol=1e-5, rtol=0)
+
+
+def test_full_finetune_writes_no_adapter(tmp_path):
+    ft = FinetuneConfig(method="full")
+    path = save_as_training_does(build_model(CONFIG, seed=0), ft, tmp_path)
+    assert not (path / ADAPTER_FILE).exists() and not (path / ADAPTER_CONFIG).exists()
+
+
+def test_load_adapter_refuses_an_adapter_that_does_not_fit(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ft = FinetuneConfig(method="lora", rank=4, alpha=8, target_modules=["wq", "w_up"], modules_to_save=["embed", "head"])
+    save_adapter(adapter_state(trained(ft), ft), tmp_path, ft)
+    other = CONFIG.__class__(**{**CONFIG.to_dict(), "ffn_dim": 96})
+    with pytest.raises(LlamaZhError, match=r"adapter\.safetensors: layers\.0\.ffn\.w_up\.lora_b has shape \(160, 4\), "
+                                           r"the model expects \(96, 4\)") as caught:
+        load_adapter(build_model(other, seed=0), tmp_path)
+    assert "\n" not in str(caught.value)
+    bigger_vocab = CONFIG.__class__(**{**CONFIG.to_dict(), "vocab_size": 320})
+    with pytest.raises(LlamaZhError, match=r"embed\.weight has shape \(300, 64\), the model expects \(320, 64\)"):
+        load_adapter(build_model(bigger_vocab, seed=0), tmp_path)
+
+    # An adapter written without its trained modules (as before they were saved) is refused, not half-applied.
+    state = load_file(str(tmp_path / ADAPTER_FILE))
+    save_file({k: v for k, v in state.items() if k != "head.weight"}, str(tmp_path / ADAPTER_FILE))
+    base = build_model(CONFIG, seed=0)
+    with pytest.raises(LlamaZhError, match="missing tensor head.weight"):
+        load_adapter(base, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in base.modules())  # checked before the model was touched
+
+    save_file({**state, "layers.1.attn.wk.lora_a": torch.zeros(4, 64)}, str(tmp_path / ADAPTER_FILE))
+    with pytest.raises(LlamaZhError, match="unexpected tensor layers.1.attn.wk.lora_a"):
+        load_adapter(build_model(CONFIG, seed=0), tmp_path)
+
+
 @pytest.mark.parametrize("values,message", [
     ({"method": "adapter"}, "finetune.method='adapter'"),
     ({"method": "lora", "target_modules": ["qkv"]}, "finetune.target_modules: unknown module 'qkv'"),
@@ -125,10 +199,7 @@ def test_sft_with_lora_end_to_end(tmp_path):
 
     merged, tokenizer = load_checkpoint(tuned)
     adapted, _ = load_checkpoint(base)
-    load_adapter(adapted, tuned)
-    # modules_to_save (embed, head) trained fully: take them from the tuned checkpoint.
-    adapted.embed.weight.data.copy_(merged.embed.weight.data)
-    adapted.head.weight.data.copy_(merged.head.weight.data)
+    load_adapter(adapted, tuned)  # the default recipe: its fully trained embed and head come with the adapter
     ids = torch.tensor([tokenizer.encode("这本书写得很好，推荐。", bos=True)])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), adapted.eval()(ids), atol=1e-5, rtol=0)

@@ -12,7 +12,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from llama_zh.data.corpus import DataError
 from llama_zh.data.datasets import SFTDataset, packed_shards, pad_collate
-from llama_zh.data.mix import MixedWindows
+from llama_zh.data.mix import MixedWindows, mix_weights
 from llama_zh.data.prepare import prepare_tokens
 from llama_zh.data.sft import Template, load_records, pack_examples, tokenize_record
 from llama_zh.tokenizer import Tokenizer
@@ -42,14 +42,12 @@ class PretrainData(pl.LightningDataModule):
         self.val = ConcatDataset(list(windows["val"].values()))
         self.source_names = list(self.train_sources)
         # Weights share out training windows (= tokens); none given: the sources' natural sizes.
-        self.weights = [
-            float(self.cfg.sources[name].get("weight") or len(ds)) for name, ds in self.train_sources.items()
-        ]
+        self.weights = mix_weights(self.cfg.sources, {name: len(ds) for name, ds in self.train_sources.items()})
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = MixedWindows(list(self.train_sources.values()), self.weights, self.seed, self.cfg.batch_size,
-                              rank=rank, world_size=world, start_batch=self.start_batch)
+                              rank=rank, world_size=world, start_batch=self.start_batch, names=self.source_names)
         return DataLoader(stream, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
 
     def val_dataloader(self) -> DataLoader:

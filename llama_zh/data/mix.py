@@ -17,10 +17,11 @@ The stream is a pure function of (seed, position): position g names one window o
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +70,49 @@ def apportion(weights: Sequence[float], total: int) -> list[int]:
     return quotas
 
 
+def source_weight(name: str, block: Mapping[str, Any]) -> float | None:
+    """`data.sources.<name>.weight`: a finite number > 0, or None (unset: the source's size decides).
+
+    0 is refused rather than read as "unset" or "skip": a user who writes 0 means "none of this
+    source", and silently giving it its natural share (or a quota of 0 windows that the stream
+    cannot represent) would train on data they meant to leave out. Dropping a source is done by
+    removing it or by `data.train_sources`.
+    """
+    value = block.get("weight") if block is not None else None
+    if value is None:
+        return None
+    where = f"data.sources.{name}.weight"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: {value!r}; expected a number > 0 or null")
+    if value <= 0:
+        raise DataError(f"{where}: {value!r}; a weight must be > 0 (to leave the source out of training, "
+                        f"remove it or list the others in data.train_sources)")
+    return float(value)
+
+
+def check_source_weights(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """Every source's weight, checked (also those training does not draw from: a bad value is a typo
+    wherever it sits, and `data.train_sources` may change on the next run)."""
+    return {name: source_weight(name, block) for name, block in sources.items()}
+
+
+def mix_weights(sources: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int]) -> list[float]:
+    """The mixture weights of the sources in `sizes` (the ones training draws from), in its order.
+
+    All unset: each source's size (windows). Some set and some not is refused: a size in windows and
+    a share such as 0.3 are not on one scale, so the unset source would swamp the others.
+    """
+    weights = {name: source_weight(name, sources[name]) for name in sizes}
+    unset = [name for name, w in weights.items() if w is None]
+    if not unset:
+        return [weights[name] for name in sizes]
+    if len(unset) < len(weights):
+        given = [name for name, w in weights.items() if w is not None]
+        raise DataError(f"data.sources: {', '.join(given)} set a weight but {', '.join(unset)} do not; "
+                        f"give every training source a weight, or none (shares by size)")
+    return [float(sizes[name]) for name in sizes]
+
+
 @dataclass
 class MixtureSchedule:
     """Which (source, window) sits at each global position of the stream."""
@@ -77,18 +121,22 @@ class MixtureSchedule:
     weights: Sequence[float]
     seed: int
     block: int = 1000
+    names: Sequence[str] | None = None  # for messages; default: the source's index
 
     def __post_init__(self) -> None:
         if len(self.sizes) != len(self.weights) or not self.sizes:
             raise DataError("data.sources: need one weight per source and at least one source")
-        for i, (n, w) in enumerate(zip(self.sizes, self.weights)):
-            if not w > 0:
-                raise DataError(f"data.sources: weight {w!r} of source {i} must be > 0")
+        names = list(self.names) if self.names is not None else [str(i) for i in range(len(self.sizes))]
+        for name, n, w in zip(names, self.sizes, self.weights):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+                raise DataError(f"data.sources.{name}.weight: {w!r}; a weight must be a finite number > 0")
             if n <= 0:
-                raise DataError(f"data.sources: source {i} has no training windows")
+                raise DataError(f"data.sources.{name}: no training windows")
         self.quotas = apportion(self.weights, self.block)
-        if min(self.quotas) == 0:
-            raise DataError(f"data.sources: a weight is below 1/{self.block} of the total; raise it or drop the source")
+        starved = [name for name, q in zip(names, self.quotas) if q == 0]
+        if starved:
+            raise DataError(f"data.sources: the weight of {', '.join(starved)} is below 1/{self.block} of the "
+                            f"total; raise it or drop the source")
         self._block_order = lru_cache(maxsize=4)(self._make_block_order)
         self._perm = lru_cache(maxsize=64)(self._make_perm)
 
@@ -123,9 +171,9 @@ class MixedWindows(IterableDataset):
     """
 
     def __init__(self, sources: Sequence[Dataset], weights: Sequence[float], seed: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1, start_batch: int = 0):
+                 rank: int = 0, world_size: int = 1, start_batch: int = 0, names: Sequence[str] | None = None):
         self.sources = list(sources)
-        self.schedule = MixtureSchedule([len(s) for s in self.sources], weights, seed)
+        self.schedule = MixtureSchedule([len(s) for s in self.sources], weights, seed, names=names)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.start_batch = start_batch
 

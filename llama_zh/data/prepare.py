@@ -20,6 +20,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from llama_zh.data.corpus import SPLITS, DataError, Source, corpus_file, report_file, write_source
+from llama_zh.data.mix import check_source_weights
 from llama_zh.data.packing import BlockEncoder, PackResult, pack_corpus_file
 from llama_zh.tokenizer import Tokenizer, TokenizerError, train_sentencepiece
 
@@ -30,8 +31,9 @@ DEFAULT_SHARD_TOKENS = 50_000_000
 def sources_of(data_cfg: DictConfig) -> list[Source]:
     if not data_cfg.get("sources"):
         raise DataError(f"data.sources: the data config {data_cfg.get('name')!r} lists no sources")
-    return [Source.from_config(name, OmegaConf.to_container(block, resolve=True))
-            for name, block in data_cfg.sources.items()]
+    blocks = {name: OmegaConf.to_container(block, resolve=True) for name, block in data_cfg.sources.items()}
+    check_source_weights(blocks)  # here, before any corpus is built: every stage reads its sources through this
+    return [Source.from_config(name, block) for name, block in blocks.items()]
 
 
 def corpus_dir(data_cfg: DictConfig) -> Path:
