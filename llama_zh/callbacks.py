@@ -5,17 +5,22 @@ The training state of a run lives in `<run dir>/checkpoints/state/step-NNNNNN/`:
     state/              ... or DeepSpeed's directory of shards under a ZeRO strategy
     tokenizer.model     the run's tokenizer
     llama_zh.json       what a resume checks: model shape, tokenizer hash, strategy, finetune method
+    manifest.json       size and sha256 of every other file, written last
 Each is written under a temporary name and renamed into place once complete, so a run killed at
-any moment leaves only whole states (and perhaps a `.step-*.tmp` that the next run removes).
+any moment leaves only whole states (and perhaps a `.step-*.tmp` that the next run removes). A state
+damaged later (a full disk, a bad copy, a truncated file) is caught by its manifest before Lightning
+reads it: `resume=auto` falls back to the newest state that checks out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -28,6 +33,7 @@ from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, save
 log = logging.getLogger(__name__)
 
 STATE_META = "llama_zh.json"
+STATE_MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -160,6 +166,7 @@ class TrainingState(pl.Callback):
             if self.tokenizer is not None:  # a state is self-contained: consolidation needs no other file
                 shutil.copyfile(self.tokenizer, tmp / "tokenizer.model")
             (tmp / STATE_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+            write_manifest(tmp)
             _fsync_tree(tmp)
             if final.exists():  # a rerun that reached the same step again
                 shutil.rmtree(final)
@@ -187,20 +194,97 @@ def state_checkpoint(step_dir: Path) -> Path:
     raise LlamaZhError(f"resume: {step_dir} holds no state.ckpt or state/ (not a llama_zh training state)")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Record the size and sha256 of every file of a finished state (all ranks' shards included).
+    Written last, inside the directory that is then renamed into place: a resume can tell a state
+    damaged after it was written from a whole one before torch tries to read it."""
+    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != STATE_MANIFEST}
+    (step_dir / STATE_MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _unmanifested_problem(step_dir: Path) -> str | None:
+    """A state written before manifests existed: each torch file (a zip archive) must at least have
+    its central directory, which is what a truncated file loses."""
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and path.suffix in (".ckpt", ".pt"):
+            try:
+                with zipfile.ZipFile(path):
+                    pass
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{path.relative_to(step_dir)} is not a whole torch file ({e})"
+    return None
+
+
+def state_problem(step_dir: Path) -> str | None:
+    """What is wrong with a state directory (None: it is as it was written): a file missing, of
+    another size or another checksum than its manifest records. Sizes are all compared before any
+    file is hashed, so the common damage (truncation) is found without reading the state."""
+    manifest = step_dir / STATE_MANIFEST
+    if not manifest.is_file():
+        return _unmanifested_problem(step_dir)
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        expected = {name: (int(v["size"]), str(v["sha256"])) for name, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"its {STATE_MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    for name, (size, _) in expected.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} when written"
+    for name, (_, sha256) in expected.items():
+        if _sha256(step_dir / name) != sha256:
+            return f"{name} does not match the checksum recorded when it was written"
+    return None
+
+
+def _newest_valid(state_dir: Path) -> Path | None:
+    """`resume=auto`: the newest state that checks out, warning about the newer damaged ones it
+    passes over; refuses if there are states but none is whole (starting afresh would silently
+    throw the run's progress away)."""
+    states = list_states(state_dir)
+    damaged: list[tuple[Path, str]] = []
+    for step_dir in reversed(states):
+        problem = state_problem(step_dir)
+        if problem is None:
+            if damaged:
+                log.warning("resume: %s; resuming from %s instead (the newest intact state)",
+                            "; ".join(f"training state {d} is damaged: {p}" for d, p in damaged), step_dir)
+            return step_dir
+        damaged.append((step_dir, problem))
+    if damaged:
+        raise LlamaZhError(f"resume=auto: no intact training state in {state_dir}: "
+                           + "; ".join(f"{d.name}: {p}" for d, p in damaged)
+                           + ". Move them away to start afresh, or pass resume=null")
+    return None
+
+
 def resolve_resume(resume, state_dir: Path) -> Path | None:
-    """The state directory to resume from: `auto` the newest in `state_dir` (None if there is none),
-    a path that state (or the state.ckpt / state inside it), null or `never` none."""
+    """The state directory to resume from: `auto` the newest intact one in `state_dir` (None if there
+    is none), a path that state (or the state.ckpt / state inside it), null or `never` none."""
     if resume is None or resume is False or str(resume).lower() in ("null", "none", "never", "false", ""):
         return None
     if str(resume) == "auto":
-        states = list_states(state_dir)
-        return states[-1] if states else None
+        return _newest_valid(state_dir)
     path = Path(str(resume))
     if path.name in ("state.ckpt", "state"):
         path = path.parent
     if not (path / STATE_META).is_file():
         raise LlamaZhError(f"resume={resume}: not a llama_zh training state (no {STATE_META}); "
                            f"states are the step-NNNNNN directories under <run dir>/checkpoints/state/")
+    problem = state_problem(path)
+    if problem is not None:
+        raise LlamaZhError(f"resume={resume}: the training state {path} is damaged: {problem}")
     return path
 
 
