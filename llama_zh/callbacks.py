@@ -20,11 +20,15 @@ import logging
 import os
 import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 from llama_zh.checkpoint import write_native
 from llama_zh.errors import LlamaZhError
 from llama_zh.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
@@ -105,6 +109,107 @@ class MemoryReport(pl.Callback):
             # At the last step trained (the step a rerun would not redo).
             logger.log_metrics({"memory/measured_gib": measured / GiB, "memory/planned_gib": planned / GiB},
                                step=max(trainer.global_step - 1, 0))
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressLog(pl.Callback):
+    """A log line (step, loss, learning rate, tokens/s, ETA) every `every_s` seconds and/or every
+    `every_n_steps` optimizer steps (0: not by that measure), and at the first and the last step.
+
+    For runs whose output is not a terminal (nohup, tee, a batch job): no progress bar is seen there,
+    and nothing else is printed between training states, which may be hours apart."""
+
+    def __init__(self, every_s: float = 30.0, every_n_steps: int = 0, clock: Callable[[], float] = time.monotonic):
+        if every_s < 0 or every_n_steps < 0:
+            raise LlamaZhError(f"log_progress_every_s ({every_s}) and log_progress_every_n_steps ({every_n_steps}) "
+                               "must be >= 0 (0: off)")
+        self.every_s, self.every_n, self.clock = every_s, every_n_steps, clock
+        self._start = self._last = 0.0
+        self._start_step = self._last_step = self._seen_step = 0
+        self._last_tokens = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._last = self.clock()
+        self._start_step = self._last_step = self._seen_step = trainer.global_step  # a resumed run starts mid-way
+        self._last_tokens = getattr(pl_module, "tokens_seen", 0)
+
+    def _due(self, step: int, max_steps: int, now: float) -> bool:
+        return (step == self._start_step + 1 or step == max_steps
+                or bool(self.every_n and step % self.every_n == 0)
+                or bool(self.every_s and now - self._last >= self.every_s))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._seen_step or not trainer.is_global_zero:
+            return  # mid-accumulation: the optimizer has not stepped since the last look
+        self._seen_step = step
+        now = self.clock()
+        if (self.every_s or self.every_n) and self._due(step, trainer.max_steps, now):
+            log.info("%s", self.line(trainer, pl_module, step, now))
+            self._last, self._last_step = now, step
+            self._last_tokens = getattr(pl_module, "tokens_seen", 0)
+
+    def line(self, trainer, pl_module, step: int, now: float) -> str:
+        max_steps = trainer.max_steps
+        parts = [f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%)" if max_steps > 0 else f"step {step}"]
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
+        tokens = getattr(pl_module, "tokens_seen", None)
+        if tokens is not None and now > self._last:
+            parts.append(f"{(tokens - self._last_tokens) / (now - self._last):,.0f} tokens/s")
+        done = step - self._start_step
+        parts.append(f"elapsed {_clock_text(now - self._start)}")
+        if max_steps > 0 and done > 0:
+            parts.append(f"ETA {_clock_text((max_steps - step) * (now - self._start) / done)}")
+        return " | ".join(parts)
+
+
+def step_description(trainer: pl.Trainer) -> str:
+    """The progress bar's label. Training here is counted in optimizer steps (max_epochs=-1), where
+    Lightning's label reads "Epoch 0/-2"; the epoch is shown only once the data has wrapped around."""
+    if trainer.max_steps > 0:
+        epoch = f", epoch {trainer.current_epoch}" if trainer.current_epoch else ""
+        return f"step {trainer.global_step}/{trainer.max_steps}{epoch}"
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1}"
+    return f"epoch {trainer.current_epoch}"
+
+
+class StepRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled with the optimizer step (see `step_description`)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{step_description(self.trainer):{len(self.validation_description)}}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=self._get_train_description(0))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class StepTQDMProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, labelled with the optimizer step (see `step_description`)."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(step_description(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.train_progress_bar is not None:
+            self.train_progress_bar.set_description(step_description(trainer), refresh=False)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def step_progress_bar() -> pl.Callback:
+    """The bar Lightning would pick by default (rich where it is installed), labelled in steps."""
+    return StepRichProgressBar() if _RICH_AVAILABLE else StepTQDMProgressBar()
 
 
 def _fsync_tree(root: Path) -> None:
