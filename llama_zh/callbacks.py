@@ -129,12 +129,12 @@ class ProgressLog(pl.Callback):
                                "must be >= 0 (0: off)")
         self.every_s, self.every_n, self.clock = every_s, every_n_steps, clock
         self._start = self._last = 0.0
-        self._start_step = self._last_step = self._seen_step = 0
+        self._start_step = self._seen_step = 0
         self._last_tokens = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = self._last = self.clock()
-        self._start_step = self._last_step = self._seen_step = trainer.global_step  # a resumed run starts mid-way
+        self._start_step = self._seen_step = trainer.global_step  # a resumed run starts mid-way
         self._last_tokens = getattr(pl_module, "tokens_seen", 0)
 
     def _due(self, step: int, max_steps: int, now: float) -> bool:
@@ -150,7 +150,7 @@ class ProgressLog(pl.Callback):
         now = self.clock()
         if (self.every_s or self.every_n) and self._due(step, trainer.max_steps, now):
             log.info("%s", self.line(trainer, pl_module, step, now))
-            self._last, self._last_step = now, step
+            self._last = now
             self._last_tokens = getattr(pl_module, "tokens_seen", 0)
 
     def line(self, trainer, pl_module, step: int, now: float) -> str:

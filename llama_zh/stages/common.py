@@ -268,7 +268,7 @@ def quiet_library_warnings() -> None:
     """Ignore the warnings of library internals that a user can do nothing about, each matched by
     category, module and message, so that every other warning still shows:
     - torch.distributed's deprecation of all_gather_into_tensor / reduce_scatter_tensor, which
-      DeepSpeed calls at every step (torch re-arms the warning each time: 1,200+ lines a run);
+      DeepSpeed calls at every step, and which shows again at every call (1,200+ lines in a run);
     - torch's pytree deprecation of LeafSpec, which Lightning's CombinedLoader constructs."""
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning,
                             module=r"torch\.distributed\.c10d_logger")
