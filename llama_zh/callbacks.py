@@ -5,21 +5,30 @@ The training state of a run lives in `<run dir>/checkpoints/state/step-NNNNNN/`:
     state/              ... or DeepSpeed's directory of shards under a ZeRO strategy
     tokenizer.model     the run's tokenizer
     llama_zh.json       what a resume checks: model shape, tokenizer hash, strategy, finetune method
+    manifest.json       size and sha256 of every other file, written last
 Each is written under a temporary name and renamed into place once complete, so a run killed at
-any moment leaves only whole states (and perhaps a `.step-*.tmp` that the next run removes).
+any moment leaves only whole states (and perhaps a `.step-*.tmp` that the next run removes). A state
+damaged later (a full disk, a bad copy, a truncated file) is caught by its manifest before Lightning
+reads it: `resume=auto` falls back to the newest state that checks out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 from llama_zh.checkpoint import write_native
 from llama_zh.errors import LlamaZhError
 from llama_zh.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
@@ -28,6 +37,7 @@ from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, save
 log = logging.getLogger(__name__)
 
 STATE_META = "llama_zh.json"
+STATE_MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -101,6 +111,107 @@ class MemoryReport(pl.Callback):
                                step=max(trainer.global_step - 1, 0))
 
 
+def _clock_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressLog(pl.Callback):
+    """A log line (step, loss, learning rate, tokens/s, ETA) every `every_s` seconds and/or every
+    `every_n_steps` optimizer steps (0: not by that measure), and at the first and the last step.
+
+    For runs whose output is not a terminal (nohup, tee, a batch job): no progress bar is seen there,
+    and nothing else is printed between training states, which may be hours apart."""
+
+    def __init__(self, every_s: float = 30.0, every_n_steps: int = 0, clock: Callable[[], float] = time.monotonic):
+        if every_s < 0 or every_n_steps < 0:
+            raise LlamaZhError(f"log_progress_every_s ({every_s}) and log_progress_every_n_steps ({every_n_steps}) "
+                               "must be >= 0 (0: off)")
+        self.every_s, self.every_n, self.clock = every_s, every_n_steps, clock
+        self._start = self._last = 0.0
+        self._start_step = self._seen_step = 0
+        self._last_tokens = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._last = self.clock()
+        self._start_step = self._seen_step = trainer.global_step  # a resumed run starts mid-way
+        self._last_tokens = getattr(pl_module, "tokens_seen", 0)
+
+    def _due(self, step: int, max_steps: int, now: float) -> bool:
+        return (step == self._start_step + 1 or step == max_steps
+                or bool(self.every_n and step % self.every_n == 0)
+                or bool(self.every_s and now - self._last >= self.every_s))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._seen_step or not trainer.is_global_zero:
+            return  # mid-accumulation: the optimizer has not stepped since the last look
+        self._seen_step = step
+        now = self.clock()
+        if (self.every_s or self.every_n) and self._due(step, trainer.max_steps, now):
+            log.info("%s", self.line(trainer, pl_module, step, now))
+            self._last = now
+            self._last_tokens = getattr(pl_module, "tokens_seen", 0)
+
+    def line(self, trainer, pl_module, step: int, now: float) -> str:
+        max_steps = trainer.max_steps
+        parts = [f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%)" if max_steps > 0 else f"step {step}"]
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
+        tokens = getattr(pl_module, "tokens_seen", None)
+        if tokens is not None and now > self._last:
+            parts.append(f"{(tokens - self._last_tokens) / (now - self._last):,.0f} tokens/s")
+        done = step - self._start_step
+        parts.append(f"elapsed {_clock_text(now - self._start)}")
+        if max_steps > 0 and done > 0:
+            parts.append(f"ETA {_clock_text((max_steps - step) * (now - self._start) / done)}")
+        return " | ".join(parts)
+
+
+def step_description(trainer: pl.Trainer) -> str:
+    """The progress bar's label. Training here is counted in optimizer steps (max_epochs=-1), where
+    Lightning's label reads "Epoch 0/-2"; the epoch is shown only once the data has wrapped around."""
+    if trainer.max_steps > 0:
+        epoch = f", epoch {trainer.current_epoch}" if trainer.current_epoch else ""
+        return f"step {trainer.global_step}/{trainer.max_steps}{epoch}"
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1}"
+    return f"epoch {trainer.current_epoch}"
+
+
+class StepRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled with the optimizer step (see `step_description`)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{step_description(self.trainer):{len(self.validation_description)}}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=self._get_train_description(0))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class StepTQDMProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, labelled with the optimizer step (see `step_description`)."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(step_description(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.train_progress_bar is not None:
+            self.train_progress_bar.set_description(step_description(trainer), refresh=False)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def step_progress_bar() -> pl.Callback:
+    """The bar Lightning would pick by default (rich where it is installed), labelled in steps."""
+    return StepRichProgressBar() if _RICH_AVAILABLE else StepTQDMProgressBar()
+
+
 def _fsync_tree(root: Path) -> None:
     """Flush a finished state to disk before it is renamed into place (a crash of the machine, not
     just of the process, must not leave a complete-looking state with missing bytes)."""
@@ -160,6 +271,7 @@ class TrainingState(pl.Callback):
             if self.tokenizer is not None:  # a state is self-contained: consolidation needs no other file
                 shutil.copyfile(self.tokenizer, tmp / "tokenizer.model")
             (tmp / STATE_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+            write_manifest(tmp)
             _fsync_tree(tmp)
             if final.exists():  # a rerun that reached the same step again
                 shutil.rmtree(final)
@@ -187,20 +299,97 @@ def state_checkpoint(step_dir: Path) -> Path:
     raise LlamaZhError(f"resume: {step_dir} holds no state.ckpt or state/ (not a llama_zh training state)")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Record the size and sha256 of every file of a finished state (all ranks' shards included).
+    Written last, inside the directory that is then renamed into place: a resume can tell a state
+    damaged after it was written from a whole one before torch tries to read it."""
+    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != STATE_MANIFEST}
+    (step_dir / STATE_MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _unmanifested_problem(step_dir: Path) -> str | None:
+    """A state written before manifests existed: each torch file (a zip archive) must at least have
+    its central directory, which is what a truncated file loses."""
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and path.suffix in (".ckpt", ".pt"):
+            try:
+                with zipfile.ZipFile(path):
+                    pass
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{path.relative_to(step_dir)} is not a whole torch file ({e})"
+    return None
+
+
+def state_problem(step_dir: Path) -> str | None:
+    """What is wrong with a state directory (None: it is as it was written): a file missing, of
+    another size or another checksum than its manifest records. Sizes are all compared before any
+    file is hashed, so the common damage (truncation) is found without reading the state."""
+    manifest = step_dir / STATE_MANIFEST
+    if not manifest.is_file():
+        return _unmanifested_problem(step_dir)
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        expected = {name: (int(v["size"]), str(v["sha256"])) for name, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"its {STATE_MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    for name, (size, _) in expected.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} when written"
+    for name, (_, sha256) in expected.items():
+        if _sha256(step_dir / name) != sha256:
+            return f"{name} does not match the checksum recorded when it was written"
+    return None
+
+
+def _newest_valid(state_dir: Path) -> Path | None:
+    """`resume=auto`: the newest state that checks out, warning about the newer damaged ones it
+    passes over; refuses if there are states but none is whole (starting afresh would silently
+    throw the run's progress away)."""
+    states = list_states(state_dir)
+    damaged: list[tuple[Path, str]] = []
+    for step_dir in reversed(states):
+        problem = state_problem(step_dir)
+        if problem is None:
+            if damaged:
+                log.warning("resume: %s; resuming from %s instead (the newest intact state)",
+                            "; ".join(f"training state {d} is damaged: {p}" for d, p in damaged), step_dir)
+            return step_dir
+        damaged.append((step_dir, problem))
+    if damaged:
+        raise LlamaZhError(f"resume=auto: no intact training state in {state_dir}: "
+                           + "; ".join(f"{d.name}: {p}" for d, p in damaged)
+                           + ". Move them away to start afresh, or pass resume=null")
+    return None
+
+
 def resolve_resume(resume, state_dir: Path) -> Path | None:
-    """The state directory to resume from: `auto` the newest in `state_dir` (None if there is none),
-    a path that state (or the state.ckpt / state inside it), null or `never` none."""
+    """The state directory to resume from: `auto` the newest intact one in `state_dir` (None if there
+    is none), a path that state (or the state.ckpt / state inside it), null or `never` none."""
     if resume is None or resume is False or str(resume).lower() in ("null", "none", "never", "false", ""):
         return None
     if str(resume) == "auto":
-        states = list_states(state_dir)
-        return states[-1] if states else None
+        return _newest_valid(state_dir)
     path = Path(str(resume))
     if path.name in ("state.ckpt", "state"):
         path = path.parent
     if not (path / STATE_META).is_file():
         raise LlamaZhError(f"resume={resume}: not a llama_zh training state (no {STATE_META}); "
                            f"states are the step-NNNNNN directories under <run dir>/checkpoints/state/")
+    problem = state_problem(path)
+    if problem is not None:
+        raise LlamaZhError(f"resume={resume}: the training state {path} is damaged: {problem}")
     return path
 
 

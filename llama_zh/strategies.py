@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import sys
+from pathlib import Path
 
 import torch
 from lightning_fabric.utilities.seed import reset_seed
@@ -83,6 +86,45 @@ def check_strategy(strategy_cfg: DictConfig) -> None:
         raise LlamaZhError(f"strategy.deepspeed.stage={ds.stage}: expected 1, 2 or 3")
     if ds.offload_parameters and ds.stage != 3:
         raise LlamaZhError("strategy.deepspeed.offload_parameters needs stage 3 (ZeRO-1/2 keep the weights on the device)")
+
+
+def extensions_dir() -> Path:
+    """Where torch compiles (and caches) C++ extensions such as DeepSpeed's ops: TORCH_EXTENSIONS_DIR,
+    else torch's default, a per-Python, per-accelerator folder of the user's cache."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def jit_ops_to_build(strategy_cfg: DictConfig, on_gpu: bool) -> list[str]:
+    """The DeepSpeed ops this run compiles before it trains: its CPU communication op (CPU runs)
+    and DeepSpeedCPUAdam (optimizer offload), unless installed prebuilt or already compiled."""
+    if not is_deepspeed(strategy_cfg):
+        return []
+    ops = ([] if on_gpu else ["deepspeed_shm_comm"]) + (["cpu_adam"] if offloads_optimizer(strategy_cfg) else [])
+    if not ops:
+        return []
+    from deepspeed.git_version_info import installed_ops
+
+    root = extensions_dir()
+    return [op for op in ops if not installed_ops.get(op) and not (root / op / f"{op}.so").is_file()]
+
+
+def announce_jit_builds(strategy_cfg: DictConfig, on_gpu: bool) -> None:
+    """Say that the first DeepSpeed run compiles ops, which takes minutes without a word from DeepSpeed."""
+    ops = jit_ops_to_build(strategy_cfg, on_gpu)
+    if ops:
+        log.info("DeepSpeed: compiling %s into %s (TORCH_EXTENSIONS_DIR) before training starts; this takes a few "
+                 "minutes once, later runs reuse the build", " and ".join(ops), extensions_dir())
 
 
 def build_strategy(strategy_cfg: DictConfig, micro_batch: int) -> Strategy | str:

@@ -62,13 +62,30 @@ class _KeepingWriter(ExperimentWriter):
                 self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
 
 
+class _FreshWriter(ExperimentWriter):
+    """Starts metrics.csv afresh. Lightning's writer warns that "previous log files in this directory
+    will be deleted" whenever the directory holds anything, and the run directory always does (.hydra/,
+    the log), though only an earlier metrics.csv is ever replaced: that alone is said, when it happens."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            log.info("metrics: starting %s afresh (no training state to continue from)", self.metrics_file_path)
+            self._fs.rm_file(self.metrics_file_path)
+
+
 class ResumingCSVLogger(CSVLogger):
+    """metrics.csv in the run directory, continued (a resumed run) or started afresh."""
+
+    def __init__(self, *args, resuming: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._writer = _KeepingWriter if resuming else _FreshWriter
+
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+            self._experiment = self._writer(log_dir=self.log_dir)
         return self._experiment
 
 
@@ -112,9 +129,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path, extra: dict | None = None,
                   resume_step: int | None = None) -> list[Logger]:
     if resume_step is not None:
         truncate_metrics(output_dir / METRICS_FILE, resume_step)
-        csv_logger: CSVLogger = ResumingCSVLogger(save_dir=str(output_dir), name="", version="")
-    else:
-        csv_logger = CSVLogger(save_dir=str(output_dir), name="", version="")
+    csv_logger = ResumingCSVLogger(save_dir=str(output_dir), name="", version="", resuming=resume_step is not None)
     loggers: list[Logger] = [csv_logger]
     config = run_config(cfg) | (extra or {})
     csv_logger.log_hyperparams(config)

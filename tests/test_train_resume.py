@@ -1,10 +1,13 @@
 """Exact resume: a pretrain run SIGKILLed at any moment and rerun with the same command continues
 from its newest training state, and every later step's loss equals the uninterrupted run's, bit
-for bit on CPU (plain strategy), data position and LR schedule included."""
+for bit on CPU (plain strategy), data position and LR schedule included. A state damaged after it
+was written is never handed to torch: resume=auto falls back to the newest intact one."""
 
 import csv
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+from llama_zh.callbacks import STATE_META, resolve_resume, state_problem, write_manifest
+from llama_zh.errors import LlamaZhError
 
 # Small and fast: 2 sequences of 32 tokens per micro-batch, accumulation 2, a state every 3 steps.
 ARGS = ["debug=fast", "logger=csv", "trainer.enable_progress_bar=false", "data.seq_len=32", "data.batch_size=2",
@@ -82,6 +86,7 @@ def states(run_dir: Path) -> list[str]:
     return sorted(p.name for p in state_dir.iterdir()) if state_dir.is_dir() else []
 
 
+@pytest.mark.slow
 def test_sigkill_twice_then_rerun_equals_uninterrupted_run(reference, data_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = command(run_dir)
@@ -114,6 +119,7 @@ def test_sigkill_twice_then_rerun_equals_uninterrupted_run(reference, data_dir, 
     assert meta["global_step"] == 12 and meta["global_batch"] == 4
 
 
+@pytest.mark.slow
 def test_finished_run_rerun_does_not_train_again(reference, data_dir):
     before = metrics(reference)
     result = run(command(reference), data_dir)
@@ -121,6 +127,7 @@ def test_finished_run_rerun_does_not_train_again(reference, data_dir):
     assert metrics(reference) == before
 
 
+@pytest.mark.slow
 def test_resume_from_another_shape_or_tokenizer_is_refused(reference, data_dir, tmp_path):
     state = reference / "checkpoints" / "state" / "step-000012"
     result = run(command(tmp_path / "other", "model.n_layers=2", f"resume={state}"), data_dir, check=False)
@@ -133,6 +140,91 @@ def test_resume_from_another_shape_or_tokenizer_is_refused(reference, data_dir, 
     assert result.returncode == 1 and "the tokenizer differs" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_path_that_is_not_a_state_is_refused(data_dir, tmp_path):
     result = run(command(tmp_path / "run", f"resume={tmp_path}"), data_dir, check=False)
     assert result.returncode == 1 and "not a llama_zh training state" in result.stderr
+
+
+# ------------------------------------------------------------------------------------ damaged states
+
+
+def fake_state(state_dir: Path, step: int, manifest: bool = True) -> Path:
+    """A state directory laid out as TrainingState.save lays it out (a real torch file inside)."""
+    step_dir = state_dir / f"step-{step:06d}"
+    step_dir.mkdir(parents=True)
+    torch.save({"global_step": step, "weights": torch.arange(1000.0)}, step_dir / "state.ckpt")
+    (step_dir / STATE_META).write_text(json.dumps({"global_step": step}))
+    if manifest:
+        write_manifest(step_dir)
+    return step_dir
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_auto_falls_back_past_a_truncated_newest_state(tmp_path, caplog):
+    old, new = fake_state(tmp_path, 3), fake_state(tmp_path, 6)
+    assert resolve_resume("auto", tmp_path) == new and state_problem(new) is None
+    truncate(new / "state.ckpt")
+    with caplog.at_level(logging.WARNING, logger="llama_zh.callbacks"):
+        assert resolve_resume("auto", tmp_path) == old
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and str(new) in warning[0] and str(old) in warning[0] and "state.ckpt" in warning[0]
+
+
+def test_same_size_damage_is_caught_by_the_checksum(tmp_path):
+    state = fake_state(tmp_path, 3)
+    data = bytearray((state / "state.ckpt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (state / "state.ckpt").write_bytes(bytes(data))
+    assert "checksum" in state_problem(state)
+    (state / "tokenizer.model").write_text("added later")  # not in the manifest: ignored
+    (state / "state.ckpt").unlink()
+    assert state_problem(state) == "state.ckpt is missing"
+
+
+def test_auto_refuses_when_no_state_is_intact(tmp_path):
+    states = [fake_state(tmp_path, 3), fake_state(tmp_path, 6)]
+    for state in states:
+        truncate(state / "state.ckpt")
+    with pytest.raises(LlamaZhError) as e:
+        resolve_resume("auto", tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and "step-000003" in message and "step-000006" in message and "resume=null" in message
+    assert resolve_resume("auto", tmp_path / "none") is None  # no state at all: a fresh start, as before
+
+
+def test_explicit_resume_of_a_damaged_state_is_refused(tmp_path):
+    state = fake_state(tmp_path, 3)
+    (state / "manifest.json").write_text("{not json")
+    for resume in (state, state / "state.ckpt"):
+        with pytest.raises(LlamaZhError, match="damaged") as e:
+            resolve_resume(str(resume), tmp_path)
+        assert str(state) in str(e.value) and "manifest.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_state_without_manifest_is_still_checked(tmp_path):
+    """States written before manifests: a truncated torch file is still caught (its zip directory is gone)."""
+    old, new = fake_state(tmp_path, 3, manifest=False), fake_state(tmp_path, 6, manifest=False)
+    assert resolve_resume("auto", tmp_path) == new
+    truncate(new / "state.ckpt")
+    assert resolve_resume("auto", tmp_path) == old
+
+
+@pytest.mark.slow
+def test_truncated_newest_state_resumes_from_the_previous_one(reference, data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    newest, previous = (run_dir / "checkpoints" / "state" / n for n in ("step-000012", "step-000009"))
+    truncate(newest / "state.ckpt")
+    result = run(command(run_dir), data_dir)
+    output = result.stdout + result.stderr
+    warning = [line for line in output.splitlines() if "is damaged" in line]
+    assert warning and str(newest) in warning[0] and str(previous) in warning[0], output[-3000:]
+    assert f"resuming from {previous}" in output
+    # Steps 10-12 trained again, as the uninterrupted run trained them; the damaged state replaced.
+    assert metrics(run_dir) == metrics(reference)
+    assert states(run_dir) == ["step-000009", "step-000012"] and state_problem(newest) is None

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,7 +16,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llama_zh.callbacks import MemoryReport, NativeCheckpoint, TrainingState, check_resumable, resolve_resume, state_checkpoint
+from llama_zh.callbacks import (MemoryReport, NativeCheckpoint, ProgressLog, TrainingState, check_resumable, resolve_resume,
+                                state_checkpoint, step_progress_bar)
 from llama_zh.checkpoint import WeightStream, load_model
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.errors import LlamaZhError
@@ -23,7 +27,8 @@ from llama_zh.hardware import (BatchPlan, batch_plan, check_hardware, device_mem
 from llama_zh.memory_plan import MemoryPlan, PlanInputs, fits, peak_rss, plan_memory, reset_peak_rss
 from llama_zh.model import Transformer, build_model
 from llama_zh.module import CausalLM, OptimConfig, enable_activation_checkpointing
-from llama_zh.strategies import build_strategy, check_strategy, gathered, is_deepspeed, offloads_optimizer, zero_stage
+from llama_zh.strategies import (announce_jit_builds, build_strategy, check_strategy, gathered, is_deepspeed,
+                                 offloads_optimizer, zero_stage)
 from llama_zh.tokenizer import Tokenizer
 from llama_zh.tracking import build_loggers
 
@@ -259,15 +264,40 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     return TrainResult(float(val) if val is not None else math.nan, native.final)
 
 
+def quiet_library_warnings() -> None:
+    """Ignore the warnings of library internals that a user can do nothing about, each matched by
+    category, module and message, so that every other warning still shows:
+    - torch.distributed's deprecation of all_gather_into_tensor / reduce_scatter_tensor, which
+      DeepSpeed calls at every step, and which shows again at every call (1,200+ lines in a run);
+    - torch's pytree deprecation of LeafSpec, which Lightning's CombinedLoader constructs."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning,
+                            module=r"torch\.distributed\.c10d_logger")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
+
+
+def progress_callbacks(cfg: DictConfig, enable_bar: bool) -> list[pl.Callback]:
+    """The progress bar (labelled in optimizer steps) and, where no bar is seen (stdout not a
+    terminal, or the bar turned off), periodic progress lines in the log."""
+    callbacks: list[pl.Callback] = [step_progress_bar()] if enable_bar else []
+    if not enable_bar or not sys.stdout.isatty():
+        every_s, every_n = float(cfg.get("log_progress_every_s", 30)), int(cfg.get("log_progress_every_n_steps", 0))
+        callbacks.append(ProgressLog(every_s, every_n))
+    return callbacks
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], extra_hparams: dict | None = None,
                   plan: BatchPlan | None = None, resume_step: int | None = None) -> pl.Trainer:
     out = output_dir(cfg)
+    quiet_library_warnings()
     args = lightning_args(cfg.trainer)
     if plan is not None:
         args["accumulate_grad_batches"] = plan.accumulation
     strategy_cfg = cfg.get("strategy")
     if strategy_cfg is not None:
         args["strategy"] = build_strategy(strategy_cfg, plan.micro_batch if plan else 1)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the other processes of a node wait for its build
+            announce_jit_builds(strategy_cfg, uses_gpu(cfg.trainer))
+    callbacks = callbacks + progress_callbacks(cfg, bool(args.get("enable_progress_bar", True)))
     loggers = build_loggers(cfg, out, extra_hparams, resume_step)
     return pl.Trainer(**args, logger=loggers, callbacks=callbacks, default_root_dir=str(out), enable_checkpointing=False)
-

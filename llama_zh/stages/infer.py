@@ -9,7 +9,8 @@ mode=chat: reads turns from stdin, streams each answer to stdout. The conversati
 SFT lays out multi-turn data (data/sft.py: bos, system, then user turn, answer + eos, ...), in the
 template= chosen (chat is the reference's `User: ...\nBot: ...`). The oldest exchanges are dropped,
 counted in tokens, so that the conversation leaves room for stage.max_new_tokens. `clear` forgets
-the conversation, `exit` (or end of input) quits.
+the conversation, `exit` (or end of input) quits. Ctrl-C while an answer streams stops that answer
+(the exchange is not kept) and returns to the prompt; Ctrl-C at the prompt ends the session.
 """
 
 from __future__ import annotations
@@ -206,10 +207,21 @@ def chat_prompt_ids(history: list[tuple[str, str]], user_text: str, template: Te
 def run_chat(model: Transformer, tokenizer: Tokenizer, template: Template, sampling: SamplingConfig,
              stdin: TextIO, stdout: TextIO) -> list[tuple[str, str]]:
     """The interactive loop; returns the conversation since the last `clear`."""
+    history: list[tuple[str, str]] = []
+    stdout.write("chat: type a message; `clear` forgets the conversation, `exit` or Ctrl-C quits; "
+                 "Ctrl-C during an answer stops it\n")
+    try:
+        _chat_turns(model, tokenizer, template, sampling, stdin, stdout, history)
+    except KeyboardInterrupt:  # Ctrl-C anywhere but in an answer: the user is leaving, not a failure
+        stdout.write("\n")
+    stdout.flush()
+    return history
+
+
+def _chat_turns(model: Transformer, tokenizer: Tokenizer, template: Template, sampling: SamplingConfig,
+                stdin: TextIO, stdout: TextIO, history: list[tuple[str, str]]) -> None:
     max_len = model.config.max_seq_len
     budget = max(max_len - sampling.max_new_tokens, max_len // 2)
-    history: list[tuple[str, str]] = []
-    stdout.write("chat: type a message; `clear` forgets the conversation, `exit` quits\n")
     while True:
         stdout.write("> ")
         stdout.flush()
@@ -225,21 +237,32 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, template: Template, sampl
             continue
         if not text:
             continue
-        ids, dropped = chat_prompt_ids(history, text, template, tokenizer, budget)
-        if dropped:
-            log.info("chat: %d oldest exchange(s) no longer fit the context and were dropped", dropped)
-        new: list[int] = []
-        shown = ""
-        for token in stream_generate(model, ids, sampling, tokenizer=tokenizer):
-            new.append(token)
-            text_so_far = tokenizer.decode(new)
-            # A character split across byte tokens decodes as U+FFFD until its last byte: wait for it.
-            if not text_so_far.endswith("\ufffd") and text_so_far.startswith(shown):
-                stdout.write(text_so_far[len(shown):])
-                stdout.flush()
-                shown = text_so_far
-        answer = tokenizer.decode(new)
-        stdout.write(answer[len(shown):] + "\n")
-        stdout.flush()
+        try:
+            ids, dropped = chat_prompt_ids(history, text, template, tokenizer, budget)
+            if dropped:
+                log.info("chat: %d oldest exchange(s) no longer fit the context and were dropped", dropped)
+            answer = stream_answer(model, tokenizer, ids, sampling, stdout)
+        except KeyboardInterrupt:
+            # A cut-off answer would be laid out as a finished one (eos after it) in the next prompt.
+            stdout.write("\n(answer stopped)\n")
+            continue
         history.append((text, answer.strip()))
-    return history
+
+
+def stream_answer(model: Transformer, tokenizer: Tokenizer, ids: list[int], sampling: SamplingConfig,
+                  stdout: TextIO) -> str:
+    """Generate one answer, writing its text to `stdout` as it comes; returns the whole answer."""
+    new: list[int] = []
+    shown = ""
+    for token in stream_generate(model, ids, sampling, tokenizer=tokenizer):
+        new.append(token)
+        text_so_far = tokenizer.decode(new)
+        # A character split across byte tokens decodes as U+FFFD until its last byte: wait for it.
+        if not text_so_far.endswith("\ufffd") and text_so_far.startswith(shown):
+            stdout.write(text_so_far[len(shown):])
+            stdout.flush()
+            shown = text_so_far
+    answer = tokenizer.decode(new)
+    stdout.write(answer[len(shown):] + "\n")
+    stdout.flush()
+    return answer
