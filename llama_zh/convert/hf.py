@@ -149,7 +149,8 @@ def hf_config(config: ModelConfig, dtype: str) -> dict:
     }
 
 
-def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+          chat_template: str | None = None) -> Path:
     check_specs(stream)
     dtype = str(next(iter(stream.specs.values()))[0]).removeprefix("torch.")
     target = _AtomicDir(path, overwrite)
@@ -162,6 +163,8 @@ def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD
         if stream.tokenizer is not None:
             shutil.copyfile(stream.tokenizer, target.tmp / "tokenizer.model")
             _write_tokenizer_config(target.tmp, stream.config)
+            if chat_template:
+                add_chat_template(target.tmp, chat_template)
         return target.commit()
     except BaseException:
         target.abort()
@@ -185,3 +188,11 @@ def _write_tokenizer_config(directory: Path, config: ModelConfig) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def add_chat_template(directory: Path, chat_template: str) -> None:
+    """The chat template into tokenizer_config.json, where transformers' `apply_chat_template` reads it."""
+    path = directory / "tokenizer_config.json"
+    tokenizer_config = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer_config["chat_template"] = chat_template
+    path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False), encoding="utf-8")
