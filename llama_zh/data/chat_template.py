@@ -101,19 +101,23 @@ class ChatTemplate:
     def named(cls, name: str, input_separator: str = "\n") -> "ChatTemplate":
         """A packaged template (`template_names()`), or a `.jinja` file when `name` is a path to one."""
         name = str(name)
-        path = TEMPLATE_DIR / f"{name}.jinja"
         if name.endswith(".jinja"):
-            path = Path(name)
-            if not path.is_file():
-                raise TemplateError(f"chat template {name}: no such file")
-        elif not path.is_file():
+            return cls.from_file(Path(name), input_separator)
+        path = TEMPLATE_DIR / f"{name}.jinja"
+        if not path.is_file():
             raise TemplateError(f"chat template {name!r}: unknown; expected one of {', '.join(template_names())} "
                                 f"or a path to a .jinja file")
+        return cls(path.read_text(encoding="utf-8"), name=name, input_separator=input_separator)
+
+    @classmethod
+    def from_file(cls, path: Path, input_separator: str = "\n") -> "ChatTemplate":
         try:
-            source = path.read_text(encoding="utf-8")
+            source = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TemplateError(f"chat template {path}: no such file") from None
         except (OSError, UnicodeDecodeError) as e:
             raise TemplateError(f"chat template {path}: unreadable ({e})") from None
-        return cls(source, name=name if path.parent == TEMPLATE_DIR else str(path), input_separator=input_separator)
+        return cls(source, name=str(path), input_separator=input_separator)
 
     @classmethod
     def from_config(cls, cfg) -> "ChatTemplate":
@@ -128,8 +132,7 @@ class ChatTemplate:
             return cls(str(cfg["chat_template"]), name=str(cfg.get("name") or "template.chat_template"),
                        input_separator=separator)
         if cfg.get("path"):
-            return cls.named(str(cfg["path"]) if str(cfg["path"]).endswith(".jinja") else f"{cfg['path']}.jinja",
-                             separator)
+            return cls.from_file(Path(str(cfg["path"])), separator)
         if not cfg.get("name"):
             raise TemplateError("template: give name (one of " + ", ".join(template_names()) + "), path or chat_template")
         return cls.named(str(cfg["name"]), separator)
