@@ -115,7 +115,11 @@ def test_shards_of_another_tokenizer_are_refused(tmp_path, tokenizer, news_docs)
         load_tokens(shard, other)
 
 
-TEMPLATE = Template("指令：{instruction}\n输入：{input}\n回答：", "指令：{instruction}\n回答：")
+# The answer and its eos are the generation block; an input joins the instruction as "\n输入：...".
+TEMPLATE = Template(
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}指令：{{ m.content }}\n回答："
+    "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}",
+    input_separator="\n输入：")
 
 
 def test_sft_records_formats_and_errors(tmp_path):
@@ -151,10 +155,15 @@ def test_sft_truncation_policy(tokenizer):
     assert len(prompt) + len(response) == 65
     assert prompt[0] == tokenizer.bos_id and len(prompt) == 32  # half the budget, last tokens kept
     assert tokenizer.decode(prompt[1:]).endswith("回答：")
-    assert response == tokenizer.encode(record["output"], eos=True)[:33]
+    # The answer's first tokens as the whole text tokenizes them (no piece of its own at the boundary).
+    untruncated = tokenize_record(record, TEMPLATE, tokenizer, max_len=10_000)
+    assert response == untruncated[1][0][:33]
 
 
-CHAT = Template("", "", system="系统。", user="用户：{text}\n助手：", assistant="{text}")
+CHAT = Template(
+    "{{ bos_token }}{% if messages[0].role != 'system' %}系统。{% endif %}{% for m in messages %}"
+    "{% if m.role == 'system' %}{{ m.content }}{% elif m.role == 'user' %}用户：{{ m.content }}\n助手："
+    "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}")
 
 
 def test_conversations_train_on_assistant_turns_only(tmp_path, tokenizer):
@@ -164,10 +173,14 @@ def test_conversations_train_on_assistant_turns_only(tmp_path, tokenizer):
     [record] = load_records(tmp_path / "c.jsonl")
     segments = tokenize_record(record, CHAT, tokenizer, max_len=256)
     assert [trained for _, trained in segments] == [False, True, False, True]
-    assert segments[0][0] == [tokenizer.bos_id] + tokenizer.encode("系统。") + tokenizer.encode("用户：你好\n助手：")
+    # The rendered text is tokenized whole (as transformers' apply_chat_template does), each stretch
+    # between special tokens at once: an answer has no dummy-prefix piece of its own.
+    assert segments[0][0] == [tokenizer.bos_id] + tokenizer.encode("系统。用户：你好\n助手：")
     assert segments[2][0] == tokenizer.encode("用户：今天几号？\n助手：")
-    assert segments[1][0] == tokenizer.encode("你好！", eos=True)
-    assert segments[3][0] == tokenizer.encode("一月一日。", eos=True)
+    assert tokenizer.decode(segments[1][0]) == "你好！" and segments[1][0][-1] == tokenizer.eos_id
+    assert tokenizer.decode(segments[3][0]) == "一月一日。" and segments[3][0][-1] == tokenizer.eos_id
+    assert segments[0][0] + segments[1][0] == [tokenizer.bos_id] + tokenizer.encode("系统。用户：你好\n助手：你好！") + [
+        tokenizer.eos_id]
     item = SFTDataset([segments])[0]
     labelled = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
     assert labelled == segments[1][0] + segments[3][0]

@@ -34,7 +34,9 @@ from llama_zh.generate import SamplingConfig
 from llama_zh.model import build_model
 from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
 
-RAW = Template(prompt_input="{instruction}\n{input}", prompt_no_input="{instruction}")
+# The prompt is the instruction (and input on the next line) as is.
+RAW = Template("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}"
+               "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}")
 
 
 class BigramLM(torch.nn.Module):

@@ -551,7 +551,8 @@ class WordTokenizer:
 
 def test_chat_history_is_truncated_by_tokens():
     tok = WordTokenizer()
-    template = Template(prompt_input="", prompt_no_input="", system="S", user="U{text}:", assistant="{text}")
+    template = Template("{{ bos_token }}S{% for m in messages %}{% if m.role == 'user' %}U{{ m.content }}:"
+                        "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}")
     history = [("aaaa", "bb"), ("c", "dddddd")]
     # bos S | Uaaaa: bb </s> | Uc: dddddd </s> | Uxy:  ->  2 + 9 + 10 + 4 = 25 tokens
     ids, dropped = infer.chat_prompt_ids(history, "xy", template, tok, budget=25)
@@ -573,14 +574,14 @@ def test_chat_loop_clear_and_exit(ckpt, tok):
     import io
 
     _, model = ckpt
-    template = Template(prompt_input="", prompt_no_input="", system="", user="User: {text}\nBot: ", assistant="{text}\n")
+    template = Template.named("chat")
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=6, stop_strings=["User:"])
     out = io.StringIO()
     history = infer.run_chat(model, tok, template, sampling, io.StringIO("你好\n\n很好\nclear\n再见\nexit\n不会读到\n"), out)
     assert [u for u, _ in history] == ["再见"]  # cleared, then one turn; nothing after exit
     text = out.getvalue()
     assert text.count("> ") == 6 and "(conversation cleared)" in text  # one per line read, the empty one too
-    first_prompt = tok.encode("User: 你好\nBot: ", bos=True)
+    first_prompt = tok.encode("User: 你好\nBot:", bos=True)  # the answer's leading space is generated
     first = tok.decode(generate(model, first_prompt, sampling, tokenizer=tok))
     assert first and text.split("\n> ")[1] == first.rstrip("\n")
 

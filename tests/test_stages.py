@@ -77,6 +77,9 @@ def test_sft_then_infer_with_template(pretrained, data_dir, tmp_path):
     llama_zh("stage=sft", f"stage.checkpoint={ckpt}", "trainer.max_steps=8", "trainer.val_check_interval=4",
              "trainer.limit_val_batches=2", "stage.batch_size=4", run_dir=tmp_path / "sft", data_dir=data_dir)
     sft_ckpt = tmp_path / "sft" / "checkpoints" / "final"
+    # The template it trained with travels with the weights (the default template=alpaca).
+    from llama_zh.data.chat_template import ChatTemplate, checkpoint_template
+    assert checkpoint_template(sft_ckpt) == ChatTemplate.named("alpaca").source
     rows = read_metrics(tmp_path / "sft")
     assert any(r.get("val/loss") for r in rows)
 

@@ -9,6 +9,7 @@ import torch
 from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream, read_native, write_native
 from llama_zh.config import ModelConfig
 from llama_zh.convert import hf, meta, tencentpretrain
+from llama_zh.data.chat_template import CHECKPOINT_KEY, export_template
 from llama_zh.errors import LlamaZhError
 from llama_zh.tokenizer import Tokenizer
 
@@ -45,24 +46,28 @@ def read(src: Path, src_format: str, model: ModelConfig | None = None, tokenizer
 
 
 def write(stream: WeightStream, dst: Path, dst_format: str, overwrite: bool = False,
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, chat_template: str | None = None) -> Path:
     if dst_format == "native":
-        return write_native(stream, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+        extra = {CHECKPOINT_KEY: chat_template} if chat_template else None
+        return write_native(stream, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra=extra)
     if dst_format == "hf":
-        return hf.write(stream, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+        return hf.write(stream, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, chat_template=chat_template)
     if dst_format == "tencentpretrain":
         return tencentpretrain.write(stream, dst, overwrite=overwrite)
     if dst_format == "gguf":
         from llama_zh.convert import gguf  # needs the gguf package only when asked for
 
-        return gguf.write(stream, dst, overwrite=overwrite)
+        return gguf.write(stream, dst, overwrite=overwrite, chat_template=chat_template)
     raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
 
 
 def convert(src: Path, src_format: str, dst: Path, dst_format: str, model: ModelConfig | None = None,
             tokenizer: Path | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, template: str | None = None) -> Path:
+    """`template`: the chat template to export, by name or .jinja path; None: the source checkpoint's, if any."""
     if dst_format not in DESTINATION_FORMATS:
         raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
     stream = read(src, src_format, model, tokenizer).cast(dtype)
-    return write(stream, dst, dst_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    chat_template = export_template(src, template) if dst_format != "tencentpretrain" else None
+    return write(stream, dst, dst_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                 chat_template=chat_template)

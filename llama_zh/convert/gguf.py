@@ -96,7 +96,7 @@ def gguf_path(dst: Path) -> Path:
     return dst if dst.suffix == ".gguf" else dst.with_name(dst.name + ".gguf")
 
 
-def write(stream: WeightStream, dst: Path, overwrite: bool = False) -> Path:
+def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_template: str | None = None) -> Path:
     """Write `stream` as an f16 GGUF file (dst, `.gguf` appended if missing); returns its path."""
     gguf = _gguf()
     if stream.tokenizer is None:
@@ -133,6 +133,8 @@ def write(stream: WeightStream, dst: Path, overwrite: bool = False) -> Path:
                 getattr(writer, f"add_{kind}_token_id")(token_id)
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
+        if chat_template:
+            writer.add_chat_template(chat_template)
 
         for name, (_, shape) in stream.specs.items():
             dtype = file_dtype(shape)

@@ -156,10 +156,11 @@ def hf_config(config: ModelConfig, dtype: str, special: SpecialPieces | None = N
     }
 
 
-def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+          chat_template: str | None = None) -> Path:
     check_specs(stream)
     dtype = str(next(iter(stream.specs.values()))[0]).removeprefix("torch.")
-    files = metadata_files(stream, dtype)  # a tokenizer that cannot be exported is refused before any weight is written
+    files = metadata_files(stream, dtype, chat_template)  # a tokenizer that cannot be exported is refused before any weight is written
     target = _AtomicDir(path, overwrite)
     try:
         write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes,
@@ -172,7 +173,7 @@ def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD
         raise
 
 
-def metadata_files(stream: WeightStream, dtype: str) -> dict[str, bytes]:
+def metadata_files(stream: WeightStream, dtype: str, chat_template: str | None = None) -> dict[str, bytes]:
     """Every file of the export but the weights: configs, and with a tokenizer its four files."""
     files, special = {}, None
     if stream.tokenizer is not None:
@@ -181,7 +182,7 @@ def metadata_files(stream: WeightStream, dtype: str) -> dict[str, bytes]:
             raise CheckpointError(f"{stream.tokenizer}: {len(proto.pieces)} pieces, more than the model's vocab_size "
                                   f"{stream.config.vocab_size} (ids past it have no embedding row)")
         special = SpecialPieces.from_proto(proto, stream.tokenizer)
-        files |= tokenizer_files(stream.tokenizer, stream.config, special)
+        files |= tokenizer_files(stream.tokenizer, stream.config, special, chat_template)
     ids = (special or LLAMA_SPECIAL).ids
     generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "do_sample": False}
     if ids["pad"] is not None:
@@ -191,7 +192,8 @@ def metadata_files(stream: WeightStream, dtype: str) -> dict[str, bytes]:
     return files
 
 
-def tokenizer_files(model: Path, config: ModelConfig, special: SpecialPieces) -> dict[str, bytes]:
+def tokenizer_files(model: Path, config: ModelConfig, special: SpecialPieces,
+                    chat_template: str | None = None) -> dict[str, bytes]:
     """tokenizer.model as it is, the tokenizer.json that reproduces it, and the files naming its special pieces.
 
     tokenizer_class PreTrainedTokenizerFast: transformers (4 and 5) then runs tokenizer.json as
@@ -210,6 +212,9 @@ def tokenizer_files(model: Path, config: ModelConfig, special: SpecialPieces) ->
         "clean_up_tokenization_spaces": False,
         "model_max_length": config.max_seq_len,
     }
+    if chat_template:
+        # where transformers' `apply_chat_template` reads it
+        tokenizer_config["chat_template"] = chat_template
     return {
         "tokenizer.model": Path(model).read_bytes(),
         "tokenizer.json": build_hf_tokenizer(model, add_bos=add_bos).to_str(pretty=True).encode("utf-8"),

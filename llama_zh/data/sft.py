@@ -1,22 +1,25 @@
-"""Instruction data: Alpaca records and multi-turn conversations, the template, tokenization for SFT.
+"""Instruction data: Alpaca records and multi-turn conversations, laid out by the chat template, for SFT.
 
-An example is a list of segments `(token ids, trained)`: prompts and user turns are context only
-(labels -100), responses and assistant turns (each with its eos) are trained on.
+An example is rendered by the `template=` chat template (llama_zh.data.chat_template: Jinja, the same
+text that is exported with the model) and tokenized whole, as transformers' `apply_chat_template`
+does; it is then a list of segments `(token ids, trained)`: the text inside the template's
+generation blocks (each answer with its end-of-turn and eos) is trained on, the rest is context only
+(labels -100). An Alpaca record is one user message (instruction and input joined by the template's
+`input_separator`) and one assistant message.
 
 Truncation policy, for examples longer than `max_len` tokens:
-- Alpaca record: the prompt keeps its *last* tokens (the instruction's end and the response header
-  are what the model must see), but never below half of `max_len`; the response keeps its *first*
-  tokens in the rest (its eos is then lost).
-- Conversation: whole exchanges (a user turn and its answer) are dropped from the end until it fits;
-  if the first exchange alone is too long, it is cut like an Alpaca record.
+- Whole exchanges (context and the answer after it) are dropped from the end until it fits.
+- If the first exchange alone is too long (an Alpaca record always is one exchange), its context keeps
+  its *last* tokens (the instruction's end and the response header are what the model must see), but
+  never below half of `max_len`; the answer keeps its *first* tokens in the rest (its eos is then lost).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+from llama_zh.data.chat_template import ChatTemplate, record_messages
 from llama_zh.data.corpus import DataError, Source, is_held_out
 from llama_zh.tokenizer import Tokenizer
 
@@ -25,23 +28,8 @@ Segment = tuple[list[int], bool]  # (ids, trained)
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
             "system": "system"}
 
-
-@dataclass
-class Template:
-    prompt_input: str
-    prompt_no_input: str
-    system: str = ""  # conversations: text before the first turn (a system turn in the data replaces it)
-    user: str = "{text}"  # conversations: a user turn, with the header the answer follows
-    assistant: str = "{text}"  # conversations: an assistant turn (eos is appended)
-
-    @classmethod
-    def from_config(cls, cfg) -> "Template":
-        return cls(**{k: cfg[k] for k in ("prompt_input", "prompt_no_input", "system", "user", "assistant") if k in cfg})
-
-    def format(self, instruction: str, input: str = "") -> str:
-        if input:
-            return self.prompt_input.format(instruction=instruction, input=input)
-        return self.prompt_no_input.format(instruction=instruction)
+# The name infer and eval know the template by.
+Template = ChatTemplate
 
 
 def _turns(record: dict) -> list | None:
@@ -120,32 +108,19 @@ def _fit_pair(prompt: list[int], response: list[int], budget: int) -> tuple[list
     return prompt, response
 
 
-def tokenize_record(record: dict, template: Template, tokenizer: Tokenizer, max_len: int) -> list[Segment]:
+def tokenize_record(record: dict, template: ChatTemplate, tokenizer: Tokenizer, max_len: int) -> list[Segment]:
     """Segments of one record (Alpaca or conversation), truncated by the module's policy."""
     # +1: the last token is only a label, never an input (see SFTDataset).
     budget = max_len + 1
-    if "conversation" in record:
-        return _tokenize_conversation(record["conversation"], template, tokenizer, budget)
-    prompt = tokenizer.encode(template.format(record["instruction"], record.get("input", "")), bos=True)
-    response = tokenizer.encode(record["output"], eos=True)
-    prompt, response = _fit_pair(prompt, response, budget)
-    return [(prompt, False), (response, True)]
-
-
-def _tokenize_conversation(turns: list[tuple[str, str]], template: Template, tokenizer: Tokenizer,
-                           budget: int) -> list[Segment]:
-    system = next((text for speaker, text in turns if speaker == "system"), template.system)  # the data's wins
-    # Exchanges: user text (context) then the assistant's answer (trained); consecutive turns merge.
-    segments: list[Segment] = []
-    context = tokenizer.encode(system, bos=True) if system else [tokenizer.bos_id]
-    for speaker, text in turns:
-        if speaker == "user":
-            context += tokenizer.encode(template.user.format(text=text))
-        elif speaker == "assistant":
-            segments += [(context, False), (tokenizer.encode(template.assistant.format(text=text), eos=True), True)]
-            context = []
+    ids, trained = template.encode(record_to_messages(record, template), tokenizer)
+    if not any(trained):
+        raise DataError(f"chat template {template.name}: marks nothing to train on "
+                        "({% generation %}...{% endgeneration %} around the answers)")
+    segments = _runs(ids, trained)
+    if len(ids) <= budget:
+        return segments
     kept, used = [], 0
-    for i in range(0, len(segments), 2):
+    for i in range(0, len(segments) - 1, 2):  # (context, answer) pairs; a context-only tail goes first
         size = len(segments[i][0]) + len(segments[i + 1][0])
         if used + size > budget:
             break
@@ -155,6 +130,23 @@ def _tokenize_conversation(turns: list[tuple[str, str]], template: Template, tok
         prompt, response = _fit_pair(segments[0][0], segments[1][0], budget)
         kept = [(prompt, False), (response, True)]
     return kept
+
+
+def record_to_messages(record: dict, template: ChatTemplate) -> list[dict]:
+    """The messages a record is rendered from (see `load_records` for the two record kinds)."""
+    if "conversation" in record:
+        return [{"role": speaker, "content": text} for speaker, text in record["conversation"]]
+    return record_messages(record["instruction"], record.get("input", ""), template.input_separator, record["output"])
+
+
+def _runs(ids: list[int], trained: list[bool]) -> list[Segment]:
+    """Maximal runs of equally trained tokens, starting with a context run (empty if the text starts trained)."""
+    segments: list[Segment] = [([], False)]
+    for token, flag in zip(ids, trained):
+        if flag != segments[-1][1]:
+            segments.append(([], flag))
+        segments[-1][0].append(token)
+    return segments
 
 
 def pack_examples(examples: list[list[Segment]], max_len: int) -> list[list[Segment]]:

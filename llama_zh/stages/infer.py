@@ -6,8 +6,8 @@ the answers keep the file's order, and prompt i samples with seed + i, so the an
 on the batch size.
 
 mode=chat: reads turns from stdin, streams each answer to stdout. The conversation is laid out as
-SFT lays out multi-turn data (data/sft.py: bos, system, then user turn, answer + eos, ...), in the
-template= chosen (chat is the reference's `User: ...\nBot: ...`). The oldest exchanges are dropped,
+SFT lays out multi-turn data (the template= chat template rendered over the conversation; chat is
+the reference's `User: ...\nBot: ...`). The oldest exchanges are dropped,
 counted in tokens, so that the conversation leaves room for stage.max_new_tokens. `clear` forgets
 the conversation, `exit` (or end of input) quits. Ctrl-C while an answer streams stops that answer
 (the exchange is not kept) and returns to the prompt; Ctrl-C at the prompt ends the session.
@@ -176,32 +176,24 @@ def answer_file(model: Transformer, tokenizer: Tokenizer, prompts: list[tuple[in
 
 def user_header(template: Template) -> str:
     """The text a user turn starts with (`User:` in the chat template), stripped; "" if none."""
-    return template.user.split("{text}")[0].strip()
+    return template.user_header()
 
 
 def chat_prompt_ids(history: list[tuple[str, str]], user_text: str, template: Template, tokenizer: Tokenizer,
                     budget: int) -> tuple[list[int], int]:
     """The conversation's ids for the next answer and how many of the oldest exchanges were dropped.
 
-    Laid out as SFT lays out conversations: [bos] system, then per exchange the user turn and the
-    answer + eos (each segment tokenized alone), then the new user turn. Whole exchanges are dropped,
-    oldest first, until it fits in `budget` tokens; a new turn too long alone keeps its last tokens.
+    Laid out as SFT lays out conversations: the chat template rendered over the history and the new
+    user turn, with its generation prompt, tokenized whole. Whole exchanges are dropped, oldest first,
+    until it fits in `budget` tokens; a new turn too long alone keeps its last tokens.
     """
-    head = tokenizer.encode(template.system, bos=True) if template.system else [tokenizer.bos_id]
-    turn = tokenizer.encode(template.user.format(text=user_text))
-    exchanges = [tokenizer.encode(template.user.format(text=u)) + tokenizer.encode(template.assistant.format(text=a), eos=True)
-                 for u, a in history]
-    kept: list[list[int]] = []
-    used = len(head) + len(turn)
-    for ex in reversed(exchanges):
-        if used + len(ex) > budget:
-            break
-        kept.insert(0, ex)
-        used += len(ex)
-    ids = head + [t for ex in kept for t in ex] + turn
-    if len(ids) > budget:
-        ids = ids[:1] + ids[len(ids) - budget + 1 :]  # bos stays
-    return ids, len(exchanges) - len(kept)
+    exchanges = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in history]
+    turn = [{"role": "user", "content": user_text}]
+    for dropped in range(len(exchanges) + 1):
+        ids = template.prompt_ids([m for ex in exchanges[dropped:] for m in ex] + turn, tokenizer)
+        if len(ids) <= budget:
+            return ids, dropped
+    return ids[:1] + ids[len(ids) - budget + 1 :], len(exchanges)  # bos stays
 
 
 def run_chat(model: Transformer, tokenizer: Tokenizer, template: Template, sampling: SamplingConfig,

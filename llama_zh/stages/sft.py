@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from llama_zh.checkpoint import read_any
 from llama_zh.data.datamodule import InstructionData
+from llama_zh.data.chat_template import template_record
 from llama_zh.data.sft import Template, build_review_sentiment
 from llama_zh.errors import LlamaZhError
 from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, fit, prepare_batch
@@ -31,8 +32,10 @@ def run(cfg: DictConfig):
     check_seq_len(cfg.stage.seq_len, stream.config, "stage.seq_len")
     train_file = Path(cfg.stage.data) if cfg.stage.data else build_review_sentiment(Path(cfg.paths.data_dir) / "sft_review_sentiment")["train"]
     log.info("instruction data: %s", train_file)
-    data = InstructionData(train_file, Template.from_config(cfg.template), tokenizer, cfg.stage.seq_len,
+    template = Template.from_config(cfg.template)
+    log.info("chat template: %s (recorded in the checkpoints, exported by stage=convert)", template.name)
+    data = InstructionData(train_file, template, tokenizer, cfg.stage.seq_len,
                            cfg.stage.batch_size, cfg.stage.val_fraction, cfg.seed, pack=cfg.stage.pack)
     job = TrainJob("sft", ModelSource(stream.config, stream, cfg.seed), tokenizer, data, plan,
-                   extra={"data": str(train_file)})
+                   extra={"data": str(train_file), **template_record(template)})
     return fit(cfg, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint
