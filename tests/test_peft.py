@@ -245,7 +245,8 @@ def test_import_refuses_unknown_tensors_and_lone_vocab_extension(tmp_path, peft_
     with pytest.raises(LlamaZhError, match=r"'base_model\.model\.score\.weight' is no weight of a LLaMA model"):
         peft_io.read_peft(adapter)
     save_file({k: v for k, v in state.items() if "lm_head" not in k}, weights)
-    with pytest.raises(LlamaZhError, match=r"a vocabulary of 400 rows, the base has 350, and lm_head is not in modules_to_save"):
+    with pytest.raises(LlamaZhError, match=r"a vocabulary of 400 rows, the base has 350, and lm_head is not in "
+                                           r"modules_to_save"):
         peft_io.convert_merged(base_hf, "hf", adapter, tmp_path / "merged", "native")
     save_file(state, weights)
     (adapter / "tokenizer.model").unlink()

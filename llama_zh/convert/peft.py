@@ -189,7 +189,7 @@ def _config_refusal(config: dict) -> str | None:
 
 
 def read_peft(directory: Path) -> PeftAdapter:
-    """The adapter in `directory`, its config and tensor names checked (shapes are checked against the base by `merge`)."""
+    """The adapter in `directory`, its config and tensor names checked (shapes against the base: `merge`)."""
     directory = Path(directory)
     config_file = directory / PEFT_CONFIG
     if not config_file.is_file():
@@ -278,12 +278,14 @@ def _merged_shapes(adapter: PeftAdapter, base: WeightStream) -> tuple[ModelConfi
             raise PeftError(f"{adapter.file}: {key} has shape {got}, the base's {weight} is {expected}")
     rows = set(vocab.values())
     if len(rows) > 1:
-        raise PeftError(f"{adapter.file}: embed_tokens has {vocab['embed.weight']} rows, lm_head {vocab['head.weight']}")
+        raise PeftError(f"{adapter.file}: embed_tokens has {vocab['embed.weight']} rows, "
+                        f"lm_head {vocab['head.weight']}")
     if rows and (new := rows.pop()) != config.vocab_size:
         for weight in VOCAB_TENSORS:
             if weight not in vocab:
+                module = _hf_module(weight.removesuffix(".weight"))
                 raise PeftError(f"{adapter.file}: a vocabulary of {new} rows, the base has {config.vocab_size}, and "
-                                f"{_hf_module(weight.removesuffix('.weight'))} is not in modules_to_save to give the rest")
+                                f"{module} is not in modules_to_save to give the rest")
         config = config.with_vocab(new)
         for weight in VOCAB_TENSORS:
             shapes[weight] = (new, shapes[weight][1])
@@ -300,8 +302,8 @@ def merge(base: WeightStream, directory: Path, tokenizer: Path | None = None) ->
         tokenizer = adapter.directory / "tokenizer.model"
     if tokenizer is None:
         if config.vocab_size != base.config.vocab_size:
-            raise PeftError(f"{adapter.directory}: the adapter extends the vocabulary to {config.vocab_size} and has no "
-                            f"tokenizer.model: pass its tokenizer as stage.tokenizer")
+            raise PeftError(f"{adapter.directory}: the adapter extends the vocabulary to {config.vocab_size} "
+                            f"and has no tokenizer.model: pass its tokenizer as stage.tokenizer")
         tokenizer = base.tokenizer
     specs = {n: (dtype, shapes[n]) for n, (dtype, _) in base.specs.items()}
 
@@ -319,7 +321,8 @@ def merge(base: WeightStream, directory: Path, tokenizer: Path | None = None) ->
 
     log.info("merging %s: %d LoRA weights (r=%d, scale %g), %d whole weights", adapter.directory, len(adapter.lora),
              adapter.rank, adapter.scale, len(adapter.saved))
-    return WeightStream(config, specs, tensors, tokenizer, source=f"{base.source} + {adapter.directory}", notes=base.notes)
+    return WeightStream(config, specs, tensors, tokenizer, source=f"{base.source} + {adapter.directory}",
+                        notes=base.notes)
 
 
 def convert_merged(src: Path, src_format: str, adapter: Path, dst: Path, dst_format: str,
@@ -329,6 +332,7 @@ def convert_merged(src: Path, src_format: str, adapter: Path, dst: Path, dst_for
     from llama_zh.convert import DESTINATION_FORMATS, FormatError, read, write
 
     if dst_format not in DESTINATION_FORMATS:
-        raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
+        raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; "
+                          f"expected one of {', '.join(DESTINATION_FORMATS)}")
     stream = merge(read(src, src_format, model, tokenizer), adapter, tokenizer).cast(dtype)
     return write(stream, dst, dst_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
