@@ -258,15 +258,13 @@ def _adapter_shapes(model: Transformer, ft: FinetuneConfig) -> dict[str, tuple[i
     return shapes
 
 
-def load_adapter(model: Transformer, directory: Path) -> Transformer:
-    """Wrap `model` (the base weights) with the adapter saved in `directory` (unmerged, dropout off) and
-    put in its modules_to_save weights. The adapter is checked against the model before anything changes."""
+def read_adapter(directory: Path, model: Transformer) -> tuple[FinetuneConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of the adapter saved in `directory`, every tensor checked for presence
+    and shape against `model` (the base, unwrapped; a meta-device model will do)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise LlamaZhError(f"{directory}: the model already carries LoRA adapters; load an adapter onto the base model")
     ft = _read_adapter_config(directory)
     path = directory / ADAPTER_FILE
     try:
@@ -283,6 +281,16 @@ def load_adapter(model: Transformer, directory: Path) -> Transformer:
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise LlamaZhError(f"{path}: unexpected tensor {unexpected[0]} for the config in {ADAPTER_CONFIG}")
+    return ft, state
+
+
+def load_adapter(model: Transformer, directory: Path) -> Transformer:
+    """Wrap `model` (the base weights) with the adapter saved in `directory` (unmerged, dropout off) and
+    put in its modules_to_save weights. The adapter is checked against the model before anything changes."""
+    directory = Path(directory)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise LlamaZhError(f"{directory}: the model already carries LoRA adapters; load an adapter onto the base model")
+    ft, state = read_adapter(directory, model)
 
     apply_finetune(model, ft)
     with torch.no_grad():

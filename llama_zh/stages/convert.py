@@ -19,11 +19,35 @@ def run(cfg: DictConfig):
     stage = cfg.stage
     if stage.dtype is not None and stage.dtype not in DTYPES:
         raise ConfigError(f"stage.dtype: {stage.dtype!r}; expected null or one of {', '.join(DTYPES)}")
+    if stage.dst_format == "peft" or stage.get("adapter"):
+        return _run_peft(stage, cfg)
     model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
     dst = convert(
         Path(stage.src), stage.src_format, Path(stage.dst), stage.dst_format, model=model,
         tokenizer=Path(stage.tokenizer) if stage.tokenizer else None, dtype=DTYPES.get(stage.dtype),
         overwrite=stage.overwrite, max_shard_bytes=int(stage.max_shard_gb * 1024**3), template=stage.get("template"),
     )
+    log.info("wrote %s (%s)", dst, stage.dst_format)
+    return str(dst)
+
+
+def _run_peft(stage: DictConfig, cfg: DictConfig):
+    """dst_format=peft exports a LoRA checkpoint's adapter; stage.adapter merges a PEFT adapter while converting."""
+    from llama_zh.convert import peft
+
+    if stage.dst_format == "peft":
+        if stage.get("adapter"):
+            raise ConfigError("stage.adapter merges an adapter, dst_format=peft exports one: set only one of them")
+        if stage.src_format != "native":
+            raise ConfigError(f"stage.dst_format=peft exports the adapter of a finetune=lora checkpoint: "
+                              f"set stage.src_format=native (got {stage.src_format!r})")
+        dst = peft.export(Path(stage.src), Path(stage.dst), dtype=DTYPES.get(stage.dtype), overwrite=stage.overwrite)
+    else:
+        model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
+        dst = peft.convert_merged(
+            Path(stage.src), stage.src_format, Path(stage.adapter), Path(stage.dst), stage.dst_format, model=model,
+            tokenizer=Path(stage.tokenizer) if stage.tokenizer else None, dtype=DTYPES.get(stage.dtype),
+            overwrite=stage.overwrite, max_shard_bytes=int(stage.max_shard_gb * 1024**3),
+        )
     log.info("wrote %s (%s)", dst, stage.dst_format)
     return str(dst)
