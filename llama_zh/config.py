@@ -74,7 +74,8 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "model config") -> "ModelConfig":
+    def from_dict(cls, values: Mapping[str, Any], source: str = "model") -> "ModelConfig":
+        """`source` names the mapping in messages, as the prefix of its keys (`<file>: model`)."""
         check_keys(values, [f.name for f in dataclasses.fields(cls)], source, what="field")
         return cls(**dict(values))
 
@@ -84,7 +85,7 @@ class ModelConfig:
         if not path.is_file():
             names = ", ".join(available_names())
             raise ConfigError(f"unknown model name {name!r}; known: {names}")
-        return cls.from_dict(yaml.safe_load(path.read_text()), source=str(path))
+        return cls.from_dict(yaml.safe_load(path.read_text()), source=f"{path}: model")
 
 
 def available_names() -> list[str]:
@@ -106,7 +107,8 @@ def check_keys(values: Mapping[str, Any], known: Iterable[str] | Mapping[str, An
         if key not in known:
             choices = sorted(str(k) for k in known)
             close = difflib.get_close_matches(str(key), choices, n=1)
-            hint = f"did you mean {where}.{close[0]}?" if close else f"expected one of {', '.join(choices)}"
+            dotted = where.rsplit(": ", 1)[-1]  # a `<file>: model` prefix is not repeated in the hint
+            hint = f"did you mean {dotted}.{close[0]}?" if close else f"expected one of {', '.join(choices)}"
             raise error(f"{path}: unknown {what} ({hint})")
         default = known[key] if isinstance(known, Mapping) else None
         if isinstance(default, Mapping) and isinstance(value, Mapping) and path not in free:
