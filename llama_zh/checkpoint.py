@@ -12,6 +12,7 @@ held whole in memory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +26,9 @@ import yaml
 from llama_zh.config import ModelConfig
 from llama_zh.model import Transformer, build_model
 from llama_zh.tensor_io import DTYPES, CheckpointError, SafetensorsWriter, iter_safetensors, safetensors_header
-from llama_zh.tokenizer import Tokenizer
+from llama_zh.tokenizer import Tokenizer, file_sha256
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "model_config.yaml"
@@ -43,6 +46,7 @@ class WeightStream:
     tokenizer: Path | None = None
     source: str = ""  # where the weights come from, for error messages
     notes: list[str] = field(default_factory=list)
+    tokenizer_sha256: str | None = None  # the hash a native checkpoint recorded for its tokenizer.model
 
     def cast(self, dtype: torch.dtype | None) -> "WeightStream":
         if dtype is None:
@@ -55,7 +59,7 @@ class WeightStream:
                 del t  # before the next read: one tensor alive at a time
 
         specs = {n: (dtype if d.is_floating_point else d, s) for n, (d, s) in self.specs.items()}
-        return WeightStream(self.config, specs, tensors, self.tokenizer, self.source, self.notes)
+        return WeightStream(self.config, specs, tensors, self.tokenizer, self.source, self.notes, self.tokenizer_sha256)
 
 
 def expected_specs(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -171,7 +175,9 @@ def write_native(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAUL
     try:
         write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes)
         meta = {"format_version": FORMAT_VERSION, "model": stream.config.to_dict(),
-                "dtype": _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed"}
+                "dtype": _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed",
+                # Checked on load: a same-size tokenizer swapped in would otherwise go unnoticed.
+                "tokenizer_sha256": file_sha256(stream.tokenizer) if stream.tokenizer is not None else None}
         if extra:
             meta.update(extra)
         (target.tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
@@ -264,7 +270,24 @@ def read_native(path: Path) -> WeightStream:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     specs, tensors = safetensors_stream(files, lambda k: k)
     tok = path / "tokenizer.model"
-    return WeightStream(config, specs, tensors, tok if tok.is_file() else None, source=str(path))
+    recorded = meta.get("tokenizer_sha256")
+    if tok.is_file():
+        check_tokenizer(path, tok, recorded)
+    return WeightStream(config, specs, tensors, tok if tok.is_file() else None, source=str(path),
+                        tokenizer_sha256=recorded)
+
+
+def check_tokenizer(checkpoint: Path, tokenizer: Path, recorded: str | None, what: str | None = None) -> None:
+    """The tokenizer must be the one the weights were written with: ids mean nothing under another."""
+    if recorded is None:
+        # Written before checkpoints recorded the hash: nothing to compare with.
+        log.debug("%s: no tokenizer_sha256 in %s, tokenizer not checked", checkpoint, CONFIG_FILE)
+        return
+    actual = file_sha256(tokenizer)
+    if actual != recorded:
+        raise CheckpointError(f"{checkpoint}: {what or tokenizer.name} has sha256 {actual}, but the weights were written with "
+                              f"a tokenizer of sha256 {recorded} ({CONFIG_FILE} tokenizer_sha256); use the tokenizer "
+                              "they were trained with")
 
 
 def read_any(path: Path) -> WeightStream:

@@ -7,9 +7,10 @@ API read the same data: `ModelConfig.from_name("llama_7b")` and `model=llama_7b`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -73,11 +74,9 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "model config") -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+    def from_dict(cls, values: Mapping[str, Any], source: str = "model") -> "ModelConfig":
+        """`source` names the mapping in messages, as the prefix of its keys (`<file>: model`)."""
+        check_keys(values, [f.name for f in dataclasses.fields(cls)], source, what="field")
         return cls(**dict(values))
 
     @classmethod
@@ -86,8 +85,40 @@ class ModelConfig:
         if not path.is_file():
             names = ", ".join(available_names())
             raise ConfigError(f"unknown model name {name!r}; known: {names}")
-        return cls.from_dict(yaml.safe_load(path.read_text()), source=str(path))
+        return cls.from_dict(yaml.safe_load(path.read_text()), source=f"{path}: model")
 
 
 def available_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def check_keys(values: Mapping[str, Any], known: Iterable[str] | Mapping[str, Any], where: str,
+               error: type[Exception] = ConfigError, what: str = "key", free: Iterable[str] = ()) -> None:
+    """Refuse a key its reader would silently ignore (a typo such as Hydra's `+stage.temprature=0.5`).
+
+    `known` is a list of keys, or a mapping of defaults: where both the default and the given value
+    are mappings, their keys are checked too, except under the dotted paths in `free` (whose children
+    are the user's own names, e.g. data.sources). The message names the first unknown key, and the
+    closest known one when there is one, which is what a typo needs.
+    """
+    free = set(free)
+    for key, value in values.items():
+        path = f"{where}.{key}"
+        if key not in known:
+            choices = sorted(str(k) for k in known)
+            close = difflib.get_close_matches(str(key), choices, n=1)
+            dotted = where.rsplit(": ", 1)[-1]  # a `<file>: model` prefix is not repeated in the hint
+            hint = f"did you mean {dotted}.{close[0]}?" if close else f"expected one of {', '.join(choices)}"
+            raise error(f"{path}: unknown {what} ({hint})")
+        default = known[key] if isinstance(known, Mapping) else None
+        if isinstance(default, Mapping) and isinstance(value, Mapping) and path not in free:
+            check_keys(value, default, path, error, what, free)
+
+
+def group_defaults(group: str, option: str) -> dict[str, Any] | None:
+    """conf/<group>/<option>.yaml as plain data (interpolations left as strings); None if there is none."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    values = yaml.safe_load(path.read_text())
+    return values if isinstance(values, dict) else None

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from llama_zh.checkpoint import WeightStream, expected_specs
+from llama_zh.config import check_keys
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import Transformer
 from llama_zh.strategies import gathered, is_partitioned
@@ -63,10 +64,7 @@ class FinetuneConfig:
         if cfg is None:
             return cls()
         values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise LlamaZhError(f"finetune: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        check_keys(values, cls.__dataclass_fields__, "finetune")
         return cls(**values)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from llama_zh.checkpoint import WeightStream, check_specs, read_any
-from llama_zh.config import ConfigError
+from llama_zh.config import ConfigError, check_keys
 from llama_zh.errors import LlamaZhError
 from llama_zh.kernels import wide_column_major
 from llama_zh.model import Transformer, build_model
@@ -66,10 +66,7 @@ class QuantConfig:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "QuantConfig":
         values = dict(cfg or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"quant: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        check_keys(values, cls.__dataclass_fields__, "quant")
         return cls(**values)
 
 

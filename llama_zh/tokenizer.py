@@ -55,7 +55,12 @@ class Tokenizer:
         return self.sp.DecodeIds([int(i) for i in ids])
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return file_sha256(self.path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """A tokenizer's identity, as token shards, training states and native checkpoints record it."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def train_sentencepiece(corpus: Path, output: Path, vocab_size: int, model_type: str = "bpe",

@@ -167,7 +167,8 @@ def read_zero(path: Path, config: ModelConfig | None = None, tokenizer: Path | N
     if config is None:
         if step_dir is None:
             raise LlamaZhError(f"{path}: no {STATE_META} beside the DeepSpeed state; pass the model config")
-        config = ModelConfig.from_dict(json.loads((step_dir / STATE_META).read_text())["model"], source=str(step_dir))
+        meta_file = step_dir / STATE_META
+        config = ModelConfig.from_dict(json.loads(meta_file.read_text())["model"], source=f"{meta_file}: model")
     if tokenizer is None and step_dir is not None and (step_dir / "tokenizer.model").is_file():
         tokenizer = step_dir / "tokenizer.model"
     state = ZeroState(_tag_dir(path))

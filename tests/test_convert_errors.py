@@ -376,3 +376,48 @@ def test_existing_destination_is_not_overwritten(tmp_path):
         convert(src, "hf", dst, "native")
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
     assert leftovers(tmp_path, "dst") == []
+
+
+# ------------------------------------------------------------------------------ options not honoured
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_refuses_a_dtype_it_would_not_write(tmp_path, dtype):
+    pytest.importorskip("gguf")
+    src = make_hf(tmp_path)
+    with pytest.raises(FormatError, match=rf"^stage\.dtype={str(dtype)[6:]}: the GGUF export writes f16 only"):
+        convert(src, "hf", tmp_path / "out" / "m.gguf", "gguf", dtype=dtype)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tencentpretrain_export_refuses_a_tokenizer_it_would_drop(tmp_path):
+    src = make_hf(tmp_path)
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes(b"any")  # refused before it is read
+    with pytest.raises(FormatError, match=r"^stage\.tokenizer=.*a TencentPretrain \.bin holds no tokenizer"):
+        convert(src, "hf", tmp_path / "tp" / "model.bin", "tencentpretrain", tokenizer=tokenizer)
+    assert not (tmp_path / "tp").exists()
+
+
+def run_convert(tmp_path, *overrides):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
+    return subprocess.run([sys.executable, "-m", "llama_zh", "stage=convert", *overrides,
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["stage.dst_format=gguf", "stage.dtype=float32"], "stage.dtype=float32: the GGUF export writes f16 only"),
+    (["stage.dst_format=gguf", "stage.max_shard_gb=0.5"], "stage.max_shard_gb=0.5: dst_format=gguf is written as one file"),
+    (["stage.max_shard_gb=0"], "stage.max_shard_gb must be a number > 0, got 0"),
+    (["model=llama_7b"], "model=llama_7b: only stage.src_format=tencentpretrain reads model= (a hf checkpoint"),
+    (["+stage.dtyp=float16"], "stage.dtyp: unknown key (did you mean stage.dtype?)"),
+])
+def test_convert_cli_refuses_options_it_would_ignore(tmp_path, overrides, message):
+    src = make_hf(tmp_path)
+    result = run_convert(tmp_path, f"stage.src={src}", f"stage.dst={tmp_path / 'out'}", *overrides)
+    assert result.returncode == 1 and f"llama_zh: error: {message}" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("out*"))

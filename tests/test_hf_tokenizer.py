@@ -2,7 +2,6 @@
 
 import json
 import logging
-import shutil
 
 import pytest
 import sentencepiece as spm
@@ -167,8 +166,8 @@ def test_refusal_is_one_line_and_writes_nothing(tmp_path, tokenizers_):
     (tmp_path / "tok").mkdir()
     odd = tmp_path / "tok" / "tokenizer.model"
     odd.write_bytes(proto.SerializeToString())
-    ckpt, _ = make_checkpoint(tmp_path / "native", Tokenizer(tokenizers_["base"]))
-    shutil.copyfile(odd, ckpt / "tokenizer.model")
+    # saved with it from the start: a tokenizer swapped into a checkpoint afterwards is refused earlier (its hash)
+    ckpt, _ = make_checkpoint(tmp_path / "native", Tokenizer(odd))
     result = llama_zh("stage=convert", f"stage.src={ckpt}", "stage.src_format=native", f"stage.dst={tmp_path / 'hf'}",
                       "stage.dst_format=hf", run_dir=tmp_path / "run", check=False)
     assert result.returncode != 0

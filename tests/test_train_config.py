@@ -147,3 +147,69 @@ def test_training_stages_return_a_float_objective_with_the_checkpoint():
 
     result = pickle.loads(pickle.dumps(TrainResult(2.5, Path("/x/final"))))
     assert result == 2.5 and isinstance(result, float) and result.checkpoint == Path("/x/final")
+
+
+# ------------------------------------------------------------------------------ options that would be ignored
+
+
+@pytest.mark.parametrize("overrides", [
+    [f"stage={stage}"] for stage in ("prepare", "tokenizer", "convert", "pretrain", "sft", "eval", "infer")
+] + [["experiment=zh_sentiment/pretrain", "debug=fast"], ["experiment=zh_sentiment/sft"],
+     ["experiment=zh_sentiment/eval"], ["experiment=tiny_lr_sweep"], ["data=zh_mix"], ["stage=sft", "finetune=lora"],
+     ["stage=infer", "quant=nf4"], ["+data.sources.more={files: [x.txt]}"]])
+def test_shipped_configs_pass_the_key_check(overrides):
+    from llama_zh.stages import check_options
+
+    check_options(config(*overrides))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["stage=infer", "stage.checkpoint=x", "+stage.temprature=0.5"], "stage.temprature: unknown key (did you mean stage.temperature?)"),
+    (["stage=eval", "stage.checkpoint=x", "+stage.mc.shot=3"], "stage.mc.shot: unknown key (did you mean stage.mc.shots?)"),
+    (["+stage.zzz=1"], "stage.zzz: unknown key (expected one of init_from, name, save_every_n_steps)"),
+    (["+optim.lrr=1e-3"], "optim.lrr: unknown key (did you mean optim.lr?)"),
+    (["+data.packing.num_procs=2"], "data.packing.num_procs: unknown key (did you mean data.packing.num_proc?)"),
+    (["+model.n_layer=2"], "model.n_layer: unknown field (did you mean model.n_layers?)"),
+    (["stage=sft", "stage.checkpoint=x", "+finetune.rnak=4"], "finetune.rnak: unknown key (did you mean finetune.rank?)"),
+    (["stage=infer", "stage.checkpoint=x", "+quant.blocksize_=64"], "quant.blocksize_: unknown key (did you mean quant.blocksize?)"),
+    (["stage=eval", "stage.checkpoint=x", "model=llama_7b"], "model=llama_7b: stage=eval does not read model="),
+])
+def test_unknown_keys_and_unread_groups_are_refused(overrides, message, tmp_path):
+    result = llama_zh(*overrides, tmp_path=tmp_path)
+    assert result.returncode == 1 and f"llama_zh: error: {message}" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """dim 64, 2 layers, max_seq_len 128: not the shape of model=tiny."""
+    from tiny_checkpoints import make_checkpoint, train_tokenizer
+
+    d = tmp_path_factory.mktemp("init")
+    return make_checkpoint(d / "ckpt", train_tokenizer(d / "tok"))[0]
+
+
+def test_init_from_refuses_an_explicit_model_of_another_shape(small_checkpoint, tmp_path):
+    result = llama_zh(f"stage.init_from={small_checkpoint}", "model=tiny", tmp_path=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert (f"llama_zh: error: model=tiny differs from the checkpoint of stage.init_from={small_checkpoint}: "
+            "dim 128 (checkpoint 64), n_layers 4 (checkpoint 2)") in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_init_from_refuses_an_explicit_tokenizer(small_checkpoint, tmp_path):
+    from tiny_checkpoints import train_tokenizer
+
+    other = train_tokenizer(tmp_path / "tok", 2000, reviews=1000).path
+    result = llama_zh(f"stage.init_from={small_checkpoint}", "tokenizer=file", f"tokenizer.path={other}", tmp_path=tmp_path)
+    assert result.returncode == 1 and "llama_zh: error: tokenizer=file tokenizer.path=" in result.stderr, result.stderr[-2000:]
+    assert "trains with the checkpoint's own tokenizer" in result.stderr
+
+
+def test_init_from_with_the_default_model_takes_the_checkpoints_shape(small_checkpoint, tmp_path):
+    # data.seq_len 256 > the checkpoint's 128: refused right after the shape is chosen, before any data.
+    result = llama_zh(f"stage.init_from={small_checkpoint}", tmp_path=tmp_path)
+    output = result.stdout + result.stderr
+    assert "stage.init_from: the model's shape is the checkpoint's (vocab_size=2000, dim=64" in output, output[-2000:]
+    assert result.returncode == 1 and "data.seq_len=256 exceeds the model's max_seq_len=128" in result.stderr

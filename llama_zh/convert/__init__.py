@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream, read_native, write_native
+from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream, check_tokenizer, read_native, write_native
 from llama_zh.config import ModelConfig
 from llama_zh.convert import hf, meta, tencentpretrain
 from llama_zh.data.chat_template import CHECKPOINT_KEY, export_template
@@ -34,6 +34,8 @@ def read(src: Path, src_format: str, model: ModelConfig | None = None, tokenizer
     if src_format == "native":
         stream = read_native(src)
         if tokenizer is not None:
+            # Another tokenizer in place of the recorded one is the swap read_native refuses.
+            check_tokenizer(src, Path(tokenizer), stream.tokenizer_sha256, what=f"stage.tokenizer {tokenizer}")
             stream.tokenizer = Path(tokenizer)
         return stream
     if model is None:
@@ -61,12 +63,24 @@ def write(stream: WeightStream, dst: Path, dst_format: str, overwrite: bool = Fa
     raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
 
 
+def check_honoured(src_format: str, dst_format: str, tokenizer: Path | None, dtype: torch.dtype | None) -> None:
+    """Refuse an option the destination's writer would not honour, rather than write something else."""
+    if dst_format == "gguf" and dtype not in (None, torch.float16):
+        # The GGUF writer has one file type, llama.cpp's MOSTLY_F16 (f16 matrices, f32 norms).
+        raise FormatError(f"stage.dtype={str(dtype).removeprefix('torch.')}: the GGUF export writes f16 only "
+                          "(matrices f16, norms f32); use stage.dtype=null or float16")
+    if dst_format == "tencentpretrain" and tokenizer is not None and src_format != "tencentpretrain":
+        raise FormatError(f"stage.tokenizer={tokenizer}: a TencentPretrain .bin holds no tokenizer, so it would be "
+                          "dropped; leave stage.tokenizer unset (keep the tokenizer.model beside the .bin yourself)")
+
+
 def convert(src: Path, src_format: str, dst: Path, dst_format: str, model: ModelConfig | None = None,
             tokenizer: Path | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES, template: str | None = None) -> Path:
     """`template`: the chat template to export, by name or .jinja path; None: the source checkpoint's, if any."""
     if dst_format not in DESTINATION_FORMATS:
         raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
+    check_honoured(src_format, dst_format, tokenizer, dtype)
     stream = read(src, src_format, model, tokenizer).cast(dtype)
     chat_template = export_template(src, template) if dst_format != "tencentpretrain" else None
     return write(stream, dst, dst_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes,

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from llama_zh.config import check_keys
 from llama_zh.data.cleaning import NORMALIZATIONS, Cleaner, CleaningCounts
 from llama_zh.errors import LlamaZhError
 
@@ -171,9 +172,7 @@ class Source:
     @classmethod
     def from_config(cls, name: str, block: Mapping[str, Any]) -> "Source":
         known = {f.name for f in fields(cls)} - {"name"}
-        for key in block:
-            if key not in known and key not in KEYS_READ_ELSEWHERE:
-                raise DataError(f"data.sources.{name}.{key}: unknown key; expected one of {', '.join(sorted(known))}")
+        check_keys(block, known | set(KEYS_READ_ELSEWHERE), f"data.sources.{name}", DataError)
         options = {k: v for k, v in block.items() if k in known}
         options.setdefault("files", None)
         if isinstance(options["files"], (list, tuple)):

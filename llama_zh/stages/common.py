@@ -121,6 +121,16 @@ def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpoi
         return model
 
     def _build() -> Transformer:
+        model = _construct()
+        if source.stream is not None:  # else a run from a checkpoint is indistinguishable from a random init
+            n = sum(math.prod(shape) for _, shape in source.stream.specs.values())
+            log.info("loaded weights from %s (%d params)", source.stream.source, n)
+        apply_finetune(model, ft)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        return model.train()
+
+    def _construct() -> Transformer:
         if zero3:
             model = Transformer(source.config)  # zero.Init partitions each module as it is constructed
             if source.stream is not None:
@@ -131,10 +141,7 @@ def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpoi
             model = load_model(source.stream)
         else:
             model = build_model(source.config, seed=source.seed)
-        apply_finetune(model, ft)
-        if checkpointing:
-            enable_activation_checkpointing(model)
-        return model.train()
+        return model
 
     return build
 

@@ -2,19 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from llama_zh.checkpoint import read_any
+from llama_zh.checkpoint import WeightStream, read_any
+from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.data.datamodule import PretrainData
 from llama_zh.data.prepare import ensure_tokenizer
 from llama_zh.errors import LlamaZhError
+from llama_zh.stages import chosen
 from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, fit, model_config, prepare_batch
-from llama_zh.tokenizer import Tokenizer
+from llama_zh.tokenizer import Tokenizer, file_sha256
 
 log = logging.getLogger(__name__)
+SHAPE_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "name"]
+
+
+def check_init_shape(cfg: DictConfig, stream: WeightStream, given: list[str]) -> None:
+    """The checkpoint of stage.init_from brings its shape: a model= the user chose (`given`, the
+    overrides that chose it) must agree with it, field by field; the default model= is replaced."""
+    init_from = cfg.stage.init_from
+    if not given:
+        log.info("stage.init_from: the model's shape is the checkpoint's (%s), not model=%s", _shape(stream.config),
+                 cfg.model.get("name"))
+        return
+    wanted = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
+    differ = [f"{f} {getattr(wanted, f)} (checkpoint {getattr(stream.config, f)})" for f in SHAPE_FIELDS
+              if getattr(wanted, f) != getattr(stream.config, f) and not (f == "vocab_size" and wanted.vocab_size is None)]
+    if differ:
+        raise ConfigError(f"{' '.join(given)} differs from the checkpoint of stage.init_from={init_from}: "
+                          f"{', '.join(differ)}; drop model= to continue with the checkpoint's shape")
+
+
+def check_init_tokenizer(cfg: DictConfig, stream: WeightStream, given: list[str]) -> None:
+    """The checkpoint's own tokenizer is used; a tokenizer= the user chose is refused unless it is that one."""
+    if not given:
+        return
+    path = OmegaConf.select(cfg, "tokenizer.path", default=None, throw_on_missing=False)
+    if path is not None and Path(path).is_file() and file_sha256(path) == file_sha256(stream.tokenizer):
+        return
+    raise ConfigError(f"{' '.join(given)}: stage.init_from={cfg.stage.init_from} trains with the checkpoint's own "
+                      f"tokenizer ({stream.tokenizer}), not this one; drop tokenizer= (or resize the checkpoint to "
+                      "it with stage=tokenizer)")
+
+
+def _shape(config: ModelConfig) -> str:
+    return ", ".join(f"{f}={getattr(config, f)}" for f in SHAPE_FIELDS)
 
 
 def run(cfg: DictConfig):
@@ -25,6 +62,8 @@ def run(cfg: DictConfig):
         stream = read_any(cfg.stage.init_from)
         if stream.tokenizer is None:
             raise LlamaZhError(f"stage.init_from: {cfg.stage.init_from} has no tokenizer.model")
+        check_init_shape(cfg, stream, chosen("model"))
+        check_init_tokenizer(cfg, stream, chosen("tokenizer"))
         tokenizer = Tokenizer(stream.tokenizer)
         source = ModelSource(stream.config, stream, cfg.seed)
     else:
