@@ -11,7 +11,7 @@ from pathlib import Path
 
 from llama_zh.checkpoint import (
     DEFAULT_SHARD_BYTES, WeightStream, _AtomicDir, _safetensors_files, check_specs, safetensors_stream,
-    write_safetensors_shards,
+    stream_bytes, write_safetensors_shards,
 )
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.convert.keys import KeyMap
@@ -152,8 +152,8 @@ def hf_config(config: ModelConfig, dtype: str) -> dict:
 def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
     check_specs(stream)
     dtype = str(next(iter(stream.specs.values()))[0]).removeprefix("torch.")
-    target = _AtomicDir(path, overwrite)
-    try:
+    target = _AtomicDir(path, overwrite, stream_bytes(stream.specs))
+    with target:
         write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes,
                                  rename=KEYS.to_outside, metadata={"format": "pt"})
         (target.tmp / "config.json").write_text(json.dumps(hf_config(stream.config, dtype), indent=2))
@@ -163,9 +163,6 @@ def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD
             shutil.copyfile(stream.tokenizer, target.tmp / "tokenizer.model")
             _write_tokenizer_config(target.tmp, stream.config)
         return target.commit()
-    except BaseException:
-        target.abort()
-        raise
 
 
 def _write_tokenizer_config(directory: Path, config: ModelConfig) -> None:
