@@ -40,6 +40,10 @@ RUN_LOCK = ".llama_zh.lock"
 class DiskFullError(LlamaZhError):
     """No space (or no quota) left for an output; its temporary has been removed."""
 
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = Path(path)
+
 
 class OutputLockedError(LlamaZhError):
     """Another live process writes the same output or run directory."""
@@ -96,7 +100,7 @@ def disk_full_error(dst: Path, cause: OSError, written: int, need_bytes: int | N
     need = (f"needs about {human_bytes(need_bytes)}" if need_bytes and need_bytes > written
             else f"needs more than the {human_bytes(written)} written")
     return DiskFullError(f"{dst}: {what} ({need}, {free} free in {directory}); "
-                         "the partial output was removed: free space or choose another destination")
+                         "the partial output was removed: free space or choose another destination", dst)
 
 
 def _existing_parent(path: Path) -> Path:
@@ -368,7 +372,8 @@ class AtomicOutput:
         free = free_bytes(self.dst.parent)
         if free < self.need_bytes:
             raise DiskFullError(f"{self.dst}: not enough space (needs about {human_bytes(self.need_bytes)}, "
-                                f"{human_bytes(free)} free in {self.dst.parent}): free space or choose another destination")
+                                f"{human_bytes(free)} free in {self.dst.parent}): free space or choose another destination",
+                                self.dst)
 
     def commit(self) -> Path:
         if self.file is not None:
@@ -398,6 +403,8 @@ class AtomicOutput:
             self.lock.release()
 
     def _raise_converted(self, exc: BaseException) -> None:
+        if isinstance(exc, DiskFullError) and self.tmp not in (exc.path, *exc.path.parents):
+            return  # it names its own output already (not a part of this one's temporary)
         cause = full_disk_cause(exc)
         if cause is not None:
             raise disk_full_error(self.dst, cause, self._written, self.need_bytes) from cause

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,9 +158,20 @@ def _write_gguf(writer, stream: WeightStream, keys: KeyMap, pieces: list[bytes],
     for name, t in stream.tensors():
         t = permute(name, t)
         dtype = torch.float16 if t.ndim >= 2 else torch.float32
-        writer.write_tensor_data(t.to(dtype).contiguous().numpy())
+        _write_tensor(writer, t.to(dtype).contiguous().numpy())
         del t
     writer.close()  # flushes: a full disk shows here, not in the cleanup
+
+
+def _write_tensor(writer, array: np.ndarray) -> None:
+    try:
+        writer.write_tensor_data(array)
+    except OSError as e:
+        # numpy's tofile reports a short write as "N requested and M written", without an errno; on a
+        # regular file that is a full disk (or quota), which must read as one.
+        if e.errno is None and "requested and" in str(e):
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({e})") from e
+        raise
 
 
 def check_file(path: Path, shapes: dict[str, tuple[int, ...]], pieces: list[bytes]) -> None:
