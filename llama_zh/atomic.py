@@ -26,6 +26,7 @@ import shutil
 import socket
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -227,6 +228,7 @@ class Lock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(self.describe()).encode())
         self.fd = fd
+        _held.add(self)
         return self
 
     def _lock(self, fd: int) -> None:
@@ -265,6 +267,7 @@ class Lock:
             pass
         os.close(self.fd)  # closing drops the flock
         self.fd = None
+        _held.discard(self)
 
     def __enter__(self) -> "Lock":
         return self.acquire()
@@ -273,13 +276,32 @@ class Lock:
         self.release()
 
 
+_held: "weakref.WeakSet[Lock]" = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, a packing worker): a flock belongs to the open file,
+    which the child shares, so a child outliving a killed parent would keep the lock and refuse the
+    rerun. The child closes its copies and forgets them (it must not remove the parent's lock file)."""
+    for lock in list(_held):
+        try:
+            os.close(lock.fd)
+        except (OSError, TypeError):
+            pass
+        lock.fd = None
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def output_lock(dst: Path, wait: bool = False) -> Lock:
     """The lock of one output (a file or directory): `.<name>.lock` beside it."""
     dst = Path(dst)
     return Lock(dst.with_name(f".{dst.name}.lock"), dst, wait)
 
 
-_run_locks: dict[Path, Lock] = {}
+_run_locks: dict[Path, Lock] = {}  # held to the end of the run; by the process, if it ends first
 
 
 def claim_run_dir(directory: Path) -> Lock | None:

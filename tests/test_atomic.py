@@ -168,7 +168,7 @@ def tmpfs(tmp_path):
 
     yield mount
     for point in mounted:
-        subprocess.run(["umount", str(point)], check=False)
+        subprocess.run(["umount", "--lazy", str(point)], check=False)  # lazy: a failed test may hold a file open
 
 
 def test_real_full_disk_corpus_removes_its_temporaries(tmp_path, tmpfs):
@@ -279,10 +279,15 @@ def test_an_old_directory_moved_aside_is_kept_while_it_is_the_only_copy(tmp_path
 
 
 HOLD = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from llama_zh import atomic
 lock = atomic.claim_run_dir(Path(sys.argv[2])) if sys.argv[1] == "run" else atomic.output_lock(Path(sys.argv[2])).acquire()
+if "--fork" in sys.argv and os.fork() == 0:  # a worker (DataLoader's) that outlives its parent
+    print("worker", os.getpid(), flush=True)
+    time.sleep(60)
+    os._exit(0)
+time.sleep(0.5)
 print("held", flush=True)
 time.sleep(600)
 """
@@ -292,18 +297,29 @@ time.sleep(600)
 def holder():
     children = []
 
-    def hold(kind: str, path: Path) -> subprocess.Popen:
-        child = subprocess.Popen([sys.executable, "-c", HOLD, kind, str(path), "--marker-of-the-holder"],
+    def hold(kind: str, path: Path, *extra: str) -> subprocess.Popen:
+        child = subprocess.Popen([sys.executable, "-c", HOLD, kind, str(path), "--marker-of-the-holder", *extra],
                                  stdout=subprocess.PIPE, text=True, cwd=REPO,
                                  env=dict(os.environ, PYTHONPATH=str(REPO)))
-        assert child.stdout.readline().strip() == "held"
         children.append(child)
+        line = child.stdout.readline().split()
+        if line[:1] == ["worker"]:
+            workers.append(int(line[1]))
+            line = child.stdout.readline().split()
+        assert line == ["held"]
         return child
 
+    children, workers = [], []
+    hold.workers = workers
     yield hold
     for child in children:
         child.kill()
         child.wait()
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def assert_names_holder(message: str, child: subprocess.Popen):
@@ -355,6 +371,16 @@ def test_run_directory_is_locked_for_the_training_run(tmp_path, holder):
     finally:
         release_run_dir(run_dir)
     assert not (run_dir / atomic.RUN_LOCK).exists()
+
+
+def test_a_forked_worker_outliving_a_killed_run_does_not_hold_its_lock(tmp_path, holder):
+    run_dir = tmp_path / "run"
+    child = holder("run", run_dir, "--fork")
+    child.kill()
+    child.wait()
+    assert atomic.process_alive(holder.workers[0])
+    claim_run_dir(run_dir)
+    release_run_dir(run_dir)
 
 
 def test_launched_ranks_do_not_contend_for_the_run_lock(tmp_path, holder, monkeypatch):
