@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 import yaml
 
+from llama_zh.atomic import AtomicOutput, write_text
 from llama_zh.config import ModelConfig
 from llama_zh.model import Transformer, build_model
 from llama_zh.tensor_io import DTYPES, CheckpointError, SafetensorsWriter, iter_safetensors, safetensors_header
@@ -97,28 +96,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-class _AtomicDir:
-    """Builds a directory under a temporary name beside `path`; `commit()` puts it in place."""
+class _AtomicDir(AtomicOutput):
+    """A checkpoint directory built under a temporary name beside `path`, entered with `with`:
+    locked, checked against `overwrite` (again before the rename), renamed into place by `commit()`
+    and removed on any failure (llama_zh.atomic)."""
 
-    def __init__(self, path: Path, overwrite: bool):
-        self.path = Path(path)
-        if self.path.exists() and not overwrite and any(self.path.iterdir()):
-            raise CheckpointError(f"{self.path}: already exists and is not empty (set overwrite to replace it)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+    def __init__(self, path: Path, overwrite: bool, need_bytes: int | None = None):
+        super().__init__(Path(path), directory=True, overwrite=overwrite, need_bytes=need_bytes,
+                         exists_error=CheckpointError)
 
-    def commit(self) -> Path:
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
-        return self.path
 
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+def stream_bytes(specs: dict[str, Spec]) -> int:
+    """The bytes of the tensors of `specs`: what writing them needs on disk (headers aside)."""
+    return sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for dtype, shape in specs.values())
 
 
 def _plan_shards(specs: dict[str, Spec], max_shard_bytes: int) -> list[list[str]]:
@@ -158,12 +148,12 @@ def write_safetensors_shards(directory: Path, specs: dict[str, Spec], tensors: I
                 weight_map[rename(name)] = filename
                 del t
             writer.close()
-        except BaseException:
-            writer.abort()
+        except BaseException as e:
+            writer.abort(e)
             raise
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_text(directory / f"{prefix}.safetensors.index.json", json.dumps(index, indent=2))
 
 
 def write_native(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
@@ -171,8 +161,8 @@ def write_native(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAUL
     """Write `stream` as a native checkpoint directory at `path`, atomically."""
     check_specs(stream)
     dtypes = {d for d, _ in stream.specs.values()}
-    target = _AtomicDir(path, overwrite)
-    try:
+    target = _AtomicDir(path, overwrite, stream_bytes(stream.specs))
+    with target:
         write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes)
         meta = {"format_version": FORMAT_VERSION, "model": stream.config.to_dict(),
                 "dtype": _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed",
@@ -184,9 +174,6 @@ def write_native(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAUL
         if stream.tokenizer is not None:
             shutil.copyfile(stream.tokenizer, target.tmp / "tokenizer.model")
         return target.commit()
-    except BaseException:
-        target.abort()
-        raise
 
 
 def model_stream(model: Transformer, tokenizer: Path | None = None) -> WeightStream:

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from llama_zh.atomic import AtomicOutput
 from llama_zh.errors import LlamaZhError
 
 DTYPES = {
@@ -95,13 +96,12 @@ def iter_safetensors(path: Path, names: Iterable[str] | None = None) -> Iterator
 class SafetensorsWriter:
     """Writes a safetensors file whose tensors arrive one by one, in the planned order.
 
-    Writes to `<path>.tmp` and renames on `close()`, so a failed conversion leaves no file that looks
-    complete.
+    Writes under a temporary name and renames on `close()` (llama_zh.atomic), so a failed conversion
+    leaves no file that looks complete; the caller holds the lock of the directory written into.
     """
 
     def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         self._expected = []
@@ -112,8 +112,13 @@ class SafetensorsWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-        self._file = open(self.tmp, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._out = AtomicOutput(self.path, mode="wb", lock=False).begin()
+        self.tmp = self._out.tmp
+        try:
+            self._out.file.write(struct.pack("<Q", len(blob)) + blob)
+        except BaseException as e:
+            self._out.abort(e)
+            raise
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -122,22 +127,22 @@ class SafetensorsWriter:
             raise CheckpointError(f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, planned {exp_name} {exp_dtype} {exp_shape}")
         t = tensor.detach().contiguous().cpu()
         if t.numel():
-            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
+            self._out.file.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self._expected):
-            self._file.close()
-            self.tmp.unlink(missing_ok=True)
+            self._out.abort()
             raise CheckpointError(f"{self.path}: only {self._next} of {len(self._expected)} tensors written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._out.commit()
+        except BaseException as e:
+            self._out.abort(e)
+            raise
 
-    def abort(self) -> None:
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Remove the temporary file; a full disk behind `exc` is raised as a one-line error."""
+        self._out.abort(exc)
 
 
 def torch_load_weights(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ vocabularies (49953 vs 49954, §6 item 11) is refused here, naming both sizes.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -22,6 +21,7 @@ import torch
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
+from llama_zh.atomic import write_bytes
 from llama_zh.checkpoint import WeightStream, read_any, write_native
 from llama_zh.tensor_io import CheckpointError
 from llama_zh.tokenizer import Tokenizer, TokenizerError
@@ -119,10 +119,7 @@ def extend_tokenizer(base: Path, extra: Path, out: Path, pad_token: str | None =
     if (check.GetPieceSize(), check.pad_id()) != (len(proto.pieces), pad_id):
         raise TokenizerError(f"{out}: sentencepiece reads the extended model as {check.GetPieceSize()} pieces, pad "
                              f"{check.pad_id()}; expected {len(proto.pieces)}, pad {pad_id}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    write_bytes(out, data)
     return Extension(base_size, len(extra_proto.pieces), len(new), len(text_pieces) - len(new),
                      len(extra_proto.pieces) - len(text_pieces), len(proto.pieces), pad_id)
 

@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llama_zh.atomic import AtomicOutput, close_quietly
 from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.convert.keys import KeyMap, halves_to_interleaved, rope_permuter
 from llama_zh.errors import LlamaZhError
@@ -105,56 +107,73 @@ def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_templat
     path = gguf_path(dst)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists (set overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     config, keys = stream.config, key_map()
     pieces, scores, types, special = tokenizer_vocab(stream.tokenizer, config.vocab_size)
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    try:
-        writer.add_name(config.name)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.max_seq_len)
-        writer.add_embedding_length(config.dim)
-        writer.add_block_count(config.n_layers)
-        writer.add_feed_forward_length(config.ffn_dim)
-        writer.add_head_count(config.n_heads)
-        writer.add_head_count_kv(config.n_kv_heads)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.norm_eps)
-        writer.add_tokenizer_model("llama")
-        writer.add_token_list(pieces)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        for kind, token_id in special.items():
-            if token_id >= 0:
-                getattr(writer, f"add_{kind}_token_id")(token_id)
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        if chat_template:
-            writer.add_chat_template(chat_template)
-
-        for name, (_, shape) in stream.specs.items():
-            dtype = file_dtype(shape)
-            writer.add_tensor_info(keys.to_outside(name), shape, dtype, int(np.prod(shape)) * dtype.itemsize)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        permute = rope_permuter(config.n_heads, config.n_kv_heads, halves_to_interleaved)
-        for name, t in stream.tensors():
-            t = permute(name, t)
-            dtype = torch.float16 if t.ndim >= 2 else torch.float32
-            writer.write_tensor_data(t.to(dtype).contiguous().numpy())
-            del t
-        writer.close()
-        check_file(tmp, {keys.to_outside(n): tuple(s) for n, (_, s) in stream.specs.items()}, pieces)
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    need = sum(int(np.prod(shape)) * file_dtype(shape).itemsize for _, shape in stream.specs.values())
+    with AtomicOutput(path, overwrite=overwrite, need_bytes=need, exists_error=CheckpointError) as out:
+        writer = gguf.GGUFWriter(out.tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        try:
+            _write_gguf(writer, stream, keys, pieces, scores, types, special, chat_template)
+        finally:
+            for f in writer.fout or []:
+                close_quietly(f)  # its buffer may not fit on a full disk: the write's own error says so
+            writer.fout = None
+        check_file(out.tmp, {keys.to_outside(n): tuple(s) for n, (_, s) in stream.specs.items()}, pieces)
     return path
+
+
+def _write_gguf(writer, stream: WeightStream, keys: KeyMap, pieces: list[bytes], scores: list[float],
+                types: list[int], special: dict[str, int], chat_template: str | None = None) -> None:
+    gguf, config = _gguf(), stream.config
+    writer.add_name(config.name)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.ffn_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for kind, token_id in special.items():
+        if token_id >= 0:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+    for name, (_, shape) in stream.specs.items():
+        dtype = file_dtype(shape)
+        writer.add_tensor_info(keys.to_outside(name), shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    permute = rope_permuter(config.n_heads, config.n_kv_heads, halves_to_interleaved)
+    for name, t in stream.tensors():
+        t = permute(name, t)
+        dtype = torch.float16 if t.ndim >= 2 else torch.float32
+        _write_tensor(writer, t.to(dtype).contiguous().numpy())
+        del t
+    writer.close()  # flushes: a full disk shows here, not in the cleanup
+
+
+def _write_tensor(writer, array: np.ndarray) -> None:
+    try:
+        writer.write_tensor_data(array)
+    except OSError as e:
+        # numpy's tofile reports a short write as "N requested and M written", without an errno; on a
+        # regular file that is a full disk (or quota), which must read as one.
+        if e.errno is None and "requested and" in str(e):
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({e})") from e
+        raise
 
 
 def check_file(path: Path, shapes: dict[str, tuple[int, ...]], pieces: list[bytes]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llama_zh.checkpoint import (
     DEFAULT_SHARD_BYTES, WeightStream, _AtomicDir, _safetensors_files, check_specs, safetensors_stream,
-    write_safetensors_shards,
+    stream_bytes, write_safetensors_shards,
 )
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.convert.hf_tokenizer import SpecialPieces, build_hf_tokenizer
@@ -161,16 +161,13 @@ def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD
     check_specs(stream)
     dtype = str(next(iter(stream.specs.values()))[0]).removeprefix("torch.")
     files = metadata_files(stream, dtype, chat_template)  # a tokenizer that cannot be exported is refused before any weight is written
-    target = _AtomicDir(path, overwrite)
-    try:
+    target = _AtomicDir(path, overwrite, stream_bytes(stream.specs))
+    with target:
         write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes,
                                  rename=KEYS.to_outside, metadata={"format": "pt"})
         for name, data in files.items():
             (target.tmp / name).write_bytes(data)
         return target.commit()
-    except BaseException:
-        target.abort()
-        raise
 
 
 def metadata_files(stream: WeightStream, dtype: str, chat_template: str | None = None) -> dict[str, bytes]:

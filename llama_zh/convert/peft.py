@@ -120,16 +120,13 @@ def export(src: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bo
     hf_names = {native: name for name, native in HF_ALIASES.items()}
     config = peft_config(ft.rank, ft.alpha, [hf_names[m] for m in ft.target_modules],
                          [HF_SAVED[m] for m in ft.modules_to_save])
-    target = _AtomicDir(dst, overwrite)
-    try:
+    target = _AtomicDir(dst, overwrite, sum(t.numel() * t.element_size() for t in tensors.values()))
+    with target:
         save_file(tensors, str(target.tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (target.tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
         if stream.tokenizer is not None:  # the run's vocabulary, which its embed/head rows follow
             shutil.copyfile(stream.tokenizer, target.tmp / "tokenizer.model")
         return target.commit()
-    except BaseException:
-        target.abort()
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- import

@@ -7,12 +7,12 @@ are permuted on the way in and out.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from llama_zh.checkpoint import WeightStream, check_specs
+from llama_zh.atomic import AtomicOutput
+from llama_zh.checkpoint import WeightStream, check_specs, stream_bytes
 from llama_zh.config import ModelConfig
 from llama_zh.convert.keys import KeyMap, halves_to_interleaved, interleaved_to_halves, rope_permuter
 from llama_zh.tensor_io import CheckpointError, torch_load_weights
@@ -64,13 +64,10 @@ def write(stream: WeightStream, path: Path, overwrite: bool = False, **_) -> Pat
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists (set overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     permute = rope_permuter(stream.config.n_heads, stream.config.n_kv_heads, halves_to_interleaved)
-    state = {KEYS.to_outside(name): permute(name, t).contiguous() for name, t in stream.tensors()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with AtomicOutput(path, mode="wb", overwrite=overwrite, need_bytes=stream_bytes(stream.specs),
+                      exists_error=CheckpointError) as out:
+        state = {KEYS.to_outside(name): permute(name, t).contiguous() for name, t in stream.tensors()}
+        # A file object, not a path: torch's own file writer reports a full disk as "unexpected pos".
+        torch.save(state, out.file)
     return path

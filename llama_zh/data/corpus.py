@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from llama_zh.atomic import AtomicOutput, output_lock, write_text
 from llama_zh.config import check_keys
 from llama_zh.data.cleaning import NORMALIZATIONS, Cleaner, CleaningCounts
 from llama_zh.errors import LlamaZhError
@@ -209,29 +210,35 @@ def report_file(directory: Path, source: str) -> Path:
 
 
 class _SplitWriter:
-    """A corpus split file written under a temporary name, hashed as it is written."""
+    """A corpus split file written under a temporary name (llama_zh.atomic), hashed as it is written."""
 
     def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-        self.file = open(self.tmp, "wb")
+        self.path = path
+        self.out = AtomicOutput(path, mode="wb", lock=False).begin()  # write_source holds the source's lock
         self.sha1 = hashlib.sha1()
         self.documents = 0
 
     def write(self, doc: str) -> None:
         line = (doc + "\n").encode("utf-8")
-        self.file.write(line)
+        try:
+            self.out.file.write(line)
+        except OSError as e:
+            self.out.abort(e)  # a full disk: one line naming this file
+            raise
         self.sha1.update(line)
         self.documents += 1
 
     def commit(self) -> dict:
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.out.commit()
+        except BaseException as e:
+            self.out.abort(e)
+            raise
         return {"file": self.path.name, "documents": self.documents, "bytes": self.path.stat().st_size,
                 "sha1": self.sha1.hexdigest()}
 
     def discard(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        self.out.abort()
 
 
 def write_source(source: Source, directory: Path, holdout_modulus: int = 10, require_train: bool = True) -> dict:
@@ -239,16 +246,24 @@ def write_source(source: Source, directory: Path, holdout_modulus: int = 10, req
 
     The report is written last: its presence means the split files are complete. A source with no
     training documents is refused unless `require_train` is off (evaluation reads only the held-out
-    split, so a source that is all held out is fine there); one with no documents at all always is.
+    split, so a source that is all held out is fine there); one with no documents at all always is. A second process
+    writing the same source waits for the first (the lock `.<source>.lock`).
     """
     directory.mkdir(parents=True, exist_ok=True)
+    with output_lock(directory / source.name, wait=True):
+        return _write_source(source, directory, holdout_modulus, require_train)
+
+
+def _write_source(source: Source, directory: Path, holdout_modulus: int, require_train: bool) -> dict:
     report_file(directory, source.name).unlink(missing_ok=True)
     fingerprint = source.fingerprint(holdout_modulus)
     start = time.perf_counter()
     counts = CleaningCounts()
     cleaner = Cleaner(source.normalize, source.fold_fullwidth, source.min_chars, source.max_chars, source.dedup)
-    writers = {split: _SplitWriter(corpus_file(directory, source.name, split)) for split in SPLITS}
+    writers: dict[str, _SplitWriter] = {}
     try:
+        for split in SPLITS:
+            writers[split] = _SplitWriter(corpus_file(directory, source.name, split))
         for raw in source.documents(counts):
             split = "val" if is_held_out(raw, holdout_modulus) else "train"
             doc = cleaner.clean(raw, counts)
@@ -270,9 +285,7 @@ def write_source(source: Source, directory: Path, holdout_modulus: int = 10, req
     if counts.bad_utf8:
         log.warning("%s: skipped %d lines of invalid UTF-8, first at %s", source.name, counts.bad_utf8,
                     counts.bad_utf8_lines[0])
-    out = report_file(directory, source.name)
-    out.with_name(out.name + ".tmp").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    os.replace(out.with_name(out.name + ".tmp"), out)
+    write_text(report_file(directory, source.name), json.dumps(report, indent=2, ensure_ascii=False))
     log.info("corpus %s: %s", source.name, _describe(counts))
     return report
 

@@ -10,9 +10,10 @@ are refused rather than silently mis-read.
 Files of one corpus file (`<prefix>` = `<source>.<split>`):
     <prefix>.00000.bin, <prefix>.00000.bin.json, ...   shards and their indexes
     <prefix>.json                                      the manifest, written once every shard is complete
-A shard is written as `.tmp` and renamed, then its index is written the same way: a shard counts as
-finished only once its index exists, and a `.tmp` is never read. A rerun with a manifest does nothing;
-without one it keeps the finished shards and resumes at the corpus byte where the last one ended.
+A shard is written under a temporary name and renamed, then its index is written the same way
+(llama_zh.atomic): a shard counts as finished only once its index exists, and a temporary is never
+read. A rerun with a manifest does nothing; without one it keeps the finished shards and resumes at
+the corpus byte where the last one ended. One process packs a corpus file at a time (`.<prefix>.lock`).
 
 The corpus file is cut into blocks at line ends by byte count alone, blocks are encoded in any order
 by `num_proc` workers and written strictly in file order, so the shard bytes do not depend on `num_proc`.
@@ -25,7 +26,6 @@ import gc
 import json
 import logging
 import multiprocessing
-import os
 import re
 import signal
 import time
@@ -37,6 +37,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
+from llama_zh.atomic import AtomicOutput, human_bytes, output_lock, process_alive, write_text
 from llama_zh.data.corpus import DataError
 from llama_zh.tokenizer import Tokenizer
 
@@ -205,9 +206,7 @@ def shard_path(out_dir: Path, prefix: str, number: int) -> Path:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2))
 
 
 class ShardWriter:
@@ -223,8 +222,8 @@ class ShardWriter:
 
     def _open(self) -> None:
         self.path = shard_path(self.out_dir, self.prefix, self.number)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.file = open(self.tmp, "wb")
+        self.out = AtomicOutput(self.path, mode="wb", lock=False).begin()  # pack_corpus_file holds the lock
+        self.file = self.out.file
         self.documents = self.tokens = 0
 
     def add(self, block: EncodedBlock) -> None:
@@ -247,8 +246,7 @@ class ShardWriter:
         self.documents += documents
 
     def _close(self, corpus_end: int) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        self.out.commit()
         index = {**self.common, "shard": self.number, "documents": self.documents, "tokens": self.tokens,
                  "dtype": self.dtype.name, "first_document": self.first_document,
                  "corpus_start": self.corpus_start, "corpus_end": corpus_end}
@@ -262,9 +260,13 @@ class ShardWriter:
         if self.documents:
             self._close(corpus_end)
         else:
-            self.file.close()
-        self.tmp.unlink(missing_ok=True)
+            self.out.abort()
         return self.written
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Remove the shard being written (finished ones stay: a rerun resumes after them); a full disk
+        behind `exc` is raised as one line naming the shard."""
+        self.out.abort(exc)
 
 
 # ---- packing one corpus file, resuming where a previous run stopped
@@ -296,11 +298,19 @@ def _finished_index(shard: Path, expected: dict) -> dict | None:
 
 
 def _remove_from(out_dir: Path, prefix: str, first: int) -> None:
-    """Delete shards numbered `first` and up, their indexes and any temporary file of this prefix."""
-    pattern = re.compile(rf"{re.escape(prefix)}\.(\d{{5}})\.bin(\.json)?(\.tmp)?")
+    """Delete shards numbered `first` and up, their indexes and any temporary file of this prefix whose
+    writer is gone (the caller holds the prefix's lock)."""
+    pattern = re.compile(rf"(\.)?{re.escape(prefix)}\.(\d{{5}})\.bin(\.json)?(\.tmp(?:-(\d+)-[0-9a-f]+)?)?")
     for path in out_dir.iterdir():
         m = pattern.fullmatch(path.name)
-        if m and (int(m.group(1)) >= first or m.group(3)):
+        if not m or bool(m.group(1)) != bool(m.group(5)):
+            continue
+        if m.group(4):
+            if m.group(5) and process_alive(int(m.group(5))):
+                continue
+            log.info("removed stale temporary %s (%s)", path, human_bytes(path.stat().st_size))
+            path.unlink()
+        elif int(m.group(2)) >= first:
             path.unlink()
 
 
@@ -313,6 +323,16 @@ def pack_corpus_file(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encod
     """
     prefix = f"{source}.{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A second process packing the same file (another prepare, or a training run's data setup) waits,
+    # then finds the shards complete.
+    with output_lock(out_dir / prefix, wait=True):
+        return _pack_locked(corpus, corpus_sha1, tokenizer, encoder, out_dir, source, split, shard_tokens,
+                            block_bytes, progress)
+
+
+def _pack_locked(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encoder: BlockEncoder, out_dir: Path,
+                 source: str, split: str, shard_tokens: int, block_bytes: int, progress: bool | None) -> PackResult:
+    prefix = f"{source}.{split}"
     expected = {"format_version": FORMAT_VERSION, "source": source, "split": split, "corpus_sha1": corpus_sha1,
                 "tokenizer_sha256": tokenizer.sha256(), "shard_tokens": shard_tokens}
     manifest_file = out_dir / f"{prefix}.json"
@@ -346,10 +366,11 @@ def pack_corpus_file(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encod
             bar.set_postfix_str(f"{tokens_packed / max(time.perf_counter() - began, 1e-9) / 1e6:.2f}M tokens/s",
                                 refresh=False)
         writer.finish(size)
+    except BaseException as e:
+        writer.abort(e)
+        raise
     finally:
         bar.close()
-        writer.file.close()
-        writer.tmp.unlink(missing_ok=True)
     indexes += [json.loads(index_path(p).read_text()) for p in writer.written]
     manifest = {**expected, "shards": [shard_path(out_dir, prefix, i["shard"]).name for i in indexes],
                 "documents": sum(i["documents"] for i in indexes), "tokens": sum(i["tokens"] for i in indexes)}

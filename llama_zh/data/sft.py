@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llama_zh.atomic import write_text
 from llama_zh.data.chat_template import ChatTemplate, record_messages
 from llama_zh.data.corpus import DataError, Source, is_held_out
 from llama_zh.tokenizer import Tokenizer
@@ -187,7 +188,5 @@ def build_review_sentiment(directory: Path) -> dict[str, Path]:
             record = {"instruction": SENTIMENT_INSTRUCTION, "input": doc, "output": answer}
             rows["heldout" if is_held_out(doc) else "train"].append(json.dumps(record, ensure_ascii=False))
     for split, path in out.items():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(rows[split]) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, "\n".join(rows[split]) + "\n")
     return out

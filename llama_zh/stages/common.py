@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from llama_zh.atomic import claim_run_dir, release_run_dir
 from llama_zh.callbacks import (MemoryReport, NativeCheckpoint, ProgressLog, TrainingState, check_resumable, resolve_resume,
                                 state_checkpoint, step_progress_bar)
 from llama_zh.checkpoint import WeightStream, load_model
@@ -214,6 +215,7 @@ def prepare_batch(cfg: DictConfig, micro_batch: int, seq_len: int) -> BatchPlan:
 
 def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     out = output_dir(cfg)
+    claim_run_dir(out)  # to the end of the run: a second run into `out` refuses, naming this one
     optim = OptimConfig(**cfg.optim)
     ft = FinetuneConfig.from_cfg(cfg.get("finetune"))
     strategy_cfg = cfg.strategy
@@ -268,6 +270,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
         native.final = native.save(trainer, module, "final")
     log.info("final checkpoint: %s", native.final)
     val = trainer.callback_metrics.get("val/loss")
+    release_run_dir(out)
     return TrainResult(float(val) if val is not None else math.nan, native.final)
 
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from llama_zh.atomic import write_text
 from llama_zh.config import ConfigError
 from llama_zh.data.corpus import SPLITS, corpus_file
 from llama_zh.data.packing import load_tokens
@@ -253,10 +253,7 @@ def run(cfg: DictConfig):
         report.update(data=cfg.data.name, split=cfg.stage.split, seq_len=cfg.data.seq_len)
 
     out = Path(cfg.stage.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=True))
-    os.replace(tmp, out)
+    write_text(out, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=True))
     metrics = result_metrics(report)
     table = markdown_table(["metric", "value"], [[k, v] for k, v in metrics.items()])
     out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")

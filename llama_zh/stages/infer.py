@@ -16,7 +16,6 @@ the conversation, `exit` (or end of input) quits. Ctrl-C while an answer streams
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import TextIO
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from llama_zh.atomic import AtomicOutput
 from llama_zh.config import ConfigError
 from llama_zh.data.corpus import DataError
 from llama_zh.data.sft import Template
@@ -155,17 +155,11 @@ def answer_file(model: Transformer, tokenizer: Tokenizer, prompts: list[tuple[in
     elapsed = time.perf_counter() - start
     new_tokens = sum(map(len, answers))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for (lineno, prompt), new in zip(prompts, answers):
-                answer = tokenizer.decode(new)
-                f.write(answer + "\n\n")
-                log.debug("line %d: %s -> %s", lineno, prompt[:40], answer[:80].replace("\n", " "))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with AtomicOutput(out, mode="w", encoding="utf-8", lock=False) as written:
+        for (lineno, prompt), new in zip(prompts, answers):
+            answer = tokenizer.decode(new)
+            written.file.write(answer + "\n\n")
+            log.debug("line %d: %s -> %s", lineno, prompt[:40], answer[:80].replace("\n", " "))
     log.info("%d answers, %d new tokens in %.1f s (%.1f tokens/s, batch size %d): %s", len(prompts), new_tokens,
              elapsed, new_tokens / max(elapsed, 1e-9), batch_size, out)
     return str(out)

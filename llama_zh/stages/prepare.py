@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from llama_zh.atomic import write_text
 from llama_zh.data.packing import PackResult
 from llama_zh.data.prepare import build_corpus, build_shards, corpus_dir, ensure_tokenizer, packed_dir, packing_options
 
@@ -31,9 +31,7 @@ def run(cfg: DictConfig):
     }
     log.info("summary:\n%s", format_summary(summary))
     out = Path(cfg.stage.summary)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + ".tmp").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    os.replace(out.with_name(out.name + ".tmp"), out)
+    write_text(out, json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from llama_zh.atomic import write_text
 from llama_zh.checkpoint import read_any
 from llama_zh.config import ConfigError
 from llama_zh.data.corpus import read_documents
@@ -90,8 +90,7 @@ def run(cfg: DictConfig):
               "base": str(base) if base else None, "extension": extension.to_dict() if extension else None,
               "data": cfg.data.name, "split": "val", "sources": sources}
     path = out / "report.json"
-    path.with_name("report.json.tmp").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    os.replace(path.with_name("report.json.tmp"), path)
+    write_text(path, json.dumps(report, indent=2, ensure_ascii=False))
     metrics = {f"tokenizer/{source}/{which}/{k}": v for source, r in sources.items() for which, m in r.items()
                for k, v in m.items()}
     for logger in build_loggers(cfg, output_dir(cfg)):
