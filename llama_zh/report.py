@@ -31,7 +31,6 @@ import yaml
 from llama_zh.errors import LlamaZhError
 
 METRICS_FILE = "metrics.csv"  # written by the CSV logger of llama_zh.tracking
-OUTPUTS = ("report.md", "report.csv", "report.png")
 
 # What a job's row shows, from its metrics.csv: (CSV column, Markdown title, Markdown format).
 COLUMNS: list[tuple[str, str, str]] = [
@@ -82,7 +81,7 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ReportError(f"{path}: not UTF-8 text (byte {e.start})") from e
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
         if not header or not any(header):
