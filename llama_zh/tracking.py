@@ -5,6 +5,8 @@
 - A resumed run continues its W&B run (the id is kept in the run directory) and its metrics.csv,
   from which the rows logged after the state it resumes from are dropped: the file then reads as
   the uninterrupted run's would.
+- The jobs of one multirun share a W&B group (`<experiment_name>-<sweep dir name>` unless
+  `logger.wandb.group` is set), so the sweep is compared there as in `python -m llama_zh.report`.
 """
 
 from __future__ import annotations
@@ -116,13 +118,49 @@ def wandb_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def sweep_dir() -> Path | None:
+    """The sweep directory when this process runs the jobs of a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.sweep.dir)
+
+
+def wandb_group(wandb_cfg: DictConfig, cfg: DictConfig) -> str | None:
+    """`logger.wandb.group` if set; else, in a multirun, one group per sweep (the experiment name alone
+    would pool every sweep of that experiment ever run); else the experiment name."""
+    if wandb_cfg.get("group"):
+        return str(wandb_cfg.group)
+    name = cfg.get("experiment_name")
+    sweep = sweep_dir()
+    if sweep is None:
+        return name
+    return f"{name}-{sweep.name}" if name else sweep.name
+
+
 def _wandb_logger(wandb_cfg: DictConfig, cfg: DictConfig, output_dir: Path, mode: str, run_id: str) -> WandbLogger:
     os.environ["WANDB_MODE"] = mode
     return WandbLogger(
-        project=wandb_cfg.project, save_dir=str(output_dir), offline=mode == "offline", group=wandb_cfg.group,
+        project=wandb_cfg.project, save_dir=str(output_dir), offline=mode == "offline",
+        group=wandb_group(wandb_cfg, cfg),
         tags=list(wandb_cfg.tags), job_type=cfg.stage.name, name=f"{cfg.stage.name}-{output_dir.name}",
         id=run_id, resume="allow",
     )
+
+
+def _finish_previous_wandb_run() -> None:
+    """A multirun's jobs run one after another in one process, and Lightning's WandbLogger adopts any
+    W&B run still open: without this, every job after the first would log into the first job's run."""
+    import wandb
+
+    if wandb.run is not None:
+        log.info("W&B: finishing the previous job's run %s", wandb.run.id)
+        wandb.run.finish()
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path, extra: dict | None = None,
@@ -136,6 +174,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path, extra: dict | None = None,
 
     wandb_cfg = cfg.logger.get("wandb")
     if wandb_cfg and wandb_cfg.mode != "disabled":
+        _finish_previous_wandb_run()
         # One W&B run per run directory: a resumed run continues it.
         id_file = output_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
