@@ -162,7 +162,7 @@ def test_sft_cli_with_pack_validates_as_unpacked(tmp_path):
     for pack in ("true", "false"):
         run = tmp_path / f"pack_{pack}"
         llama_zh("stage=sft", f"stage.checkpoint={ckpt}", f"stage.data={data}", f"stage.pack={pack}",
-                 "stage.seq_len=64", "stage.batch_size=2", "stage.val_fraction=0.25", "optim.lr=1e-30",
+                 "template=raw", "stage.seq_len=64", "stage.batch_size=2", "stage.val_fraction=0.25", "optim.lr=1e-30",
                  "optim.weight_decay=0", "trainer.max_steps=2", "trainer.val_check_interval=2",
                  "logger=csv", "trainer.enable_progress_bar=false",
                  run_dir=run, env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")})
