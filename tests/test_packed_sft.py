@@ -130,7 +130,8 @@ def test_default_path_is_plain_causal_attention(model, monkeypatch):
         plain = model(ids)
         assert calls and all(mask is None and causal for mask, causal in calls)
         calls.clear()
-        one_example = model(ids, positions=torch.arange(20).expand(2, 20), segment_ids=torch.ones(2, 20, dtype=torch.long))
+        one_example = model(ids, positions=torch.arange(20).expand(2, 20),
+                            segment_ids=torch.ones(2, 20, dtype=torch.long))
         assert calls and all(mask is not None and not causal for mask, causal in calls)
     torch.testing.assert_close(one_example, plain, atol=1e-6, rtol=0)
 
