@@ -95,6 +95,28 @@ class KVCache:
         return ((key <= query) & real[:, None] | (key == query))[:, None]
 
 
+def segment_runs(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(run index, position within the run), each (B, T), of segment ids (B, T): a run is a maximal
+    stretch of equal ids, so an id that recurs after another starts a new example, and the mask
+    and the positions cannot disagree about where an example begins."""
+    T = segment_ids.shape[1]
+    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    run = starts.long().cumsum(dim=1)
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # index where each token's run starts
+    return run, index - first
+
+
+def segment_mask(runs: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool for SDPA: query t sees key s <= t of its own run only (block-diagonal causal),
+    so examples packed into one sequence do not attend to each other. Every query sees itself: no
+    softmax row is empty, padding included (it is a run of its own)."""
+    T = runs.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=runs.device).tril()
+    return ((runs[:, :, None] == runs[:, None, :]) & causal)[:, None]
+
+
 WIDE = 4  # out_features / in_features from which a weight is read faster column-major (see _column_major)
 
 
@@ -191,8 +213,8 @@ class Attention(nn.Module):
                 causal = False
             elif start > 0:
                 causal = False  # one new token sees every cached key
-            if visible is not None:  # left-padded rows (KVCache.visible)
-                mask, causal = visible, False
+        if visible is not None:  # left-padded rows (KVCache.visible) or packed examples (segment_mask)
+            mask, causal = visible, False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H)  # (B, H, T, D)
         return _project(self.wo, y.transpose(1, 2).reshape(B, T, H * D), fused)
 
@@ -240,24 +262,37 @@ class Transformer(nn.Module):
         self.wide_column_major: bool | None = None  # the layout fuse_projections chose; None: not fused
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, *, positions: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) of the last position with
         `last_only` (what decoding needs: the head's work for the others is skipped). With a cache,
         the tokens continue it. `return_hidden`: the final normalised states (B, T, C) instead of
-        the logits, for a loss that applies the head itself (llama_zh.loss)."""
+        the logits, for a loss that applies the head itself (llama_zh.loss).
+
+        Packed training sequences (no cache): `segment_ids` (B, T) marks which example each token
+        belongs to (runs of equal ids); a token then attends only to the earlier tokens of its run,
+        and its rotary position counts from 0 at the run's start unless `positions` (B, T) gives
+        them. Without either the attention is SDPA's plain causal one, unmasked."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         limit = cache.max_len if cache is not None else self.config.max_seq_len
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens exceeds the limit of {limit}")
+        if cache is not None and (positions is not None or segment_ids is not None):
+            raise ValueError("positions and segment_ids are for training on packed sequences, not with a KV cache")
         x = self.embed(input_ids)  # (B, T, C)
-        cos, sin = self._rope(start + T, x.device, x.dtype)  # (S, D)
         visible = None
-        if cache is not None and cache.left_pad is not None:
+        if segment_ids is not None:
+            runs, run_positions = segment_runs(segment_ids)
+            visible = segment_mask(runs)
+            positions = run_positions if positions is None else positions
+        elif cache is not None and cache.left_pad is not None:
             positions = torch.arange(start, start + T, device=input_ids.device)
             positions = (positions[None, :] - cache.left_pad[:, None]).clamp(min=0)  # (B, T): each row from 0
-            cos, sin = cos[positions, None], sin[positions, None]  # (B, T, 1, D)
             visible = cache.visible(T)
+        cos, sin = self._rope(start + T, x.device, x.dtype)  # (S, D), S >= max_seq_len
+        if positions is not None:
+            cos, sin = cos[positions, None], sin[positions, None]  # (B, T, 1, D)
         else:
             cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # (T, 1, D)
         for block in self.layers:

@@ -20,6 +20,10 @@ from llama_zh.errors import LlamaZhError
 from llama_zh.loss import linear_cross_entropy, worthwhile
 from llama_zh.model import Transformer, is_plain_linear
 
+# Batch fields of packed SFT sequences (llama_zh.data.datasets.PackedSFTDataset), passed on to the
+# model so that packed examples neither attend to each other nor share positions.
+PACKING_KEYS = ("positions", "segment_ids")
+
 
 @dataclass
 class OptimConfig:
@@ -121,12 +125,13 @@ class CausalLM(pl.LightningModule):
         """Mean next-token cross-entropy of the batch. Where it is faster (llama_zh.loss.worthwhile),
         the head is applied inside a chunked loss instead of materialising every logit."""
         head = self.model.head
+        packing = {key: batch[key] for key in PACKING_KEYS if key in batch}
         if (self.chunked_loss and is_plain_linear(head)
                 and not hasattr(head.weight, "ds_id")  # a ZeRO-3 partition is only whole inside head's forward
                 and worthwhile(head.weight)):
-            hidden = self.model(batch["input_ids"], return_hidden=True)
+            hidden = self.model(batch["input_ids"], return_hidden=True, **packing)
             return linear_cross_entropy(hidden, head.weight, batch["labels"], IGNORE_INDEX)
-        return causal_lm_loss(self.model(batch["input_ids"]), batch["labels"])
+        return causal_lm_loss(self.model(batch["input_ids"], **packing), batch["labels"])
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)

@@ -204,8 +204,8 @@ def test_packing_short_examples(tokenizer):
     examples = [tokenize_record(r, TEMPLATE, tokenizer, max_len=64) for r in records]
     packed = pack_examples(examples, max_len=64)
     assert len(packed) < len(examples)
-    assert all(sum(len(ids) for ids, _ in ex) <= 65 for ex in packed)
-    assert [seg for ex in packed for seg in ex] == [seg for ex in examples for seg in ex]  # nothing lost, order kept
+    assert all(sum(len(ids) for ex in pack for ids, _ in ex) <= 65 for pack in packed)
+    assert [ex for pack in packed for ex in pack] == examples  # nothing lost, order kept, examples whole
 
 
 def test_review_sentiment_set_never_trains_on_held_out(tmp_path):

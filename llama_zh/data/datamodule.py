@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader
 
 from llama_zh.data.corpus import DataError
-from llama_zh.data.datasets import SFTDataset, packed_shards, pad_collate
+from llama_zh.data.datasets import PackedSFTDataset, SFTDataset, packed_shards, pad_collate
 from llama_zh.data.mix import MixedWindows, mix_weights
 from llama_zh.data.prepare import prepare_tokens
 from llama_zh.data.sft import Template, load_records, pack_examples, tokenize_record
@@ -75,7 +75,10 @@ def select_sources(by_source: dict, names) -> dict:
 
 
 class InstructionData(pl.LightningDataModule):
-    """Alpaca records -> (prompt, response) token pairs; a held-out slice of the train file for validation."""
+    """Alpaca records -> (prompt, response) token pairs; a held-out slice of the train file for validation.
+
+    `pack`: short examples share a sequence, each marked by its segment ids and positions so that
+    the model keeps them apart (no attention between them, positions from 0 in each)."""
 
     def __init__(self, train_file: Path, template: Template, tokenizer: Tokenizer, max_len: int, batch_size: int,
                  val_fraction: float = 0.02, seed: int = 0, num_workers: int = 0, pack: bool = False):
@@ -93,8 +96,10 @@ class InstructionData(pl.LightningDataModule):
             raise DataError(f"{self.train_file}: too few records to train on")
         val, train = examples[:n_val], examples[n_val:]
         if self.pack:  # after the split, so validation records never share a sequence with training ones
-            val, train = pack_examples(val, self.max_len), pack_examples(train, self.max_len)
-        self.val, self.train = SFTDataset(val), SFTDataset(train)
+            self.val = PackedSFTDataset(pack_examples(val, self.max_len))
+            self.train = PackedSFTDataset(pack_examples(train, self.max_len))
+        else:
+            self.val, self.train = SFTDataset(val), SFTDataset(train)
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id >= 0 else self.tokenizer.eos_id

@@ -47,6 +47,13 @@ def packed_shards(shards: list[Path], tokenizer: Tokenizer, seq_len: int, name: 
     return ConcatDataset(parts)
 
 
+def _example_tokens(example: list[tuple[list[int], bool]]) -> tuple[list[int], list[int]]:
+    """(ids, labels): labels are the trained segments' tokens, -100 elsewhere (not yet shifted)."""
+    ids = [t for seg, _ in example for t in seg]
+    labels = [t if trained else IGNORE_INDEX for seg, trained in example for t in seg]
+    return ids, labels
+
+
 class SFTDataset(Dataset):
     """Examples as segments (ids, trained): labels are the trained segments' tokens, -100 elsewhere."""
 
@@ -57,11 +64,42 @@ class SFTDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = [t for seg, _ in self.examples[i] for t in seg]
-        labels = [t if trained else IGNORE_INDEX for seg, trained in self.examples[i] for t in seg]
+        ids, labels = _example_tokens(self.examples[i])
         ids_t, labels_t = torch.tensor(ids), torch.tensor(labels)
         # Shift: position t predicts token t + 1.
         return {"input_ids": ids_t[:-1], "labels": labels_t[1:]}
+
+
+class PackedSFTDataset(Dataset):
+    """Packs of whole examples (llama_zh.data.sft.pack_examples) as one sequence each, with
+    `segment_ids` (the example's index in the pack) and `positions` (from 0 in each example) for the
+    model's block-diagonal attention.
+
+    Each example's labels are shifted within the example: its last token predicts nothing (not the
+    next example's first token), so the trained positions and their targets are exactly those of
+    the examples unpacked. The pack's last token is only a label, as in SFTDataset."""
+
+    def __init__(self, packs: list[list[list[tuple[list[int], bool]]]]):
+        self.packs = packs
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, labels, segments, positions = [], [], [], []
+        for index, example in enumerate(self.packs[i]):
+            example_ids, example_labels = _example_tokens(example)
+            ids += example_ids
+            labels += example_labels[1:] + [IGNORE_INDEX]
+            segments += [index] * len(example_ids)
+            positions += range(len(example_ids))
+        return {"input_ids": torch.tensor(ids[:-1]), "labels": torch.tensor(labels[:-1]),
+                "segment_ids": torch.tensor(segments[:-1]), "positions": torch.tensor(positions[:-1])}
+
+
+# Fill values of the per-token fields a batch may carry. Padding is a segment (-1) of its own:
+# it attends to itself only, and no example attends to it.
+PAD_VALUES = {"labels": IGNORE_INDEX, "segment_ids": -1, "positions": 0}
 
 
 def pad_collate(pad_id: int):
@@ -69,11 +107,12 @@ def pad_collate(pad_id: int):
 
     def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         length = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-        for row, b in enumerate(batch):
-            ids[row, : len(b["input_ids"])] = b["input_ids"]
-            labels[row, : len(b["labels"])] = b["labels"]
-        return {"input_ids": ids, "labels": labels}
+        out = {}
+        for key in batch[0]:
+            column = torch.full((len(batch), length), PAD_VALUES.get(key, pad_id), dtype=torch.long)
+            for row, b in enumerate(batch):
+                column[row, : len(b[key])] = b[key]
+            out[key] = column
+        return out
 
     return collate

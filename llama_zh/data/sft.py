@@ -150,11 +150,12 @@ def _runs(ids: list[int], trained: list[bool]) -> list[Segment]:
     return segments
 
 
-def pack_examples(examples: list[list[Segment]], max_len: int) -> list[list[Segment]]:
+def pack_examples(examples: list[list[Segment]], max_len: int) -> list[list[list[Segment]]]:
     """Greedy in-order packing of short examples into sequences of at most max_len + 1 tokens.
 
-    Packed examples attend to the ones before them in the sequence (no block-diagonal mask): cheap,
-    and each still starts with bos; labels stay those of each example.
+    Each pack is a list of whole examples, kept apart so that the dataset can mark where each one
+    starts (llama_zh.data.datasets.PackedSFTDataset): under the model's block-diagonal mask and
+    per-example positions, a packed example is computed exactly as it would be alone.
     """
     packed, current, size = [], [], 0
     for ex in examples:
@@ -162,7 +163,7 @@ def pack_examples(examples: list[list[Segment]], max_len: int) -> list[list[Segm
         if current and size + n > max_len + 1:
             packed.append(current)
             current, size = [], 0
-        current = current + ex
+        current = current + [ex]
         size += n
     if current:
         packed.append(current)
