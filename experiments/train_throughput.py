@@ -13,6 +13,7 @@ From the repository root (so that this checkout's llama_zh is the one imported):
 
     python -m experiments.train_throughput                      # tiny and 134M, fp32 and bf16-mixed
     python -m experiments.train_throughput --shapes tiny --rounds 5
+    python -m experiments.train_throughput --device cuda --shapes 134m,1b --precisions bf16-mixed
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ SHAPES = {
     # GPT-2-small-like LLaMA: hidden 768, 12 layers, 12 heads, ffn 2048, vocab 32000 -> 134.1M parameters.
     "134m": (ModelConfig(name="134m", vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048,
                          max_seq_len=512), 256, 4),
+    # Llama-3.2-1B's body (hidden 2048, 16 layers, 32 heads, 8 kv heads, ffn 8192) with a 32000 vocabulary:
+    # for a GPU (`--device cuda`); far too slow for the CPU.
+    "1b": (ModelConfig(name="1b", vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                       max_seq_len=2048), 2048, 4),
 }
+DEVICE = "cpu"  # set from --device
 OPTIM = OptimConfig(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, warmup_steps=0)
 
 
@@ -59,15 +65,17 @@ def run_llama_zh(config, data, precision: str, warmup: int) -> float:
             self.times, self._t = [], 0.0
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            synchronize()
             self._t = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            synchronize()
             self.times.append(time.perf_counter() - self._t)
 
     model = build_model(config, seed=0)
     module = CausalLM(model, OPTIM, total_steps=len(data))
     timer = StepTimer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=len(data), logger=False,
+    trainer = pl.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, precision=precision, max_steps=len(data), logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          gradient_clip_val=1.0, callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
@@ -84,7 +92,7 @@ def hf_model(config: ModelConfig):
                             rope_theta=config.rope_theta, max_position_embeddings=config.max_seq_len,
                             tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(0)
-    return LlamaForCausalLM(hf_config).train()
+    return LlamaForCausalLM(hf_config).to(DEVICE).train()
 
 
 def run_transformers(config, data, precision: str, warmup: int) -> float:
@@ -96,8 +104,10 @@ def run_transformers(config, data, precision: str, warmup: int) -> float:
                                   eps=OPTIM.eps)
     times = []
     for batch in data:
+        batch = {k: v.to(DEVICE) for k, v in batch.items()}
+        synchronize()
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             logits = model(input_ids=batch["input_ids"]).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
         loss.backward()
@@ -105,8 +115,14 @@ def run_transformers(config, data, precision: str, warmup: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         float(loss)  # as the Lightning side, which logs the loss every step
+        synchronize()
         times.append(time.perf_counter() - start)
     return tokens_per_s(data, times, warmup)
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def tokens_per_s(data, times: list[float], warmup: int) -> float:
@@ -117,13 +133,17 @@ def tokens_per_s(data, times: list[float], warmup: int) -> float:
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 1024, k: int = 768, m: int = 3072, repeats: int = 20) -> float:
     """FLOP/s of one large matmul (the best a training step could do on this machine)."""
-    a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, m, dtype=dtype)
+    if DEVICE == "cuda":
+        n = k = m = 8192
+    a, b = torch.randn(n, k, dtype=dtype, device=DEVICE), torch.randn(k, m, dtype=dtype, device=DEVICE)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         a @ b
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * n * k * m / best
 
@@ -140,7 +160,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps per run (0: 20 tiny, 4 for 134m)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -160,7 +183,9 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}")
     ceilings = {p: matmul_ceiling(torch.float32 if p == "32-true" else torch.bfloat16) for p in args.precisions.split(",")}
     for p, c in ceilings.items():
-        print(f"matmul ceiling {p}: {c / 1e9:.1f} GFLOP/s (1024x768 @ 768x3072)")
+        print(f"matmul ceiling {p} on {DEVICE}: {c / 1e9:.1f} GFLOP/s")
+    if DEVICE == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}")
     print()
     print("| shape | params | seq x batch | precision | llama_zh tok/s | transformers tok/s | ratio | "
           "llama_zh MFU vs ceiling | rounds (llama_zh / transformers) |")
