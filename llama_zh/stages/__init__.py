@@ -2,7 +2,7 @@
 
 import importlib
 
-STAGES = ("prepare", "tokenizer", "convert", "pretrain", "sft", "eval", "infer")
+STAGES = ("prepare", "tokenizer", "convert", "pretrain", "sft", "dpo", "eval", "infer")
 
 
 def run_stage(cfg):
