@@ -286,24 +286,42 @@ COMMON = ["stage=dpo", "template=chat", "logger=csv", "trainer.enable_progress_b
 
 
 @pytest.mark.slow
-def test_dpo_learns_the_preference(base_checkpoint, tmp_path):
+@pytest.mark.parametrize("loss,settings", [("dpo", ["stage.beta=0.5"]), ("simpo", []), ("orpo", [])])
+def test_preference_tuning_learns_the_preference(base_checkpoint, tmp_path, loss, settings):
     data = cue_preferences(tmp_path / "cues.jsonl")
     run = tmp_path / "run"
     llama_zh(*COMMON, f"stage.checkpoint={base_checkpoint}", f"stage.data={data}", "stage.val_fraction=0.25",
              "stage.batch_size=8", "trainer.max_steps=60", "trainer.val_check_interval=20",
-             "trainer.limit_val_batches=null", "optim.lr=2e-3", "stage.beta=0.5", run_dir=run)
+             "trainer.limit_val_batches=null", "optim.lr=2e-3", f"stage.loss={loss}", *settings, run_dir=run)
     rows = metrics(run)
     accuracy = column(rows, "val/rewards/accuracy")
     margin = column(rows, "val/rewards/margin")
     assert [s for s, _ in accuracy] == [19, 39, 59]
     assert accuracy[-1][1] > 0.8, accuracy
     assert margin[0][1] < margin[-1][1] and margin[-1][1] > 0, margin
-    # The stored reference is the starting model: the first step's rewards are ~0 (only padding differs).
-    first = {name: column(rows, f"rewards/{name}")[0] for name in ("chosen", "rejected")}
-    assert all(step == 0 and abs(value) < 1e-4 for step, value in first.values()), first
-    train_acc = column(rows, "rewards/accuracy")
-    assert len(train_acc) >= 50
+    train = column(rows, "rewards/accuracy")
+    assert len(train) >= 50 and all(column(rows, f"rewards/{name}") for name in ("chosen", "rejected", "margin"))
+    if loss == "dpo":
+        # The stored reference is the starting model: the first step's rewards are ~0 (only padding differs).
+        first = {name: column(rows, f"rewards/{name}")[0] for name in ("chosen", "rejected")}
+        assert all(step == 0 and abs(value) < 1e-4 for step, value in first.values()), first
     assert (run / "checkpoints" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_resumed_dpo_keeps_the_stored_reference(base_checkpoint, tmp_path):
+    data = cue_preferences(tmp_path / "cues.jsonl")
+    run = tmp_path / "run"
+    args = [*COMMON, f"stage.checkpoint={base_checkpoint}", f"stage.data={data}", "stage.batch_size=4",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "state_every_n_steps=2", "optim.lr=1e-2"]
+    first = llama_zh(*args, "trainer.max_steps=2", run_dir=run)
+    computing = "DPO reference: log-probs of"
+    assert computing in first.stdout + first.stderr
+    resumed = llama_zh(*args, "trainer.max_steps=4", run_dir=run)
+    # Computed again here, it would be of the trained weights the state restored, not of the start.
+    assert "resuming from" in resumed.stdout + resumed.stderr and computing not in resumed.stdout + resumed.stderr
+    other = llama_zh(*args, "trainer.max_steps=6", "stage.max_records=40", run_dir=run, check=False)
+    assert other.returncode == 1 and "DPO reference log-probs are of other preference data" in other.stderr
 
 
 @pytest.mark.slow
