@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -89,14 +90,33 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(shape[0], rank, dtype=weight.dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # off: exactly the base layer (see `adapters_disabled`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
         """base + scale * B A, computed in fp32 and returned in the base weight's dtype (needs full tensors)."""
         delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
         return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Every LoRALinear of `model` computes its base layer alone inside the block: the model before
+    tuning, bit for bit, without a second copy of it (DPO's reference policy under LoRA). The
+    adapters' previous states are restored on leaving, also on an exception."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.enabled for m in adapters]
+    for m in adapters:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, state in zip(adapters, before):
+            m.enabled = state
 
 
 def lora_targets(model: Transformer, target_modules: list[str]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:

@@ -202,6 +202,9 @@ class TrainJob:
     plan: BatchPlan
     source_names: list[str] | None = None
     extra: dict | None = None  # written into native checkpoints' model_config.yaml and logged
+    # Called with CausalLM's arguments: another objective (stage=dpo) passes a subclass, its own
+    # settings bound with functools.partial.
+    make_module: Callable[..., CausalLM] = CausalLM
 
 
 def prepare_batch(cfg: DictConfig, micro_batch: int, seq_len: int) -> BatchPlan:
@@ -245,7 +248,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
         log.info("resuming from %s (step %s)", resume_dir, meta.get("global_step"))
 
     trainable_fraction = trainable / max(total, 1)
-    module = CausalLM(
+    module = job.make_module(
         model_builder(job.source, ft, zero3=zero_stage(strategy_cfg) == 3,
                       checkpointing=bool(strategy_cfg.get("activation_checkpointing"))),
         optim, total_steps=cfg.trainer.max_steps, source_names=job.source_names, seed=cfg.seed,

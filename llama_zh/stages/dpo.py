@@ -1,0 +1,47 @@
+"""stage=dpo: preference-tune a checkpoint (DPO, SimPO or ORPO) on chosen / rejected response pairs."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from llama_zh.checkpoint import read_any
+from llama_zh.data.chat_template import ChatTemplate, template_record
+from llama_zh.data.preference import PreferenceData, build_review_preferences
+from llama_zh.dpo import PreferenceLM, PreferenceObjective
+from llama_zh.errors import LlamaZhError
+from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, fit, prepare_batch
+from llama_zh.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig):
+    pl.seed_everything(cfg.seed, workers=True)
+    stage = cfg.stage
+    objective = PreferenceObjective.from_config(stage)
+    # Each pair is two sequences in one forward pass: the batch plan (memory, tokens per step) counts sequences.
+    plan = prepare_batch(cfg, 2 * stage.batch_size, stage.seq_len)
+    stream = read_any(stage.checkpoint)
+    if stream.tokenizer is None:
+        raise LlamaZhError(f"stage.checkpoint: {stage.checkpoint} has no tokenizer.model")
+    tokenizer = Tokenizer(stream.tokenizer)
+    if tokenizer.vocab_size > stream.config.vocab_size:
+        raise LlamaZhError(f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size "
+                           f"is {stream.config.vocab_size}")
+    check_seq_len(stage.seq_len, stream.config, "stage.seq_len")
+    data_file = Path(stage.data) if stage.data else build_review_preferences(Path(cfg.paths.data_dir))
+    template = ChatTemplate.from_config(cfg.template)
+    log.info("preference data: %s, chat template %s, loss %s (beta %s, gamma %s, lambda %s)", data_file,
+             template.name, objective.loss, objective.beta, objective.gamma, objective.lam)
+    data = PreferenceData(data_file, template, tokenizer, stage.seq_len, stage.batch_size, stage.val_fraction,
+                          cfg.seed, max_records=stage.max_records)
+    data.setup("fit")  # bad records are refused before the model is built
+    job = TrainJob("dpo", ModelSource(stream.config, stream, cfg.seed), tokenizer, data, plan,
+                   extra={"data": str(data_file), "loss": objective.loss, **template_record(template)},
+                   make_module=functools.partial(PreferenceLM, objective=objective))
+    return fit(cfg, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint
