@@ -26,4 +26,4 @@ def run(cfg: DictConfig):
         overwrite=stage.overwrite, max_shard_bytes=int(stage.max_shard_gb * 1024**3),
     )
     log.info("wrote %s (%s)", dst, stage.dst_format)
-    return str(dst)
+    return {"checkpoint": str(dst), "format": stage.dst_format}
