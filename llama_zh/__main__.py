@@ -59,7 +59,9 @@ def main(cfg: DictConfig):
     from llama_zh.stages import run_stage
     from llama_zh.stages.rundir import hydra_run_root, link_latest, written_checkpoint
 
-    link_latest(hydra_run_root())
+    run_root = hydra_run_root()
+    if run_root is not None:
+        link_latest(run_root)
     try:
         result = run_stage(cfg)
     except (LlamaZhError, MissingMandatoryValue) as e:

@@ -164,6 +164,12 @@ def test_entry_point_links_latest_and_prints_the_checkpoint_last(tmp_path):
     assert link.is_symlink() and not os.path.isabs(os.readlink(link))
     assert single.stdout.splitlines()[-1] == str(link.resolve() / "converted")
 
+    named = subprocess.run([*args, "stage.dst_format=hf", "hydra.run.dir=runs/mine"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert named.returncode == 0, named.stderr[-3000:]
+    assert not (work / "runs" / "latest").exists()  # a directory the user named is found by that name
+    assert named.stdout.splitlines()[-1] == str(work / "runs" / "mine" / "converted")
+
     sweep = subprocess.run([sys.executable, "-m", "llama_zh", "--multirun", *args[3:], "stage.dst_format=hf,native"],
                            cwd=work, env=env,
                            capture_output=True, text=True, timeout=600)

@@ -43,13 +43,23 @@ def link_latest(run_dir: Path) -> Path | None:
     return link
 
 
-def hydra_run_root() -> Path:
-    """This job's run directory, or under --multirun the sweep directory that holds every job's."""
+def hydra_run_root() -> Path | None:
+    """This job's run directory, or under --multirun the sweep directory that holds every job's.
+
+    None where that directory's name is not made from the start time (`hydra.run.dir=...`, an
+    experiment's directories named by arm): it is found by its name, and a `latest` beside it would
+    only be a second name for it, counted twice by globs such as `outputs/zh_sentiment/*/*`.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
+    multirun = hc.mode == RunMode.MULTIRUN
+    pattern = str(OmegaConf.to_container(hc.sweep if multirun else hc.run, resolve=False)["dir"])
+    if "${now:" not in pattern.rstrip("/").rsplit("/", 1)[-1]:
+        return None
+    if multirun:
         # Relative to where the command was started (with hydra.job.chdir the job runs elsewhere).
         return Path(hc.runtime.cwd, hc.sweep.dir)
     return Path(hc.runtime.output_dir)
