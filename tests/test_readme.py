@@ -1,4 +1,4 @@
-"""The README's commands work as written: every ```bash block, in order, as one script in an empty
+"""The README's commands work as written: every ```bash (and ```python) block, in order, as one script in an empty
 directory, the way a new user would paste them; plus the `latest` link and the checkpoint line
 they rely on."""
 
@@ -29,20 +29,24 @@ SMOKE = ("trainer.max_steps=2 trainer.val_check_interval=2 trainer.limit_val_bat
          "data.batch_size=2")
 
 
-def bash_blocks(text: str) -> tuple[list[str], list[str]]:
-    """The ```bash blocks to run and those skipped (a `<!-- not run in tests: why -->` line right
-    before the fence), each as its text."""
+def code_blocks(text: str) -> tuple[list[str], list[str]]:
+    """The ```bash and ```python blocks to run, as shell text (Python through `python -`), and those
+    skipped (a `<!-- not run in tests: why -->` line right before the fence)."""
     run, skipped = [], []
     lines = text.splitlines()
     i = 0
     while i < len(lines):
-        if lines[i].strip() != "```bash":
+        language = lines[i].strip().removeprefix("```")
+        if not lines[i].strip().startswith("```") or language not in ("bash", "python"):
             i += 1
             continue
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), None)
-        assert end is not None, f"README.md:{i + 1}: ```bash block never closed"
+        assert end is not None, f"README.md:{i + 1}: ```{language} block never closed"
+        body = "\n".join(lines[i + 1:end])
+        if language == "python":
+            body = f"python - <<'README_PY'\n{body}\nREADME_PY"
         previous = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-        (skipped if SKIP.search(previous) else run).append("\n".join(lines[i + 1:end]))
+        (skipped if SKIP.search(previous) else run).append(body)
         i = end + 1
     return run, skipped
 
@@ -66,13 +70,13 @@ def user_env() -> dict:
 
 def test_blocks_split_on_the_marker():
     text = ("```bash\necho a\n```\n<!-- not run in tests: needs real LLaMA weights -->\n\n```bash\necho b\n```\n"
-            "<!-- some other comment -->\n```bash\necho c\n```\n```python\nx = 1\n```\n")
-    run, skipped = bash_blocks(text)
-    assert run == ["echo a", "echo c"] and skipped == ["echo b"]
+            "<!-- some other comment -->\n```bash\necho c\n```\n```python\nx = 1\n```\n```\nlayout\n```\n")
+    run, skipped = code_blocks(text)
+    assert run == ["echo a", "echo c", "python - <<'README_PY'\nx = 1\nREADME_PY"] and skipped == ["echo b"]
 
 
 def test_readme_has_commands_and_marks_those_it_skips():
-    run, skipped = bash_blocks(README.read_text(encoding="utf-8"))
+    run, skipped = code_blocks(README.read_text(encoding="utf-8"))
     commands = [line for block in run for line in block.splitlines() if line.startswith("python -m llama_zh")]
     assert len(commands) >= 20, f"only {len(commands)} runnable README commands found"
     for block in skipped:  # skipped for what a test machine lacks, not to hide a failing command
@@ -81,8 +85,8 @@ def test_readme_has_commands_and_marks_those_it_skips():
 
 @pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path):
-    run, _ = bash_blocks(README.read_text(encoding="utf-8"))
-    assert run, "no ```bash blocks found in README.md"
+    run, _ = code_blocks(README.read_text(encoding="utf-8"))
+    assert run, "no ```bash or ```python blocks found in README.md"
     script = tmp_path / "readme.sh"
     script.write_text(readme_script(run), encoding="utf-8")
     work = tmp_path / "work"
