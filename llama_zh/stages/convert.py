@@ -49,7 +49,7 @@ def run(cfg: DictConfig):
         overwrite=stage.overwrite, max_shard_bytes=int(stage.max_shard_gb * 1024**3), template=stage.get("template"),
     )
     log.info("wrote %s (%s)", dst, stage.dst_format)
-    return str(dst)
+    return {"checkpoint": str(dst), "format": stage.dst_format}
 
 
 def _run_peft(stage: DictConfig, cfg: DictConfig):
@@ -71,4 +71,4 @@ def _run_peft(stage: DictConfig, cfg: DictConfig):
             overwrite=stage.overwrite, max_shard_bytes=int(stage.max_shard_gb * 1024**3),
         )
     log.info("wrote %s (%s)", dst, stage.dst_format)
-    return str(dst)
+    return {"checkpoint": str(dst), "format": stage.dst_format}

@@ -102,4 +102,5 @@ def run(cfg: DictConfig):
         dst = resize_checkpoint(Path(stage.resize_checkpoint), tokenizer, Path(stage.resize_output), stage.init,
                                 seed=cfg.seed, overwrite=stage.overwrite)
         log.info("resized %s to %d pieces (%s init): %s", stage.resize_checkpoint, report["vocab_size"], stage.init, dst)
+        return {**report, "checkpoint": str(dst)}
     return report
