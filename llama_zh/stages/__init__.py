@@ -2,7 +2,7 @@
 
 import importlib
 
-STAGES = ("prepare", "tokenizer", "convert", "pretrain", "sft", "eval", "infer")
+STAGES = ("prepare", "tokenizer", "convert", "pretrain", "sft", "eval", "infer", "serve")
 
 
 def run_stage(cfg):
