@@ -191,15 +191,18 @@ def create_app(engine: Engine, tokenizer, options: ServeOptions) -> FastAPI:
 
     async def _collect(request: Request, seq: Sequence, events: "asyncio.Queue[Event]") -> Completion | None:
         done = Completion()
+        loop = asyncio.get_running_loop()
+        check_at = loop.time() + DISCONNECT_POLL_S
         while done.finish_reason is None:
             try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                done.add(await asyncio.wait_for(events.get(), DISCONNECT_POLL_S))
             except TimeoutError:
+                pass
+            if loop.time() >= check_at:  # by the clock: events may keep coming all along
+                check_at = loop.time() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     engine.cancel(seq)
                     return None
-                continue
-            done.add(event)
         return done
 
     async def _stream(seq: Sequence, events: "asyncio.Queue[Event]", answer: Answer,
