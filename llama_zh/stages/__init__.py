@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llama_zh.config import CONF_DIR, ConfigError, ModelConfig, check_keys, group_defaults
 
-STAGES = ("prepare", "tokenizer", "convert", "pretrain", "sft", "dpo", "eval", "infer")
+STAGES = ("prepare", "tokenizer", "convert", "pretrain", "sft", "dpo", "eval", "infer", "serve")
 
 # The config groups each stage reads besides `stage`. Hydra's `+group.key=value` adds any key, and a
 # reader that looks keys up by name never sees a misspelt one: these are checked before the stage runs.
@@ -23,6 +23,7 @@ READS = {
     "sft": ("optim", "finetune"),
     "eval": ("data", "quant"),
     "infer": ("quant",),
+    "serve": ("quant",),
 }
 
 

@@ -1,0 +1,487 @@
+"""Continuous batching: requests join and leave the running batch between decoding steps.
+
+Each running sequence owns one slot of a KV cache allocated once (`max_concurrent` slots of
+`context_length` positions). A new sequence's prompt is prefilled alone into its slot (the model's
+own forward on a view of the slot, the same computation as stream_generate's prefill of one
+prompt); then each decoding step feeds the last token of every running sequence together, each at
+its own position, attending to its own slot's keys up to that position only (`decode_step`). A
+sequence is therefore computed as it would be alone: greedy answers do not depend on what else is in
+the batch, and sampling draws from the sequence's own generator (seeded by the request, or at random),
+so a seeded answer does not depend on its neighbours either. A finished or cancelled sequence frees
+its slot at once; the next queued request takes it at the next step.
+
+Sampling is generate.py's (`sample_next`, per sequence with its own SamplingConfig); eos, stop
+strings and the token budget are handled by generate.py's `_Row`, so stage=serve and stage=infer end
+answers identically. Text is streamed as deltas that never end inside a character (`TextDeltas`).
+
+Threads: one engine thread owns the model (`start`/`stop`); `submit` and `cancel` may be called from
+any thread, and events reach the caller through a callback (asyncio: `submit_async`). `step` runs one
+round and may also be driven by hand (tests) when no thread is started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llama_zh.config import ModelConfig
+from llama_zh.errors import LlamaZhError
+from llama_zh.generate import SamplingConfig, _earliest_stop, _lay_out_for, _Row, sample_next
+from llama_zh.kernels import linear
+from llama_zh.model import KVCache, Transformer, _project, _still_fused, apply_rope
+
+log = logging.getLogger(__name__)
+REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 character to
+
+
+class EngineError(LlamaZhError):
+    pass
+
+
+class QueueFull(EngineError):
+    """Every slot is taken and the queue is full: the caller should retry later (HTTP 429)."""
+
+
+class ContextExceeded(EngineError, ValueError):
+    def __init__(self, length: int, context_length: int):
+        super().__init__(f"the prompt has {length} tokens; the context holds {context_length} "
+                         f"(prompt and completion together), so no token is left to generate")
+        self.length, self.context_length = length, context_length
+
+
+class EngineStopped(EngineError):
+    pass
+
+
+@dataclass
+class Event:
+    """What a sequence reports: new text, and at the end why it ended and what it counted."""
+
+    text: str = ""
+    finish_reason: str | None = None  # stop | length | cancelled | error; None: more to come
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
+
+class TextDeltas:
+    """The text of a growing list of ids, as deltas.
+
+    The ids are decoded whole each time (sentencepiece joins pieces differently at the start of a
+    text than inside it), and a delta is given only when the text so far ends on a whole character:
+    a character split across byte tokens decodes as U+FFFD until its last byte arrives."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith(REPLACEMENT) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def finish(self) -> str:
+        """What is still held back (the ids are complete: nothing more will join the last character)."""
+        text = self.tokenizer.decode(self.ids)
+        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return delta
+
+
+@dataclass
+class SlotCache:
+    """Keys and values of `slots` sequences, each up to `max_len` positions: (L, slots, K, max_len, D)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32) -> "SlotCache":
+        shape = (config.n_layers, slots, config.n_kv_heads, max_len, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def slot(self, index: int) -> KVCache:
+        """Slot `index` as a one-row KVCache from position 0: the model's own forward fills it (prefill)."""
+        return KVCache(self.k[:, index : index + 1], self.v[:, index : index + 1])
+
+
+def _attention_step(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: SlotCache,
+                    slots: torch.Tensor, positions: torch.Tensor, span: slice | None, length: int,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+    """model.Attention's computation for one new token per row, row i at positions[i] of slot
+    slots[i]; its projections are computed as Attention.forward computes them."""
+    B, T, _ = x.shape
+    H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    fused = _still_fused(attn.wqkv, attn.wq, attn.wk, attn.wv)
+    if fused:
+        qkv = linear(x, attn.wqkv[0]).view(B, T, H + 2 * K, D)
+        qk = apply_rope(qkv.narrow(2, 0, H + K), cos, sin)
+        q, k, v = qk.narrow(2, 0, H), qk.narrow(2, H, K), qkv.narrow(2, H + K, K)
+    else:
+        q = apply_rope(attn.wq(x).view(B, T, H, D), cos, sin)
+        k = apply_rope(attn.wk(x).view(B, T, K, D), cos, sin)
+        v = attn.wv(x).view(B, T, K, D)
+    cached_k, cached_v = cache.k[attn.layer], cache.v[attn.layer]  # (slots, K, S_max, D)
+    cached_k[slots, :, positions] = k[:, 0]  # (B, K, D) into each row's own slot and position
+    cached_v[slots, :, positions] = v[:, 0]
+    if span is not None:  # the rows are consecutive slots: a view, no copy
+        keys, values = cached_k[span, :, :length], cached_v[span, :, :length]
+    else:
+        keys, values = cached_k[slots, :, :length], cached_v[slots, :, :length]  # (B, K, S, D)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=K != H)
+    return _project(attn.wo, y.transpose(1, 2).reshape(B, T, H * D), fused)
+
+
+def decode_step(model: Transformer, cache: SlotCache, slots: list[int], tokens: torch.Tensor,
+                positions: list[int]) -> torch.Tensor:
+    """Logits (B, V) of the next token of B sequences: row i feeds tokens[i] at positions[i] of cache
+    slot slots[i] (which holds that sequence's positions before it) and sees only those keys."""
+    device = tokens.device
+    length = max(positions) + 1
+    x = model.embed(tokens[:, None])  # (B, 1, C)
+    cos, sin = model._rope(length, x.device, x.dtype)
+    pos = torch.tensor(positions, device=device)
+    cos, sin = cos[pos][:, None, None], sin[pos][:, None, None]  # (B, 1, 1, D)
+    mask = None
+    if min(positions) != length - 1:  # rows of other lengths: each sees its own positions only
+        mask = (torch.arange(length, device=device)[None, :] <= pos[:, None])[:, None, None]  # (B, 1, 1, S)
+    first = slots[0]
+    span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+    slot_index = torch.tensor(slots, device=device)
+    for block in model.layers:
+        x = x + _attention_step(block.attn, block.attn_norm(x), cos, sin, cache, slot_index, pos, span, length, mask)
+        x = x + block.ffn(block.ffn_norm(x))
+    return _project(model.head, model.norm(x), _still_fused(model.head_fused, model.head))[:, -1]
+
+
+class Sequence:
+    """One request's state in the engine. Callers keep it to cancel the request."""
+
+    def __init__(self, id: int, prompt_ids: list[int], sampling: SamplingConfig, budget: int,
+                 deliver: Callable[[Event], None], tokenizer, device: torch.device):
+        self.id = id
+        self.prompt_ids = list(prompt_ids)
+        self.sampling = sampling
+        self.row = _Row(budget)
+        self.deltas = TextDeltas(tokenizer)
+        self._deliver = deliver
+        # Seeded: the request's own stream; unseeded: a random one, still this sequence's alone.
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator(device=device).manual_seed(int(seed)) if sampling.temperature > 0 else None
+        self.history = None  # (1, <= window): what the repetition penalty looks back on
+        if sampling.repetition_penalty != 1.0:
+            self.history = torch.tensor([self.prompt_ids[-sampling.repetition_window:]], device=device)
+        self.slot: int | None = None
+        self.length = 0  # positions of its slot filled
+        self.logits: torch.Tensor | None = None  # (1, V): the next token's
+        self.next_token: int | None = None  # sampled, to be fed at the next step
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.submitted = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def emit(self, event: Event) -> None:
+        if event.final:
+            self.finish_reason = event.finish_reason
+            event.prompt_tokens, event.completion_tokens = len(self.prompt_ids), len(self.row.new_ids)
+        try:
+            self._deliver(event)
+        except Exception:  # a listener that is gone must not stop the engine
+            log.debug("sequence %d: event not delivered", self.id, exc_info=True)
+
+
+class Engine:
+    """Continuous batching over one model; see the module docstring."""
+
+    def __init__(self, model: Transformer, tokenizer, max_concurrent: int = 8, max_queue: int = 64,
+                 context_length: int | None = None):
+        max_len = model.config.max_seq_len
+        if not isinstance(max_concurrent, int) or max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be an integer >= 1, got {max_concurrent!r}")
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        context_length = max_len if context_length is None else context_length
+        if not isinstance(context_length, int) or not 2 <= context_length <= max_len:
+            raise ValueError(f"context_length must be an integer in [2, {max_len}] (the model's max_seq_len), "
+                             f"got {context_length!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_concurrent, self.max_queue, self.context_length = max_concurrent, max_queue, context_length
+        # Norms are never quantized: their weight gives the activations' device and dtype.
+        self.device, dtype = model.norm.weight.device, model.norm.weight.dtype
+        with torch.inference_mode():  # written only by `step`, which runs in inference mode
+            self.cache = SlotCache.allocate(model.config, max_concurrent, context_length, self.device, dtype)
+        self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else None
+        _lay_out_for(model, max_concurrent, self.device)
+        self._slots: list[Sequence | None] = [None] * max_concurrent
+        self._waiting: deque[Sequence] = deque()
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counts = dict(completed=0, cancelled=0, failed=0, refused=0, generated_tokens=0, steps=0)
+
+    # ------------------------------------------------------------------------------- callers' side
+
+    def submit(self, prompt_ids: list[int], sampling: SamplingConfig, deliver: Callable[[Event], None]) -> Sequence:
+        """Queue a request; `deliver` gets its events (from the engine thread). Raises ContextExceeded,
+        QueueFull or EngineStopped; nothing is queued then."""
+        if not prompt_ids:
+            raise ValueError("an empty prompt: give at least one token (e.g. bos) to condition on")
+        if len(prompt_ids) >= self.context_length:
+            raise ContextExceeded(len(prompt_ids), self.context_length)
+        budget = min(sampling.max_new_tokens, self.context_length - len(prompt_ids))
+        seq = Sequence(next(self._ids), prompt_ids, sampling, budget, deliver, self.tokenizer, self.device)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the engine is stopping")
+            if self._running() + len(self._waiting) >= self.max_concurrent + self.max_queue:
+                self.counts["refused"] += 1
+                raise QueueFull(f"{self.max_concurrent} sequences are running and {len(self._waiting)} wait "
+                                f"(stage.max_concurrent, stage.max_queue): retry later")
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        return seq
+
+    def submit_async(self, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[Sequence, "asyncio.Queue[Event]"]:
+        """`submit` from a running asyncio loop: the events arrive in the returned queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def deliver(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+
+        return self.submit(prompt_ids, sampling, deliver), queue
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop `seq` (no-op if it has ended): its slot is freed at the next step."""
+        if seq.finished:
+            return
+        with self._cond:
+            seq.cancelled = True
+            self._cond.notify_all()
+
+    def stats(self) -> dict:
+        with self._cond:
+            running = self._running()
+            return dict(running=running, queued=len(self._waiting), free_slots=self.max_concurrent - running,
+                        max_concurrent=self.max_concurrent, max_queue=self.max_queue,
+                        context_length=self.context_length, **self.counts)
+
+    # ------------------------------------------------------------------------------------- thread
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="llama_zh-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the thread after its current step; every unfinished request gets an error event."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the engine thread did not stop within %s s", timeout)
+                return
+        self._drain()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._busy():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # outside any one sequence: fail the running ones, keep serving
+                log.exception("engine step failed")
+                for seq in [s for s in self._slots if s is not None]:
+                    self._fail(seq, e)
+
+    def _busy(self) -> bool:
+        return bool(self._waiting) or self._running() > 0
+
+    def _running(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    def _drain(self) -> None:
+        with self._cond:
+            left = [s for s in self._slots if s is not None] + list(self._waiting)
+            self._slots = [None] * self.max_concurrent
+            self._waiting.clear()
+        for seq in left:
+            if not seq.finished:
+                seq.emit(Event(finish_reason="error", error="the server is shutting down"))
+
+    # ------------------------------------------------------------------------------------ decoding
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One round: cancelled sequences leave, queued ones take free slots (prefilled), every running
+        sequence samples a token, and those that go on are decoded together. Returns whether work is left."""
+        for seq in self._admit():
+            self._guarded(seq, self._prefill)
+        running = [s for s in self._slots if s is not None]
+        for seq in running:
+            self._guarded(seq, self._sample)
+        going = [s for s in self._slots if s is not None and s.next_token is not None]
+        if going:
+            try:
+                self._decode(going)
+            except Exception as e:
+                log.exception("decoding step failed")
+                for seq in going:
+                    self._fail(seq, e)
+        self.counts["steps"] += 1
+        with self._cond:
+            return self._busy()
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        """Drive the engine by hand (no thread) until nothing runs or waits."""
+        for _ in range(max_steps):
+            if not self.step():
+                return
+        raise RuntimeError(f"the engine was still busy after {max_steps} steps")
+
+    def _admit(self) -> list[Sequence]:
+        cancelled, admitted = [], []
+        with self._cond:
+            for i, seq in enumerate(self._slots):
+                if seq is not None and seq.cancelled:
+                    self._slots[i] = None
+                    cancelled.append(seq)
+            for seq in [s for s in self._waiting if s.cancelled]:
+                self._waiting.remove(seq)
+                cancelled.append(seq)
+            for i in range(self.max_concurrent):
+                if self._slots[i] is None and self._waiting:
+                    seq = self._waiting.popleft()
+                    seq.slot, self._slots[i] = i, seq
+                    admitted.append(seq)
+        for seq in cancelled:
+            self.counts["cancelled"] += 1
+            seq.emit(Event(finish_reason="cancelled"))
+        return admitted
+
+    def _release(self, seq: Sequence) -> None:
+        with self._cond:
+            if seq.slot is not None and self._slots[seq.slot] is seq:
+                self._slots[seq.slot] = None
+
+    def _guarded(self, seq: Sequence, action: Callable[[Sequence], None]) -> None:
+        try:
+            action(seq)
+        except Exception as e:  # this request fails alone
+            log.exception("sequence %d failed", seq.id)
+            self._fail(seq, e)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        self._release(seq)
+        if not seq.finished:
+            self.counts["failed"] += 1
+            seq.emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
+
+    def _prefill(self, seq: Sequence) -> None:
+        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        seq.logits = self.model(ids, self.cache.slot(seq.slot), last_only=True)[:, -1]  # (1, V)
+        seq.length = len(seq.prompt_ids)
+
+    def _sample(self, seq: Sequence) -> None:
+        cfg = seq.sampling
+        generators = [seq.generator] if seq.generator is not None else None
+        token = int(sample_next(seq.logits, cfg, generators, seq.history)[0])
+        seq.logits, seq.next_token = None, None
+        self.counts["generated_tokens"] += 1
+        released = seq.row.add(token, self.eos_id, cfg, self.tokenizer)
+        text = seq.deltas.push(released)
+        if seq.row.done:
+            self._release(seq)
+            self.counts["completed"] += 1
+            seq.emit(Event(text=text + seq.deltas.finish(), finish_reason=self._finish_reason(seq, token)))
+            return
+        if text:
+            seq.emit(Event(text=text))
+        seq.next_token = token
+        if seq.history is not None:
+            seq.history = torch.cat((seq.history, seq.history.new_tensor([[token]])), dim=1)[:, -cfg.repetition_window:]
+
+    def _finish_reason(self, seq: Sequence, last_token: int) -> str:
+        """stop: eos or a stop string ended it; length: the budget (max tokens or the context) did."""
+        if last_token == self.eos_id:
+            return "stop"
+        stops = seq.sampling.stop_strings
+        if stops and _earliest_stop(self.tokenizer.decode(seq.row.new_ids), stops) is not None:
+            return "stop"
+        return "length"
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        tokens = torch.tensor([s.next_token for s in seqs], device=self.device)
+        logits = decode_step(self.model, self.cache, [s.slot for s in seqs], tokens, [s.length for s in seqs])
+        for i, seq in enumerate(seqs):
+            seq.logits, seq.next_token = logits[i : i + 1], None
+            seq.length += 1
+
+
+@dataclass
+class Completion:
+    """A finished request gathered from its events (tests, scripts)."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    deltas: list[str] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        if event.text:
+            self.deltas.append(event.text)
+            self.text += event.text
+        if event.final:
+            self.finish_reason, self.error = event.finish_reason, event.error
+            self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
