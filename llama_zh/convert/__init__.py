@@ -46,7 +46,10 @@ def read(src: Path, src_format: str, model: ModelConfig | None = None, tokenizer
 
 
 def write(stream: WeightStream, dst: Path, dst_format: str, overwrite: bool = False,
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES, chat_template: str | None = None) -> Path:
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, chat_template: str | None = None,
+          gguf_type: str | None = None) -> Path:
+    if gguf_type is not None and dst_format != "gguf":
+        raise FormatError(f"stage.gguf_type={gguf_type} applies to stage.dst_format=gguf, not {dst_format}")
     if dst_format == "native":
         extra = {CHECKPOINT_KEY: chat_template} if chat_template else None
         return write_native(stream, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra=extra)
@@ -57,17 +60,19 @@ def write(stream: WeightStream, dst: Path, dst_format: str, overwrite: bool = Fa
     if dst_format == "gguf":
         from llama_zh.convert import gguf  # needs the gguf package only when asked for
 
-        return gguf.write(stream, dst, overwrite=overwrite, chat_template=chat_template)
+        return gguf.write(stream, dst, overwrite=overwrite, chat_template=chat_template, gguf_type=gguf_type)
     raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
 
 
 def convert(src: Path, src_format: str, dst: Path, dst_format: str, model: ModelConfig | None = None,
             tokenizer: Path | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, template: str | None = None) -> Path:
-    """`template`: the chat template to export, by name or .jinja path; None: the source checkpoint's, if any."""
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, template: str | None = None,
+            gguf_type: str | None = None) -> Path:
+    """`template`: the chat template to export, by name or .jinja path; None: the source checkpoint's, if any.
+    `gguf_type`: the GGUF file's tensor type (llama_zh.convert.gguf.GGUF_TYPES); None: f16."""
     if dst_format not in DESTINATION_FORMATS:
         raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
     stream = read(src, src_format, model, tokenizer).cast(dtype)
     chat_template = export_template(src, template) if dst_format != "tencentpretrain" else None
     return write(stream, dst, dst_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-                 chat_template=chat_template)
+                 chat_template=chat_template, gguf_type=gguf_type)
