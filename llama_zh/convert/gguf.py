@@ -11,7 +11,7 @@
   the type's block (32) is written f16, as both llama.cpp converters fall back, with a warning each and
   a count in the summary line. `general.file_type` names the file's type (ALL_F32, MOSTLY_F16, ...).
 - llama.cpp's llama rotates interleaved pairs (the Meta layout), so the q and k rows are permuted
-  from the native halves layout (ANCHORS §1), as llama.cpp's own Hugging Face converter does.
+  from the native halves layout, as llama.cpp's own Hugging Face converter does.
 - The tokenizer goes in as llama.cpp reads a sentencepiece model ("llama"): every piece with its score
   and type (normal, unknown, control, user-defined, byte), bos/eos/unk ids, add_bos true. A model
   vocabulary larger than the tokenizer's (e.g. 49954 vs 49953) is padded with unused `[PADn]` pieces.
