@@ -16,8 +16,9 @@
   and type (normal, unknown, control, user-defined, byte), bos/eos/unk ids, add_bos true. A model
   vocabulary larger than the tokenizer's (e.g. 49954 vs 49953) is padded with unused `[PADn]` pieces.
 - Streaming: tensor infos are written from the specs, then each tensor as it is read, so one tensor
-  is in memory at a time (quantized a slab of rows at a time, so no f32 copy of a whole matrix). The file is written under a temporary name and renamed when complete,
-  after reading it back with gguf's reader (names, shapes, tokenizer pieces).
+  is in memory at a time (quantized a slab of rows at a time, so no f32 copy of a whole matrix). The
+  file is written under a temporary name and renamed when complete, after reading it back with gguf's
+  reader (names, shapes, types, tokenizer pieces).
 """
 
 from __future__ import annotations
