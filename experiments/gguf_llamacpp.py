@@ -53,7 +53,8 @@ def held_out_documents(n: int, sources: tuple[str, ...] = tuple(SOURCES)) -> lis
 
 
 def train(workdir: Path, steps: int, seed: int = 0) -> Path:
-    """A 2-layer model (dim 64, GQA) and a 2000-piece BPE tokenizer (rarer characters as bytes) trained on the reviews' training split;
+    """A 2-layer model (dim 64, GQA) and a 2000-piece BPE tokenizer (rarer characters as bytes) trained on
+    the reviews' training split;
     small enough to train in a few minutes on 2 shared cores. Returns the native checkpoint."""
     final = workdir / "ckpt"
     if (final / "tokenizer.model").is_file():
@@ -157,7 +158,8 @@ def main() -> None:
     print(f"checkpoint {ckpt}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"vocab {model.config.vocab_size}; llama-cpp-python {llama_cpp.__version__}")
     print(f"held-out: {len(docs)} news and review documents for tokenization; reviews: {len(prompts)} prompts "
-          f"x {args.max_new} greedy tokens, {n_scored} scored tokens in {len(ppl_windows)} window(s) of <= {args.n_ctx}")
+          f"x {args.max_new} greedy tokens, {n_scored} scored tokens in {len(ppl_windows)} window(s) "
+          f"of <= {args.n_ctx}")
     print(f"llama_zh fp32 (PyTorch) perplexity on the same windows: {ref_ppl:.3f}")
     rows, f16_ppl = [], None
     for gguf_type in args.types:

@@ -206,7 +206,9 @@ def gguf_path(dst: Path) -> Path:
 
 def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_template: str | None = None,
           gguf_type: str | None = None) -> Path:
-    """Write `stream` as a GGUF file of `gguf_type` (None: f16) at dst (`.gguf` appended if missing); returns its path."""
+    """Write `stream` as a GGUF file of `gguf_type` (None: f16) at dst (`.gguf` appended if missing).
+
+    Returns its path."""
     gguf = _gguf()
     _, file_type = file_types(gguf_type)
     if stream.tokenizer is None:
