@@ -54,8 +54,7 @@ def held_out_documents(n: int, sources: tuple[str, ...] = tuple(SOURCES)) -> lis
 
 def train(workdir: Path, steps: int, seed: int = 0) -> Path:
     """A 2-layer model (dim 64, GQA) and a 2000-piece BPE tokenizer (rarer characters as bytes) trained on
-    the reviews' training split;
-    small enough to train in a few minutes on 2 shared cores. Returns the native checkpoint."""
+    the reviews' training split: small enough to train in minutes on 2 cores. Returns the native checkpoint."""
     final = workdir / "ckpt"
     if (final / "tokenizer.model").is_file():
         return final
