@@ -385,7 +385,7 @@ def test_existing_destination_is_not_overwritten(tmp_path):
 def test_gguf_refuses_a_dtype_it_would_not_write(tmp_path, dtype):
     pytest.importorskip("gguf")
     src = make_hf(tmp_path)
-    with pytest.raises(FormatError, match=rf"^stage\.dtype={str(dtype)[6:]}: the GGUF export writes f16 only"):
+    with pytest.raises(FormatError, match=rf"^stage\.dtype={str(dtype)[6:]}: the GGUF export takes its tensor types"):
         convert(src, "hf", tmp_path / "out" / "m.gguf", "gguf", dtype=dtype)
     assert not (tmp_path / "out").exists()
 
@@ -409,7 +409,7 @@ def run_convert(tmp_path, *overrides):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["stage.dst_format=gguf", "stage.dtype=float32"], "stage.dtype=float32: the GGUF export writes f16 only"),
+    (["stage.dst_format=gguf", "stage.dtype=float32"], "stage.dtype=float32: the GGUF export takes its tensor types"),
     (["stage.dst_format=gguf", "stage.max_shard_gb=0.5"], "stage.max_shard_gb=0.5: dst_format=gguf is written as one file"),
     (["stage.max_shard_gb=0"], "stage.max_shard_gb must be a number > 0, got 0"),
     (["model=llama_7b"], "model=llama_7b: only stage.src_format=tencentpretrain reads model= (a hf checkpoint"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llama_zh.checkpoint import read_native, save_checkpoint
-from llama_zh.convert import convert
+from llama_zh.convert import FormatError, convert
 from llama_zh.convert.gguf import GGUFError, write
 from llama_zh.convert.keys import halves_to_interleaved
 from llama_zh.tensor_io import CheckpointError
@@ -120,3 +120,108 @@ def test_convert_stage_writes_gguf(tok, tmp_path):
              "stage.dst_format=gguf", "logger=csv", run_dir=tmp_path / "run")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert {t.name for t in reader.tensors} == EXPECTED_NAMES
+
+
+# stage.gguf_type -> (matrix type, general.file_type), written out from gguf's LlamaFileType by hand.
+TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q5_1": ("Q5_1", 9),
+         "q5_0": ("Q5_0", 8), "q4_1": ("Q4_1", 3), "q4_0": ("Q4_0", 2)}
+# Worst error of a value as a fraction of its block's largest |value| a: half a step d, or a whole one where the
+# format clamps the side opposite a (q4_0: -8..7, q5_0: -16..15), plus the f16 rounding of the scale over
+# the largest level (and of the minimum, for the _1 types); relative rounding for floats.
+F16_EPS = 2**-11
+BLOCK_ERROR = {"F32": 0.0, "F16": F16_EPS, "BF16": 2**-8,
+               "Q8_0": (0.5 + 127 * F16_EPS) / 127,
+               "Q5_0": (1 + 16 * F16_EPS) / 16, "Q4_0": (1 + 8 * F16_EPS) / 8,
+               "Q5_1": 2 / 31 * (0.5 + 31 * F16_EPS) + F16_EPS, "Q4_1": 2 / 15 * (0.5 + 15 * F16_EPS) + F16_EPS}
+
+
+def expected_type(name, shape, gguf_type):
+    """The documented rule: norms f32; output.weight q8_0 below 8 bits; rows off the block of 32 in f16."""
+    matrix = TYPES[gguf_type][0]
+    if len(shape) == 1:
+        return "F32"
+    if name == "output.weight" and gguf_type in ("q5_1", "q5_0", "q4_1", "q4_0"):
+        matrix = "Q8_0"
+    if matrix.startswith("Q") and shape[-1] % 32:
+        return "F16"
+    return matrix
+
+
+def source_tensors(model):
+    """llama.cpp's name -> the native tensor as the file should hold it (q and k in interleaved pairs)."""
+    native, c = model.state_dict(), model.config
+    out = {"token_embd.weight": native["embed.weight"], "output.weight": native["head.weight"],
+           "output_norm.weight": native["norm.weight"]}
+    parts = {"attn_norm": "attn_norm", "attn_q": "attn.wq", "attn_k": "attn.wk", "attn_v": "attn.wv",
+             "attn_output": "attn.wo", "ffn_norm": "ffn_norm", "ffn_gate": "ffn.w_gate", "ffn_up": "ffn.w_up",
+             "ffn_down": "ffn.w_down"}
+    for i in range(c.n_layers):
+        for g, n in parts.items():
+            t = native[f"layers.{i}.{n}.weight"]
+            if g in ("attn_q", "attn_k"):
+                t = halves_to_interleaved(t, c.n_heads if g == "attn_q" else c.n_kv_heads)
+            out[f"blk.{i}.{g}.weight"] = t
+    return out
+
+
+@pytest.mark.parametrize("gguf_type", list(TYPES))
+def test_gguf_types_follow_the_rule_and_dequantize_close(tok, tmp_path, gguf_type, caplog):
+    # ffn_dim 120: ffn_down's rows (120) are not a multiple of the 32-value blocks.
+    ckpt, model = make_checkpoint(tmp_path / "ckpt", tok, ffn_dim=120, sharpen=1.0)
+    with caplog.at_level("INFO", logger="llama_zh.convert.gguf"):
+        out = convert(ckpt, "native", tmp_path / "m", "gguf", gguf_type=gguf_type)
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.file_type") == TYPES[gguf_type][1]
+    source = source_tensors(model)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == EXPECTED_NAMES
+    fallbacks = 0
+    for name, t in tensors.items():
+        want = source[name].numpy()
+        kind = expected_type(name, want.shape, gguf_type)
+        assert t.tensor_type.name == kind, name
+        fallbacks += kind == "F16" and TYPES[gguf_type][0] != "F16"
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        blocks = want.reshape(-1, 32) if want.shape[-1] % 32 == 0 else want.reshape(-1, want.shape[-1])
+        bound = np.repeat(np.abs(blocks).max(axis=1), blocks.shape[1]).reshape(want.shape) * BLOCK_ERROR[kind]
+        if kind in ("F16", "BF16"):  # relative to each value, not to its block
+            bound = np.abs(want) * BLOCK_ERROR[kind]
+        assert np.all(np.abs(got - want) <= bound * 1.01 + 1e-7), name
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == fallbacks == (2 if gguf_type not in ("f32", "f16", "bf16") else 0)
+    assert all("ffn_down" in w and "not a multiple" in w for w in warnings)
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"gguf {gguf_type}:")]
+    assert len(summary) == 1 and (fallbacks == 0 or f"{fallbacks} F16 (fallback)" in summary[0])
+
+
+def test_quantizing_by_slabs_gives_the_whole_matrix_bytes(monkeypatch):
+    from llama_zh.convert import gguf as gguf_export
+
+    t = torch.randn(40, 64)
+    whole = gguf_export.encode(t, gguf.GGMLQuantizationType.Q4_0)
+    monkeypatch.setattr(gguf_export, "QUANTIZE_SLAB", 3 * 64)  # 3 rows at a time: 14 slabs, the last short
+    sliced = gguf_export.encode(t, gguf.GGMLQuantizationType.Q4_0)
+    assert whole.shape == (40, 64 // 32 * 18) and np.array_equal(whole, sliced)
+    assert np.array_equal(whole, gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.Q4_0))
+
+
+def test_gguf_type_refused_with_one_line(tok, tmp_path):
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", tok)
+    with pytest.raises(GGUFError, match=r"^stage.gguf_type: 'q3_k'; expected one of f32, f16, bf16, q8_0"):
+        convert(ckpt, "native", tmp_path / "m.gguf", "gguf", gguf_type="q3_k")
+    with pytest.raises(FormatError, match=r"^stage.gguf_type=q4_0 applies to stage.dst_format=gguf, not hf$"):
+        convert(ckpt, "native", tmp_path / "hf", "hf", gguf_type="q4_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.slow
+def test_convert_stage_writes_gguf_type(tok, tmp_path):
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", tok)
+    common = ("stage=convert", f"stage.src={ckpt}", "stage.src_format=native", f"stage.dst={tmp_path / 'm.gguf'}",
+              "stage.dst_format=gguf", "logger=csv")
+    bad = llama_zh(*common, "stage.gguf_type=q4", run_dir=tmp_path / "bad", check=False)
+    assert bad.returncode != 0 and "stage.gguf_type: 'q4'; expected one of" in bad.stderr
+    llama_zh(*common, "stage.gguf_type=q4_0", run_dir=tmp_path / "run")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert field(reader, "general.file_type") == 2
+    assert {t.name: t.tensor_type.name for t in reader.tensors}["blk.0.attn_q.weight"] == "Q4_0"

@@ -48,7 +48,10 @@ def read(src: Path, src_format: str, model: ModelConfig | None = None, tokenizer
 
 
 def write(stream: WeightStream, dst: Path, dst_format: str, overwrite: bool = False,
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES, chat_template: str | None = None) -> Path:
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, chat_template: str | None = None,
+          gguf_type: str | None = None) -> Path:
+    if gguf_type is not None and dst_format != "gguf":
+        raise FormatError(f"stage.gguf_type={gguf_type} applies to stage.dst_format=gguf, not {dst_format}")
     if dst_format == "native":
         extra = {CHECKPOINT_KEY: chat_template} if chat_template else None
         return write_native(stream, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra=extra)
@@ -59,16 +62,16 @@ def write(stream: WeightStream, dst: Path, dst_format: str, overwrite: bool = Fa
     if dst_format == "gguf":
         from llama_zh.convert import gguf  # needs the gguf package only when asked for
 
-        return gguf.write(stream, dst, overwrite=overwrite, chat_template=chat_template)
+        return gguf.write(stream, dst, overwrite=overwrite, chat_template=chat_template, gguf_type=gguf_type)
     raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
 
 
 def check_honoured(src_format: str, dst_format: str, tokenizer: Path | None, dtype: torch.dtype | None) -> None:
     """Refuse an option the destination's writer would not honour, rather than write something else."""
     if dst_format == "gguf" and dtype not in (None, torch.float16):
-        # The GGUF writer has one file type, llama.cpp's MOSTLY_F16 (f16 matrices, f32 norms).
-        raise FormatError(f"stage.dtype={str(dtype).removeprefix('torch.')}: the GGUF export writes f16 only "
-                          "(matrices f16, norms f32); use stage.dtype=null or float16")
+        # The GGUF file's types are stage.gguf_type's (llama_zh.convert.gguf), whatever the source dtype.
+        raise FormatError(f"stage.dtype={str(dtype).removeprefix('torch.')}: the GGUF export takes its tensor types "
+                          "from stage.gguf_type (f32, f16, bf16, q8_0, ...), not stage.dtype; use stage.gguf_type")
     if dst_format == "tencentpretrain" and tokenizer is not None and src_format != "tencentpretrain":
         raise FormatError(f"stage.tokenizer={tokenizer}: a TencentPretrain .bin holds no tokenizer, so it would be "
                           "dropped; leave stage.tokenizer unset (keep the tokenizer.model beside the .bin yourself)")
@@ -76,12 +79,14 @@ def check_honoured(src_format: str, dst_format: str, tokenizer: Path | None, dty
 
 def convert(src: Path, src_format: str, dst: Path, dst_format: str, model: ModelConfig | None = None,
             tokenizer: Path | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, template: str | None = None) -> Path:
-    """`template`: the chat template to export, by name or .jinja path; None: the source checkpoint's, if any."""
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, template: str | None = None,
+            gguf_type: str | None = None) -> Path:
+    """`template`: the chat template to export, by name or .jinja path; None: the source checkpoint's, if any.
+    `gguf_type`: the GGUF file's tensor type (llama_zh.convert.gguf.GGUF_TYPES); None: f16."""
     if dst_format not in DESTINATION_FORMATS:
         raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}")
     check_honoured(src_format, dst_format, tokenizer, dtype)
     stream = read(src, src_format, model, tokenizer).cast(dtype)
     chat_template = export_template(src, template) if dst_format != "tencentpretrain" else None
     return write(stream, dst, dst_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-                 chat_template=chat_template)
+                 chat_template=chat_template, gguf_type=gguf_type)

@@ -1,22 +1,32 @@
-"""GGUF export (llama.cpp's file format), f16, with the sentencepiece tokenizer, via the `gguf` package.
+"""GGUF export (llama.cpp's file format) with the sentencepiece tokenizer, via the `gguf` package.
 
 - Tensor names are the gguf package's own for the llama architecture (`gguf.TENSOR_NAMES`): token_embd,
-  blk.N.attn_q ..., output_norm, output. Matrices are written in f16; 1-D tensors (the norms) in f32,
-  as llama.cpp's converter does for an f16 file (`general.file_type` MOSTLY_F16).
+  blk.N.attn_q ..., output_norm, output.
+- Tensor types (`stage.gguf_type`, `tensor_type`): the matrices in the chosen type (f32, f16 by default,
+  bf16, q8_0, q5_1, q5_0, q4_1, q4_0: those gguf's numpy quantizer writes); 1-D tensors (the norms) in
+  f32 whatever the type, as llama.cpp's converter does. For the 4- and 5-bit types output.weight is
+  q8_0: llama.cpp's llama-quantize raises it to q6_k (q8_0 when its rows do not fit q6_k's blocks of
+  256), a type gguf cannot write, and the logits are the most sensitive product; token_embd keeps the
+  file's type, as llama-quantize does for an untied embedding. A matrix whose rows are not a multiple of
+  the type's block (32) is written f16, as both llama.cpp converters fall back, with a warning each and
+  a count in the summary line. `general.file_type` names the file's type (ALL_F32, MOSTLY_F16, ...).
 - llama.cpp's llama rotates interleaved pairs (the Meta layout), so the q and k rows are permuted
-  from the native halves layout (ANCHORS §1), as llama.cpp's own Hugging Face converter does.
+  from the native halves layout, as llama.cpp's own Hugging Face converter does.
 - The tokenizer goes in as llama.cpp reads a sentencepiece model ("llama"): every piece with its score
   and type (normal, unknown, control, user-defined, byte), bos/eos/unk ids, add_bos true. A model
   vocabulary larger than the tokenizer's (e.g. 49954 vs 49953) is padded with unused `[PADn]` pieces.
 - Streaming: tensor infos are written from the specs, then each tensor as it is read, so one tensor
-  is in memory at a time. The file is written under a temporary name and renamed when complete,
-  after reading it back with gguf's reader (names, shapes, tokenizer pieces).
+  is in memory at a time (quantized a slab of rows at a time, so no f32 copy of a whole matrix). The
+  file is written under a temporary name and renamed when complete, after reading it back with gguf's
+  reader (names, shapes, types, tokenizer pieces).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +37,24 @@ from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.convert.keys import KeyMap, halves_to_interleaved, rope_permuter
 from llama_zh.errors import LlamaZhError
 from llama_zh.tensor_io import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# stage.gguf_type -> (the matrices' GGMLQuantizationType, the file's LlamaFileType), by enum name.
+GGUF_TYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+DEFAULT_GGUF_TYPE = "f16"
+# Types below 8 bits, whose output.weight is raised to q8_0 (see the module docstring).
+LOW_BIT_TYPES = ("q5_1", "q5_0", "q4_1", "q4_0")
+QUANTIZE_SLAB = 1 << 22  # elements converted to f32 at once while quantizing (16 MiB)
 
 
 class GGUFError(LlamaZhError, ValueError):
@@ -64,8 +92,88 @@ def key_map() -> KeyMap:
     })
 
 
-def file_dtype(shape: tuple[int, ...]) -> np.dtype:
-    return np.dtype(np.float16) if len(shape) >= 2 else np.dtype(np.float32)
+def file_types(gguf_type: str | None):
+    """(matrix GGMLQuantizationType, LlamaFileType) of `stage.gguf_type`, refused with one line if unknown or
+    beyond the installed gguf's quantizer."""
+    gguf = _gguf()
+    gguf_type = DEFAULT_GGUF_TYPE if gguf_type is None else gguf_type
+    if gguf_type not in GGUF_TYPES:
+        raise GGUFError(f"stage.gguf_type: {gguf_type!r}; expected one of {', '.join(GGUF_TYPES)}")
+    qtype_name, ftype_name = GGUF_TYPES[gguf_type]
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    try:  # one block: older gguf releases lack some numpy quantizers
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        gguf.quants.quantize(np.zeros((1, block), np.float32), qtype)
+    except (AttributeError, NotImplementedError) as e:
+        raise GGUFError(f"stage.gguf_type={gguf_type}: the installed gguf package cannot write {qtype_name} ({e}); "
+                        f"upgrade it (pip install -U gguf)") from None
+    return qtype, gguf.LlamaFileType[ftype_name]
+
+
+def tensor_type(name: str, shape: tuple[int, ...], gguf_type: str | None):
+    """(GGMLQuantizationType, why it differs from the file's type or None) of tensor `name` (llama.cpp's name)."""
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    qtype, _ = file_types(gguf_type)
+    if len(shape) < 2:
+        return Q.F32, None
+    why = None
+    if name == "output.weight" and gguf_type in LOW_BIT_TYPES:
+        qtype, why = Q.Q8_0, "output"
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if shape[-1] % block:
+        return Q.F16, f"row length {shape[-1]} is not a multiple of {qtype.name}'s block of {block}"
+    return qtype, why
+
+
+def plan_types(stream: WeightStream, keys: KeyMap, gguf_type: str | None) -> dict[str, object]:
+    """Native name -> GGMLQuantizationType for every tensor of `stream`; logs each fallback and a summary."""
+    types, counts = {}, Counter()
+    for name, (_, shape) in stream.specs.items():
+        outside = keys.to_outside(name)
+        qtype, why = tensor_type(outside, tuple(shape), gguf_type)
+        if why is not None and why != "output":
+            log.warning("gguf: %s %s: %s; written as %s", outside, tuple(shape), why, qtype.name)
+            why = "fallback"
+        types[name] = qtype
+        counts[qtype.name if why is None else f"{qtype.name} ({why})"] += 1
+    log.info("gguf %s: %s", gguf_type or DEFAULT_GGUF_TYPE,
+             ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())))
+    return types
+
+
+def byte_shape(shape: tuple[int, ...], qtype) -> tuple[int, ...]:
+    gguf = _gguf()
+    return tuple(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+
+
+def encode(t: torch.Tensor, qtype) -> np.ndarray:
+    """`t` as the bytes of `qtype` (float arrays for F32/F16, uint8 for the others)."""
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return t.to(torch.float32).contiguous().numpy()
+    if qtype == Q.F16:
+        return t.to(torch.float16).contiguous().numpy()
+    if qtype == Q.BF16:  # torch rounds to nearest even, as ggml does
+        return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    rows = t.reshape(-1, t.shape[-1])
+    out = np.empty(byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
+    step = max(1, QUANTIZE_SLAB // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        out[i:i + step] = gguf.quants.quantize(rows[i:i + step].to(torch.float32).numpy(), qtype)
+    return out.reshape(byte_shape(tuple(t.shape), qtype))
+
+
+def tensor_info(shape: tuple[int, ...], qtype) -> tuple[tuple[int, ...], np.dtype, int, object]:
+    """add_tensor_info's (shape, dtype, nbytes, raw_dtype) for a tensor of `shape` written as `qtype`."""
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    if qtype in (Q.F32, Q.F16):
+        dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
+        return tuple(shape), dtype, int(np.prod(shape)) * dtype.itemsize, None
+    raw = byte_shape(tuple(shape), qtype)
+    return raw, np.dtype(np.uint8), int(np.prod(raw)), qtype
 
 
 def tokenizer_vocab(tokenizer: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int], dict[str, int]]:
@@ -98,9 +206,13 @@ def gguf_path(dst: Path) -> Path:
     return dst if dst.suffix == ".gguf" else dst.with_name(dst.name + ".gguf")
 
 
-def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_template: str | None = None) -> Path:
-    """Write `stream` as an f16 GGUF file (dst, `.gguf` appended if missing); returns its path."""
+def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_template: str | None = None,
+          gguf_type: str | None = None) -> Path:
+    """Write `stream` as a GGUF file of `gguf_type` (None: f16) at dst (`.gguf` appended if missing).
+
+    Returns its path."""
     gguf = _gguf()
+    _, file_type = file_types(gguf_type)
     if stream.tokenizer is None:
         raise GGUFError(f"{stream.source}: no tokenizer.model to embed in the GGUF file (pass stage.tokenizer)")
     check_specs(stream)
@@ -109,25 +221,27 @@ def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_templat
         raise CheckpointError(f"{path}: already exists (set overwrite to replace it)")
     config, keys = stream.config, key_map()
     pieces, scores, types, special = tokenizer_vocab(stream.tokenizer, config.vocab_size)
+    qtypes = plan_types(stream, keys, gguf_type)
 
-    need = sum(int(np.prod(shape)) * file_dtype(shape).itemsize for _, shape in stream.specs.values())
+    need = sum(tensor_info(tuple(shape), qtypes[name])[2] for name, (_, shape) in stream.specs.items())
     with AtomicOutput(path, overwrite=overwrite, need_bytes=need, exists_error=CheckpointError) as out:
         writer = gguf.GGUFWriter(out.tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         try:
-            _write_gguf(writer, stream, keys, pieces, scores, types, special, chat_template)
+            _write_gguf(writer, stream, keys, pieces, scores, types, special, qtypes, file_type, chat_template)
         finally:
             for f in writer.fout or []:
                 close_quietly(f)  # its buffer may not fit on a full disk: the write's own error says so
             writer.fout = None
-        check_file(out.tmp, {keys.to_outside(n): tuple(s) for n, (_, s) in stream.specs.items()}, pieces)
+        check_file(out.tmp, {keys.to_outside(n): (tuple(s), qtypes[n]) for n, (_, s) in stream.specs.items()}, pieces)
     return path
 
 
 def _write_gguf(writer, stream: WeightStream, keys: KeyMap, pieces: list[bytes], scores: list[float],
-                types: list[int], special: dict[str, int], chat_template: str | None = None) -> None:
+                types: list[int], special: dict[str, int], qtypes: dict, file_type,
+                chat_template: str | None = None) -> None:
     gguf, config = _gguf(), stream.config
     writer.add_name(config.name)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(file_type)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.dim)
@@ -151,16 +265,13 @@ def _write_gguf(writer, stream: WeightStream, keys: KeyMap, pieces: list[bytes],
         writer.add_chat_template(chat_template)
 
     for name, (_, shape) in stream.specs.items():
-        dtype = file_dtype(shape)
-        writer.add_tensor_info(keys.to_outside(name), shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+        writer.add_tensor_info(keys.to_outside(name), *tensor_info(tuple(shape), qtypes[name]))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     permute = rope_permuter(config.n_heads, config.n_kv_heads, halves_to_interleaved)
     for name, t in stream.tensors():
-        t = permute(name, t)
-        dtype = torch.float16 if t.ndim >= 2 else torch.float32
-        _write_tensor(writer, t.to(dtype).contiguous().numpy())
+        _write_tensor(writer, encode(permute(name, t), qtypes[name]))
         del t
     writer.close()  # flushes: a full disk shows here, not in the cleanup
 
@@ -176,20 +287,22 @@ def _write_tensor(writer, array: np.ndarray) -> None:
         raise
 
 
-def check_file(path: Path, shapes: dict[str, tuple[int, ...]], pieces: list[bytes]) -> None:
-    """Read `path` back with gguf's reader: the expected tensors (names, shapes, dtypes) and tokenizer pieces."""
+def check_file(path: Path, expected: dict[str, tuple[tuple[int, ...], object]], pieces: list[bytes]) -> None:
+    """Read `path` back with gguf's reader: the expected tensors (names, shapes, types) and tokenizer pieces."""
     gguf = _gguf()
     reader = gguf.GGUFReader(path)
     got = {t.name: t for t in reader.tensors}
-    if set(got) != set(shapes):
-        raise GGUFError(f"{path}: read back {len(got)} tensors, wrote {len(shapes)}: "
-                        f"{sorted(set(got) ^ set(shapes))[:4]} differ")
-    for name, shape in shapes.items():
+    if set(got) != set(expected):
+        raise GGUFError(f"{path}: read back {len(got)} tensors, wrote {len(expected)}: "
+                        f"{sorted(set(got) ^ set(expected))[:4]} differ")
+    for name, (shape, qtype) in expected.items():
         t = got[name]
-        expected_type = gguf.GGMLQuantizationType.F16 if len(shape) >= 2 else gguf.GGMLQuantizationType.F32
-        if tuple(t.data.shape) != shape or t.tensor_type != expected_type:
-            raise GGUFError(f"{path}: {name} reads back as {tuple(t.data.shape)} {t.tensor_type.name}, "
-                            f"wrote {shape} {expected_type.name}")
+        shape_read = tuple(t.data.shape)
+        if t.data.dtype == np.uint8:  # quantized: the reader gives the bytes of each row
+            shape_read = tuple(gguf.quants.quant_shape_from_byte_shape(shape_read, t.tensor_type))
+        if shape_read != shape or t.tensor_type != qtype:
+            raise GGUFError(f"{path}: {name} reads back as {shape_read} {t.tensor_type.name}, "
+                            f"wrote {shape} {qtype.name}")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None or [tokens.parts[i].tobytes() for i in tokens.data] != pieces:
         raise GGUFError(f"{path}: the tokenizer pieces do not read back as written")

@@ -47,6 +47,7 @@ def run(cfg: DictConfig):
         Path(stage.src), stage.src_format, Path(stage.dst), stage.dst_format, model=model,
         tokenizer=Path(stage.tokenizer) if stage.tokenizer else None, dtype=DTYPES.get(stage.dtype),
         overwrite=stage.overwrite, max_shard_bytes=int(stage.max_shard_gb * 1024**3), template=stage.get("template"),
+        gguf_type=stage.get("gguf_type"),
     )
     log.info("wrote %s (%s)", dst, stage.dst_format)
     return {"checkpoint": str(dst), "format": stage.dst_format}
