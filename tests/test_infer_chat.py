@@ -53,7 +53,8 @@ def test_ctrl_c_stops_the_answer_then_ends_the_session(monkeypatch):
         yield from (ord(c) for c in "def")
 
     monkeypatch.setattr(infer, "stream_generate", generate)
-    template = Template(prompt_input="", prompt_no_input="", system="", user="U:{text}\n", assistant="{text}\n")
+    template = Template("{% for m in messages %}{% if m.role == 'user' %}U:{{ m.content }}\n{% else %}"
+                        "{% generation %}{{ m.content }}\n{% endgeneration %}{% endif %}{% endfor %}")
     model = SimpleNamespace(config=SimpleNamespace(max_seq_len=256))
     out = io.StringIO()
     try:
