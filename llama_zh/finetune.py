@@ -138,7 +138,7 @@ class LoRALinear(nn.Module):
                 raise LlamaZhError("LoRA on a quantized base: merge into the source checkpoint's weights "
                                    "(finetune.source_merged_stream), not into the quantized ones")
             base = self.base.weight
-        return (base.float() + self.delta()).to(base.dtype)
+        return (base.float() + self.delta().to(base.device)).to(base.dtype)  # a source tensor is read on the CPU
 
 
 def lora_targets(model: Transformer, target_modules: list[str]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:

@@ -62,6 +62,7 @@ class PlanInputs:
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit
     eight_bit_params: int = 0  # trainable parameters in tensors an 8-bit optimizer keeps in 8 bits
     eight_bit_tensors: int = 0
+    adapter_saved_per_token: int = 0  # what LoRA adapters add to the saved activations, per token, all blocks
 
 
 @dataclass
@@ -202,7 +203,8 @@ def plan_memory(p: PlanInputs, runtime_bytes: int | None = None) -> MemoryPlan:
             host["grads"] = 4 * nt // w  # fp32 gradient partition the CPU optimizer steps from
         else:
             dev["optimizer"] = optimizer
-    dev["activations"] = p.micro_batch * p.seq_len * activation_bytes_per_token(m, sixteen, p.activation_checkpointing)
+    dev["activations"] = p.micro_batch * p.seq_len * (activation_bytes_per_token(m, sixteen, p.activation_checkpointing)
+                                                     + p.adapter_saved_per_token)
     if runtime_bytes is None:
         runtime_bytes = GiB if p.on_gpu else current_rss() + CPU_FIT_SETUP
     dev["runtime"] = runtime_bytes

@@ -1,13 +1,13 @@
 """Weight quantization of a built model with bitsandbytes: int8 (LLM.int8(), Linear8bitLt) or nf4 (Linear4bit).
 
-The attention and FFN projections of every block are replaced (the reference tool's choice, ANCHORS
-§3); the embedding and the output head stay in full precision unless the quant config asks for them.
+The attention and FFN projections of every block are replaced (the reference tool's
+choice); the embedding and the output head stay in full precision unless the quant config asks for them.
 `load_for_inference` builds the model on the meta device and streams the checkpoint one tensor at a
 time: each projection is quantized as it arrives, on the target device, so the full-precision model
 never exists there (nor in CPU memory): the peak is the quantized model plus one full-precision tensor.
 
 On CPU, bitsandbytes' nf4 kernel (packed for AVX512-BF16) needs an output size that is a multiple
-of 32 (ANCHORS §7) and an input size that is a multiple of the block size; other layers are left in
+of 32 and an input size that is a multiple of the block size; other layers are left in
 full precision and counted in the report, on any CPU, so that a report does not depend on which CPU
 wrote it. int8 on CPU multiplies in fp16 after quantizing the fp32 activations (bitsandbytes says so
 on every call; the warning is silenced).

@@ -247,3 +247,28 @@ def test_cli_sft_qlora_nf4_with_eight_bit_adamw_then_eval(tmp_path):
     paged = llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=lora", "optim=paged_adamw8bit", *common,
                      run_dir=tmp_path / "paged", env_extra=env, check=False)
     assert paged.returncode != 0 and "optim=paged_adamw8bit" in paged.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_memory_plan_counts_what_lora_adapters_save_for_backward(dropout):
+    from llama_zh.memory_plan import saved_bytes_per_token
+    from llama_zh.module import causal_lm_loss
+    from llama_zh.stages.common import adapter_saved_per_token
+
+    config = ModelConfig(vocab_size=2000, max_seq_len=256, dim=128, ffn_dim=352, n_heads=4, n_kv_heads=2, n_layers=3)
+    ft = FinetuneConfig(method="lora", rank=8, alpha=16, dropout=dropout)
+    model = apply_finetune(build_model(config, seed=0), ft).train()
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, config.vocab_size, (3, 50), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model(x), x)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in storages.items() if ptr not in params)
+    probe = apply_finetune(build_model(config, device="meta"), ft)
+    planned = (saved_bytes_per_token(config, False, False) + adapter_saved_per_token(probe, ft)) * 3 * 50
+    assert 0.9 < planned / measured < 1.15, (planned, measured)
