@@ -29,10 +29,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
-from llama_zh.checkpoint import write_native
+from llama_zh.checkpoint import WeightStream, load_checkpoint, write_native
 from llama_zh.errors import LlamaZhError
 from llama_zh.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
-from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, save_adapter
+from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, logit_gap, save_adapter, source_merged_stream
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +46,59 @@ class NativeCheckpoint(pl.Callback):
 
     Adapters are merged into the weights as they stream out (the adapters alone go beside them in
     adapter.safetensors + adapter_config.json); under ZeRO-3 each tensor is gathered in turn, never the whole model.
+    On a quantized base (finetune.base_quant) they are merged into the `source` checkpoint's original
+    weights, streamed again, and the final save logs the logit gap between the trained model and
+    the merged checkpoint (`logit_gap`, also kept in `self.logit_gap` and sent to the loggers).
     """
 
     def __init__(self, directory: Path, tokenizer: Path | None, every_n_steps: int = 0, extra: dict | None = None,
-                 finetune: FinetuneConfig | None = None):
+                 finetune: FinetuneConfig | None = None, source: WeightStream | None = None):
         self.directory, self.tokenizer, self.every = Path(directory), tokenizer, every_n_steps
-        self.extra, self.finetune = extra or {}, finetune
+        self.extra, self.finetune, self.source = extra or {}, finetune, source
         self.final: Path | None = None
+        self.logit_gap: dict[str, float] | None = None
         self._last_saved = -1
+
+    def _quantized_base(self) -> bool:
+        return self.finetune is not None and self.finetune.base_quant is not None
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path:
         path = self.directory / name
         model = pl_module.model
-        stream = export_stream(model, self.tokenizer)
+        if self._quantized_base():
+            if self.source is None:
+                raise LlamaZhError("finetune.base_quant: no source checkpoint to merge the adapters into")
+            stream = source_merged_stream(model, self.source, self.tokenizer)
+        else:
+            stream = export_stream(model, self.tokenizer)
         adapters = adapter_state(model, self.finetune)  # collective under ZeRO-3: every process takes part
         if trainer.is_global_zero:
             extra = {**self.extra, "global_step": trainer.global_step}
             write_native(stream, path, overwrite=True, extra=extra)
             if adapters:
                 save_adapter(adapters, path, self.finetune)
-        else:
+            if name == "final" and self._quantized_base() and self.finetune.logit_gap:
+                self._report_gap(trainer, model, path)
+        elif not self._quantized_base():
             for _ in stream.tensors():  # take part in each gather
                 pass
         trainer.strategy.barrier()
         return path
+
+    def _report_gap(self, trainer: pl.Trainer, model, path: Path) -> None:
+        """The QLoRA model against the checkpoint just written (loaded on the CPU), on a held batch."""
+        merged, _ = load_checkpoint(path)
+        ids, where = held_batch(trainer, merged.config.vocab_size, merged.config.max_seq_len)
+        self.logit_gap = {**logit_gap(model, merged, ids), "batch": where}
+        del merged
+        gap = self.logit_gap
+        log.info("finetune.base_quant=%s: logits of the trained model (quantized base + adapters) vs the merged "
+                 "checkpoint %s on %d %s tokens: max |diff| %.4g, mean |diff| %.4g (mean |logit| %.4g)",
+                 self.finetune.base_quant, path, gap["tokens"], where, gap["max_abs"], gap["mean_abs"],
+                 gap["mean_abs_logit"])
+        for logger in getattr(trainer, "loggers", []):
+            logger.log_metrics({"qlora/logit_gap_max": gap["max_abs"], "qlora/logit_gap_mean": gap["mean_abs"]},
+                               step=max(trainer.global_step - 1, 0))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps: unchanged across accumulated micro-batches
@@ -79,6 +108,22 @@ class NativeCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.final = self.save(trainer, pl_module, "final")
+
+
+HELD_ROWS, HELD_TOKENS = 2, 64
+
+
+def held_batch(trainer, vocab_size: int, max_len: int) -> tuple[torch.Tensor, str]:
+    """(input ids, "validation" | "random"): up to HELD_ROWS x HELD_TOKENS ids of the run's first
+    validation batch, or seeded random ids where the run has no validation data."""
+    loaders = getattr(trainer, "val_dataloaders", None)
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    if loader is not None:
+        batch = next(iter(loader), None)
+        if isinstance(batch, dict) and "input_ids" in batch:
+            return batch["input_ids"][:HELD_ROWS, :min(HELD_TOKENS, max_len)].cpu(), "validation"
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (HELD_ROWS, min(HELD_TOKENS, max_len)), generator=generator), "random"
 
 
 class MemoryReport(pl.Callback):
@@ -409,6 +454,10 @@ def check_resumable(step_dir: Path, expected: dict) -> dict:
                         f"strategy={expected['strategy']} (resume with strategy={meta.get('strategy')})")
     if meta.get("finetune") != expected["finetune"]:
         problems.append(f"it trained with finetune={meta.get('finetune')}, this run with finetune={expected['finetune']}")
+    for key, option, default in (("optimizer", "optim", "adamw"), ("base_quant", "finetune.base_quant", None)):
+        then, now = meta.get(key, default), expected.get(key, default)  # states written before the key: the default
+        if then != now:
+            problems.append(f"it trained with {option}={then}, this run with {option}={now}")
     if problems:
         raise LlamaZhError(f"resume: cannot continue from {step_dir}: {'; '.join(problems)}. Start a new run directory "
                            "(hydra.run.dir=...) or pass resume=null to start from scratch")

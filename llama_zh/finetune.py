@@ -7,6 +7,13 @@ format. The adapter is ~40 lines; tests check it against peft on the same weight
 
 Whatever the method, the model keeps its native parameter names for the base weights and writes
 native checkpoints: `native_tensors` merges adapters into the weights as it streams them out.
+
+QLoRA (`base_quant: nf4 | int8`): the frozen block projections are quantized by bitsandbytes as the
+checkpoint streams in (llama_zh.quant.quantize_stream, the inference loader's machinery) and the
+adapters train in full precision on top. The quantized weights are only an approximation of the
+base, so saving merges the adapters into the original weights read again from the source
+checkpoint (`source_merged_stream`), never into dequantized ones; `logit_gap` measures how far the
+trained model (quantized base + adapters) is from that merged checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ HF_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "g
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 TOP_MODULES = ("embed", "head", "norm")
 METHODS = ("full", "lora", "freeze")
+BASE_QUANTS = ("nf4", "int8")
 
 
 @dataclass
@@ -48,10 +56,20 @@ class FinetuneConfig:
     modules_to_save: list[str] = field(default_factory=list)
     train_modules: list[str] = field(default_factory=list)
     train_last_n_blocks: int = 0
+    base_quant: str | None = None  # lora: nf4 | int8 quantizes the frozen block projections (QLoRA); null: none
+    logit_gap: bool = True  # base_quant: after the final save, compare the trained model's logits with the merged checkpoint's
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise LlamaZhError(f"finetune.method={self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.base_quant in ("none", "null", ""):
+            self.base_quant = None
+        if self.base_quant is not None and self.base_quant not in BASE_QUANTS:
+            raise LlamaZhError(f"finetune.base_quant={self.base_quant!r}; expected one of {', '.join(BASE_QUANTS)} or null")
+        if self.base_quant is not None and self.method != "lora":
+            raise LlamaZhError(f"finetune.base_quant={self.base_quant} quantizes the frozen base under LoRA adapters, but "
+                               f"finetune.method={self.method} trains the base weights themselves; use finetune=lora "
+                               "or finetune.base_quant=null")
         if self.method == "lora" and (self.rank <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1):
             raise LlamaZhError("finetune: lora needs rank > 0, alpha > 0 and 0 <= dropout < 1")
         if self.train_last_n_blocks < 0:
@@ -77,17 +95,31 @@ def canonical(name: str, field_name: str, allowed: tuple[str, ...]) -> str:
     return name
 
 
+def linear_shape(linear: nn.Linear) -> tuple[int, int]:
+    """(out, in) of a linear layer: also for a ZeRO-3 placeholder and a bitsandbytes layer, whose
+    weights are flattened or packed."""
+    shape = getattr(linear.weight, "ds_shape", None)
+    return tuple(shape) if shape is not None else (linear.out_features, linear.in_features)
+
+
+def is_quantized(linear: nn.Module) -> bool:
+    """Whether a layer's weight is stored quantized (bitsandbytes int8 or packed nf4)."""
+    return not linear.weight.is_floating_point()
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / rank) * B A dropout(x); A (rank, in) Kaiming-uniform, B (out, rank) zero,
-    so training starts from the base model exactly."""
+    so training starts from the base model exactly. `base` may be a bitsandbytes layer (QLoRA): the
+    adapters are then in `dtype` (default fp32), the base's output cast to the input's dtype by it."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, dtype: torch.dtype | None = None):
         super().__init__()
         self.base, self.rank, self.scale = base, rank, alpha / rank
         weight = base.weight
-        shape = getattr(weight, "ds_shape", weight.shape)  # (out, in), also for a ZeRO-3 placeholder
-        self.lora_a = nn.Parameter(torch.empty(rank, shape[1], dtype=weight.dtype, device=weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(shape[0], rank, dtype=weight.dtype, device=weight.device))
+        out_features, in_features = linear_shape(base)
+        dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True  # off: exactly the base layer (see `adapters_disabled`)
@@ -97,10 +129,20 @@ class LoRALinear(nn.Module):
             return self.base(x)
         return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
 
-    def merged_weight(self) -> torch.Tensor:
-        """base + scale * B A, computed in fp32 and returned in the base weight's dtype (needs full tensors)."""
-        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
-        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+    def delta(self) -> torch.Tensor:
+        """scale * B A in fp32."""
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scale
+
+    def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """`base` (default: the base layer's weight) + scale * B A, computed in fp32 and returned in
+        that weight's dtype (needs full tensors). A quantized base layer has no full-precision weight to
+        merge into: the source checkpoint's must be given."""
+        if base is None:
+            if is_quantized(self.base):
+                raise LlamaZhError("LoRA on a quantized base: merge into the source checkpoint's weights "
+                                   "(finetune.source_merged_stream), not into the quantized ones")
+            base = self.base.weight
+        return (base.float() + self.delta().to(base.device)).to(base.dtype)  # a source tensor is read on the CPU
 
 
 @contextmanager
@@ -148,8 +190,9 @@ def apply_finetune(model: Transformer, ft: FinetuneConfig) -> Transformer:
                 block.requires_grad_(True)
             model.norm.requires_grad_(True)
     else:  # lora
+        dtype = model.embed.weight.dtype  # adapters on a quantized base: the model's float dtype
         for _, parent, child_name, child in lora_targets(model, ft.target_modules):
-            setattr(parent, child_name, LoRALinear(child, ft.rank, ft.alpha, ft.dropout))
+            setattr(parent, child_name, LoRALinear(child, ft.rank, ft.alpha, ft.dropout, dtype=dtype))
         for name in ft.modules_to_save:
             module = getattr(model, name)
             (module.base if isinstance(module, LoRALinear) else module).requires_grad_(True)
@@ -268,7 +311,7 @@ def _adapter_shapes(model: Transformer, ft: FinetuneConfig) -> dict[str, tuple[i
     """The shape each tensor of an adapter for `ft` must have on `model` (not yet wrapped)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, _, _, linear in lora_targets(model, ft.target_modules):
-        out_features, in_features = linear.weight.shape
+        out_features, in_features = linear_shape(linear)
         shapes[f"{name}.lora_a"] = (ft.rank, in_features)
         shapes[f"{name}.lora_b"] = (out_features, ft.rank)
     for name in ft.modules_to_save:
@@ -330,3 +373,65 @@ def merge_lora(model: Transformer) -> Transformer:
             module.base.weight.data = module.merged_weight()
             setattr(parent, child, module.base)
     return model
+
+
+# ------------------------------------------------------------------------------------------- QLoRA
+
+
+def base_quant_config(ft: FinetuneConfig):
+    """The QuantConfig of `finetune.base_quant`: conf/quant's defaults (nf4: blocks of 64, bf16 compute,
+    no double quantization; int8: outlier threshold 6)."""
+    from llama_zh.quant import QuantConfig
+
+    return QuantConfig(name=ft.base_quant)
+
+
+def load_quantized_base(stream: WeightStream, ft: FinetuneConfig, device: str | torch.device = "cpu"):
+    """(model, QuantReport): the checkpoint of `stream` with its block projections quantized by
+    `ft.base_quant` as they stream in, every weight frozen, not yet wrapped with adapters. Layers
+    bitsandbytes cannot take on `device` stay in full precision and are named in the report."""
+    from llama_zh.quant import quantize_stream
+
+    return quantize_stream(stream, base_quant_config(ft), device)
+
+
+def source_merged_stream(model: Transformer, source: WeightStream, tokenizer=None) -> WeightStream:
+    """The tuned model's native weights, streamed from the source checkpoint: each adapted projection
+    is the SOURCE weight + scale * B A (not the quantized base it trained on), each trained weight
+    (modules_to_save) the model's, every other weight the source's, in the source's dtypes."""
+    modules = dict(model.named_modules())
+
+    def tensors():
+        for name, t in source.tensors():
+            module_path, _, leaf = name.rpartition(".")
+            module = modules.get(module_path)
+            dtype = source.specs[name][0]
+            if isinstance(module, LoRALinear):
+                trained = module.base.weight.requires_grad  # an adapted module that also trains fully
+                out = module.merged_weight(module.base.weight.detach() if trained else t).to(dtype)
+            else:
+                param = model.get_parameter(name)
+                out = param.detach().to(dtype) if param.requires_grad else t.to(dtype)
+            del t
+            yield name, out
+            del out
+
+    return WeightStream(source.config, dict(source.specs), tensors, tokenizer, source=f"{source.source} + adapters")
+
+
+@torch.no_grad()
+def logit_gap(model: Transformer, merged: Transformer, input_ids: torch.Tensor) -> dict[str, float]:
+    """How far the trained QLoRA model (quantized base + adapters, on its device, dropout off) is from
+    the merged full-precision checkpoint on `input_ids`: max and mean absolute difference of the
+    logits (fp32), with the merged model's logit scale (mean |logit|) to read them against."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(p.device for p in model.parameters())
+        ours = model(input_ids.to(device)).float().cpu()
+    finally:
+        model.train(was_training)
+    theirs = merged.eval()(input_ids.to(next(merged.parameters()).device)).float().cpu()
+    diff = (ours - theirs).abs()
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "mean_abs_logit": float(theirs.abs().mean()),
+            "tokens": int(input_ids.numel())}

@@ -2,10 +2,15 @@
 
 Rows (bytes per process):
 - params      the weights as the device holds them (ZeRO-3: a 1/W shard plus the layers gathered
-              for compute; autocast's 16-bit weight copies, cached for the forward, under *-mixed)
+              for compute; autocast's 16-bit weight copies, cached for the forward, under *-mixed);
+              LoRA adapters in fp32; a QLoRA base's quantized projections at their packed size
+              (nf4: half a byte a weight + an fp32 absmax per block + the 16-entry code per layer;
+              int8: a byte a weight + an fp32 scale per row), the rest of the base in fp32
 - grads       gradients of the trainable weights (ZeRO-2/3: a shard plus the reduce bucket; DDP:
               plus its bucket copy)
-- optimizer   AdamW's two moments, plus the fp32 master copy DeepSpeed keeps (ZeRO: 1/W each)
+- optimizer   AdamW's two moments, plus the fp32 master copy DeepSpeed keeps (ZeRO: 1/W each);
+              8-bit AdamW (bitsandbytes): a byte a moment plus an fp32 absmax per 256 values, 32-bit
+              moments for tensors under its min_8bit_size, two 256-entry maps per tensor
 - activations what autograd saves for backward for one micro-batch, plus the logits' gradient
 - runtime     the process itself: interpreter, libraries, CUDA context (on CPU: the RSS at planning
               time plus CPU_FIT_SETUP)
@@ -19,6 +24,7 @@ plus 4 V (fp32 log-softmax) or 6 V (bf16 logits + fp32 log-softmax) for the loss
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from llama_zh.config import ModelConfig
@@ -47,6 +53,16 @@ class PlanInputs:
     offload_parameters: bool = False
     reduce_bucket_size: int = 200_000_000
     activation_checkpointing: bool = False
+    adapter_params: int = 0  # parameters beyond the base model's (LoRA's A and B), fp32, all trainable
+    base_quant: str | None = None  # nf4 | int8: the QLoRA base's quantized projections
+    quantized_params: int = 0  # weights in those projections
+    quantized_rows: int = 0  # their output rows (int8 keeps a scale per row)
+    quantized_layers: int = 0
+    quant_blocksize: int = 64  # nf4: weights per absmax
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit
+    eight_bit_params: int = 0  # trainable parameters in tensors an 8-bit optimizer keeps in 8 bits
+    eight_bit_tensors: int = 0
+    adapter_saved_per_token: int = 0  # what LoRA adapters add to the saved activations, per token, all blocks
 
 
 @dataclass
@@ -105,6 +121,27 @@ def activation_bytes_per_token(m: ModelConfig, sixteen_bit: bool, checkpointing:
     return saved_bytes_per_token(m, sixteen_bit, checkpointing) + logits + 4 * m.vocab_size
 
 
+def quantized_bytes(p: PlanInputs) -> int:
+    """The quantized projections of a QLoRA base as bitsandbytes stores them."""
+    q = p.quantized_params
+    if p.base_quant == "nf4":
+        return q // 2 + 4 * math.ceil(q / p.quant_blocksize) + 16 * 4 * p.quantized_layers
+    if p.base_quant == "int8":
+        return q + 4 * p.quantized_rows
+    return 0
+
+
+def optimizer_bytes(p: PlanInputs) -> int:
+    """AdamW's two moments for the trainable parameters: fp32 (8 bytes a parameter), or for an 8-bit
+    AdamW one byte each plus an fp32 absmax per 256 values (the tensors it keeps 8-bit) and 8 bytes a
+    parameter for the rest."""
+    nt = p.trainable_params
+    if p.optimizer == "adamw":
+        return 8 * nt
+    e = p.eight_bit_params
+    return 8 * (nt - e) + 2 * e + 2 * 4 * math.ceil(e / 256) + p.eight_bit_tensors * 2 * 256 * 4
+
+
 def _status_bytes(field: str) -> int:
     try:
         with open("/proc/self/status") as f:
@@ -143,9 +180,10 @@ def plan_memory(p: PlanInputs, runtime_bytes: int | None = None) -> MemoryPlan:
     largest = max(block_params(m), m.vocab_size * m.dim)
 
     if p.zero_stage == 0:
-        dev["params"] = 4 * n + (2 * n if sixteen else 0)  # fp32 weights (+ autocast's cached 16-bit copies)
+        full = n - p.quantized_params + p.adapter_params  # fp32 weights (+ autocast's cached 16-bit copies)
+        dev["params"] = 4 * full + (2 * full if sixteen else 0) + quantized_bytes(p)
         dev["grads"] = 4 * nt * (2 if p.ddp and w > 1 else 1)  # DDP buckets copy the gradients
-        dev["optimizer"] = 8 * nt
+        dev["optimizer"] = optimizer_bytes(p)
     else:
         pb = 2 if sixteen else 4  # DeepSpeed converts the module to 16 bits under mixed precision
         if p.zero_stage == 3:
@@ -165,7 +203,8 @@ def plan_memory(p: PlanInputs, runtime_bytes: int | None = None) -> MemoryPlan:
             host["grads"] = 4 * nt // w  # fp32 gradient partition the CPU optimizer steps from
         else:
             dev["optimizer"] = optimizer
-    dev["activations"] = p.micro_batch * p.seq_len * activation_bytes_per_token(m, sixteen, p.activation_checkpointing)
+    dev["activations"] = p.micro_batch * p.seq_len * (activation_bytes_per_token(m, sixteen, p.activation_checkpointing)
+                                                     + p.adapter_saved_per_token)
     if runtime_bytes is None:
         runtime_bytes = GiB if p.on_gpu else current_rss() + CPU_FIT_SETUP
     dev["runtime"] = runtime_bytes

@@ -25,8 +25,15 @@ from llama_zh.model import Transformer, is_plain_linear
 PACKING_KEYS = ("positions", "segment_ids")
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+# bitsandbytes keeps the state of tensors smaller than this in 32 bits (its default, passed explicitly
+# so that the memory plan counts the same tensors).
+MIN_8BIT_SIZE = 4096
+
+
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw (torch) | adamw8bit | paged_adamw8bit (bitsandbytes, 8-bit moments)
     lr: float = 3e-4
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -35,6 +42,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
 
     def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise LlamaZhError(f"optim.name={self.name!r}; expected one of {', '.join(OPTIMIZERS)}")
         if not self.lr > 0:
             raise LlamaZhError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -219,10 +228,15 @@ class CausalLM(pl.LightningModule):
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         if self.cpu_adam:
+            if self.optim.name != "adamw":
+                raise LlamaZhError(f"optim={self.optim.name}: DeepSpeed's optimizer offload steps with its own CPU "
+                                   "Adam (32-bit state); use optim=adamw with an offload strategy")
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
                                          adamw_mode=True)
+        elif self.optim.name != "adamw":
+            optimizer = eight_bit_adamw(self.optim, groups)
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -230,3 +244,27 @@ class CausalLM(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+
+
+def eight_bit_adamw(optim: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit blockwise-quantized moments (2 bytes of state a parameter instead
+    of 8); `paged_adamw8bit` also pages that state to CPU memory under GPU memory pressure, which
+    needs CUDA (refused on CPU by `check_optimizer` before the run starts)."""
+    from llama_zh.quant import import_bitsandbytes
+
+    bnb = import_bitsandbytes(f"optim={optim.name}")
+    cls = bnb.optim.PagedAdamW8bit if optim.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, min_8bit_size=MIN_8BIT_SIZE)
+
+
+def check_optimizer(optim: OptimConfig, on_gpu: bool, deepspeed: bool) -> None:
+    """Refuse an optimizer the run cannot use, before anything is built."""
+    if optim.name == "paged_adamw8bit" and not on_gpu:
+        raise LlamaZhError("optim=paged_adamw8bit pages its state between GPU and CPU memory and needs a CUDA "
+                           "device; on CPU use optim=adamw8bit (the same 8-bit state, unpaged)")
+    if optim.name != "adamw" and deepspeed:
+        # ZeRO steps the optimizer on flattened partitions of the parameters (and its offload on its own
+        # CPU Adam); bitsandbytes' per-tensor 8-bit state is untested there.
+        raise LlamaZhError(f"optim={optim.name} is not supported with DeepSpeed strategies (ZeRO partitions the "
+                           "optimizer state itself); use optim=adamw with strategy=zero*, or strategy=auto/ddp "
+                           f"with optim={optim.name}")

@@ -1,13 +1,13 @@
 """Weight quantization of a built model with bitsandbytes: int8 (LLM.int8(), Linear8bitLt) or nf4 (Linear4bit).
 
-The attention and FFN projections of every block are replaced (the reference tool's choice, ANCHORS
-§3); the embedding and the output head stay in full precision unless the quant config asks for them.
+The attention and FFN projections of every block are replaced (the reference tool's
+choice); the embedding and the output head stay in full precision unless the quant config asks for them.
 `load_for_inference` builds the model on the meta device and streams the checkpoint one tensor at a
 time: each projection is quantized as it arrives, on the target device, so the full-precision model
 never exists there (nor in CPU memory): the peak is the quantized model plus one full-precision tensor.
 
 On CPU, bitsandbytes' nf4 kernel (packed for AVX512-BF16) needs an output size that is a multiple
-of 32 (ANCHORS §7) and an input size that is a multiple of the block size; other layers are left in
+of 32 and an input size that is a multiple of the block size; other layers are left in
 full precision and counted in the report, on any CPU, so that a report does not depend on which CPU
 wrote it. int8 on CPU multiplies in fp16 after quantizing the fp32 activations (bitsandbytes says so
 on every call; the warning is silenced).
@@ -137,6 +137,17 @@ def _drop_cast_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast from")
 
 
+def cannot_quantize(cfg: QuantConfig, device: torch.device, shape: tuple[int, ...]) -> str | None:
+    """Why bitsandbytes cannot quantize an (out, in) weight by `cfg` on `device` (None: it can)."""
+    out_features, in_features = shape
+    if cfg.name == "nf4" and torch.device(device).type == "cpu":
+        if out_features % NF4_CPU_MULTIPLE:
+            return f"nf4 on CPU needs an output size that is a multiple of {NF4_CPU_MULTIPLE}"
+        if in_features % cfg.blocksize:
+            return f"nf4 on CPU needs an input size that is a multiple of quant.blocksize={cfg.blocksize}"
+    return None
+
+
 class _Quantizer:
     """Makes the bitsandbytes module for one weight, quantized on `device` as it is created."""
 
@@ -147,13 +158,7 @@ class _Quantizer:
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cast_notice)
 
     def cannot_take(self, weight: torch.Tensor) -> str | None:
-        out_features, in_features = weight.shape
-        if self.cfg.name == "nf4" and self.device.type == "cpu":
-            if out_features % NF4_CPU_MULTIPLE:
-                return f"nf4 on CPU needs an output size that is a multiple of {NF4_CPU_MULTIPLE}"
-            if in_features % self.cfg.blocksize:
-                return f"nf4 on CPU needs an input size that is a multiple of quant.blocksize={self.cfg.blocksize}"
-        return None
+        return cannot_quantize(self.cfg, self.device, tuple(weight.shape))
 
     def linear(self, weight: torch.Tensor) -> nn.Module:
         out_features, in_features = weight.shape
@@ -198,15 +203,24 @@ def _targets(model: Transformer, cfg: QuantConfig) -> dict[str, str]:
     return targets
 
 
+def planned_layers(model: Transformer, cfg: QuantConfig, device: str | torch.device) -> dict[str, str | None]:
+    """Linear module name -> None if `quantize_stream` would quantize it on `device`, else why not
+    (from shapes alone: a meta-device model will do)."""
+    return {name: cannot_quantize(cfg, torch.device(device), (m.out_features, m.in_features))
+            for name, kind in _targets(model, cfg).items() if kind == "linear"
+            for m in [model.get_submodule(name)]}
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def load_quantized(stream: WeightStream, cfg: QuantConfig, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> tuple[Transformer, QuantReport]:
-    """The model of `stream` on `device`, quantized by `cfg` one tensor at a time; the rest in `dtype`
-    (None: as stored)."""
+def quantize_stream(stream: WeightStream, cfg: QuantConfig, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[Transformer, QuantReport]:
+    """The model of `stream` on `device`, quantized by `cfg` one tensor at a time, every weight frozen;
+    the rest in `dtype` (None: as stored). Neither fused nor put in eval mode: what training builds
+    its adapters on (finetune.base_quant)."""
     check_specs(stream)
     device = torch.device(device)
     model = build_model(stream.config, device="meta")
@@ -232,6 +246,14 @@ def load_quantized(stream: WeightStream, cfg: QuantConfig, device: str | torch.d
             module._parameters[param] = nn.Parameter(t.to(device=device, dtype=load_dtype), requires_grad=False)
         del t
     report.bytes_full, report.bytes_after = full, weight_bytes(model)
+    return model, report
+
+
+def load_quantized(stream: WeightStream, cfg: QuantConfig, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> tuple[Transformer, QuantReport]:
+    """The model of `stream` on `device`, quantized by `cfg` one tensor at a time; the rest in `dtype`
+    (None: as stored); ready for inference."""
+    model, report = quantize_stream(stream, cfg, device, dtype)
     # q/k/v and gate/up in one product each where unquantized, same memory; wide weights laid out
     # for one-row products (generation re-lays them for a batch: llama_zh.kernels.wide_column_major).
     model.fuse_projections(column_major_wide=wide_column_major(1, device))

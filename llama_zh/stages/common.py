@@ -22,12 +22,12 @@ from llama_zh.callbacks import (MemoryReport, NativeCheckpoint, ProgressLog, Tra
 from llama_zh.checkpoint import WeightStream, load_model
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import FinetuneConfig, apply_finetune, count_trainable
+from llama_zh.finetune import FinetuneConfig, apply_finetune, base_quant_config, count_trainable, load_quantized_base
 from llama_zh.hardware import (BatchPlan, batch_plan, check_hardware, device_memory_bytes, host_memory_bytes,
                                lightning_args, model_flops_per_token, peak_flops, uses_gpu)
 from llama_zh.memory_plan import MemoryPlan, PlanInputs, fits, peak_rss, plan_memory, reset_peak_rss
 from llama_zh.model import Transformer, build_model
-from llama_zh.module import CausalLM, OptimConfig, enable_activation_checkpointing
+from llama_zh.module import MIN_8BIT_SIZE, CausalLM, OptimConfig, check_optimizer, enable_activation_checkpointing
 from llama_zh.strategies import (announce_jit_builds, build_strategy, check_strategy, gathered, is_deepspeed,
                                  offloads_optimizer, zero_stage)
 from llama_zh.tokenizer import Tokenizer
@@ -106,9 +106,18 @@ def load_partitioned(model: Transformer, stream: WeightStream) -> None:
         del tensor
 
 
-def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpointing: bool) -> Callable[[], Transformer]:
+def quant_device(on_gpu: bool) -> torch.device:
+    """Where a QLoRA base is quantized: the process's training device (bitsandbytes' layers quantize
+    as their weights arrive there; CPU rules for nf4 differ from CUDA's)."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+
+
+def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpointing: bool,
+                  on_gpu: bool = False) -> Callable[[], Transformer]:
     """The callable CausalLM.configure_model runs: under ZeRO-3 it runs inside deepspeed.zero.Init,
-    so every weight is partitioned as it is created and never exists whole on one process."""
+    so every weight is partitioned as it is created and never exists whole on one process.
+    With finetune.base_quant the projections are quantized as the checkpoint streams in, so the
+    full-precision model never exists either."""
 
     def build() -> Transformer:
         measured = reset_peak_rss()
@@ -132,6 +141,10 @@ def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpoi
         return model.train()
 
     def _construct() -> Transformer:
+        if ft.base_quant is not None:
+            model, report = load_quantized_base(source.stream, ft, quant_device(on_gpu))
+            log.info("finetune.base_quant: %s", report.summary())
+            return model
         if zero3:
             model = Transformer(source.config)  # zero.Init partitions each module as it is constructed
             if source.stream is not None:
@@ -150,7 +163,47 @@ def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpoi
 # -------------------------------------------------------------------------------------- training
 
 
-def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan: BatchPlan) -> MemoryPlan:
+def plan_details(config: ModelConfig, probe: Transformer, ft: FinetuneConfig, optim: OptimConfig,
+                 on_gpu: bool) -> dict:
+    """The memory plan's inputs that depend on the finetune method and the optimizer, from the
+    meta-device `probe` (the model as `ft` wraps it): adapter parameters, the QLoRA base's quantized
+    projections, the tensors an 8-bit optimizer keeps in 8 bits."""
+    from llama_zh.quant import planned_layers
+
+    trainable = [p for p in probe.parameters() if p.requires_grad]
+    details = {"adapter_params": sum(p.numel() for p in probe.parameters()) - config.n_params, "optimizer": optim.name,
+               "adapter_saved_per_token": adapter_saved_per_token(probe, ft)}
+    if optim.name != "adamw":
+        eight = [p.numel() for p in trainable if p.numel() >= MIN_8BIT_SIZE]
+        details.update(eight_bit_params=sum(eight), eight_bit_tensors=len(eight))
+    if ft.base_quant is not None:
+        qcfg = base_quant_config(ft)
+        base = build_model(config, device="meta")
+        taken = [base.get_submodule(name) for name, why in planned_layers(base, qcfg, quant_device(on_gpu)).items()
+                 if why is None]
+        details.update(base_quant=ft.base_quant, quant_blocksize=qcfg.blocksize, quantized_layers=len(taken),
+                       quantized_params=sum(m.out_features * m.in_features for m in taken),
+                       quantized_rows=sum(m.out_features for m in taken))
+    return details
+
+
+def adapter_saved_per_token(probe: Transformer, ft: FinetuneConfig) -> int:
+    """Bytes per token the adapters add to what autograd saves (fp32): each adapter's rank-wide A x,
+    and with dropout its own dropped copy of the input (fp32) and mask (bool). Measured with
+    saved_tensors_hooks at dim 128/256: dropout 0.05 adds 5 (6 C + F) + 28 r per token and block."""
+    if ft.method != "lora":
+        return 0
+    from llama_zh.finetune import LoRALinear, linear_shape
+
+    total = 0
+    for module in probe.modules():
+        if isinstance(module, LoRALinear):
+            total += 4 * module.rank + (5 * linear_shape(module.base)[1] if ft.dropout > 0 else 0)
+    return total
+
+
+def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan: BatchPlan,
+                      details: dict | None = None) -> MemoryPlan:
     strategy = cfg.strategy
     ds = strategy.get("deepspeed")
     inputs = PlanInputs(
@@ -161,11 +214,14 @@ def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan
         offload_optimizer=bool(ds and ds.offload_optimizer), offload_parameters=bool(ds and ds.offload_parameters),
         reduce_bucket_size=int(ds.reduce_bucket_size) if ds else 0,
         activation_checkpointing=bool(strategy.get("activation_checkpointing")),
+        **(details or {}),
     )
     memory = plan_memory(inputs)
     available = device_memory_bytes(cfg.trainer)
-    log.info("memory plan per device (model %s, trainer=%s, strategy=%s, micro batch %d x %d tokens):\n%s",
-             config.name, cfg.trainer.name, strategy.name, plan.micro_batch, plan.seq_len, memory.table(available))
+    notes = "".join([f", base {inputs.base_quant} ({inputs.quantized_layers} projections)" if inputs.base_quant else "",
+                     f", optim={inputs.optimizer}" if inputs.optimizer != "adamw" else ""])
+    log.info("memory plan per device (model %s, trainer=%s, strategy=%s, micro batch %d x %d tokens%s):\n%s",
+             config.name, cfg.trainer.name, strategy.name, plan.micro_batch, plan.seq_len, notes, memory.table(available))
     ok, why = fits(memory, available, host_memory_bytes(), inputs.on_gpu)
     if not ok:
         message = (f"memory plan: {why}. Lower the micro batch, use strategy=zero3 / zero3_offload or "
@@ -174,6 +230,19 @@ def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan
             raise LlamaZhError(message)
         log.warning("%s (memory_check=false: running anyway)", message)
     return memory
+
+
+def check_base_quant(ft: FinetuneConfig, source: ModelSource, deepspeed: bool) -> None:
+    """Refuse a QLoRA run that cannot work, before anything is built."""
+    if ft.base_quant is None:
+        return
+    if source.stream is None:
+        raise LlamaZhError(f"finetune.base_quant={ft.base_quant} quantizes a checkpoint's weights and merges the adapters "
+                           "back into them: give one (stage=sft stage.checkpoint=..., or stage.init_from=...), "
+                           "or set finetune.base_quant=null")
+    if deepspeed:
+        raise LlamaZhError(f"finetune.base_quant={ft.base_quant} is not supported with DeepSpeed strategies (ZeRO would "
+                           "partition or re-cast the bitsandbytes weights); use strategy=auto or ddp")
 
 
 class TrainResult(float):
@@ -224,13 +293,16 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     strategy_cfg = cfg.strategy
     deepspeed = is_deepspeed(strategy_cfg)
     config = job.source.config
+    on_gpu = uses_gpu(cfg.trainer)
+    check_optimizer(optim, on_gpu, deepspeed)
+    check_base_quant(ft, job.source, deepspeed)
 
     # Trainable count from a meta-device copy: no memory, and before any process is launched.
     probe = apply_finetune(build_model(config, device="meta"), ft)
     trainable, total = count_trainable(probe)
-    log.info("model %s: %.2fM parameters, %.2fM trainable (finetune=%s)", config.name, total / 1e6, trainable / 1e6,
-             ft.method)
-    memory = memory_plan_check(cfg, config, trainable, job.plan)
+    log.info("model %s: %.2fM parameters, %.2fM trainable (finetune=%s%s)", config.name, total / 1e6, trainable / 1e6,
+             ft.method, f", base {ft.base_quant}" if ft.base_quant else "")
+    memory = memory_plan_check(cfg, config, trainable, job.plan, plan_details(config, probe, ft, optim, on_gpu))
 
     expected = {
         "model": config.to_dict(), "tokenizer_sha256": job.tokenizer.sha256(), "stage": job.stage,
@@ -239,6 +311,8 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     }
     if ft.method == "lora":
         expected["lora"] = {"rank": ft.rank, "alpha": ft.alpha}  # to merge adapters when consolidating
+    # The optimizer's state and a quantized base's weights have other layouts: not resumable across them.
+    expected["optimizer"], expected["base_quant"] = optim.name, ft.base_quant
     state_dir = out / "checkpoints" / "state"
     resume_dir = resolve_resume(cfg.get("resume", "auto"), state_dir)
     ckpt_path = None
@@ -250,7 +324,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     trainable_fraction = trainable / max(total, 1)
     module = job.make_module(
         model_builder(job.source, ft, zero3=zero_stage(strategy_cfg) == 3,
-                      checkpointing=bool(strategy_cfg.get("activation_checkpointing"))),
+                      checkpointing=bool(strategy_cfg.get("activation_checkpointing")), on_gpu=on_gpu),
         optim, total_steps=cfg.trainer.max_steps, source_names=job.source_names, seed=cfg.seed,
         cpu_adam=offloads_optimizer(strategy_cfg),
         flops_per_token=model_flops_per_token(total, config.n_layers, config.dim, job.plan.seq_len, trainable_fraction),
@@ -258,7 +332,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     )
     extra = {"stage": job.stage, "finetune": ft.method, **(job.extra or {})}
     native = NativeCheckpoint(out / "checkpoints", job.tokenizer.path, cfg.stage.get("save_every_n_steps", 0), extra=extra,
-                              finetune=ft)
+                              finetune=ft, source=job.source.stream)
     state = TrainingState(state_dir, int(cfg.get("state_every_n_steps", 0)), int(cfg.get("state_keep_last", 2)),
                           meta=expected, deepspeed=deepspeed, tokenizer=job.tokenizer.path)
     hparams = {"n_params": total, "n_trainable": trainable, "tokenizer_sha256": expected["tokenizer_sha256"],
