@@ -245,7 +245,6 @@ class CausalLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-
 def eight_bit_adamw(optim: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """bitsandbytes' AdamW with 8-bit blockwise-quantized moments (2 bytes of state a parameter instead
     of 8); `paged_adamw8bit` also pages that state to CPU memory under GPU memory pressure, which
