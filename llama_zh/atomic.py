@@ -478,3 +478,10 @@ def write_bytes(path: Path, data: bytes, lock: bool = False) -> Path:
     with AtomicOutput(path, mode="wb", lock=lock) as out:
         out.file.write(data)
     return Path(path)
+
+
+def write_with(path: Path, write: Callable[[Path], None], lock: bool = False) -> Path:
+    """A file written by `write(temporary path)` (a library's own saver: safetensors, matplotlib), atomically."""
+    with AtomicOutput(path, lock=lock) as out:
+        write(out.tmp)
+    return Path(path)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from llama_zh.atomic import write_with
 from llama_zh.checkpoint import WeightStream, expected_specs
 from llama_zh.config import check_keys
 from llama_zh.errors import LlamaZhError
@@ -267,15 +267,6 @@ def adapter_state(model: Transformer, ft: FinetuneConfig | None) -> dict[str, to
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_adapter(adapters: dict[str, torch.Tensor], directory: Path, ft: FinetuneConfig) -> None:
     """adapter.safetensors (A, B matrices and the modules_to_save weights) + adapter_config.json (rank,
     alpha, targets) in `directory`, each written under a temporary name and renamed into place."""
@@ -283,10 +274,10 @@ def save_adapter(adapters: dict[str, torch.Tensor], directory: Path, ft: Finetun
 
     directory = Path(directory)
     tensors = {k: v.contiguous() for k, v in adapters.items()}
-    _write_atomically(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    write_with(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     config = {"rank": ft.rank, "alpha": ft.alpha, "target_modules": ft.target_modules,
               "modules_to_save": ft.modules_to_save}
-    _write_atomically(directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    write_with(directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
 def _read_adapter_config(directory: Path) -> FinetuneConfig:

@@ -24,10 +24,10 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
+from llama_zh.atomic import write_with
 from llama_zh.errors import LlamaZhError
 
 METRICS_FILE = "metrics.csv"  # written by the CSV logger of llama_zh.tracking
@@ -331,21 +331,12 @@ def plot_losses(report: Report):
 # -------------------------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(report: Report, out_dir: Path) -> tuple[list[Path], str | None]:
     """Writes report.csv, report.png (if matplotlib is installed) and report.md into `out_dir`; returns
     the files written and, when the plot could not be made, the one line that says why."""
     written = []
     csv_path, md_path, png_path = out_dir / "report.csv", out_dir / "report.md", out_dir / "report.png"
-    _write_atomic(csv_path, lambda p: p.write_text(report.csv_text(), encoding="utf-8"))
+    write_with(csv_path, lambda p: p.write_text(report.csv_text(), encoding="utf-8"))
     written.append(csv_path)
     try:
         fig = plot_losses(report)
@@ -353,10 +344,10 @@ def write_report(report: Report, out_dir: Path) -> tuple[list[Path], str | None]
         missing = f"{png_path.name}: not written, the plot needs matplotlib (pip install matplotlib)"
         note = "No plot: it needs matplotlib (`pip install matplotlib`)."
     else:
-        _write_atomic(png_path, lambda p: fig.savefig(p, format="png", dpi=120))
+        write_with(png_path, lambda p: fig.savefig(p, format="png", dpi=120))
         written.append(png_path)
         missing, note = None, f"![train and val loss of every job]({png_path.name})"
-    _write_atomic(md_path, lambda p: p.write_text(report.markdown(note), encoding="utf-8"))
+    write_with(md_path, lambda p: p.write_text(report.markdown(note), encoding="utf-8"))
     written.append(md_path)
     return written, missing
 
