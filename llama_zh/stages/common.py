@@ -54,6 +54,18 @@ def model_config(model_cfg: DictConfig, tokenizer: Tokenizer) -> ModelConfig:
     return config
 
 
+def checkpoint_tokenizer(stream: WeightStream, field: str) -> Tokenizer:
+    """The tokenizer a checkpoint (given as `field`) carries, refused if it has none or more pieces than
+    the model has embedding rows."""
+    if stream.tokenizer is None:
+        raise LlamaZhError(f"{field}: {stream.source} has no tokenizer.model")
+    tokenizer = Tokenizer(stream.tokenizer)
+    if tokenizer.vocab_size > stream.config.vocab_size:
+        raise LlamaZhError(f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size "
+                           f"is {stream.config.vocab_size}")
+    return tokenizer
+
+
 def check_seq_len(seq_len: int, config: ModelConfig, field: str) -> None:
     if seq_len > config.max_seq_len:
         raise ConfigError(f"{field}={seq_len} exceeds the model's max_seq_len={config.max_seq_len}")

@@ -13,9 +13,7 @@ from llama_zh.checkpoint import read_any
 from llama_zh.data.chat_template import ChatTemplate, template_record
 from llama_zh.data.preference import PreferenceData, build_review_preferences
 from llama_zh.dpo import PreferenceLM, PreferenceObjective
-from llama_zh.errors import LlamaZhError
-from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, fit, prepare_batch
-from llama_zh.tokenizer import Tokenizer
+from llama_zh.stages.common import checkpoint_tokenizer, ModelSource, TrainJob, check_seq_len, fit, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +25,7 @@ def run(cfg: DictConfig):
     # Each pair is two sequences in one forward pass: the batch plan (memory, tokens per step) counts sequences.
     plan = prepare_batch(cfg, 2 * stage.batch_size, stage.seq_len)
     stream = read_any(stage.checkpoint)
-    if stream.tokenizer is None:
-        raise LlamaZhError(f"stage.checkpoint: {stage.checkpoint} has no tokenizer.model")
-    tokenizer = Tokenizer(stream.tokenizer)
-    if tokenizer.vocab_size > stream.config.vocab_size:
-        raise LlamaZhError(f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size "
-                           f"is {stream.config.vocab_size}")
+    tokenizer = checkpoint_tokenizer(stream, "stage.checkpoint")
     check_seq_len(stage.seq_len, stream.config, "stage.seq_len")
     data_file = Path(stage.data) if stage.data else build_review_preferences(Path(cfg.paths.data_dir))
     template = ChatTemplate.from_config(cfg.template)

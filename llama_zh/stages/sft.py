@@ -12,9 +12,7 @@ from llama_zh.checkpoint import read_any
 from llama_zh.data.datamodule import InstructionData
 from llama_zh.data.chat_template import template_record
 from llama_zh.data.sft import Template, build_review_sentiment
-from llama_zh.errors import LlamaZhError
-from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, fit, prepare_batch
-from llama_zh.tokenizer import Tokenizer
+from llama_zh.stages.common import checkpoint_tokenizer, ModelSource, TrainJob, check_seq_len, fit, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +21,7 @@ def run(cfg: DictConfig):
     pl.seed_everything(cfg.seed, workers=True)
     plan = prepare_batch(cfg, cfg.stage.batch_size, cfg.stage.seq_len)
     stream = read_any(cfg.stage.checkpoint)
-    if stream.tokenizer is None:
-        raise LlamaZhError(f"stage.checkpoint: {cfg.stage.checkpoint} has no tokenizer.model")
-    tokenizer = Tokenizer(stream.tokenizer)
-    if tokenizer.vocab_size > stream.config.vocab_size:
-        raise LlamaZhError(f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size "
-                           f"is {stream.config.vocab_size}")
+    tokenizer = checkpoint_tokenizer(stream, "stage.checkpoint")
     check_seq_len(cfg.stage.seq_len, stream.config, "stage.seq_len")
     train_file = Path(cfg.stage.data) if cfg.stage.data else build_review_sentiment(Path(cfg.paths.data_dir) / "sft_review_sentiment")["train"]
     log.info("instruction data: %s", train_file)
