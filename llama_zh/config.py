@@ -1,4 +1,4 @@
-"""The model's shape as a torch-free dataclass, and the named shapes of ANCHORS §2.
+"""The model's shape as a torch-free dataclass, and the named shapes of docs/reference.md#shapes.
 
 The named shapes live in conf/model/<name>.yaml, one file each, so the Hydra group and the Python
 API read the same data: `ModelConfig.from_name("llama_7b")` and `model=llama_7b` cannot disagree.

@@ -8,7 +8,7 @@ gives each row the positions it would have alone and hides the padding from atte
 decodes each prompt as it would be decoded alone: greedy rows are the same tokens, and seeded sampling
 draws each row from its own generator (seed + row), so a row does not depend on its neighbours either.
 
-Order of the logits processors. The reference tool (ANCHORS §3; llama_inference's generate.py) applies
+Order of the logits processors. The reference tool (docs/reference.md#recipe; llama_inference's generate.py) applies
 top-k, then top-p, then temperature, then the repetition penalty, i.e. the penalty only reweights
 tokens that survived the filters. Transformers (and most tools) apply the penalty first, so that it
 can push a repeated token out of the top-k set. Both orders are offered: `penalty_after_filters`
@@ -98,7 +98,7 @@ class SamplingConfig:
 
     @classmethod
     def reference(cls, **overrides) -> "SamplingConfig":
-        """The reference tool's defaults and processor order (ANCHORS §3)."""
+        """The reference tool's defaults and processor order (docs/reference.md#recipe)."""
         values = dict(temperature=0.85, top_k=10, top_p=1.0, repetition_penalty=1.15, repetition_window=1024,
                       penalty_after_filters=True)
         values.update(overrides)

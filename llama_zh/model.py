@@ -5,7 +5,7 @@ inference path's products go through llama_zh.kernels.linear: F.linear, or a fas
 the few rows of a decoding step where one applies).
 Rotary embeddings use the "rotate halves" layout (dim j pairs with j + head_dim/2), the layout of
 Hugging Face checkpoints; converters permute q/k rows for the interleaved Meta/TencentPretrain
-layout (ANCHORS §1). Shapes in comments: B batch, T new tokens, S keys, H heads, K kv heads,
+layout (docs/reference.md#formats). Shapes in comments: B batch, T new tokens, S keys, H heads, K kv heads,
 D head size, C model width.
 """
 

@@ -1,4 +1,4 @@
-"""Chinese vocabulary extension (ANCHORS §4): grow a tokenizer, grow a checkpoint to match, measure both.
+"""Chinese vocabulary extension (docs/reference.md#vocabulary): grow a tokenizer, grow a checkpoint to match, measure both.
 
     extend_tokenizer    base.model + extra.model -> out.model: every base id kept, extra's new pieces appended
     resize_checkpoint   a checkpoint gains embedding and head rows for the appended pieces

