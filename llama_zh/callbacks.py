@@ -33,6 +33,7 @@ from llama_zh.checkpoint import WeightStream, load_checkpoint, write_native
 from llama_zh.errors import LlamaZhError
 from llama_zh.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
 from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, logit_gap, save_adapter, source_merged_stream
+from llama_zh.prefix import fingerprinted, save_prefix
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class NativeCheckpoint(pl.Callback):
     """Writes native checkpoints: `step-NNNNNN` every `every_n_steps` (0: never) and `final` at the end.
 
     Adapters are merged into the weights as they stream out (the adapters alone go beside them in
-    adapter.safetensors + adapter_config.json); under ZeRO-3 each tensor is gathered in turn, never the whole model.
+    adapter.safetensors + adapter_config.json; a prefix, finetune=prefix, in prefix.safetensors +
+    prefix.json, the weights being the untouched base); under ZeRO-3 each tensor is gathered in turn, never the whole model.
     On a quantized base (finetune.base_quant) they are merged into the `source` checkpoint's original
     weights, streamed again, and the final save logs the logit gap between the trained model and
     the merged checkpoint (`logit_gap`, also kept in `self.logit_gap` and sent to the loggers).
@@ -72,11 +74,16 @@ class NativeCheckpoint(pl.Callback):
         else:
             stream = export_stream(model, self.tokenizer)
         adapters = adapter_state(model, self.finetune)  # collective under ZeRO-3: every process takes part
+        prefix = getattr(model, "prefix", None)
+        if prefix is not None:  # the base weights it trained on, fingerprinted as they are written
+            stream, fingerprint = fingerprinted(stream)
         if trainer.is_global_zero:
             extra = {**self.extra, "global_step": trainer.global_step}
             write_native(stream, path, overwrite=True, extra=extra)
             if adapters:
                 save_adapter(adapters, path, self.finetune)
+            if prefix is not None:
+                save_prefix(path, prefix, model.config, fingerprint.hexdigest())
             if name == "final" and self._quantized_base() and self.finetune.logit_gap:
                 self._report_gap(trainer, model, path)
         elif not self._quantized_base():

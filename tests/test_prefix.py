@@ -1,0 +1,222 @@
+"""finetune=prefix (P-Tuning v2): only the prefix trains, the cache path equals a plain attention over
+prefix + tokens, folding the MLP changes nothing, save/load checks, and the CLI end to end."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.dpo import adapters_only
+from llama_zh.errors import LlamaZhError
+from llama_zh.finetune import FinetuneConfig, adapters_disabled, apply_finetune, count_trainable
+from llama_zh.model import apply_rope, build_model
+from llama_zh.prefix import (PREFIX_CONFIG, PREFIX_FILE, FrozenPrefix, allocate_cache, attach_prefix, fold,
+                             load_prefix, model_fingerprint, read_prefix, save_prefix)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
+
+CONFIG = ModelConfig(name="t", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
+P = 5
+
+
+def prefixed(hidden=0, seed=0, scale=1.0):
+    """A random base with a prefix whose keys and values are of the scale of real ones (`scale`), so
+    that it visibly changes the output."""
+    model = apply_finetune(build_model(CONFIG, seed=seed), FinetuneConfig(method="prefix", prefix_len=P,
+                                                                          prefix_hidden=hidden))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.prefix.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return model.eval()
+
+
+def tokens(B=2, T=11, seed=5):
+    return torch.randint(0, CONFIG.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_logits(model, keys, values, ids):
+    """An uncached forward over prefix + tokens, written out here: every layer's attention sees the
+    prefix's keys/values (no rope) then its tokens (rope at positions P, P+1, ...), causally."""
+    B, T = ids.shape
+    cfg = model.config
+    cos, sin = model._rope(P + T, ids.device, torch.float32)
+    cos, sin = cos[P:P + T, None], sin[P:P + T, None]
+    visible = torch.cat((torch.ones(T, P, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()), dim=1)
+    x = model.embed(ids)
+    for i, block in enumerate(model.layers):
+        attn, h = block.attn, block.attn_norm(x)
+        q = apply_rope(attn.wq(h).view(B, T, cfg.n_heads, cfg.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(attn.wk(h).view(B, T, cfg.n_kv_heads, cfg.head_dim), cos, sin).transpose(1, 2)
+        v = attn.wv(h).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        k = torch.cat((keys[i].expand(B, -1, -1, -1), k), dim=2).repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1)
+        v = torch.cat((values[i].expand(B, -1, -1, -1), v), dim=2).repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.head_dim)
+        y = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v  # (B, H, T, D)
+        x = x + attn.wo(y.transpose(1, 2).reshape(B, T, -1))
+        x = x + block.ffn(block.ffn_norm(x))
+    return model.head(model.norm(x))
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_only_the_prefix_gets_gradients(hidden):
+    model = prefixed(hidden).train()
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("prefix.")}
+    logits = model(tokens())
+    F.cross_entropy(logits.flatten(0, 1), tokens(seed=6).flatten()).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    prefix_params = {n for n, _ in model.named_parameters() if n.startswith("prefix.")}
+    assert with_grad == prefix_params and prefix_params
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in prefix_params)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == prefix_params
+    trainable, total = count_trainable(model)
+    assert trainable == sum(model.get_parameter(n).numel() for n in prefix_params) and total - trainable == CONFIG.n_params
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+
+
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_the_prefixed_forward_is_attention_over_prefix_and_tokens(hidden):
+    model = prefixed(hidden)
+    ids = tokens()
+    with torch.no_grad():
+        keys, values = model.prefix()
+        expected = reference_logits(model, keys, values, ids)
+        torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=0)
+        plain = build_model(CONFIG, seed=0).eval()(ids)
+    assert (model(ids) - plain).abs().max() > 1e-2  # the prefix matters
+
+
+def test_incremental_decoding_with_the_prefix_equals_one_forward():
+    model = prefixed()
+    ids = tokens(T=9)
+    with torch.no_grad():
+        full = model(ids)  # (B, T, V)
+        cache = allocate_cache(model, 2, 9)
+        steps = [model(ids[:, :4], cache)]  # a prefill, then one token at a time
+        steps += [model(ids[:, t:t + 1], cache) for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.pos == P + 9
+
+
+def test_left_padded_rows_decode_as_they_would_alone():
+    model = prefixed()
+    long, short = tokens(B=1, T=8)[0], tokens(B=1, T=5, seed=9)[0]
+    ids = torch.stack((long, torch.cat((torch.zeros(3, dtype=torch.long), short))))
+    with torch.no_grad():
+        cache = allocate_cache(model, 2, 10, left_pad=[0, 3])
+        first = model(ids, cache, last_only=True)[:, -1]
+        nxt = torch.tensor([[7], [11]])
+        second = model(nxt, cache, last_only=True)[:, -1]
+        alone = [model(long[None])[0, -1], model(short[None])[0, -1]]
+        again = [model(torch.cat((long, nxt[0]))[None])[0, -1], model(torch.cat((short, nxt[1]))[None])[0, -1]]
+    torch.testing.assert_close(first, torch.stack(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, torch.stack(again), atol=1e-5, rtol=0)
+
+
+def test_switched_off_the_model_is_the_base_and_dpo_uses_that_as_its_reference():
+    model = prefixed()
+    assert adapters_only(model)
+    with torch.no_grad(), adapters_disabled(model):
+        off = model(tokens())
+    assert torch.equal(off, build_model(CONFIG, seed=0).eval()(tokens()))
+    assert model.prefix.enabled
+
+
+# ------------------------------------------------------------------------------------- save, load
+
+
+def test_folding_the_mlp_gives_the_same_logits(tmp_path):
+    model = prefixed(hidden=32, scale=0.3)
+    save_prefix(tmp_path, model.prefix, CONFIG, model_fingerprint(model))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / PREFIX_FILE))
+    assert sorted(saved) == ["layers.0.k", "layers.0.v", "layers.1.k", "layers.1.v"]  # no MLP left
+    assert saved["layers.1.v"].shape == (CONFIG.n_kv_heads, P, CONFIG.head_dim)
+    meta = json.loads((tmp_path / PREFIX_CONFIG).read_text())
+    assert meta["prefix_len"] == P and meta["trained_with_mlp"] and meta["base_fingerprint"] == model_fingerprint(model)
+
+    plain = build_model(CONFIG, seed=0).eval()
+    assert load_prefix(plain, tmp_path) is not None
+    assert isinstance(plain.prefix, FrozenPrefix)
+    with torch.no_grad():
+        assert torch.equal(plain(tokens()), model(tokens()))
+
+
+def test_a_prefix_on_other_base_weights_is_used_with_a_warning(tmp_path, caplog):
+    model = prefixed()
+    save_prefix(tmp_path, model.prefix, CONFIG, model_fingerprint(model))
+    other = build_model(CONFIG, seed=3).eval()
+    with caplog.at_level("WARNING"):
+        load_prefix(other, tmp_path)
+    assert "trained on other base weights" in caplog.text
+
+
+def test_a_prefix_that_does_not_fit_is_refused_naming_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    model = prefixed()
+    save_prefix(tmp_path, model.prefix, CONFIG, None)
+    state = fold(model.prefix)
+
+    deeper = ModelConfig(**{**CONFIG.to_dict(), "n_layers": 3})
+    with pytest.raises(LlamaZhError, match=r"missing tensor layers\.2\.k \(the model has 3 layers\)"):
+        read_prefix(tmp_path, deeper)
+    shallower = ModelConfig(**{**CONFIG.to_dict(), "n_layers": 1})
+    with pytest.raises(LlamaZhError, match=r"unexpected tensor layers\.1\.k"):
+        read_prefix(tmp_path, shallower)
+    more_heads = ModelConfig(**{**CONFIG.to_dict(), "n_kv_heads": 4})
+    with pytest.raises(LlamaZhError, match=r"layers\.0\.k has shape \(2, 5, 16\), the model expects \(4, 5, 16\)"):
+        read_prefix(tmp_path, more_heads)
+
+    save_file({**state, "layers.1.v": torch.zeros(2, P, 8)}, str(tmp_path / PREFIX_FILE))
+    with pytest.raises(LlamaZhError, match=r"prefix\.safetensors: layers\.1\.v has shape \(2, 5, 8\)"):
+        read_prefix(tmp_path, CONFIG)
+    plain = build_model(CONFIG, seed=0)
+    with pytest.raises(LlamaZhError, match="layers.1.v"):
+        load_prefix(plain, tmp_path)
+    assert getattr(plain, "prefix", None) is None  # checked before the model was touched
+
+    (tmp_path / PREFIX_CONFIG).write_text(json.dumps({"prefix_len": 0}))
+    with pytest.raises(LlamaZhError, match="prefix_len must be an integer > 0"):
+        read_prefix(tmp_path, CONFIG)
+
+
+def test_attaching_a_prefix_of_another_shape_is_refused():
+    keys = torch.zeros(3, CONFIG.n_kv_heads, P, CONFIG.head_dim)
+    with pytest.raises(LlamaZhError, match=r"keys of shape \(3, 2, 5, 16\), the model expects \(2, 2, 5, 16\)"):
+        attach_prefix(build_model(CONFIG, seed=0), FrozenPrefix(keys, keys))
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"prefix_len": 0}, "finetune.prefix_len must be an integer > 0, got 0"),
+    ({"prefix_len": -3}, "finetune.prefix_len must be an integer > 0, got -3"),
+    ({"prefix_hidden": -1}, "finetune.prefix_hidden must be an integer >= 0"),
+])
+def test_bad_prefix_settings(values, message):
+    with pytest.raises(ConfigError, match=message):
+        FinetuneConfig(method="prefix", **values)
+
+
+def test_memory_plan_counts_the_prefix():
+    from llama_zh.memory_plan import PlanInputs, plan_memory
+    from llama_zh.prefix import prefix_saved_bytes
+
+    per_row, per_step = prefix_saved_bytes(CONFIG, P, 0)
+    assert per_row == 2 * CONFIG.n_layers * CONFIG.n_kv_heads * CONFIG.head_dim * P * 4 and per_step == 0
+    inputs = dict(model=CONFIG, trainable_params=100, micro_batch=4, seq_len=32, world_size=1, local_processes=1,
+                  precision="32", on_gpu=False)
+    without = plan_memory(PlanInputs(**inputs), runtime_bytes=0)
+    with_prefix = plan_memory(PlanInputs(**inputs, adapter_params=100, prefix_saved_per_row=per_row), runtime_bytes=0)
+    assert with_prefix.device["activations"] - without.device["activations"] == 4 * per_row
+    assert with_prefix.device["params"] - without.device["params"] == 400
