@@ -220,3 +220,53 @@ def test_memory_plan_counts_the_prefix():
     with_prefix = plan_memory(PlanInputs(**inputs, adapter_params=100, prefix_saved_per_row=per_row), runtime_bytes=0)
     assert with_prefix.device["activations"] - without.device["activations"] == 4 * per_row
     assert with_prefix.device["params"] - without.device["params"] == 400
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tokenizer):
+    """(base checkpoint, its model, prefix-tuned run's final checkpoint): a few SFT steps on the tiny model."""
+    root = tmp_path_factory.mktemp("prefix")
+    base, model = make_checkpoint(root / "base", tokenizer, sharpen=1.0)
+    llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=prefix", "finetune.prefix_len=4",
+             "finetune.prefix_hidden=16", "stage.seq_len=64", "stage.batch_size=2", "trainer.max_steps=3",
+             "trainer.limit_val_batches=1", "trainer.val_check_interval=3", "logger=csv",
+             "trainer.enable_progress_bar=false", "optim.lr=5e-2", "optim.warmup_steps=0",
+             run_dir=root / "sft", env_extra={"LLAMA_ZH_DATA": str(root / "data")})
+    return base, model, root / "sft" / "checkpoints" / "final"
+
+
+@pytest.mark.slow
+def test_prefix_tuning_leaves_the_base_bit_for_bit(tuned):
+    from llama_zh.checkpoint import read_native
+
+    base, model, final = tuned
+    before, after = dict(read_native(base).tensors()), dict(read_native(final).tensors())
+    assert before.keys() == after.keys() and len(before) == len(model.state_dict())
+    for name, t in before.items():
+        assert torch.equal(t, after[name]) and t.dtype == after[name].dtype, name
+    from safetensors.torch import load_file
+
+    saved = load_file(str(final / PREFIX_FILE))
+    assert sorted(saved) == ["layers.0.k", "layers.0.v", "layers.1.k", "layers.1.v"]  # the MLP folded away
+    assert saved["layers.0.k"].shape == (model.config.n_kv_heads, 4, model.config.head_dim)
+    meta = json.loads((final / PREFIX_CONFIG).read_text())
+    assert meta["prefix_len"] == 4 and meta["base_fingerprint"] == model_fingerprint(model)
+
+
+def test_prefix_len_zero_is_one_line_on_the_command_line(tmp_path, tokenizer):
+    base, _ = make_checkpoint(tmp_path / "base", tokenizer)
+    result = llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=prefix", "finetune.prefix_len=0",
+                      "stage.seq_len=64", run_dir=tmp_path / "run", check=False,
+                      env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("llama_zh: error:")]
+    assert result.returncode == 1 and errors == ["llama_zh: error: finetune.prefix_len must be an integer > 0, got 0"], \
+        result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
