@@ -22,7 +22,8 @@ away: <checkpoint>/prefix.safetensors holds only `layers.{i}.k` / `layers.{i}.v`
 the base weights it was trained on.
 
 Inference: `load_prefix` attaches the saved tensors (`FrozenPrefix`), and whoever allocates a cache
-for decoding calls `allocate_cache`, which returns a cache already holding the prefix.
+for decoding calls `allocate_cache`, which returns a cache already holding the prefix (a serving
+engine's slots: `fill_prefix`, and its sequences start at position `prefix_len`).
 """
 
 from __future__ import annotations
@@ -134,6 +135,27 @@ def allocate_cache(model: Transformer, batch: int, max_len: int, device=None, dt
         return KVCache.allocate(model.config, batch, max_len, device=device, dtype=dtype, left_pad=left_pad)
     keys, values = prefix()
     return prefilled_cache(model.config, keys, values, batch, max_len, device, dtype, left_pad)
+
+
+def prefix_len(model: nn.Module) -> int:
+    """Cache slots a decoding cache of `model` must keep before its tokens: the prefix's, or 0."""
+    prefix = prefix_of(model)
+    return prefix.prefix_len if prefix is not None else 0
+
+
+@torch.no_grad()
+def fill_prefix(model: nn.Module, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Write `model`'s prefix into the first slots of every row of cache buffers k, v (L, rows, K, S, D)
+    (a serving engine's slots, allocated prefix_len longer); returns prefix_len (0: no prefix, nothing
+    written)."""
+    prefix = prefix_of(model)
+    if prefix is None:
+        return 0
+    keys, values = prefix()
+    P = keys.shape[2]
+    k[:, :, :, :P] = keys.to(device=k.device, dtype=k.dtype)[:, None]
+    v[:, :, :, :P] = values.to(device=v.device, dtype=v.dtype)[:, None]
+    return P
 
 
 @torch.no_grad()

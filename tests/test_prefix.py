@@ -19,7 +19,7 @@ from llama_zh.prefix import (PREFIX_CONFIG, PREFIX_FILE, FrozenPrefix, allocate_
                              load_prefix, model_fingerprint, read_prefix, save_prefix)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
+from tiny_checkpoints import REPO, llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
 
 CONFIG = ModelConfig(name="t", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
 P = 5
@@ -270,3 +270,115 @@ def test_prefix_len_zero_is_one_line_on_the_command_line(tmp_path, tokenizer):
     assert result.returncode == 1 and errors == ["llama_zh: error: finetune.prefix_len must be an integer > 0, got 0"], \
         result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------- inference
+
+
+def greedy_uncached(model, prompt, n):
+    """Greedy continuation by whole forwards over prefix + everything so far (no decoding cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def greedy(n):
+    from llama_zh.generate import SamplingConfig
+
+    return SamplingConfig(temperature=0.0, max_new_tokens=n)
+
+
+def test_generation_starts_from_a_cache_holding_the_prefix():
+    from llama_zh.generate import generate_batch
+    from llama_zh.prefix import prefix_disabled
+
+    model = prefixed()
+    prompts = [tokens(B=1, T=7)[0].tolist(), tokens(B=1, T=3, seed=8)[0].tolist(), tokens(B=1, T=5, seed=9)[0].tolist()]
+    batched = generate_batch(model, prompts, greedy(6))  # left-padded rows
+    assert batched == [greedy_uncached(model, p, 6) for p in prompts]
+    with prefix_disabled(model):
+        assert generate_batch(model, prompts, greedy(6)) != batched  # the prefix changes the answers
+
+
+def test_scoring_with_the_prefix_equals_whole_forwards():
+    from llama_zh.eval.scoring import row_continuation_logprobs
+
+    model = prefixed()
+    prompts = [tokens(B=1, T=6)[0].tolist(), tokens(B=1, T=4, seed=8)[0].tolist()]
+    conts = [[[5, 6, 7], [9]], [[11, 12], [13, 14, 15]]]
+    scores = row_continuation_logprobs(model, prompts, conts)
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            for n, cont in enumerate(conts[b]):
+                logp = model(torch.tensor([prompt + cont]))[0].log_softmax(-1)
+                expected = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(cont))
+                assert scores[b, n].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_serving_engine_decodes_after_the_prefix(tokenizer, tmp_path):
+    from llama_zh.generate import generate
+    from llama_zh.infer.engine import Completion, Engine
+
+    _, model = make_checkpoint(tmp_path / "ckpt", tokenizer, sharpen=1.0)
+    generator = torch.Generator().manual_seed(2)
+    shape = (model.config.n_layers, model.config.n_kv_heads, 3, model.config.head_dim)
+    attach_prefix(model, FrozenPrefix(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)))
+    ids = [tokenizer.encode(p, bos=True) for p in ["你好", "这个手机很好用，电池也耐用", "质量不好"]]
+    budgets = [6, 4, 5]
+    engine = Engine(model, tokenizer, max_concurrent=2, max_queue=4)
+    seqs = []
+    for p, n in zip(ids, budgets):  # staggered: rows at different positions, one waiting for a slot
+        seqs.append(engine.submit(p, greedy(n), Completion().add))
+        engine.step()
+    engine.run_until_idle()
+    solo = [generate(model, p, greedy(n), eos_id=tokenizer.eos_id) for p, n in zip(ids, budgets)]
+    assert [s.row.new_ids for s in seqs] == solo
+    assert solo[1] == greedy_uncached(model, ids[1], len(solo[1]))
+
+
+@pytest.mark.slow
+def test_infer_and_eval_use_the_saved_prefix(tuned, tmp_path):
+    from llama_zh.checkpoint import load_checkpoint
+    from llama_zh.generate import generate
+
+    _, _, final = tuned
+    lines = ["这本书写得很好", "房间很脏，服务员的态度也很差", "你好"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def infer(*extra, run):
+        result = llama_zh("stage=infer", f"stage.checkpoint={final}", f"stage.prompts={prompts}",
+                          f"stage.output={tmp_path / run}.txt", "stage.max_new_tokens=8", *extra, run_dir=tmp_path / run)
+        return (tmp_path / f"{run}.txt").read_text(encoding="utf-8"), result.stdout + result.stderr
+
+    answers, log = infer(run="auto")
+    assert f"prefix: {final / PREFIX_FILE}" in log
+    model, tokenizer = load_checkpoint(final)
+    load_prefix(model, final)
+    expected = "".join(tokenizer.decode(generate(model, tokenizer.encode(line, bos=True), greedy(8), tokenizer=tokenizer))
+                       + "\n\n" for line in lines)
+    assert answers == expected
+    assert infer(f"stage.prefix={final / PREFIX_FILE}", run="explicit")[0] == answers
+    plain, log = infer("stage.prefix=none", run="none")
+    assert plain != answers and "prefix:" not in log
+
+    def evaluate(*extra, run):
+        llama_zh("stage=eval", f"stage.checkpoint={final}", "stage.tasks=[generation]", "stage.generation.max_records=4",
+                 "stage.generation.max_new_tokens=8", "stage.speed_probe_tokens=0", "logger=csv", *extra,
+                 run_dir=tmp_path / run, env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")})
+        return json.loads((tmp_path / run / "eval_results.json").read_text())["generation"]
+
+    from llama_zh.data.chat_template import ChatTemplate
+    from llama_zh.eval.instructions import evaluate_generation, read_instruction_records
+    from llama_zh.generate import SamplingConfig
+    from omegaconf import OmegaConf
+
+    with_prefix, without = evaluate(run="eval_auto"), evaluate("stage.prefix=none", run="eval_none")
+    records = read_instruction_records(Path(with_prefix["file"]))
+    template = ChatTemplate.from_config(OmegaConf.load(REPO / "conf" / "template" / "alpaca.yaml"))  # eval's default
+    in_memory = evaluate_generation(model, tokenizer, records, template,
+                                    SamplingConfig(temperature=0.0, max_new_tokens=8), 8, 4)
+    assert with_prefix["examples"] == in_memory["examples"] and with_prefix["rouge_l"] == in_memory["rouge_l"]
+    assert [e["answer"] for e in without["examples"]] != [e["answer"] for e in with_prefix["examples"]]

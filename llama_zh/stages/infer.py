@@ -31,6 +31,7 @@ from llama_zh.data.sft import Template
 from llama_zh.errors import LlamaZhError
 from llama_zh.generate import PromptTooLong, SamplingConfig, generate_batch, stream_generate
 from llama_zh.model import Transformer
+from llama_zh.prefix import load_prefix
 from llama_zh.quant import QuantConfig, QuantReport, load_for_inference
 from llama_zh.tokenizer import Tokenizer
 
@@ -58,13 +59,15 @@ def inference_target(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]
 
 
 def load_model(cfg: DictConfig) -> tuple[Transformer, Tokenizer, QuantReport]:
-    """The checkpoint of stage.checkpoint (native or HF) on trainer='s device, quantized by quant=."""
+    """The checkpoint of stage.checkpoint (native or HF) on trainer='s device, quantized by quant=, with
+    the prefix of finetune=prefix beside it (or stage.prefix) attached."""
     device, dtype = inference_target(cfg)
     quant = QuantConfig.from_config(OmegaConf.to_container(cfg.quant, resolve=True))
     model, tokenizer, report = load_for_inference(cfg.stage.checkpoint, quant, device, dtype)
     if tokenizer is None:
         raise LlamaZhError(f"stage.checkpoint: {cfg.stage.checkpoint} has no tokenizer.model")
     log.info("%s", report.summary())
+    load_prefix(model, cfg.stage.checkpoint, cfg.stage.get("prefix"))  # finetune=prefix's, beside the checkpoint
     return model, tokenizer, report
 
 
