@@ -461,7 +461,9 @@ def check_resumable(step_dir: Path, expected: dict) -> dict:
                         f"strategy={expected['strategy']} (resume with strategy={meta.get('strategy')})")
     if meta.get("finetune") != expected["finetune"]:
         problems.append(f"it trained with finetune={meta.get('finetune')}, this run with finetune={expected['finetune']}")
-    for key, option, default in (("optimizer", "optim", "adamw"), ("base_quant", "finetune.base_quant", None)):
+    for key, option, default in (("optimizer", "optim", "adamw"), ("base_quant", "finetune.base_quant", None),
+                                 ("prefix_len", "finetune.prefix_len", None),
+                                 ("prefix_hidden", "finetune.prefix_hidden", None)):
         then, now = meta.get(key, default), expected.get(key, default)  # states written before the key: the default
         if then != now:
             problems.append(f"it trained with {option}={then}, this run with {option}={now}")

@@ -5,18 +5,17 @@ KV cache (`llama_zh.model.KVCache`); the real tokens follow in the cache, so not
 changes and every weight of the base stays as it was, bit for bit. The keys are stored as the cache
 stores keys, i.e. already rotated: the prefix has no position and needs no rope.
 
-Positions. The real tokens count their rotary positions from `prefix_len`, as the cache gives them
-(its first free slot), in training, eval, infer and serve alike. Under RoPE the real tokens' scores
-among themselves depend only on their distance, so the offset only changes how queries meet the
-(position-less) prefix keys, and those are learned with the same offset that decoding uses. Should
-positions ever have to start at 0 instead, `PREFIX_POSITIONS_FROM_PREFIX_LEN` is the one switch
-(it needs the model's explicit positions input).
+Positions (docs/reference.md#recipe). The real tokens count their rotary positions from
+`prefix_len`, as the cache gives them (its first free slot), in training, eval, infer and serve
+alike; prefix.json records it (`positions_from`). Under RoPE the real tokens' scores among themselves
+depend only on their distance, so the offset only changes how queries meet the (position-less)
+prefix keys, and those are learned with the offset that decoding uses.
 
 Training: `PrefixEncoder` holds the trainable parameters, either the keys and values themselves or
 (`prefix_hidden > 0`, the paper's reparameterisation) an embedding of prefix_len x dim through a
 two-layer MLP (tanh) to every layer's keys and values. `attach_prefix` puts it on the model as
 `model.prefix` and registers a forward pre-hook: every forward without a cache (the training loss,
-validation, DPO, eval's scoring) runs with a fresh cache that holds the prefix. Saving folds the MLP
+validation, DPO, eval's perplexity) runs with a fresh cache that holds the prefix. Saving folds the MLP
 away: <checkpoint>/prefix.safetensors holds only `layers.{i}.k` / `layers.{i}.v`, each
 (n_kv_heads, prefix_len, head_dim), and prefix.json the prefix_len, the shape and the fingerprint of
 the base weights it was trained on.
@@ -47,9 +46,6 @@ from llama_zh.model import KVCache, Transformer
 log = logging.getLogger(__name__)
 
 PREFIX_FILE, PREFIX_CONFIG = "prefix.safetensors", "prefix.json"
-# Real tokens take rotary positions prefix_len, prefix_len + 1, ... (the cache's own counting). To count
-# from 0 instead, the forward must be given positions (arange(T)), the one place that would change.
-PREFIX_POSITIONS_FROM_PREFIX_LEN = True
 FINGERPRINT_VALUES = 1024  # values taken from each end of every tensor for the fingerprint
 
 
@@ -331,7 +327,7 @@ def save_prefix(directory: Path, prefix: PrefixEncoder | FrozenPrefix, config: M
     meta = {"prefix_len": prefix.prefix_len, "n_layers": config.n_layers, "n_kv_heads": config.n_kv_heads,
             "head_dim": config.head_dim, "dtype": str(tensors["layers.0.k"].dtype).removeprefix("torch."),
             "trained_with_mlp": bool(getattr(prefix, "hidden", 0)),
-            "positions_from": "prefix_len" if PREFIX_POSITIONS_FROM_PREFIX_LEN else 0,
+            "positions_from": "prefix_len",
             "base_model": config.to_dict(), "base_fingerprint": base_fingerprint}
     write_with(directory / PREFIX_CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return directory / PREFIX_FILE

@@ -382,3 +382,16 @@ def test_infer_and_eval_use_the_saved_prefix(tuned, tmp_path):
                                     SamplingConfig(temperature=0.0, max_new_tokens=8), 8, 4)
     assert with_prefix["examples"] == in_memory["examples"] and with_prefix["rouge_l"] == in_memory["rouge_l"]
     assert [e["answer"] for e in without["examples"]] != [e["answer"] for e in with_prefix["examples"]]
+
+
+def test_resuming_a_prefix_run_with_another_prefix_shape_is_refused(tmp_path):
+    from llama_zh.callbacks import STATE_META, check_resumable
+
+    expected = {"model": CONFIG.to_dict(), "tokenizer_sha256": "abc", "stage": "sft", "strategy": "auto",
+                "deepspeed": False, "finetune": "prefix", "global_batch": 2, "world_size": 1, "optimizer": "adamw",
+                "base_quant": None, "prefix_len": 8, "prefix_hidden": 0}
+    (tmp_path / STATE_META).write_text(json.dumps({**expected, "prefix_len": 4}))
+    with pytest.raises(LlamaZhError, match="it trained with finetune.prefix_len=4, this run with finetune.prefix_len=8"):
+        check_resumable(tmp_path, expected)
+    (tmp_path / STATE_META).write_text(json.dumps(expected))
+    assert check_resumable(tmp_path, expected)["prefix_len"] == 8

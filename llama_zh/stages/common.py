@@ -347,6 +347,8 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
         expected["lora"] = {"rank": ft.rank, "alpha": ft.alpha}  # to merge adapters when consolidating
     # The optimizer's state and a quantized base's weights have other layouts: not resumable across them.
     expected["optimizer"], expected["base_quant"] = optim.name, ft.base_quant
+    if ft.method == "prefix":  # another prefix shape cannot take the state's prefix parameters
+        expected["prefix_len"], expected["prefix_hidden"] = ft.prefix_len, ft.prefix_hidden
     state_dir = out / "checkpoints" / "state"
     resume_dir = resolve_resume(cfg.get("resume", "auto"), state_dir)
     ckpt_path = None
