@@ -395,3 +395,33 @@ def test_resuming_a_prefix_run_with_another_prefix_shape_is_refused(tmp_path):
         check_resumable(tmp_path, expected)
     (tmp_path / STATE_META).write_text(json.dumps(expected))
     assert check_resumable(tmp_path, expected)["prefix_len"] == 8
+
+
+@pytest.mark.parametrize("stage,strategy,message", [
+    ({"pack": True}, {"name": "auto"}, "set stage.pack=false"),
+    ({"pack": False}, {"name": "auto", "activation_checkpointing": True}, "set strategy.activation_checkpointing=false"),
+    ({"pack": False}, {"name": "zero3", "deepspeed": {"stage": 3}}, "not supported with strategy=zero3"),
+])
+def test_runs_that_cannot_carry_a_prefix_are_refused_before_they_start(stage, strategy, message):
+    from omegaconf import OmegaConf
+
+    from llama_zh.stages.common import check_prefix
+
+    cfg = OmegaConf.create({"stage": stage, "strategy": strategy})
+    with pytest.raises(LlamaZhError, match=message):
+        check_prefix(FinetuneConfig(method="prefix"), cfg)
+    check_prefix(FinetuneConfig(method="lora"), cfg)  # other methods are not concerned
+
+
+def test_which_prefix_a_decoding_stage_uses(tmp_path):
+    from llama_zh.prefix import find_prefix
+
+    model = prefixed()
+    (tmp_path / "ckpt").mkdir()
+    save_prefix(tmp_path / "ckpt", model.prefix, CONFIG, None)
+    assert find_prefix(tmp_path / "ckpt", None) == tmp_path / "ckpt"  # beside the checkpoint: automatic
+    assert find_prefix(tmp_path / "ckpt", "none") is None
+    assert find_prefix(tmp_path / "other", None) is None
+    assert find_prefix(tmp_path / "other", str(tmp_path / "ckpt" / PREFIX_FILE)) == tmp_path / "ckpt" / PREFIX_FILE
+    with pytest.raises(LlamaZhError, match=r"stage.prefix=.*missing: no prefix.safetensors there"):
+        find_prefix(tmp_path / "ckpt", str(tmp_path / "missing"))
