@@ -425,3 +425,16 @@ def test_which_prefix_a_decoding_stage_uses(tmp_path):
     assert find_prefix(tmp_path / "other", str(tmp_path / "ckpt" / PREFIX_FILE)) == tmp_path / "ckpt" / PREFIX_FILE
     with pytest.raises(LlamaZhError, match=r"stage.prefix=.*missing: no prefix.safetensors there"):
         find_prefix(tmp_path / "ckpt", str(tmp_path / "missing"))
+
+
+def test_the_memory_plan_inputs_of_a_prefix_run():
+    from llama_zh.module import OptimConfig
+    from llama_zh.prefix import prefix_saved_bytes
+    from llama_zh.stages.common import plan_details
+
+    ft = FinetuneConfig(method="prefix", prefix_len=P, prefix_hidden=32)
+    probe = apply_finetune(build_model(CONFIG, device="meta"), ft)
+    details = plan_details(CONFIG, probe, ft, OptimConfig(), on_gpu=False)
+    assert details["adapter_params"] == sum(p.numel() for p in probe.prefix.parameters()) > 0
+    per_row, per_step = prefix_saved_bytes(CONFIG, P, 32)
+    assert (details["prefix_saved_per_row"], details["prefix_saved_per_step"]) == (per_row, per_step) and per_step > 0
