@@ -177,6 +177,7 @@ async function ask(question) {
   try {
     const finish = await streamAnswer(body, content, controller.signal);
     if (finish === "length") note(answer, "(max tokens reached)");
+    else if (!content.textContent) note(answer, "(no text: the model ended its turn at once)");
     history.push({ role: "user", content: question }, { role: "assistant", content: content.textContent });
   } catch (e) {
     if (e.name === "AbortError") {
