@@ -7,6 +7,7 @@ tests fail, saying how to install it (README: Test)."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import time
@@ -23,7 +24,7 @@ from llama_zh.infer.server import ServeOptions, create_app
 from llama_zh.quant import load_for_inference
 from llama_zh.stages import serve
 from serve_models import InProcessServer, slow_steps
-from tiny_checkpoints import make_checkpoint, train_tokenizer
+from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
 
 KEY = "page-key"
 MODEL = "tiny-zh"
@@ -297,3 +298,12 @@ def test_stage_web_false_serves_the_api_only(served, tok):
             assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
     finally:
         api_only.close()
+
+
+def test_the_page_is_package_data():
+    """A non-editable install carries the page only if pyproject.toml names its files."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib: Python 3.11+")
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["llama_zh.infer"]
+    files = [p.relative_to(serve.PAGE_DIR.parent).as_posix() for p in serve.PAGE_DIR.iterdir()]
+    assert {"static/index.html", "static/chat.js", "static/chat.css"} <= set(files)
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
