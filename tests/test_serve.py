@@ -335,6 +335,8 @@ def test_stage_serve_answers_with_the_checkpoint_template_and_exits_0_on_sigterm
                 pass
         client = openai.OpenAI(base_url=m.group(1), api_key=KEY, max_retries=2, timeout=60)
         assert [model.id for model in client.models.list().data] == ["served"]
+        page = httpx.get(m.group(1).removesuffix("/v1") + "/", timeout=60)  # stage.web defaults to true
+        assert page.status_code == 200 and "<title>llama_zh chat</title>" in page.text
         answer = client.chat.completions.create(model="served", messages=MESSAGES, max_tokens=8, temperature=0)
         own = generate(reference, chat.prompt_ids(MESSAGES, tok), greedy(8, stop_strings=[chat.user_header()]),
                        tokenizer=tok)
