@@ -23,7 +23,7 @@ SKIP = re.compile(r"<!--\s*not run in tests:\s*\S.*-->")
 # What a skipped block may need that a test machine lacks: LLaMA's files, your own data, GPUs, a
 # terminal, a package index, DeepSpeed's compiler run, or it is the test suite itself.
 OUTSIDE = ("/llama/", "LLaMA/", "hf_llama", "/corpora/", "my_alpaca", "my_prefs", "ceval_", "a800x8", "stage.mode=chat",
-           "pip install", "pytest", "strategy=zero3_offload",
+           "pip install", "apt-get install", "pytest", "strategy=zero3_offload",
            "stage=serve", "127.0.0.1:8000")
 # Enough steps to train, validate and checkpoint; the commands' own step counts are for real use.
 SMOKE = ("trainer.max_steps=2 trainer.val_check_interval=2 trainer.limit_val_batches=1 trainer.enable_progress_bar=false "

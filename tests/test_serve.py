@@ -7,7 +7,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,6 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 from omegaconf import OmegaConf
 
 from llama_zh.checkpoint import save_checkpoint
@@ -27,33 +25,13 @@ from llama_zh.infer.engine import Engine
 from llama_zh.infer.server import ServeOptions, create_app
 from llama_zh.quant import load_for_inference
 from llama_zh.stages import serve
-from serve_models import SPLIT_TEXT, chain_model
+from serve_models import SPLIT_TEXT, InProcessServer, chain_model, slow_steps
 from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
 
 KEY = "test-key"
 MAX_CONCURRENT, MAX_QUEUE = 4, 8
 PROMPTS = ["你好", "这个手机很好用，电池也耐用", "质量不好", "价格便宜，物流很快", "屏幕", "包装也好", "客服", "快递"]
 MESSAGES = [{"role": "user", "content": "你好"}]
-
-
-class InProcessServer:
-    """uvicorn serving `app` in a thread, on a socket bound to a free port of 127.0.0.1."""
-
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[sock]), daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +94,6 @@ def idle(engine, timeout=15.0, **expected):
             return stats
         assert time.monotonic() < deadline, f"the engine did not settle: {stats}"
         time.sleep(0.02)
-
-
-def slow_steps(monkeypatch, engine, seconds):
-    real = engine._decode
-
-    def slow(seqs):
-        time.sleep(seconds)
-        real(seqs)
-
-    monkeypatch.setattr(engine, "_decode", slow)
 
 
 # ---------------------------------------------------------------------------------------- answers
@@ -367,6 +335,8 @@ def test_stage_serve_answers_with_the_checkpoint_template_and_exits_0_on_sigterm
                 pass
         client = openai.OpenAI(base_url=m.group(1), api_key=KEY, max_retries=2, timeout=60)
         assert [model.id for model in client.models.list().data] == ["served"]
+        page = httpx.get(m.group(1).removesuffix("/v1") + "/", timeout=60)  # stage.web defaults to true
+        assert page.status_code == 200 and "<title>llama_zh chat</title>" in page.text
         answer = client.chat.completions.create(model="served", messages=MESSAGES, max_tokens=8, temperature=0)
         own = generate(reference, chat.prompt_ids(MESSAGES, tok), greedy(8, stop_strings=[chat.user_header()]),
                        tokenizer=tok)

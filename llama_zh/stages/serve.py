@@ -4,10 +4,11 @@ by quant= as stage=infer loads it.
 
 /v1/chat/completions formats conversations with the chat template the checkpoint was trained with
 (stage=sft records it in model_config.yaml; an HF export in tokenizer_config.json), or template=
-when the checkpoint carries none. The address is bound before the model is loaded (a port in use
-fails at once); stage.port=0 takes a free port, and the address is logged either way. SIGTERM or
-Ctrl-C stops accepting requests, lets those in flight finish (stage.shutdown_timeout), stops the
-engine and exits 0.
+when the checkpoint carries none. A chat page for people (llama_zh/infer/static: HTML, CSS and
+plain JavaScript over this same API) is served at / unless stage.web=false. The address is bound
+before the model is loaded (a port in use fails at once); stage.port=0 takes a free port, and the
+address is logged either way. SIGTERM or Ctrl-C stops accepting requests, lets those in flight
+finish (stage.shutdown_timeout), stops the engine and exits 0.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from llama_zh.data.chat_template import ChatTemplate, checkpoint_template
 from llama_zh.stages.infer import load_model
 
 log = logging.getLogger(__name__)
-PAGE_DIR = Path(__file__).resolve().parents[1] / "infer" / "static"  # the web page, once there is one
+PAGE_DIR = Path(__file__).resolve().parents[1] / "infer" / "static"  # the chat page (package data)
 
 
 def _positive_int(stage: DictConfig, key: str, minimum: int) -> int:
@@ -47,6 +48,24 @@ def api_key(stage: DictConfig) -> str | None:
         raise ConfigError(f"stage.api_key_env={name}: the environment variable {name} is unset or empty "
                           f"(set it to the key clients must send, or set stage.api_key_env=null for no key)")
     return key
+
+
+def page_dir(stage: DictConfig) -> Path | None:
+    """What is served at /: stage.static_dir, else the packaged chat page; nothing with stage.web=false."""
+    web = stage.get("web", True)
+    if not isinstance(web, bool):
+        raise ConfigError(f"stage.web must be true or false, got {web!r}")
+    if not web:
+        return None
+    if not stage.get("static_dir"):
+        if not (PAGE_DIR / "index.html").is_file():
+            raise ConfigError(f"stage.web=true: the chat page is missing from the installed package ({PAGE_DIR}); "
+                              f"reinstall llama_zh, or set stage.web=false to serve the API only")
+        return PAGE_DIR
+    static = Path(str(stage.static_dir))
+    if not static.is_dir():
+        raise ConfigError(f"stage.static_dir: {static} is not a directory")
+    return static
 
 
 def chat_template(cfg: DictConfig) -> ChatTemplate:
@@ -111,9 +130,7 @@ def run(cfg: DictConfig):
     key = api_key(stage)
     if key is None and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it (stage.api_key_env)", host)
-    static = Path(stage.static_dir) if stage.get("static_dir") else PAGE_DIR
-    if stage.get("static_dir") and not static.is_dir():
-        raise ConfigError(f"stage.static_dir: {static} is not a directory")
+    static = page_dir(stage)
     template = chat_template(cfg)
 
     sock = bind(host, port)
@@ -137,6 +154,8 @@ def run(cfg: DictConfig):
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         log.info("serving %s at http://%s:%d/v1 (API key: %s); SIGTERM or Ctrl-C stops", name, url_host, bound_port,
                  f"${stage.api_key_env}" if key else "none")
+        if static is not None:
+            log.info("web page at http://%s:%d/", url_host, bound_port)
         engine.start()
         try:
             with _signals_end_serving():
