@@ -14,8 +14,10 @@ Backends (the product each swapped module computes with):
 The layout is chosen here and never changes afterwards: generation reads the weights as they were
 laid out at load. The fused weight is one matrix whose row blocks are the original projections'
 parameters (views, same memory), kept as a buffer outside the state dict, so the state dict, the
-parameter count and the memory stay those of the plain model. Swaps are for inference: apply them
-last (after any move or cast: `.to()` would give the views and the fused buffer separate copies).
+parameter count and the memory stay those of the plain model. Swaps are for inference: the fused
+products run without autograd only (with it, the separate ones, so that gradients reach the
+parameters); apply them last, after any move or cast (`.to()` gives the views and the fused buffer
+separate copies: still the same values, but an in-place change of one no longer reaches the other).
 """
 
 from __future__ import annotations
@@ -116,9 +118,14 @@ class FusedAttention(nn.Module):
     def forward(self, x, cos, sin, cache=None, mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x).view(B, T, H + 2 * K, D)
-        qk = apply_rope(qkv.narrow(2, 0, H + K), cos, sin)  # q and k heads rotated in one pass
-        q, k, v = qk.narrow(2, 0, H), qk.narrow(2, H, K), qkv.narrow(2, H + K, K)
+        if torch.is_grad_enabled():  # the fused weight is no parameter: gradients need the separate products
+            q = apply_rope(self.wq(x).view(B, T, H, D), cos, sin)
+            k = apply_rope(self.wk(x).view(B, T, K, D), cos, sin)
+            v = self.wv(x).view(B, T, K, D)
+        else:
+            qkv = self.wqkv(x).view(B, T, H + 2 * K, D)
+            qk = apply_rope(qkv.narrow(2, 0, H + K), cos, sin)  # q and k heads rotated in one pass
+            q, k, v = qk.narrow(2, 0, H), qk.narrow(2, H, K), qkv.narrow(2, H + K, K)
         return self.wo(attend(q, k, v, cache, self.layer, mask, causal))
 
 
@@ -132,9 +139,9 @@ class FusedFeedForward(nn.Module):
         self.w_down = _linear(ffn.w_down, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # as FusedAttention: gradients reach the parameters
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled():
-            return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(gate, inplace=True).mul_(up))  # no autograd: in place is safe
 
 
