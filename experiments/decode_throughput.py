@@ -158,7 +158,6 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
                 speedup = f"{med['transformers'] / med['llama_zh']:.2f}x" if impl == "llama_zh" else "-"
                 lines.append(f"| {batch} | {label if impl == 'llama_zh' else impl} | {tps:.1f} | {best:.1f} | {ms:.2f} | {vs_floor} | {speedup} | "
                              f"{'yes' if same else 'NO'} |")
-            del model
         if quant:
             lines += bench_quant(stream, ours, quant_tokens, repeats, shape["vocab_size"], device, dtype, backend)
         del hf

@@ -253,6 +253,39 @@ def test_kernel_backend_sends_every_decoding_product_to_the_kernel(threads, monk
     torch.testing.assert_close(fast.layers[1].attn.wk.weight, tiny().layers[1].attn.wk.weight)
 
 
+class SpacedIds:
+    """A tokenizer stand-in for the engine: ids decode to their numbers, no eos."""
+
+    eos_id = -1
+
+    def decode(self, ids):
+        return " ".join(map(str, ids)) + " "
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_steps_a_swapped_model_through_its_own_forward(backend, small_weights_too, monkeypatch):
+    from llama_zh.infer import engine as engine_module
+
+    model = tiny()
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=6)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12], [13, 14]]
+    solo = [generate_batch(model, [p], cfg)[0] for p in prompts]  # the plain model, alone
+    fast, _ = swapped(model, backend)
+    forwards = []
+    real_forward = type(fast).forward
+    monkeypatch.setattr(type(fast), "forward", lambda self, *a, **k: forwards.append(k) or real_forward(self, *a, **k))
+    engine = engine_module.Engine(fast, SpacedIds(), max_concurrent=2, max_queue=4)
+    done = []
+    for p in prompts:  # staggered: rows at different positions share steps
+        done.append(engine_module.Completion())
+        engine.submit(p, cfg, done[-1].add)
+        engine.step()
+    engine.run_until_idle()
+    assert [c.text for c in done] == [SpacedIds().decode(s) for s in solo]
+    batched = [k["positions"] for k in forwards if k.get("positions") is not None]
+    assert batched and any(len(set(p[:, 0].tolist())) > 1 for p in batched)  # explicit, different positions
+
+
 def test_auto_backend_is_chosen_at_load(threads, monkeypatch):
     monkeypatch.setattr(kernels, "load", lambda: object())  # a kernel is there
     threads(1)
