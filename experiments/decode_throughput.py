@@ -156,7 +156,8 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
                     vs_floor = (f"{statistics.median(r[0] for r in ratio[impl]):.2f} / "
                                 f"{statistics.median(r[1] for r in ratio[impl]):.2f}")
                 speedup = f"{med['transformers'] / med['llama_zh']:.2f}x" if impl == "llama_zh" else "-"
-                lines.append(f"| {batch} | {label if impl == 'llama_zh' else impl} | {tps:.1f} | {best:.1f} | {ms:.2f} | {vs_floor} | {speedup} | "
+                name = label if impl == "llama_zh" else impl
+                lines.append(f"| {batch} | {name} | {tps:.1f} | {best:.1f} | {ms:.2f} | {vs_floor} | {speedup} | "
                              f"{'yes' if same else 'NO'} |")
         if quant:
             lines += bench_quant(stream, ours, quant_tokens, repeats, shape["vocab_size"], device, dtype, backend)
@@ -170,8 +171,9 @@ def bench_quant(stream, ours, new_tokens: int, repeats: int, vocab: int, device:
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
     rows, base = [], None
     for method in ("none", "int8", "nf4"):
-        model, report = (ours, None) if method == "none" else load_stream(stream, device, dtype, QuantConfig(name=method),
-                                                                         backend)
+        model, report = ours, None
+        if method != "none":
+            model, report = load_stream(stream, device, dtype, QuantConfig(name=method), backend)
         if report is None:
             from llama_zh.quant import weight_bytes
 

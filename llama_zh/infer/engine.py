@@ -12,8 +12,8 @@ so a seeded answer does not depend on its neighbours either. A finished or cance
 its slot at once; the next queued request takes it at the next step.
 
 Sampling is generate.py's (`sample_next`, per sequence with its own SamplingConfig); eos, stop
-strings and the token budget are handled by generate.py's `RowState`, so stage=serve and stage=infer end
-answers identically. Text is streamed as deltas that never end inside a character (`TextDeltas`).
+strings and the token budget are handled by generate.py's `RowState`, so stage=serve and stage=infer
+end answers identically. Text is streamed as deltas that never end inside a character (`TextDeltas`).
 
 Threads: one engine thread owns the model (`start`/`stop`); `submit` and `cancel` may be called from
 any thread, and events reach the caller through a callback (asyncio: `submit_async`). `step` runs one
@@ -143,8 +143,8 @@ class SlotCache:
 
 class SlotRows:
     """One new token per row, row i at `positions[i]` of cache slot `slots[i]`, seeing only that
-    slot's keys up to its position: the cache a decoding step hands Transformer.forward (the
-    methods model.KVCache has; the step gives the positions itself, so `positions` is unused)."""
+    slot's keys up to its position: the cache a decoding step hands Transformer.forward (it answers
+    what model.KVCache answers; the engine, not the cache, keeps each sequence's length)."""
 
     def __init__(self, cache: SlotCache, slots: list[int], positions: list[int]):
         device = cache.k.device

@@ -79,7 +79,8 @@ def resolve_backend(backend: str, device: str | torch.device, dtype: torch.dtype
 
 
 def load_stream(stream: WeightStream, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                quant: QuantConfig | None = None, backend: str = "auto", rows: int = 1) -> tuple[Transformer, LoadReport]:
+                quant: QuantConfig | None = None, backend: str = "auto",
+                rows: int = 1) -> tuple[Transformer, LoadReport]:
     """The model of `stream` on `device`, quantized by `quant`, the rest in `dtype` (None: as stored),
     swapped for `backend`, in eval mode, every weight frozen."""
     chosen = resolve_backend(backend, device, dtype, rows)
