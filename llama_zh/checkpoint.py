@@ -301,13 +301,24 @@ def load_model(stream: WeightStream, device: str | torch.device = "cpu", dtype: 
     return model
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a native or Hugging Face directory; tokenizer is None if the directory has none."""
-    stream = read_any(Path(path))
-    model = load_model(stream, device, dtype).eval()
-    tokenizer = Tokenizer(stream.tokenizer) if stream.tokenizer else None
-    if tokenizer is not None and tokenizer.vocab_size > stream.config.vocab_size:
+def stream_tokenizer(stream: WeightStream) -> Tokenizer | None:
+    """The tokenizer a checkpoint carries (None if none), refused if it has more pieces than the model
+    has embedding rows: both loaders (this module's and llama_zh.infer's) check it here."""
+    if stream.tokenizer is None:
+        return None
+    tokenizer = Tokenizer(stream.tokenizer)
+    if tokenizer.vocab_size > stream.config.vocab_size:
         raise CheckpointError(
             f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size is {stream.config.vocab_size}"
         )
-    return model, tokenizer
+    return tokenizer
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a native or Hugging Face directory; tokenizer is None if the directory has none.
+
+    The plain training architecture as stored (what merges, conversions and parity checks compare);
+    for inference (quantization, the fused modules, the CPU kernel) use llama_zh.infer.load."""
+    stream = read_any(Path(path))
+    tokenizer = stream_tokenizer(stream)
+    return load_model(stream, device, dtype).eval(), tokenizer
