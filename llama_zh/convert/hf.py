@@ -16,6 +16,7 @@ from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.convert.hf_tokenizer import SpecialPieces, build_hf_tokenizer
 from llama_zh.convert.keys import KeyMap
 from llama_zh.tensor_io import CheckpointError, torch_load_weights
+from llama_zh.tokenizer import find_tokenizer
 from llama_zh.vocab import load_model_proto
 
 KEYS = KeyMap(
@@ -89,8 +90,8 @@ def read(path: Path, tokenizer: Path | None = None) -> WeightStream:
         specs, tensors = safetensors_stream(files, KEYS.renamer(str(path)))
     else:
         specs, tensors = _bin_stream(path)
-    tok = Path(tokenizer) if tokenizer else path / "tokenizer.model"
-    stream = WeightStream(config, specs, tensors, tok if tok.is_file() else None, source=str(path))
+    tok = Path(tokenizer) if tokenizer else find_tokenizer(path)
+    stream = WeightStream(config, specs, tensors, tok if tok is not None and tok.is_file() else None, source=str(path))
     check_specs(stream)
     return stream
 

@@ -241,29 +241,10 @@ def _encode_with_offsets(text: str, tokenizer, bos_token: str, eos_token: str) -
             token = bos_token if part == tokenizer.bos_id else eos_token
             offsets.append((at, at + len(token)))
             continue
-        # sentencepiece gives byte offsets into the chunk; characters are what the spans count.
-        char_at = _byte_to_char(part)
-        for piece in _pieces(tokenizer, part):
-            ids.append(piece.id)
-            offsets.append((at + char_at[piece.begin], at + char_at[piece.end]))
+        piece_ids, spans = tokenizer.encode_with_offsets(part)
+        ids += piece_ids
+        offsets += [(at + begin, at + end) for begin, end in spans]
     return ids, offsets
-
-
-def _byte_to_char(text: str) -> dict[int, int]:
-    table, byte = {}, 0
-    for i, ch in enumerate(text):
-        table[byte] = i
-        byte += len(ch.encode("utf-8"))
-    table[byte] = len(text)
-    return table
-
-
-def _pieces(tokenizer, text: str):
-    sp = tokenizer.sp
-    try:
-        return sp.encode(text, return_type="proto").pieces
-    except (TypeError, ValueError):  # sentencepiece before return_type
-        return sp.encode(text, out_type="immutable_proto").pieces
 
 
 # ---------------------------------------------------------------------------------------------- export
