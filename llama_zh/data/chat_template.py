@@ -251,8 +251,8 @@ def _encode_with_offsets(text: str, tokenizer, bos_token: str, eos_token: str) -
 
 
 def checkpoint_template(directory: Path) -> str | None:
-    """The chat template a checkpoint directory carries: a native checkpoint's model_config.yaml field
-    or a Hugging Face tokenizer_config.json's `chat_template`; None if none."""
+    """The chat template a checkpoint directory carries: a native checkpoint's model_config.yaml field,
+    else a tokenizer_config.json's `chat_template` (Hugging Face, or beside a tokenizer.json); None if none."""
     directory = Path(directory)
     native = directory / "model_config.yaml"
     if native.is_file():
@@ -261,7 +261,9 @@ def checkpoint_template(directory: Path) -> str | None:
         except yaml.YAMLError:
             return None  # the checkpoint reader reports a broken file
         text = meta.get(CHECKPOINT_KEY) if isinstance(meta, dict) else None
-        return text if isinstance(text, str) and text.strip() else None
+        if isinstance(text, str) and text.strip():
+            return text
+    # A Hugging Face directory's, or the one a byte-level BPE tokenizer brought into a native checkpoint.
     hf = directory / "tokenizer_config.json"
     if hf.is_file():
         import json
