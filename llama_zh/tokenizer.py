@@ -45,7 +45,7 @@ def tokenizer_kind(path: Path) -> str:
     first = head.split(b"\n", 1)[0].split(b" ")
     if len(first) == 2 and first[1].strip().isdigit():
         raise TokenizerError(f"{path}: a tiktoken rank file (Meta's Llama-3 release), not a sentencepiece model; "
-                             f"turn it into a tokenizer.json with `stage=convert` (llama_zh.convert.tiktoken)")
+                             f"turn it into a tokenizer.json with `python -m llama_zh.convert.tiktoken RANK_FILE OUT_DIR`")
     return "sentencepiece"
 
 
