@@ -62,6 +62,11 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, specials: list[s
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tokenizer.train_from_iterator(texts, trainer)
+    # Llama-3's model takes a pre-tokenized word that is a token whole (ignore_merges), and llama.cpp's
+    # "llama-bpe" always does: set here so that both tokenize alike.
+    spec = json.loads(tokenizer.to_str())
+    spec["model"]["ignore_merges"] = True
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.add_special_tokens(specials)
     if specials:
         tokenizer.post_processor = bos_post_processor(specials[0], tokenizer.token_to_id(specials[0]))

@@ -74,12 +74,16 @@ def test_gguf_export_writes_a_gpt2_vocabulary(tokenizers_, which, tmp_path):
     assert fields["tokenizer.chat_template"] == CHATML
 
 
-def test_gguf_export_refuses_another_pre_tokenizer(tokenizers_, tmp_path):
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\s+|\S+"), "names Llama-3's split only"),
+    (lambda s: s["model"].update(ignore_merges=False), "model.ignore_merges is false"),
+])
+def test_gguf_export_refuses_what_llama_cpp_would_tokenize_otherwise(tokenizers_, tmp_path, change, message):
     spec = json.loads(tokenizers_["base"].read_text(encoding="utf-8"))
-    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"
+    change(spec)
     path = write_bpe(json.dumps(spec), tmp_path / "tok", tokenizer_config())
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", Tokenizer(path))
-    with pytest.raises(GGUFError, match="names Llama-3's split only"):
+    with pytest.raises(GGUFError, match=message):
         convert(ckpt, "native", tmp_path / "model", "gguf")
     assert not (tmp_path / "model.gguf").exists()
 

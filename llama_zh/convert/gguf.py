@@ -258,6 +258,9 @@ def bpe_vocab(path: Path, vocab_size: int) -> GGUFVocab:
     if split != LLAMA3_SPLIT:
         raise GGUFError(f"{path}: pre_tokenizer splits with {split!r}; the GGUF export names Llama-3's split only "
                         f"(llama.cpp's \"llama-bpe\"), another would tokenize differently in llama.cpp")
+    if not tok.spec["model"].get("ignore_merges"):
+        raise GGUFError(f"{path}: model.ignore_merges is false; llama.cpp's \"llama-bpe\" takes a word that is a token "
+                        f"whole (Llama-3's tokenizer.json sets it true), so the two would tokenize differently")
     added = {t["id"]: t for t in tok.spec.get("added_tokens", [])}
     by_id = {i: t for t, i in tok.spec["model"]["vocab"].items()}
     pieces, types = [], []
