@@ -60,7 +60,8 @@ class Tokenizer:
             path = Path(path)
             if not path.is_file():
                 raise TokenizerError(f"{path}: tokenizer model not found")
-            cls = BPETokenizer if tokenizer_kind(path) == "bpe" else SentencePieceTokenizer
+            kind = BPETokenizer if tokenizer_kind(path) == "bpe" else SentencePieceTokenizer
+            return super().__new__(kind)
         return super().__new__(cls)
 
     vocab_size: int

@@ -132,7 +132,7 @@ def test_stage_extends_a_bpe_base_reports_and_resizes(bpe_tokenizer, tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", LLAMA_ZH_DATA=str(tmp_path / "data"))
     args = [sys.executable, "-m", "llama_zh", "stage=tokenizer", "logger=csv", "data=sample_zh", "stage.vocab_size=6000",
             f"stage.output={out}", f"stage.resize_checkpoint={src}", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["base"] == str(src / "tokenizer.json") and report["extension"]["added"] > 500

@@ -150,3 +150,12 @@ def test_a_tiktoken_file_and_a_bad_config_are_named(bpe_tokenizer, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<nope>"}))
     with pytest.raises(TokenizerError, match="bos_token '<nope>' is not a token"):
         Tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_multiple_choice_letters_are_token_ids(bpe):
+    from llama_zh.eval.multiple_choice import LETTERS, letter_ids
+
+    prompt = "问题：1+1=?\nA. 1\nB. 2\nC. 3\nD. 4\n答案："
+    ids = letter_ids(bpe, prompt, bpe.encode(prompt, bos=True))
+    # "：A" is one word of Llama-3's split, so each letter falls back to its own token
+    assert ids == [bpe.encode(letter)[0] for letter in LETTERS] and len(set(ids)) == 4

@@ -32,8 +32,10 @@ def test_ids_equal_the_bpe_the_ranks_came_from(bpe_tokenizer, converted):
     for text in news_split(True, 300) + ENGLISH + CODE + MIXED:
         assert ours.encode(text, bos=True) == source.encode(text, bos=True), text
     # the derived merges are the trained ones, rank for rank
-    spec = lambda p: json.loads(p.read_text(encoding="utf-8"))["model"]["merges"]  # noqa: E731
-    assert spec(converted) == spec(bpe_tokenizer)
+    def merges(path):
+        return json.loads(path.read_text(encoding="utf-8"))["model"]["merges"]
+
+    assert merges(converted) == merges(bpe_tokenizer)
 
 
 def test_last_merge_follows_ranks():
