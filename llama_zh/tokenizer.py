@@ -38,6 +38,8 @@ class TokenizerError(LlamaZhError, ValueError):
 def tokenizer_kind(path: Path) -> str:
     """"sentencepiece" or "bpe", from the file's first byte (a tokenizer.json is JSON, a sentencepiece
     model a protobuf whose first field tag is never `{`); a Meta tiktoken rank file is named."""
+    if not Path(path).is_file():
+        raise TokenizerError(f"{path}: tokenizer model not found")
     with open(path, "rb") as f:
         head = f.read(256)
     if head.lstrip()[:1] == b"{":

@@ -159,3 +159,10 @@ def test_multiple_choice_letters_are_token_ids(bpe):
     ids = letter_ids(bpe, prompt, bpe.encode(prompt, bos=True))
     # "：A" is one word of Llama-3's split, so each letter falls back to its own token
     assert ids == [bpe.encode(letter)[0] for letter in LETTERS] and len(set(ids)) == 4
+
+
+def test_a_missing_tokenizer_is_one_line(tmp_path):
+    from llama_zh.tokenizer import tokenizer_kind
+
+    with pytest.raises(TokenizerError, match="tokenizer model not found"):
+        tokenizer_kind(tmp_path / "tokenizer.json")
