@@ -163,10 +163,7 @@ def _bpe_report(tok: BPETokenizer, texts: Iterable[str], batch: int) -> dict:
     def is_partial(token_id: int) -> bool:
         if token_id not in partial:
             data = bpe.token_bytes(tok.token(token_id) or "", alphabet)
-            try:
-                partial[token_id] = data is not None and (data.decode("utf-8") is None)
-            except UnicodeDecodeError:
-                partial[token_id] = True
+            partial[token_id] = data is not None and not _is_utf8(data)
         return partial[token_id]
 
     docs = chars = nbytes = tokens = byte_tokens = byte_chars = 0
@@ -186,6 +183,14 @@ def _bpe_report(tok: BPETokenizer, texts: Iterable[str], batch: int) -> dict:
     return {"documents": docs, "characters": chars, "utf8_bytes": nbytes, "tokens": tokens,
             "tokens_per_char": tokens / max(chars, 1), "tokens_per_byte": tokens / max(nbytes, 1),
             "byte_token_share": byte_tokens / max(tokens, 1), "byte_char_share": byte_chars / max(chars, 1)}
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def extend_bpe_tokenizer(base: Path, texts: Iterable[str], vocab_size: int, out_dir: Path,
