@@ -1,8 +1,10 @@
 """Greedy decode throughput of llama_zh.generate vs transformers' generate, on the same weights, CPU.
 
 For each shape: a random-initialised transformers.LlamaForCausalLM is saved, loaded into llama_zh with
-the production loader (same fp32 weights), and both decode 128 new tokens greedily from the same
-prompts (batch 1 and 8, prompts of 32 tokens; eos never stops either). Reported per run:
+the inference loader (llama_zh.infer.load_stream, same fp32 weights; `--backend`, default auto, which
+picks the layout for the batch at load: the model is loaded once per batch size, and the table names
+the backend in use), and both decode 128 new tokens greedily from the same prompts (batch 1 and 8,
+prompts of 32 tokens; eos never stops either). Reported per run:
 
 - tokens/s: batch x new tokens / wall time of the whole generate call (prefill included);
 - decode ms/step: (time for N new tokens - time for 1 new token) / (N - 1), i.e. the cached steps only;
@@ -44,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_zh.checkpoint import read_any  # noqa: E402
 from llama_zh.generate import SamplingConfig, generate_batch  # noqa: E402
-from llama_zh.quant import QuantConfig, load_quantized  # noqa: E402
+from llama_zh.infer import load_stream  # noqa: E402
+from llama_zh.quant import QuantConfig  # noqa: E402
 
 SHAPES = {
     # conf/model/tiny.yaml with the sample tokenizer's 8000 pieces
@@ -97,13 +100,13 @@ def floors(model, repeats: int) -> dict:
 
 
 def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, quant: bool, quant_tokens: int,
-                device: torch.device, dtype: torch.dtype) -> list[str]:
+                device: torch.device, dtype: torch.dtype, backend: str) -> list[str]:
     shape = SHAPES[name]
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_model(shape, Path(tmp), device, dtype)
         stream = read_any(Path(tmp))
-        ours, _ = load_quantized(stream, QuantConfig(), device, dtype)
+        ours, first = load_stream(stream, device, dtype, QuantConfig(), backend, rows=1)
         n_params = sum(p.numel() for p in ours.parameters())
         floor = floors(ours, max(repeats, 5))
         lines.append(f"\n### {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}; weights read per decode step "
@@ -114,6 +117,9 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
         lines.append("|---|---|---|---|---|---|---|---|")
         g = torch.Generator().manual_seed(1)
         for batch in batches:
+            model, report = (ours, None) if batch == 1 else load_stream(stream, device, dtype, QuantConfig(), backend,
+                                                                        rows=batch)
+            label = f"llama_zh ({(report or first).backend})"
             prompts = torch.randint(3, shape["vocab_size"], (batch, 32), generator=g)
             prompt_lists = prompts.tolist()
             prompts = prompts.to(device)
@@ -125,7 +131,7 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
                                        min_new_tokens=n, pad_token_id=0)[:, prompts.shape[1]:].tolist()
 
             def run_ours(n):
-                return generate_batch(ours, prompt_lists, SamplingConfig(temperature=0.0, max_new_tokens=n))
+                return generate_batch(model, prompt_lists, SamplingConfig(temperature=0.0, max_new_tokens=n))
 
             same = run_hf(new_tokens) == run_ours(new_tokens)  # also warms both up
             times = {"transformers": [], "llama_zh": []}
@@ -150,28 +156,31 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
                     vs_floor = (f"{statistics.median(r[0] for r in ratio[impl]):.2f} / "
                                 f"{statistics.median(r[1] for r in ratio[impl]):.2f}")
                 speedup = f"{med['transformers'] / med['llama_zh']:.2f}x" if impl == "llama_zh" else "-"
-                lines.append(f"| {batch} | {impl} | {tps:.1f} | {best:.1f} | {ms:.2f} | {vs_floor} | {speedup} | "
+                name = label if impl == "llama_zh" else impl
+                lines.append(f"| {batch} | {name} | {tps:.1f} | {best:.1f} | {ms:.2f} | {vs_floor} | {speedup} | "
                              f"{'yes' if same else 'NO'} |")
         if quant:
-            lines += bench_quant(stream, ours, quant_tokens, repeats, shape["vocab_size"], device, dtype)
+            lines += bench_quant(stream, ours, quant_tokens, repeats, shape["vocab_size"], device, dtype, backend)
         del hf
     return lines
 
 
 def bench_quant(stream, ours, new_tokens: int, repeats: int, vocab: int, device: torch.device,
-                dtype: torch.dtype) -> list[str]:
+                dtype: torch.dtype, backend: str) -> list[str]:
     prompt = [torch.randint(3, vocab, (32,), generator=torch.Generator().manual_seed(2)).tolist()]
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
     rows, base = [], None
     for method in ("none", "int8", "nf4"):
-        model, report = (ours, None) if method == "none" else load_quantized(stream, QuantConfig(name=method), device, dtype)
+        model, report = ours, None
+        if method != "none":
+            model, report = load_stream(stream, device, dtype, QuantConfig(name=method), backend)
         if report is None:
             from llama_zh.quant import weight_bytes
 
             mib = weight_bytes(model) / 2**20
             skipped = 0
         else:
-            mib, skipped = report.bytes_after / 2**20, len(report.skipped)
+            mib, skipped = report.quant.bytes_after / 2**20, len(report.quant.skipped)
         generate_batch(model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=2))  # warm-up
         tps = new_tokens / statistics.median(timed(lambda: generate_batch(model, prompt, cfg), repeats))
         if base is None:
@@ -193,6 +202,8 @@ def main() -> None:
     parser.add_argument("--quant-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "kernel"],
+                        help="the inference loader's backend (llama_zh.infer.load)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
@@ -208,7 +219,7 @@ def main() -> None:
           "alternating runs")
     for name in args.shapes.split(","):
         for line in bench_shape(name, [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats,
-                                not args.no_quant, args.quant_tokens, device, dtype):
+                                not args.no_quant, args.quant_tokens, device, dtype, args.backend):
             print(line, flush=True)
 
 

@@ -44,7 +44,7 @@ from pydoc_data.topics import topics
 from llama_zh import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from llama_zh.data.corpus import is_held_out, read_documents
 from llama_zh.data.datasets import PackedDataset
-from llama_zh.data.packing import encode_with_bos_eos, token_dtype
+from llama_zh.data.packing import token_dtype
 from llama_zh.data.prepare import prepare_corpus, sources_of
 from llama_zh.eval.perplexity import perplexity
 from llama_zh.module import causal_lm_loss, lr_factor
@@ -116,7 +116,7 @@ def part_a(tokenizers: dict[str, Path], held_out: dict[str, list[str]]) -> list[
 
 def packed(docs: list[str], tokenizer: Tokenizer, path: Path) -> PackedDataset:
     """`<s> doc </s>` back to back, in memory (the same layout as a packed shard); `path` names it."""
-    tokens, _ = encode_with_bos_eos(tokenizer.sp, docs, token_dtype(tokenizer.vocab_size))
+    tokens, _ = tokenizer.documents_encoder().encode(docs, token_dtype(tokenizer.vocab_size))
     return PackedDataset(tokens, SEQ_LEN, str(path))
 
 

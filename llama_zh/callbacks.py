@@ -34,6 +34,7 @@ from llama_zh.errors import LlamaZhError
 from llama_zh.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
 from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, logit_gap, save_adapter, source_merged_stream
 from llama_zh.prefix import fingerprinted, save_prefix
+from llama_zh.tokenizer import copy_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ class TrainingState(pl.Callback):
         if trainer.is_global_zero:
             meta = {**self.meta, "global_step": step}
             if self.tokenizer is not None:  # a state is self-contained: consolidation needs no other file
-                shutil.copyfile(self.tokenizer, tmp / "tokenizer.model")
+                copy_tokenizer(self.tokenizer, tmp)
             (tmp / STATE_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
             write_manifest(tmp)
             _fsync_tree(tmp)

@@ -2,7 +2,8 @@
 
     model.safetensors                      or  model-00001-of-00003.safetensors ... + model.safetensors.index.json
     model_config.yaml                      format_version, the ModelConfig, dtype
-    tokenizer.model                        the sentencepiece model the weights were trained with
+    tokenizer.model | tokenizer.json       the tokenizer the weights were trained with (sentencepiece, or a
+      (+ tokenizer_config.json)            byte-level BPE with its special tokens and chat template)
 
 Weights move as a `WeightStream`: the native names, dtypes and shapes known up front, the tensors
 produced one at a time. Every converter reads into one and writes from one, so no format is ever
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,7 +25,7 @@ from llama_zh.atomic import AtomicOutput, write_text
 from llama_zh.config import ModelConfig
 from llama_zh.model import Transformer, build_model
 from llama_zh.tensor_io import DTYPES, CheckpointError, SafetensorsWriter, iter_safetensors, safetensors_header
-from llama_zh.tokenizer import Tokenizer, file_sha256
+from llama_zh.tokenizer import Tokenizer, copy_tokenizer, file_sha256, find_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def write_native(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAUL
             meta.update(extra)
         (target.tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
         if stream.tokenizer is not None:
-            shutil.copyfile(stream.tokenizer, target.tmp / "tokenizer.model")
+            copy_tokenizer(stream.tokenizer, target.tmp)
         return target.commit()
 
 
@@ -256,7 +256,7 @@ def read_native(path: Path) -> WeightStream:
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     specs, tensors = safetensors_stream(files, lambda k: k)
-    tok = path / "tokenizer.model"
+    tok = find_tokenizer(path) or path / "tokenizer.model"
     recorded = meta.get("tokenizer_sha256")
     if tok.is_file():
         check_tokenizer(path, tok, recorded)
@@ -301,13 +301,24 @@ def load_model(stream: WeightStream, device: str | torch.device = "cpu", dtype: 
     return model
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a native or Hugging Face directory; tokenizer is None if the directory has none."""
-    stream = read_any(Path(path))
-    model = load_model(stream, device, dtype).eval()
-    tokenizer = Tokenizer(stream.tokenizer) if stream.tokenizer else None
-    if tokenizer is not None and tokenizer.vocab_size > stream.config.vocab_size:
+def stream_tokenizer(stream: WeightStream) -> Tokenizer | None:
+    """The tokenizer a checkpoint carries (None if none), refused if it has more pieces than the model
+    has embedding rows: both loaders (this module's and llama_zh.infer's) check it here."""
+    if stream.tokenizer is None:
+        return None
+    tokenizer = Tokenizer(stream.tokenizer)
+    if tokenizer.vocab_size > stream.config.vocab_size:
         raise CheckpointError(
             f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size is {stream.config.vocab_size}"
         )
-    return model, tokenizer
+    return tokenizer
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a native or Hugging Face directory; tokenizer is None if the directory has none.
+
+    The plain training architecture as stored (what merges, conversions and parity checks compare);
+    for inference (quantization, the fused modules, the CPU kernel) use llama_zh.infer.load."""
+    stream = read_any(Path(path))
+    tokenizer = stream_tokenizer(stream)
+    return load_model(stream, device, dtype).eval(), tokenizer

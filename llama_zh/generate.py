@@ -1,6 +1,7 @@
 """Sampling and autoregressive decoding: prefill the prompts once, then one cached step per token.
 
-Plain PyTorch: the model is any `llama_zh.model.Transformer`. Logits processing is a set of pure
+Plain PyTorch: the model is any `llama_zh.model.Transformer`, plain or swapped for inference
+(llama_zh.infer.load); generation never changes its weights or their layout. Logits processing is a set of pure
 functions on (B, V) tensors (B batch, V vocabulary, T history length), each testable alone.
 
 Batches. Prompts of different lengths are left-padded into one KV cache (`KVCache.left_pad`), which
@@ -26,7 +27,6 @@ from typing import Iterator, Protocol
 
 import torch
 
-from llama_zh.kernels import wide_column_major
 from llama_zh.model import Transformer
 from llama_zh.prefix import allocate_cache
 
@@ -175,7 +175,8 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
 # -------------------------------------------------------------------------------------------- decoding
 
 
-def _earliest_stop(text: str, stops: list[str]) -> int | None:
+def earliest_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first of `stops` starts in `text` (None: none does)."""
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(found) if found else None
 
@@ -199,7 +200,7 @@ def _ids_within(ids: list[int], n_chars: int, tokenizer: Decoder, lo: int) -> in
     return n
 
 
-class _Row:
+class RowState:
     """One prompt's decoding state: the ids it generated, how many are released, whether it has ended.
 
     Stop strings are searched in the decoded text of the new tokens only (not the prompt). When one
@@ -224,7 +225,7 @@ class _Row:
         self.new_ids.append(token)
         if cfg.stop_strings:
             text = tokenizer.decode(self.new_ids)
-            stop_at = _earliest_stop(text, cfg.stop_strings)
+            stop_at = earliest_stop(text, cfg.stop_strings)
             safe_chars = stop_at if stop_at is not None else len(text) - _partial_stop_len(text, cfg.stop_strings)
             safe = _ids_within(self.new_ids, safe_chars, tokenizer, self.emitted)
             released = self.new_ids[self.emitted : safe]
@@ -266,15 +267,6 @@ def fit_prompt(prompt: list[int], cfg: SamplingConfig, max_len: int, row: int = 
     return list(prompt[-keep:])
 
 
-def _lay_out_for(model: Transformer, rows: int, device: torch.device) -> None:
-    """A model fused for inference (Transformer.fuse_projections) gets the layout of wide weights
-    that decodes `rows` rows fastest (llama_zh.kernels.wide_column_major); re-laid only on a change."""
-    current = getattr(model, "wide_column_major", None)
-    if current is not None and current != wide_column_major(rows, device):
-        with torch.inference_mode(False):  # normal tensors: the parameters outlive this call
-            model.fuse_projections(column_major_wide=not current)
-
-
 @torch.inference_mode()
 def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig,
                           eos_id: int | None = None, tokenizer: Decoder | None = None,
@@ -283,7 +275,7 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
     releases in it (one list per row, often empty).
 
     A row ends at `eos_id` (not released; None: the tokenizer's eos if a tokenizer is given, else
-    never), at a stop string (see `_Row`), after `cfg.max_new_tokens` tokens, or when its prompt and
+    never), at a stop string (see `RowState`), after `cfg.max_new_tokens` tokens, or when its prompt and
     new tokens fill `model.config.max_seq_len` (with a warning). Decoding stops when every row has
     ended. The KV cache is allocated once, for the longest prompt plus the most new tokens any row
     can take. Seeded sampling: row i draws from a generator seeded with `seeds[i]` (default
@@ -300,12 +292,11 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
     if not prompts:
         return
     B = len(prompts)
-    rows = [_Row(min(cfg.max_new_tokens, max_len - len(p))) for p in prompts]
+    rows = [RowState(min(cfg.max_new_tokens, max_len - len(p))) for p in prompts]
     n_steps = max(r.budget for r in rows)
 
     # Norms are never quantized: their weight gives the activations' device and dtype, which the cache must match.
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
-    _lay_out_for(model, B, device)
     P = max(len(p) for p in prompts)
     left_pad = [P - len(p) for p in prompts]
     ids = torch.zeros(B, P, dtype=torch.long)  # padding id 0: the cache hides it from attention

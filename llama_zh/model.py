@@ -1,8 +1,9 @@
 """The LLaMA transformer: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV cache.
 
-Plain PyTorch only: nothing here knows of Lightning, DeepSpeed, Hugging Face or the hardware (the
-inference path's products go through llama_zh.kernels.linear: F.linear, or a faster CPU product for
-the few rows of a decoding step where one applies).
+Plain PyTorch only: nothing here knows of Lightning, DeepSpeed, Hugging Face or the hardware. This is
+the architecture that trains; inference speed-ups (fused projections, other weight layouts, the CPU
+small-batch kernel) are module swaps that llama_zh.infer applies to a loaded model, so no inference
+experiment can change training numerics.
 Rotary embeddings use the "rotate halves" layout (dim j pairs with j + head_dim/2), the layout of
 Hugging Face checkpoints; converters permute q/k rows for the interleaved Meta/TencentPretrain
 layout (docs/reference.md#formats). Shapes in comments: B batch, T new tokens, S keys, H heads, K kv heads,
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_zh.config import ModelConfig
-from llama_zh.kernels import linear
 
 
 class RMSNorm(nn.Module):
@@ -63,6 +63,11 @@ class KVCache:
     Prompts of different lengths share one cache left-padded: row b's first `left_pad[b]` slots hold
     padding. Its tokens then take positions from 0 as they would alone, and no real query attends to
     a padding slot (a padding query attends to itself only, so no softmax row is empty).
+
+    What a forward asks of a cache (llama_zh.infer.engine's slot cache answers the same): `end(T)`,
+    the positions filled once T more tokens are in; `positions(T)`, where the next T tokens sit by
+    default; `mask(T)`, what they attend to; `update(layer, k, v)`, store their keys and values and
+    give back every visible one; `advance(T)`, once every layer has stored them.
     """
 
     k: torch.Tensor  # (L, B, K, S_max, D)
@@ -87,12 +92,46 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def end(self, T: int) -> int:
+        return self.pos + T
+
+    def positions(self, T: int) -> int | torch.Tensor:
+        """The rotary positions of the next T tokens: an int p (p .. p+T-1 in every row), or (B, T)
+        where rows are left-padded (each row counts from 0 at its first real token)."""
+        if self.left_pad is None:
+            return self.pos
+        positions = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        return (positions[None, :] - self.left_pad[:, None]).clamp(min=0)
+
     def visible(self, T: int) -> torch.Tensor:
         """(B, 1, T, S) bool: which of the S = pos + T key slots each of the next T queries attends to."""
         key = torch.arange(self.pos + T, device=self.k.device)  # (S,)
         query = key[self.pos:, None]  # (T, 1)
         real = key[None, :] >= self.left_pad[:, None]  # (B, S)
         return ((key <= query) & real[:, None] | (key == query))[:, None]
+
+    def mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for SDPA of the next T queries against the pos + T keys."""
+        if self.left_pad is not None:
+            return self.visible(T), False
+        if self.pos == 0:
+            return None, T > 1
+        if T == 1:
+            return None, False  # one new token sees every cached key
+        # SDPA's is_causal aligns the mask top-left; new queries sit at the bottom-right.
+        query_pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        return torch.arange(self.pos + T, device=self.k.device)[None, :] <= query_pos[:, None], False  # (T, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, D) at the next T slots of `layer`; return its keys and values so far."""
+        T = k.shape[2]
+        cached_k, cached_v = self.layer_k[layer], self.layer_v[layer]  # (B, K, S_max, D)
+        cached_k.narrow(2, self.pos, T).copy_(k)
+        cached_v.narrow(2, self.pos, T).copy_(v)
+        return cached_k.narrow(2, 0, self.pos + T), cached_v.narrow(2, 0, self.pos + T)  # (B, K, S, D)
+
+    def advance(self, T: int) -> None:
+        self.pos += T
 
 
 def segment_runs(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,20 +156,6 @@ def segment_mask(runs: torch.Tensor) -> torch.Tensor:
     return ((runs[:, :, None] == runs[:, None, :]) & causal)[:, None]
 
 
-WIDE = 4  # out_features / in_features from which a weight is read faster column-major (see _column_major)
-
-
-def _column_major(weight: torch.Tensor) -> torch.Tensor:
-    """The same (out, in) matrix stored in-major: x @ W.T then reads W as rows of W.T, contiguous.
-
-    Measured on this project's CPU (2-core EPYC, MKL, fp32, one thread; experiments/inference.md),
-    one hot-cache run: for matrices at least WIDE times wider than deep, the product with 1 row runs
-    faster this way, with bit-identical results: 32000x768 1.71x, 4096x768 1.39x, 8000x128 1.50x; for
-    squarer ones it is a wash or slower (2304x768 0.98x, 768x2048 0.88x). With 8 rows the gain is
-    smaller and not steady between runs (32000x768 1.30x; 4096x768 1.21x in one run, 0.73x in another)."""
-    return weight.T.contiguous().T
-
-
 def is_plain_linear(module: nn.Module) -> bool:
     """An nn.Linear itself without bias: its product is x @ weight.T and nothing else, so a caller may
     compute it another way (fused, chunked, another kernel); quantized or adapted (LoRA) projections
@@ -138,40 +163,16 @@ def is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None
 
 
-def _fuse_linears(linears: list[nn.Linear], column_major_wide: bool) -> tuple[torch.Tensor, tuple[int, ...]] | None:
-    """One weight (sum of out, in) whose row blocks become the linears' weights, so that one matrix
-    product computes all of them and the state dict keeps its names; None if they cannot share one.
-    `column_major_wide`: store it column-major if it is WIDE (see _column_major)."""
-    if not all(is_plain_linear(m) for m in linears):
-        return None
-    weights = [m.weight for m in linears]
-    if len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1 or weights[0].device.type == "meta":
-        return None
-    fused = torch.cat([w.detach() for w in weights])
-    if column_major_wide and fused.shape[0] >= WIDE * fused.shape[1]:
-        fused = _column_major(fused)
-    row = 0
-    for m, w in zip(linears, weights):
-        m.weight = nn.Parameter(fused[row : row + w.shape[0]], requires_grad=w.requires_grad)
-        row += w.shape[0]
-    return fused, tuple(m.weight.data_ptr() for m in linears)
-
-
-def _still_fused(fused: tuple[torch.Tensor, tuple[int, ...]] | None, *linears: nn.Linear) -> bool:
-    """Whether the fused weight may stand in for `linears` now: no autograd (the parameters are views
-    of it, which a product with it would not give gradients to), and the parameters are still those
-    views (not moved, cast or replaced since)."""
-    return (fused is not None and not torch.is_grad_enabled()
-            and tuple(m.weight.data_ptr() for m in linears) == fused[1])
-
-
-def _project(module: nn.Module, x: torch.Tensor, inference: bool) -> torch.Tensor:
-    """module(x); on the inference path (`inference`: the block's fused weights are in use, so no
-    autograd) a plain linear without hooks goes through llama_zh.kernels.linear."""
-    if (inference and is_plain_linear(module)
-            and not (module._forward_hooks or module._forward_pre_hooks)):
-        return linear(x, module.weight)
-    return module(x)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, mask: torch.Tensor | None,
+           causal: bool) -> torch.Tensor:
+    """Attention of q (B, T, H, D) over k, v (B, T, K, D) and, with a cache, the keys before them
+    (stored there first): (B, T, H x D), ready for the output projection."""
+    B, T, H, D = q.shape
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # (B, K, S, D)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != H)
+    return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 class Attention(nn.Module):
@@ -183,40 +184,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
-        self.wqkv = None  # set by Transformer.fuse_projections: (weight, pointers of wq/wk/wv's views of it)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, visible: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                causal: bool = True) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        fused = _still_fused(self.wqkv, self.wq, self.wk, self.wv)
-        if fused:
-            qkv = linear(x, self.wqkv[0]).view(B, T, H + 2 * K, D)
-            qk = apply_rope(qkv.narrow(2, 0, H + K), cos, sin)  # q and k heads rotated in one pass
-            q, k, v = qk.narrow(2, 0, H), qk.narrow(2, H, K), qkv.narrow(2, H + K, K)
-        else:
-            q = apply_rope(self.wq(x).view(B, T, H, D), cos, sin)
-            k = apply_rope(self.wk(x).view(B, T, K, D), cos, sin)
-            v = self.wv(x).view(B, T, K, D)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
-
-        mask, causal = None, T > 1
-        if cache is not None:
-            start = cache.pos
-            cached_k, cached_v = cache.layer_k[self.layer], cache.layer_v[self.layer]  # (B, K, S_max, D)
-            cached_k.narrow(2, start, T).copy_(k)
-            cached_v.narrow(2, start, T).copy_(v)
-            k, v = cached_k.narrow(2, 0, start + T), cached_v.narrow(2, 0, start + T)  # (B, K, S, D)
-            if start > 0 and T > 1:
-                # SDPA's is_causal aligns the mask top-left; new queries sit at the bottom-right.
-                query_pos = torch.arange(start, start + T, device=x.device)
-                mask = torch.arange(start + T, device=x.device)[None, :] <= query_pos[:, None]  # (T, S)
-                causal = False
-            elif start > 0:
-                causal = False  # one new token sees every cached key
-        if visible is not None:  # left-padded rows (KVCache.visible) or packed examples (segment_mask)
-            mask, causal = visible, False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H)  # (B, H, T, D)
-        return _project(self.wo, y.transpose(1, 2).reshape(B, T, H * D), fused)
+        q = apply_rope(self.wq(x).view(B, T, H, D), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, K, D), cos, sin)
+        v = self.wv(x).view(B, T, K, D)
+        return self.wo(attend(q, k, v, cache, self.layer, mask, causal))
 
 
 class FeedForward(nn.Module):
@@ -225,12 +201,8 @@ class FeedForward(nn.Module):
         self.w_gate = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.w_up = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
-        self.w_gate_up = None  # set by Transformer.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _still_fused(self.w_gate_up, self.w_gate, self.w_up):
-            gate, up = linear(x, self.w_gate_up[0]).chunk(2, dim=-1)
-            return _project(self.w_down, F.silu(gate, inplace=True).mul_(up), True)  # no autograd: in place is safe
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -242,8 +214,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, visible: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, visible)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                causal: bool = True) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask, causal)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -258,8 +231,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._rope_tables: dict = {}  # (device, dtype) -> (cos, sin), see _rope
-        self.head_fused = None  # set by fuse_projections: (weight, its pointer), as the blocks' fused weights
-        self.wide_column_major: bool | None = None  # the layout fuse_projections chose; None: not fused
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 return_hidden: bool = False, *, positions: torch.Tensor | None = None,
@@ -269,41 +240,47 @@ class Transformer(nn.Module):
         the tokens continue it. `return_hidden`: the final normalised states (B, T, C) instead of
         the logits, for a loss that applies the head itself (llama_zh.loss).
 
+        `positions` (B, T): the rotary position of each token. None: 0 .. T-1, or with a cache where
+        the cache says the next tokens sit (after its tokens; each left-padded row from 0). A caller
+        that keeps its own positions (the serving engine: every row of a batch at its own length)
+        gives them, and a cache that stores each row at its own position.
+
         Packed training sequences (no cache): `segment_ids` (B, T) marks which example each token
         belongs to (runs of equal ids); a token then attends only to the earlier tokens of its run,
-        and its rotary position counts from 0 at the run's start unless `positions` (B, T) gives
-        them. Without either the attention is SDPA's plain causal one, unmasked."""
+        and its rotary position counts from 0 at the run's start unless `positions` gives them.
+        Without either the attention is SDPA's plain causal one, unmasked."""
         B, T = input_ids.shape
-        start = cache.pos if cache is not None else 0
+        end = cache.end(T) if cache is not None else T
         limit = cache.max_len if cache is not None else self.config.max_seq_len
-        if start + T > limit:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the limit of {limit}")
-        if cache is not None and (positions is not None or segment_ids is not None):
-            raise ValueError("positions and segment_ids are for training on packed sequences, not with a KV cache")
+        if end > limit:
+            raise ValueError(f"sequence of {end} tokens exceeds the limit of {limit}")
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids are for training on packed sequences, not with a KV cache")
         x = self.embed(input_ids)  # (B, T, C)
-        visible = None
+        mask, causal = None, T > 1
         if segment_ids is not None:
             runs, run_positions = segment_runs(segment_ids)
-            visible = segment_mask(runs)
+            mask, causal = segment_mask(runs), False
             positions = run_positions if positions is None else positions
-        elif cache is not None and cache.left_pad is not None:
-            positions = torch.arange(start, start + T, device=input_ids.device)
-            positions = (positions[None, :] - cache.left_pad[:, None]).clamp(min=0)  # (B, T): each row from 0
-            visible = cache.visible(T)
-        cos, sin = self._rope(start + T, x.device, x.dtype)  # (S, D), S >= max_seq_len
-        if positions is not None:
+        elif cache is not None:
+            mask, causal = cache.mask(T)
+            if positions is None:
+                positions = cache.positions(T)
+        cos, sin = self._rope(end, x.device, x.dtype)  # (S, D), S >= max_seq_len
+        if isinstance(positions, torch.Tensor):
             cos, sin = cos[positions, None], sin[positions, None]  # (B, T, 1, D)
         else:
+            start = positions or 0
             cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # (T, 1, D)
         for block in self.layers:
-            x = block(x, cos, sin, cache, visible)
+            x = block(x, cos, sin, cache, mask, causal)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         if return_hidden:
             return self.norm(x)
-        return _project(self.head, self.norm(x), _still_fused(self.head_fused, self.head))
+        return self.head(self.norm(x))
 
     def _rope(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables covering `length` positions, computed once per device and dtype (not state:
@@ -316,37 +293,6 @@ class Transformer(nn.Module):
                                      device, dtype)
             self._rope_tables[key] = tables
         return tables
-
-    @torch.no_grad()
-    def fuse_projections(self, column_major_wide: bool = False) -> int:
-        """For inference: compute q/k/v with one matrix product and gate/up with another.
-
-        Each group's weights are copied into one matrix and the projections' parameters become views
-        of it, so the state dict, the names and the memory stay as they were. The fused product is
-        used only without autograd and only while the parameters are still those views (moving or
-        casting the model afterwards falls back to the separate products; fuse again after). Groups
-        with a quantized or adapted projection are left alone. `column_major_wide`: store the fused
-        weights and the head column-major where they are wide (a CPU decoding speed-up, see
-        _column_major; the values and results are unchanged). Returns the number of groups fused.
-        """
-        fused = 0
-        for block in self.layers:
-            attn, ffn = block.attn, block.ffn
-            attn.wqkv = _fuse_linears([attn.wq, attn.wk, attn.wv], column_major_wide)
-            ffn.w_gate_up = _fuse_linears([ffn.w_gate, ffn.w_up], column_major_wide)
-            fused += (attn.wqkv is not None) + (ffn.w_gate_up is not None)
-        head = self.head
-        if type(head) is nn.Linear and head.weight.device.type != "meta":
-            weight = head.weight.detach()
-            if column_major_wide and weight.shape[0] >= WIDE * weight.shape[1]:
-                weight = _column_major(weight)
-            elif not column_major_wide:
-                weight = weight.contiguous()  # row-major again after an earlier column-major call
-            if weight.data_ptr() != head.weight.data_ptr():  # a copy was made
-                head.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
-        self.head_fused = (head.weight, (head.weight.data_ptr(),)) if type(head) is nn.Linear else None
-        self.wide_column_major = column_major_wide
-        return fused
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:

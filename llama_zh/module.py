@@ -79,10 +79,10 @@ def enable_activation_checkpointing(model: Transformer) -> None:
             continue
         forward = block.forward
 
-        def checkpointed(x, cos, sin, cache=None, visible=None, *, _forward=forward):
+        def checkpointed(x, cos, sin, cache=None, mask=None, causal=True, *, _forward=forward):
             if cache is not None or not torch.is_grad_enabled():
-                return _forward(x, cos, sin, cache, visible)
-            return checkpoint(_forward, x, cos, sin, None, visible, use_reentrant=False)
+                return _forward(x, cos, sin, cache, mask, causal)
+            return checkpoint(_forward, x, cos, sin, None, mask, causal, use_reentrant=False)
 
         block.forward = checkpointed
         block._checkpointed = True

@@ -2,9 +2,10 @@
 
 The attention and FFN projections of every block are replaced (the reference tool's
 choice); the embedding and the output head stay in full precision unless the quant config asks for them.
-`load_for_inference` builds the model on the meta device and streams the checkpoint one tensor at a
-time: each projection is quantized as it arrives, on the target device, so the full-precision model
-never exists there (nor in CPU memory): the peak is the quantized model plus one full-precision tensor.
+`quantize_stream` (what llama_zh.infer.load and QLoRA's base build on) builds the model on the meta
+device and streams the checkpoint one tensor at a time: each projection is quantized as it arrives,
+on the target device, so the full-precision model never exists there (nor in CPU memory): the peak
+is the quantized model plus one full-precision tensor.
 
 On CPU, bitsandbytes' nf4 kernel (packed for AVX512-BF16) needs an output size that is a multiple
 of 32 and an input size that is a multiple of the block size; other layers are left in
@@ -17,19 +18,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from llama_zh.checkpoint import WeightStream, check_specs, read_any
+from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.config import ConfigError, check_keys
 from llama_zh.errors import LlamaZhError
-from llama_zh.kernels import wide_column_major
 from llama_zh.model import Transformer, build_model
-from llama_zh.tensor_io import CheckpointError
-from llama_zh.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +216,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_stream(stream: WeightStream, cfg: QuantConfig, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[Transformer, QuantReport]:
     """The model of `stream` on `device`, quantized by `cfg` one tensor at a time, every weight frozen;
-    the rest in `dtype` (None: as stored). Neither fused nor put in eval mode: what training builds
-    its adapters on (finetune.base_quant)."""
+    the rest in `dtype` (None: as stored). Neither swapped for speed nor put in eval mode: what
+    training builds its adapters on (finetune.base_quant) and llama_zh.infer.load swaps."""
     check_specs(stream)
     device = torch.device(device)
     model = build_model(stream.config, device="meta")
@@ -247,27 +244,3 @@ def quantize_stream(stream: WeightStream, cfg: QuantConfig, device: str | torch.
         del t
     report.bytes_full, report.bytes_after = full, weight_bytes(model)
     return model, report
-
-
-def load_quantized(stream: WeightStream, cfg: QuantConfig, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> tuple[Transformer, QuantReport]:
-    """The model of `stream` on `device`, quantized by `cfg` one tensor at a time; the rest in `dtype`
-    (None: as stored); ready for inference."""
-    model, report = quantize_stream(stream, cfg, device, dtype)
-    # q/k/v and gate/up in one product each where unquantized, same memory; wide weights laid out
-    # for one-row products (generation re-lays them for a batch: llama_zh.kernels.wide_column_major).
-    model.fuse_projections(column_major_wide=wide_column_major(1, device))
-    return model.eval(), report
-
-
-def load_for_inference(path: str | Path, quant: QuantConfig | None = None, device: str | torch.device = "cpu",
-                       dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None, QuantReport]:
-    """(model, tokenizer, report) from a native or Hugging Face directory, quantized by `quant`."""
-    stream = read_any(Path(path))
-    model, report = load_quantized(stream, quant or QuantConfig(), device, dtype)
-    tokenizer = Tokenizer(stream.tokenizer) if stream.tokenizer else None
-    if tokenizer is not None and tokenizer.vocab_size > stream.config.vocab_size:
-        raise CheckpointError(
-            f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size is {stream.config.vocab_size}"
-        )
-    return model, tokenizer, report

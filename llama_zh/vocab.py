@@ -1,6 +1,8 @@
 """Chinese vocabulary extension (docs/reference.md#vocabulary): grow a tokenizer, grow a checkpoint to match, measure both.
 
     extend_tokenizer    base.model + extra.model -> out.model: every base id kept, extra's new pieces appended
+    extend_bpe_tokenizer  base tokenizer.json + Chinese texts -> out/tokenizer.json: every base id and merge
+                        rank kept, merges learned on the texts whose results hold only CJK appended
     resize_checkpoint   a checkpoint gains embedding and head rows for the appended pieces
     tokenizer_report    tokens per character / byte and how much text falls back to bytes
 
@@ -12,6 +14,7 @@ vocabularies (49953 vs 49954, §6 item 11) is refused here, naming both sizes.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -21,10 +24,11 @@ import torch
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
+from llama_zh import bpe
 from llama_zh.atomic import write_bytes
 from llama_zh.checkpoint import WeightStream, read_any, write_native
 from llama_zh.tensor_io import CheckpointError
-from llama_zh.tokenizer import Tokenizer, TokenizerError
+from llama_zh.tokenizer import BPE_CONFIG_FILE, BPETokenizer, Tokenizer, TokenizerError, read_bpe_json, tokenizer_kind
 
 Piece = sp_model.ModelProto.SentencePiece
 TEXT_TYPES = (Piece.NORMAL, Piece.USER_DEFINED)  # pieces that stand for text; the rest are control/unk/byte/unused
@@ -131,6 +135,8 @@ def tokenizer_report(tokenizer: Tokenizer | str | Path, texts: Iterable[str], ba
     spelled in bytes / characters (a character missing from the vocabulary costs 1-4 byte tokens).
     """
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    if isinstance(tok, BPETokenizer):
+        return _bpe_report(tok, texts, batch)
     sp = tok.sp
     docs = chars = nbytes = tokens = byte_tokens = byte_chars = 0
     texts = iter(texts)
@@ -147,6 +153,91 @@ def tokenizer_report(tokenizer: Tokenizer | str | Path, texts: Iterable[str], ba
     return {"documents": docs, "characters": chars, "utf8_bytes": nbytes, "tokens": tokens,
             "tokens_per_char": tokens / max(chars, 1), "tokens_per_byte": tokens / max(nbytes, 1),
             "byte_token_share": byte_tokens / max(tokens, 1), "byte_char_share": byte_chars / max(chars, 1)}
+
+
+def _bpe_report(tok: BPETokenizer, texts: Iterable[str], batch: int) -> dict:
+    """tokenizer_report for a byte-level BPE: a "byte token" is one holding part of a character only."""
+    alphabet = bpe._alphabet_bytes()
+    partial: dict[int, bool] = {}
+
+    def is_partial(token_id: int) -> bool:
+        if token_id not in partial:
+            data = bpe.token_bytes(tok.token(token_id) or "", alphabet)
+            partial[token_id] = data is not None and not _is_utf8(data)
+        return partial[token_id]
+
+    docs = chars = nbytes = tokens = byte_tokens = byte_chars = 0
+    texts = iter(texts)
+    while chunk := [t for _, t in zip(range(batch), texts)]:
+        for text, encoded in zip(chunk, tok.hf.encode_batch(chunk, add_special_tokens=False)):
+            docs += 1
+            chars += len(text)
+            nbytes += len(text.encode("utf-8"))
+            tokens += len(encoded.ids)
+            spelled = set()
+            for token_id, (begin, end) in zip(encoded.ids, encoded.offsets):
+                if is_partial(token_id):
+                    byte_tokens += 1
+                    spelled.update(range(begin, end))
+            byte_chars += len(spelled)
+    return {"documents": docs, "characters": chars, "utf8_bytes": nbytes, "tokens": tokens,
+            "tokens_per_char": tokens / max(chars, 1), "tokens_per_byte": tokens / max(nbytes, 1),
+            "byte_token_share": byte_tokens / max(tokens, 1), "byte_char_share": byte_chars / max(chars, 1)}
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def extend_bpe_tokenizer(base: Path, texts: Iterable[str], vocab_size: int, out_dir: Path,
+                         max_new: int | None = None) -> Extension:
+    """Write `base` (a tokenizer.json) extended with Chinese merges to `out_dir`/tokenizer.json, atomically,
+    with the base's tokenizer_config.json beside it (same special tokens and chat template).
+
+    A byte-level BPE of `vocab_size` tokens is trained on `texts` with the base's pipeline; its merges
+    whose results hold only CJK characters (llama_zh.bpe, "extension") and are not base tokens are
+    appended in the order it learned them, up to `max_new`, each result a new id after every base id.
+    """
+    base, out_dir = Path(base), Path(out_dir)
+    spec = read_bpe_json(base)
+    learned = json.loads(bpe.train_byte_level_bpe(texts, vocab_size, specials=[]).to_str())
+    merges = bpe.cjk_merges(spec, learned, max_new)
+    extended = bpe.extend_bpe(spec, merges)
+    bpe.check_bpe_extension(spec, extended, base, out_dir / "tokenizer.json")
+    config_file = base.with_name(BPE_CONFIG_FILE)
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else bpe.tokenizer_config()
+    path = bpe.write_bpe(json.dumps(extended, ensure_ascii=False, indent=2), out_dir, config)
+    tok = Tokenizer(path)  # loads, with the base's special ids
+    n_learned = len(bpe.base_parts(learned)[1])
+    in_base = sum(1 for m in bpe.base_parts(learned)[1] if "".join(m) in spec["model"]["vocab"])
+    return Extension(bpe.next_id(spec), n_learned, len(merges), in_base, n_learned - len(merges) - in_base,
+                     tok.vocab_size, tok.pad_id)
+
+
+def check_any_extension(base: Path, extended: Path) -> None:
+    """check_extension for either kind; tokenizers of two kinds never extend one another."""
+    kinds = tokenizer_kind(Path(base)), tokenizer_kind(Path(extended))
+    if kinds[0] != kinds[1]:
+        raise TokenizerError(f"{extended} ({kinds[1]}) does not extend {base} ({kinds[0]}): not the same kind of tokenizer")
+    if kinds[0] == "bpe":
+        bpe.check_bpe_extension(read_bpe_json(base), read_bpe_json(extended), base, extended)
+    else:
+        check_extension(load_model_proto(base), load_model_proto(extended), base, extended)
+
+
+def bpe_subtoken_ids(base: Path, extended: Path, old_size: int) -> list[list[int]]:
+    """For each id from `old_size` on, the base model's ids for that token's bytes ([] for an added token)."""
+    base_tok, ext = BPETokenizer(base), BPETokenizer(extended)
+    out = []
+    for token_id in range(old_size, ext.vocab_size):
+        token = ext.token(token_id)
+        added = token is None or token in ext.special_tokens
+        out.append([] if added else [t.id for t in base_tok.hf.model.tokenize(token)])
+    return out
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -196,13 +287,17 @@ def resize_checkpoint(src: Path, tokenizer: Path, dst: Path, init: str = "subtok
     stream = read_any(Path(src))
     if stream.tokenizer is None:
         raise CheckpointError(f"{src}: has no tokenizer.model, so the new pieces cannot be told from the old")
-    old, new = load_model_proto(stream.tokenizer), load_model_proto(tokenizer)
-    check_extension(old, new, stream.tokenizer, tokenizer)
-    old_size, new_size = stream.config.vocab_size, len(new.pieces)
-    if old_size != len(old.pieces):
-        raise CheckpointError(f"{src}: model vocab_size {old_size} differs from its tokenizer's {len(old.pieces)} "
+    check_any_extension(stream.tokenizer, Path(tokenizer))
+    old_tok, new_size = Tokenizer(stream.tokenizer), Tokenizer(tokenizer).vocab_size
+    old_size = stream.config.vocab_size
+    if old_size != old_tok.vocab_size:
+        raise CheckpointError(f"{src}: model vocab_size {old_size} differs from its tokenizer's {old_tok.vocab_size} "
                               f"pieces, so the id of the first new piece is ambiguous")
-    subtokens = subtoken_ids(old, list(new.pieces[old_size:]))
+    if old_tok.kind == "bpe":
+        subtokens = bpe_subtoken_ids(stream.tokenizer, Path(tokenizer), old_size)
+    else:
+        new = load_model_proto(tokenizer)
+        subtokens = subtoken_ids(load_model_proto(stream.tokenizer), list(new.pieces[old_size:]))
     generator = torch.Generator().manual_seed(seed)
 
     def tensors():

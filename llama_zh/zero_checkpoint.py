@@ -38,6 +38,7 @@ from llama_zh.callbacks import STATE_META
 from llama_zh.checkpoint import WeightStream, expected_specs, write_native
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
+from llama_zh.tokenizer import find_tokenizer
 
 PREFIX = "model."  # the LightningModule holds the Transformer as `model`
 
@@ -169,8 +170,8 @@ def read_zero(path: Path, config: ModelConfig | None = None, tokenizer: Path | N
             raise LlamaZhError(f"{path}: no {STATE_META} beside the DeepSpeed state; pass the model config")
         meta_file = step_dir / STATE_META
         config = ModelConfig.from_dict(json.loads(meta_file.read_text())["model"], source=f"{meta_file}: model")
-    if tokenizer is None and step_dir is not None and (step_dir / "tokenizer.model").is_file():
-        tokenizer = step_dir / "tokenizer.model"
+    if tokenizer is None and step_dir is not None:
+        tokenizer = find_tokenizer(step_dir)
     state = ZeroState(_tag_dir(path))
     names = state.shapes
 

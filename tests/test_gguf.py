@@ -104,7 +104,7 @@ def test_transformers_gguf_loader_gives_the_same_logits_and_tokens(tok, tmp_path
 def test_export_refuses_bad_input(tok, tmp_path):
     ckpt, model = make_checkpoint(tmp_path / "ckpt", tok)
     save_checkpoint(model, tmp_path / "bare")  # no tokenizer
-    with pytest.raises(GGUFError, match="no tokenizer.model to embed"):
+    with pytest.raises(GGUFError, match="no tokenizer.model or tokenizer.json to embed"):
         write(read_native(tmp_path / "bare"), tmp_path / "x.gguf")
     out = write(read_native(ckpt), tmp_path / "x.gguf")
     with pytest.raises(CheckpointError, match="already exists"):

@@ -1,13 +1,11 @@
-"""llama_zh.kernels: the small-batch CPU product against F.linear, its fallbacks, and its use in decoding."""
+"""llama_zh.kernels: the small-batch CPU product against F.linear and its fallbacks (its use in decoding, the
+kernel backend of the inference loader: tests/test_infer_room.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llama_zh import kernels
-from llama_zh.config import ModelConfig
-from llama_zh.generate import SamplingConfig, generate_batch
-from llama_zh.model import build_model
 
 needs_kernel = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 CPU or no C compiler: kernel not built")
 
@@ -127,33 +125,3 @@ def test_build_is_cached_by_source(fresh_load):
     kernels._tried = False
     kernels.load()
     assert list(fresh_load.rglob("small_gemm-*.so")) == built  # reused, not rebuilt
-
-
-@needs_kernel
-def test_decoding_of_a_fused_model_uses_the_kernel_and_relays_wide_weights(threads, monkeypatch):
-    config = ModelConfig.from_name("tiny").with_vocab(600)  # head 600 x 128: wide
-    model = build_model(config, seed=0).eval()
-    prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=6)
-    separate = generate_batch(model, prompts, cfg)
-    assert model.fuse_projections(column_major_wide=True) == 2 * config.n_layers
-    assert model.head.weight.stride() == (1, 600)
-
-    calls = []
-
-    def counting(x, w):
-        calls.append(kernels.applies(x, w))
-        return kernels.linear(x, w)
-
-    monkeypatch.setattr("llama_zh.model.linear", counting)
-    threads(2)
-    assert generate_batch(model, prompts, cfg) == separate
-    # batch 2: re-laid row-major, every product of the decoding steps through the kernel
-    assert model.wide_column_major is False and model.head.weight.is_contiguous()
-    assert model.layers[0].ffn.w_gate_up[0].is_contiguous()
-    assert calls and all(calls)
-    threads(1)
-    assert generate_batch(model, prompts[:1], cfg) == separate[:1]
-    assert model.wide_column_major is True and model.head.weight.stride() == (1, 600)
-    # the state dict is that of the separate projections throughout
-    torch.testing.assert_close(model.layers[1].attn.wk.weight, build_model(config, seed=0).layers[1].attn.wk.weight)

@@ -84,52 +84,6 @@ def test_seeded_init_is_reproducible():
         assert torch.equal(p, q), n
 
 
-def test_fused_projections_match_separate_ones_and_keep_the_state_dict():
-    config = ModelConfig.from_name("tiny").with_vocab(300)
-    model = build_model(config, seed=0).eval()
-    ids = torch.randint(0, 300, (2, 12))
-    keys = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        separate = model(ids)
-    assert model.fuse_projections() == 2 * config.n_layers
-    assert model.state_dict().keys() == keys.keys()
-    assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
-    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in keys.values())
-    calls = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            m.register_forward_hook(lambda mod, inp, out: calls.append(mod))
-    with torch.no_grad():
-        fused = model(ids)
-    # wq/wk/wv and w_gate/w_up ran as two fused products per block: only wo, w_down and the head are modules
-    assert len(calls) == 2 * config.n_layers + 1
-    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
-    # A load into the parameters reaches the fused weights: they share memory.
-    with torch.no_grad():
-        model.layers[0].attn.wk.weight.mul_(2)
-        model.layers[1].ffn.w_up.weight.zero_()
-    calls.clear()
-    with torch.no_grad():
-        loaded_fused = model(ids)
-    assert len(calls) == 2 * config.n_layers + 1
-    for block in model.layers:
-        block.attn.wqkv = block.ffn.w_gate_up = None
-    with torch.no_grad():
-        torch.testing.assert_close(loaded_fused, model(ids), rtol=1e-5, atol=1e-5)
-
-
-def test_fused_model_trains_through_the_separate_projections():
-    config = ModelConfig.from_name("tiny").with_vocab(300)
-    model = build_model(config, seed=0)
-    model.fuse_projections()
-    model(torch.randint(0, 300, (2, 8))).sum().backward()  # autograd: the fused products are not used
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "attn.w" in n)
-    model.double()  # new storage: the stale fused weights must not be used
-    with torch.no_grad():
-        out = model(torch.randint(0, 300, (1, 4)))
-    assert out.dtype == torch.float64
-
-
 def test_last_only_gives_the_last_position_and_inference_tables_serve_training():
     config = ModelConfig.from_name("tiny").with_vocab(300)
     model = build_model(config, seed=0)
@@ -139,24 +93,3 @@ def test_last_only_gives_the_last_position_and_inference_tables_serve_training()
     assert last.shape == (2, 1, 300)
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
     model(ids).sum().backward()  # ... and must still be usable by autograd
-
-
-def test_column_major_wide_weights_give_the_same_logits_and_save_as_before(tmp_path):
-    from llama_zh import load_checkpoint, save_checkpoint
-
-    config = ModelConfig.from_name("tiny").with_vocab(600)  # head 600 x 128 and gate/up 704 x 128 are wide
-    model = build_model(config, seed=0).eval()
-    ids = torch.randint(0, 600, (3, 7))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        before = model(ids)
-    model.fuse_projections(column_major_wide=True)
-    assert model.head.weight.stride() == (1, 600)  # laid out in-major
-    assert model.layers[0].ffn.w_gate.weight.stride()[0] == 1
-    assert model.layers[0].attn.wq.weight.stride()[1] == 1  # q/k/v (256 x 128) is not wide: unchanged
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    saved = save_checkpoint(model, tmp_path / "ckpt")
-    loaded, _ = load_checkpoint(saved)
-    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())

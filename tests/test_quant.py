@@ -15,12 +15,25 @@ import torch
 from llama_zh.checkpoint import WeightStream, model_stream, save_checkpoint
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.generate import SamplingConfig, generate_batch
+from llama_zh.infer import load, load_stream
 from llama_zh.model import build_model
-from llama_zh.quant import PROJECTIONS, QuantConfig, QuantError, load_for_inference, load_quantized, weight_bytes
+from llama_zh.quant import PROJECTIONS, QuantConfig, QuantError, weight_bytes
 
 bnb = pytest.importorskip("bitsandbytes")
 
 LOGIT_TOLERANCE = {"int8": 0.02, "nf4": 0.15}
+
+
+def load_quantized(stream, quant, device="cpu", dtype=None):
+    """(model, quant report) through the inference loader, backend torch: the unquantized head stays
+    an nn.Linear (the kernel backend's swaps are tested in test_infer_room.py)."""
+    model, report = load_stream(stream, device, dtype, quant, backend="torch")
+    return model, report.quant
+
+
+def load_for_inference(path, quant, device="cpu", dtype=None):
+    model, tokenizer, report = load(path, device, dtype, quant, backend="torch")
+    return model, tokenizer, report.quant
 
 
 def random_model(ffn_dim=256, vocab_size=512, seed=0):

@@ -21,9 +21,9 @@ from llama_zh.checkpoint import save_checkpoint
 from llama_zh.config import ConfigError
 from llama_zh.data.chat_template import ChatTemplate, template_record
 from llama_zh.generate import SamplingConfig, generate
+from llama_zh.infer import load
 from llama_zh.infer.engine import Engine
 from llama_zh.infer.server import ServeOptions, create_app
-from llama_zh.quant import load_for_inference
 from llama_zh.stages import serve
 from serve_models import SPLIT_TEXT, InProcessServer, chain_model, slow_steps
 from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
@@ -48,12 +48,12 @@ def checkpoint(tok, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """A copy of the served model for llama_zh's own answers (the server's copy belongs to its engine thread)."""
-    return load_for_inference(checkpoint)[0]
+    return load(checkpoint)[0]
 
 
 @pytest.fixture(scope="module")
 def served(checkpoint):
-    model, tokenizer, _ = load_for_inference(checkpoint)
+    model, tokenizer, _ = load(checkpoint)
     engine = Engine(model, tokenizer, max_concurrent=MAX_CONCURRENT, max_queue=MAX_QUEUE).start()
     options = ServeOptions(model_name="tiny-zh", api_key=KEY, template=ChatTemplate.named("chat"))
     server = InProcessServer(create_app(engine, tokenizer, options))

@@ -1,4 +1,4 @@
-"""GGUF export (llama.cpp's file format) with the sentencepiece tokenizer, via the `gguf` package.
+"""GGUF export (llama.cpp's file format) with its tokenizer (sentencepiece or byte-level BPE), via the `gguf` package.
 
 - Tensor names are the gguf package's own for the llama architecture (`gguf.TENSOR_NAMES`): token_embd,
   blk.N.attn_q ..., output_norm, output.
@@ -15,6 +15,8 @@
 - The tokenizer goes in as llama.cpp reads a sentencepiece model ("llama"): every piece with its score
   and type (normal, unknown, control, user-defined, byte), bos/eos/unk ids, add_bos true. A model
   vocabulary larger than the tokenizer's (e.g. 49954 vs 49953) is padded with unused `[PADn]` pieces.
+  A tokenizer.json goes in as llama.cpp's "gpt2": tokens in the byte alphabet, merges in rank order,
+  special tokens as control, pre-tokenizer "llama-bpe" (Llama-3's regex, the only split named), eot too.
 - Streaming: tensor infos are written from the specs, then each tensor as it is read, so one tensor
   is in memory at a time (quantized a slab of rows at a time, so no f32 copy of a whole matrix). The
   file is written under a temporary name and renamed when complete, after reading it back with gguf's
@@ -27,6 +29,7 @@ import errno
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +204,92 @@ def tokenizer_vocab(tokenizer: Path, vocab_size: int) -> tuple[list[bytes], list
     return pieces, scores, types, special
 
 
+@dataclass
+class GGUFVocab:
+    """The tokenizer part of a GGUF file: llama.cpp's "llama" (sentencepiece: pieces with scores) or
+    "gpt2" (byte-level BPE: tokens in the byte alphabet, merges, and the name of the pre-tokenizer regex)."""
+
+    model: str
+    pieces: list[bytes]
+    types: list[int]
+    special: dict[str, int]
+    scores: list[float] | None = None
+    merges: list[str] | None = None
+    pre: str | None = None
+
+    def write(self, writer) -> None:
+        writer.add_tokenizer_model(self.model)
+        if self.pre:
+            writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.pieces)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        writer.add_token_types(self.types)
+        if self.merges is not None:
+            writer.add_token_merges(self.merges)
+        for kind, token_id in self.special.items():
+            if token_id >= 0:
+                getattr(writer, f"add_{kind}_token_id")(token_id)
+
+
+def gguf_vocab(tokenizer: Path, vocab_size: int) -> GGUFVocab:
+    from llama_zh.tokenizer import tokenizer_kind
+
+    if tokenizer_kind(Path(tokenizer)) == "bpe":
+        return bpe_vocab(Path(tokenizer), vocab_size)
+    pieces, scores, types, special = tokenizer_vocab(tokenizer, vocab_size)
+    return GGUFVocab("llama", pieces, types, special, scores=scores)
+
+
+def bpe_vocab(path: Path, vocab_size: int) -> GGUFVocab:
+    """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" vocabulary, padded to `vocab_size`.
+
+    Tokens are written as tokenizer.json spells them (the byte alphabet), merges as "a b" in rank order,
+    special added tokens as CONTROL and other added tokens as USER_DEFINED. llama.cpp splits text with a
+    regex it knows by name: "llama-bpe" is Llama-3's, the only split this export names."""
+    from llama_zh.bpe import LLAMA3_SPLIT
+    from llama_zh.tokenizer import BPETokenizer
+
+    gguf = _gguf()
+    tok = BPETokenizer(path)
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(f"{path}: {tok.vocab_size} tokens, more than the model's vocab_size {vocab_size}")
+    split = _split_regex(tok.spec.get("pre_tokenizer"))
+    if split != LLAMA3_SPLIT:
+        raise GGUFError(f"{path}: pre_tokenizer splits with {split!r}; the GGUF export names Llama-3's split only "
+                        f"(llama.cpp's \"llama-bpe\"), another would tokenize differently in llama.cpp")
+    if not tok.spec["model"].get("ignore_merges"):
+        raise GGUFError(f"{path}: model.ignore_merges is false; llama.cpp's \"llama-bpe\" takes a word that is a token "
+                        f"whole (Llama-3's tokenizer.json sets it true), so the two would tokenize differently")
+    added = {t["id"]: t for t in tok.spec.get("added_tokens", [])}
+    by_id = {i: t for t, i in tok.spec["model"]["vocab"].items()}
+    pieces, types = [], []
+    for i in range(vocab_size):
+        if i in added:
+            pieces.append(added[i]["content"].encode("utf-8"))
+            types.append(int(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED))
+        elif i in by_id:
+            pieces.append(by_id[i].encode("utf-8"))
+            types.append(int(gguf.TokenType.NORMAL))
+        else:
+            pieces.append(f"[PAD{i}]".encode())
+            types.append(int(gguf.TokenType.UNUSED))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in tok.spec["model"]["merges"]]
+    special = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    if tok.eot_id != tok.eos_id:
+        special["eot"] = tok.eot_id
+    return GGUFVocab("gpt2", pieces, types, special, merges=merges, pre="llama-bpe")
+
+
+def _split_regex(pre_tokenizer: dict | None) -> str | None:
+    """The regex of the Split step of a tokenizer.json pre_tokenizer (a Sequence or a lone Split)."""
+    steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer or {}])
+    for step in steps:
+        if step.get("type") == "Split":
+            return step.get("pattern", {}).get("Regex")
+    return None
+
+
 def gguf_path(dst: Path) -> Path:
     dst = Path(dst)
     return dst if dst.suffix == ".gguf" else dst.with_name(dst.name + ".gguf")
@@ -214,30 +303,29 @@ def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_templat
     gguf = _gguf()
     _, file_type = file_types(gguf_type)
     if stream.tokenizer is None:
-        raise GGUFError(f"{stream.source}: no tokenizer.model to embed in the GGUF file (pass stage.tokenizer)")
+        raise GGUFError(f"{stream.source}: no tokenizer.model or tokenizer.json to embed in the GGUF file (pass stage.tokenizer)")
     check_specs(stream)
     path = gguf_path(dst)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists (set overwrite to replace it)")
     config, keys = stream.config, key_map()
-    pieces, scores, types, special = tokenizer_vocab(stream.tokenizer, config.vocab_size)
+    vocab = gguf_vocab(stream.tokenizer, config.vocab_size)
     qtypes = plan_types(stream, keys, gguf_type)
 
     need = sum(tensor_info(tuple(shape), qtypes[name])[2] for name, (_, shape) in stream.specs.items())
     with AtomicOutput(path, overwrite=overwrite, need_bytes=need, exists_error=CheckpointError) as out:
         writer = gguf.GGUFWriter(out.tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         try:
-            _write_gguf(writer, stream, keys, pieces, scores, types, special, qtypes, file_type, chat_template)
+            _write_gguf(writer, stream, keys, vocab, qtypes, file_type, chat_template)
         finally:
             for f in writer.fout or []:
                 close_quietly(f)  # its buffer may not fit on a full disk: the write's own error says so
             writer.fout = None
-        check_file(out.tmp, {keys.to_outside(n): (tuple(s), qtypes[n]) for n, (_, s) in stream.specs.items()}, pieces)
+        check_file(out.tmp, {keys.to_outside(n): (tuple(s), qtypes[n]) for n, (_, s) in stream.specs.items()}, vocab.pieces)
     return path
 
 
-def _write_gguf(writer, stream: WeightStream, keys: KeyMap, pieces: list[bytes], scores: list[float],
-                types: list[int], special: dict[str, int], qtypes: dict, file_type,
+def _write_gguf(writer, stream: WeightStream, keys: KeyMap, vocab: GGUFVocab, qtypes: dict, file_type,
                 chat_template: str | None = None) -> None:
     gguf, config = _gguf(), stream.config
     writer.add_name(config.name)
@@ -252,13 +340,7 @@ def _write_gguf(writer, stream: WeightStream, keys: KeyMap, pieces: list[bytes],
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(pieces)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    for kind, token_id in special.items():
-        if token_id >= 0:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
+    vocab.write(writer)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     if chat_template:

@@ -13,9 +13,10 @@ from llama_zh.checkpoint import (
     stream_bytes, write_safetensors_shards,
 )
 from llama_zh.config import ConfigError, ModelConfig
-from llama_zh.convert.hf_tokenizer import SpecialPieces, build_hf_tokenizer
+from llama_zh.convert.hf_tokenizer import SpecialPieces, bpe_tokenizer_files, build_hf_tokenizer
 from llama_zh.convert.keys import KeyMap
 from llama_zh.tensor_io import CheckpointError, torch_load_weights
+from llama_zh.tokenizer import find_tokenizer, tokenizer_kind
 from llama_zh.vocab import load_model_proto
 
 KEYS = KeyMap(
@@ -89,8 +90,8 @@ def read(path: Path, tokenizer: Path | None = None) -> WeightStream:
         specs, tensors = safetensors_stream(files, KEYS.renamer(str(path)))
     else:
         specs, tensors = _bin_stream(path)
-    tok = Path(tokenizer) if tokenizer else path / "tokenizer.model"
-    stream = WeightStream(config, specs, tensors, tok if tok.is_file() else None, source=str(path))
+    tok = Path(tokenizer) if tokenizer else find_tokenizer(path)
+    stream = WeightStream(config, specs, tensors, tok if tok is not None and tok.is_file() else None, source=str(path))
     check_specs(stream)
     return stream
 
@@ -172,8 +173,11 @@ def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD
 
 def metadata_files(stream: WeightStream, dtype: str, chat_template: str | None = None) -> dict[str, bytes]:
     """Every file of the export but the weights: configs, and with a tokenizer its four files."""
-    files, special = {}, None
-    if stream.tokenizer is not None:
+    files, special, stop_ids = {}, None, []
+    if stream.tokenizer is not None and tokenizer_kind(stream.tokenizer) == "bpe":
+        bpe_files, special, stop_ids = bpe_tokenizer_files(stream.tokenizer, stream.config, chat_template)
+        files |= bpe_files
+    elif stream.tokenizer is not None:
         proto = load_model_proto(stream.tokenizer)
         if len(proto.pieces) > stream.config.vocab_size:
             raise CheckpointError(f"{stream.tokenizer}: {len(proto.pieces)} pieces, more than the model's vocab_size "
@@ -181,7 +185,9 @@ def metadata_files(stream: WeightStream, dtype: str, chat_template: str | None =
         special = SpecialPieces.from_proto(proto, stream.tokenizer)
         files |= tokenizer_files(stream.tokenizer, stream.config, special, chat_template)
     ids = (special or LLAMA_SPECIAL).ids
-    generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "do_sample": False}
+    # A chat model ends its turn with eot (Llama-3's <|eot_id|>): generation stops at either.
+    eos = stop_ids if len(stop_ids) > 1 else ids["eos"]
+    generation = {"bos_token_id": ids["bos"], "eos_token_id": eos, "do_sample": False}
     if ids["pad"] is not None:
         generation["pad_token_id"] = ids["pad"]
     files["config.json"] = _json(hf_config(stream.config, dtype, special))

@@ -26,6 +26,7 @@ from pathlib import Path
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 
+from llama_zh.config import ModelConfig
 from llama_zh.tokenizer import TokenizerError
 from llama_zh.vocab import load_model_proto
 
@@ -158,3 +159,37 @@ def build_hf_tokenizer(model: Path | str, add_bos: bool = True) -> Tokenizer:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, special.ids["bos"])])
     return tokenizer
+
+
+def bpe_tokenizer_files(path: Path, config: ModelConfig, chat_template: str | None = None
+                        ) -> tuple[dict[str, bytes], SpecialPieces, list[int]]:
+    """A byte-level BPE tokenizer's export: tokenizer.json as it is, and a tokenizer_config.json (the
+    source's fields kept) naming bos/eos/pad and the chat template, under which transformers'
+    AutoTokenizer loads tokenizer.json as a fast tokenizer and gives llama_zh's ids (bos from the file's
+    own post-processor). Also its special pieces and the ids that end a generation (eos, eot)."""
+    from llama_zh.tokenizer import BPETokenizer
+
+    tok = BPETokenizer(path)
+    if tok.vocab_size > config.vocab_size:
+        raise TokenizerError(f"{path}: {tok.vocab_size} tokens, more than the model's vocab_size {config.vocab_size} "
+                             f"(ids past it have no embedding row)")
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "unk": -1, "pad": tok.pad_id}
+    ids = {k: (i if i >= 0 else None) for k, i in ids.items()}
+    special = SpecialPieces({k: tok.token(i) if i is not None else None for k, i in ids.items()}, ids)
+    tokenizer_config = {**tok.config, "tokenizer_class": "PreTrainedTokenizerFast",
+                        **{f"{k}_token": special.pieces[k] for k in ("bos", "eos", "pad") if special.pieces[k]},
+                        "clean_up_tokenization_spaces": False, "model_max_length": config.max_seq_len}
+    template = chat_template or tok.chat_template
+    if template:
+        tokenizer_config["chat_template"] = template
+    named = {f"{k}_token": v for k, v in special.pieces.items() if v is not None}
+    files = {"tokenizer.json": Path(path).read_bytes(),
+             "tokenizer_config.json": _json_bytes(tokenizer_config),
+             "special_tokens_map.json": _json_bytes(named)}
+    return files, special, tok.stop_ids
+
+
+def _json_bytes(value: dict) -> bytes:
+    import json
+
+    return json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8")

@@ -15,6 +15,7 @@ from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.convert.keys import KeyMap, interleaved_to_halves, rope_permuter
 from llama_zh.tensor_io import CheckpointError, torch_load_weights
+from llama_zh.tokenizer import find_tokenizer
 
 KEYS = KeyMap(
     {
@@ -101,10 +102,7 @@ def read(path: Path, tokenizer: Path | None = None, max_seq_len: int = 2048) -> 
             yield name, permute(name, t)
 
     if tokenizer is None:
-        for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
-            if candidate.is_file():
-                tokenizer = candidate
-                break
+        tokenizer = find_tokenizer(path) or find_tokenizer(path.parent)
     stream = WeightStream(config, specs, tensors, Path(tokenizer) if tokenizer else None, source=str(path))
     check_specs(stream)
     return stream

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from llama_zh.errors import LlamaZhError
 from llama_zh.finetune import HF_ALIASES, PROJECTIONS, read_adapter
 from llama_zh.model import build_model
 from llama_zh.tensor_io import DTYPES, iter_safetensors, safetensors_header, torch_load_weights
+from llama_zh.tokenizer import copy_tokenizer, find_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def export(src: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bo
         save_file(tensors, str(target.tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (target.tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
         if stream.tokenizer is not None:  # the run's vocabulary, which its embed/head rows follow
-            shutil.copyfile(stream.tokenizer, target.tmp / "tokenizer.model")
+            copy_tokenizer(stream.tokenizer, target.tmp)
         return target.commit()
 
 
@@ -295,8 +295,8 @@ def merge(base: WeightStream, directory: Path, tokenizer: Path | None = None) ->
     when the adapter changes the vocabulary and brings none)."""
     adapter = read_peft(directory)
     config, shapes = _merged_shapes(adapter, base)
-    if tokenizer is None and (adapter.directory / "tokenizer.model").is_file():
-        tokenizer = adapter.directory / "tokenizer.model"
+    if tokenizer is None:
+        tokenizer = find_tokenizer(adapter.directory)
     if tokenizer is None:
         if config.vocab_size != base.config.vocab_size:
             raise PeftError(f"{adapter.directory}: the adapter extends the vocabulary to {config.vocab_size} "

@@ -241,37 +241,18 @@ def _encode_with_offsets(text: str, tokenizer, bos_token: str, eos_token: str) -
             token = bos_token if part == tokenizer.bos_id else eos_token
             offsets.append((at, at + len(token)))
             continue
-        # sentencepiece gives byte offsets into the chunk; characters are what the spans count.
-        char_at = _byte_to_char(part)
-        for piece in _pieces(tokenizer, part):
-            ids.append(piece.id)
-            offsets.append((at + char_at[piece.begin], at + char_at[piece.end]))
+        piece_ids, spans = tokenizer.encode_with_offsets(part)
+        ids += piece_ids
+        offsets += [(at + begin, at + end) for begin, end in spans]
     return ids, offsets
-
-
-def _byte_to_char(text: str) -> dict[int, int]:
-    table, byte = {}, 0
-    for i, ch in enumerate(text):
-        table[byte] = i
-        byte += len(ch.encode("utf-8"))
-    table[byte] = len(text)
-    return table
-
-
-def _pieces(tokenizer, text: str):
-    sp = tokenizer.sp
-    try:
-        return sp.encode(text, return_type="proto").pieces
-    except (TypeError, ValueError):  # sentencepiece before return_type
-        return sp.encode(text, out_type="immutable_proto").pieces
 
 
 # ---------------------------------------------------------------------------------------------- export
 
 
 def checkpoint_template(directory: Path) -> str | None:
-    """The chat template a checkpoint directory carries: a native checkpoint's model_config.yaml field
-    or a Hugging Face tokenizer_config.json's `chat_template`; None if none."""
+    """The chat template a checkpoint directory carries: a native checkpoint's model_config.yaml field,
+    else a tokenizer_config.json's `chat_template` (Hugging Face, or beside a tokenizer.json); None if none."""
     directory = Path(directory)
     native = directory / "model_config.yaml"
     if native.is_file():
@@ -280,7 +261,9 @@ def checkpoint_template(directory: Path) -> str | None:
         except yaml.YAMLError:
             return None  # the checkpoint reader reports a broken file
         text = meta.get(CHECKPOINT_KEY) if isinstance(meta, dict) else None
-        return text if isinstance(text, str) and text.strip() else None
+        if isinstance(text, str) and text.strip():
+            return text
+    # A Hugging Face directory's, or the one a byte-level BPE tokenizer brought into a native checkpoint.
     hf = directory / "tokenizer_config.json"
     if hf.is_file():
         import json

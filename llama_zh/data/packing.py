@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import sentencepiece as spm
 
 from llama_zh.atomic import AtomicOutput, human_bytes, output_lock, process_alive, write_text
 from llama_zh.data.corpus import DataError
-from llama_zh.tokenizer import Tokenizer
+from llama_zh.tokenizer import DocumentsEncoder, Tokenizer
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -77,27 +76,7 @@ def split_blocks(path: Path, start: int, block_bytes: int = BLOCK_BYTES) -> Iter
             start = end
 
 
-_encode_numpy = True  # sentencepiece builds that predate return_type="numpy" fall back to lists
-
-
-def encode_with_bos_eos(sp: spm.SentencePieceProcessor, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens back to back, tokens per document) of `<s> ids </s>` for each document."""
-    global _encode_numpy
-    # One thread: parallelism comes from the worker processes.
-    if _encode_numpy:
-        try:
-            arrays = sp.encode(docs, add_bos=True, add_eos=True, num_threads=1, return_type="numpy")
-            lengths = np.fromiter(map(len, arrays), np.int64, count=len(arrays))
-            return (np.concatenate(arrays).astype(dtype) if arrays else np.empty(0, dtype)), lengths
-        except (TypeError, ValueError):
-            _encode_numpy = False
-    lists = sp.encode(docs, add_bos=True, add_eos=True, num_threads=1)
-    lengths = np.fromiter(map(len, lists), np.int64, count=len(lists))
-    flat = (token for ids in lists for token in ids)
-    return np.fromiter(flat, dtype, count=int(lengths.sum())), lengths
-
-
-def encode_block(sp: spm.SentencePieceProcessor, path: str, start: int, end: int, dtype: np.dtype) -> EncodedBlock:
+def encode_block(encoder: DocumentsEncoder, path: str, start: int, end: int, dtype: np.dtype) -> EncodedBlock:
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
@@ -111,11 +90,11 @@ def encode_block(sp: spm.SentencePieceProcessor, path: str, start: int, end: int
     if not all(docs):
         line_ends = line_ends[[i for i, doc in enumerate(docs) if doc]]
         docs = [doc for doc in docs if doc]
-    tokens, doc_tokens = encode_with_bos_eos(sp, docs, dtype)
+    tokens, doc_tokens = encoder.encode(docs, dtype)
     return EncodedBlock(tokens, doc_tokens, line_ends, end)
 
 
-_worker: tuple[spm.SentencePieceProcessor, np.dtype] | None = None
+_worker: tuple[DocumentsEncoder, np.dtype] | None = None
 
 
 @contextlib.contextmanager
@@ -134,18 +113,16 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def _init_worker(model_proto: bytes, dtype_name: str) -> None:
+def _init_worker(encoder: DocumentsEncoder, dtype_name: str) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it terminates the pool
     gc.disable()  # see _no_cyclic_gc; a worker runs nothing else
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(model_proto)
-    _worker = (sp, np.dtype(dtype_name))
+    _worker = (encoder, np.dtype(dtype_name))
 
 
 def _encode_block_in_worker(path: str, start: int, end: int) -> EncodedBlock:
-    sp, dtype = _worker
-    return encode_block(sp, path, start, end, dtype)
+    encoder, dtype = _worker
+    return encode_block(encoder, path, start, end, dtype)
 
 
 class BlockEncoder:
@@ -154,13 +131,14 @@ class BlockEncoder:
     def __init__(self, tokenizer: Tokenizer, num_proc: int):
         self.tokenizer, self.num_proc = tokenizer, num_proc
         self.dtype = token_dtype(tokenizer.vocab_size)
+        self.encoder = tokenizer.documents_encoder()
         self.pool = None
 
     def encode(self, path: Path, blocks: Iterable[tuple[int, int]]) -> Iterator[EncodedBlock]:
         if self.num_proc == 1:
             for start, end in blocks:
                 with _no_cyclic_gc():
-                    block = encode_block(self.tokenizer.sp, str(path), start, end, self.dtype)
+                    block = encode_block(self.encoder, str(path), start, end, self.dtype)
                 yield block
             return
         pool = self._pool()
@@ -177,8 +155,7 @@ class BlockEncoder:
             # fork: a spawned worker would re-import llama_zh (and torch with it), seconds per start.
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            proto = self.tokenizer.sp.serialized_model_proto()
-            self.pool = context.Pool(self.num_proc, _init_worker, (proto, self.dtype.name))
+            self.pool = context.Pool(self.num_proc, _init_worker, (self.encoder, self.dtype.name))
         return self.pool
 
     def close(self) -> None:
@@ -351,7 +328,7 @@ def _pack_locked(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encoder: 
     if reused:
         log.info("%s: resuming after %d finished shards, at corpus byte %d", prefix, reused, start)
 
-    common = {**expected, "vocab_size": tokenizer.vocab_size, "corpus_file": corpus.name}
+    common = {**expected, "vocab_size": tokenizer.vocab_size, "tokenizer_kind": tokenizer.kind, "corpus_file": corpus.name}
     size = corpus.stat().st_size
     began = time.perf_counter()
     writer = ShardWriter(out_dir, prefix, common, shard_tokens, encoder.dtype, reused, start, first_document)
@@ -420,8 +397,9 @@ def read_index(token_file: Path, tokenizer: Tokenizer) -> dict:
     index = json.loads(index_file.read_text())
     if index["tokenizer_sha256"] != tokenizer.sha256():
         raise DataError(
-            f"{token_file}: built with tokenizer sha256 {index['tokenizer_sha256'][:12]}, "
-            f"but the model's tokenizer {tokenizer.path} is {tokenizer.sha256()[:12]}"
+            f"{token_file}: built with tokenizer sha256 {index['tokenizer_sha256'][:12]}"
+            f"{' (' + index['tokenizer_kind'] + ')' if index.get('tokenizer_kind') else ''}, "
+            f"but the model's tokenizer {tokenizer.path} ({tokenizer.kind}) is {tokenizer.sha256()[:12]}; repack with it"
         )
     expected = index["tokens"] * np.dtype(index["dtype"]).itemsize
     if token_file.stat().st_size != expected:

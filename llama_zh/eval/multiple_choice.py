@@ -103,7 +103,8 @@ def letter_ids(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> list
         if len(full) == len(prompt_ids) + 1 and full[:-1] == prompt_ids:
             ids.append(full[-1])
         else:
-            ids.append(tokenizer.sp.PieceToId(letter))
+            token_id = tokenizer.token_id(letter)
+            ids.append(token_id if token_id is not None else tokenizer.encode(letter)[-1])
     return ids
 
 

@@ -3,16 +3,17 @@
 Each running sequence owns one slot of a KV cache allocated once (`max_concurrent` slots of
 `context_length` positions). A new sequence's prompt is prefilled alone into its slot (the model's
 own forward on a view of the slot, the same computation as stream_generate's prefill of one
-prompt); then each decoding step feeds the last token of every running sequence together, each at
-its own position, attending to its own slot's keys up to that position only (`decode_step`). A
+prompt); then each decoding step feeds the last token of every running sequence together through
+the model's own forward, each at its own position (`positions=`), attending to its own slot's keys
+up to that position only (`SlotRows`, the cache the step hands the forward: `decode_step`). A
 sequence is therefore computed as it would be alone: greedy answers do not depend on what else is in
 the batch, and sampling draws from the sequence's own generator (seeded by the request, or at random),
 so a seeded answer does not depend on its neighbours either. A finished or cancelled sequence frees
 its slot at once; the next queued request takes it at the next step.
 
 Sampling is generate.py's (`sample_next`, per sequence with its own SamplingConfig); eos, stop
-strings and the token budget are handled by generate.py's `_Row`, so stage=serve and stage=infer end
-answers identically. Text is streamed as deltas that never end inside a character (`TextDeltas`).
+strings and the token budget are handled by generate.py's `RowState`, so stage=serve and stage=infer
+end answers identically. Text is streamed as deltas that never end inside a character (`TextDeltas`).
 
 Threads: one engine thread owns the model (`start`/`stop`); `submit` and `cancel` may be called from
 any thread, and events reach the caller through a callback (asyncio: `submit_async`). `step` runs one
@@ -32,13 +33,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
-from llama_zh.generate import SamplingConfig, _earliest_stop, _lay_out_for, _Row, sample_next
-from llama_zh.kernels import linear
-from llama_zh.model import KVCache, Transformer, _project, _still_fused, apply_rope
+from llama_zh.generate import RowState, SamplingConfig, earliest_stop, sample_next
+from llama_zh.model import KVCache, Transformer
 from llama_zh.prefix import fill_prefix, prefix_len
 
 log = logging.getLogger(__name__)
@@ -139,53 +138,62 @@ class SlotCache:
         return KVCache(self.k[:, index : index + 1], self.v[:, index : index + 1], pos=self.start)
 
 
-def _attention_step(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: SlotCache,
-                    slots: torch.Tensor, positions: torch.Tensor, span: slice | None, length: int,
-                    mask: torch.Tensor | None) -> torch.Tensor:
-    """model.Attention's computation for one new token per row, row i at positions[i] of slot
-    slots[i]; its projections are computed as Attention.forward computes them."""
-    B, T, _ = x.shape
-    H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    fused = _still_fused(attn.wqkv, attn.wq, attn.wk, attn.wv)
-    if fused:
-        qkv = linear(x, attn.wqkv[0]).view(B, T, H + 2 * K, D)
-        qk = apply_rope(qkv.narrow(2, 0, H + K), cos, sin)
-        q, k, v = qk.narrow(2, 0, H), qk.narrow(2, H, K), qkv.narrow(2, H + K, K)
-    else:
-        q = apply_rope(attn.wq(x).view(B, T, H, D), cos, sin)
-        k = apply_rope(attn.wk(x).view(B, T, K, D), cos, sin)
-        v = attn.wv(x).view(B, T, K, D)
-    cached_k, cached_v = cache.k[attn.layer], cache.v[attn.layer]  # (slots, K, S_max, D)
-    cached_k[slots, :, positions] = k[:, 0]  # (B, K, D) into each row's own slot and position
-    cached_v[slots, :, positions] = v[:, 0]
-    if span is not None:  # the rows are consecutive slots: a view, no copy
-        keys, values = cached_k[span, :, :length], cached_v[span, :, :length]
-    else:
-        keys, values = cached_k[slots, :, :length], cached_v[slots, :, :length]  # (B, K, S, D)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=K != H)
-    return _project(attn.wo, y.transpose(1, 2).reshape(B, T, H * D), fused)
+    def rows(self, slots: list[int], positions: list[int]) -> "SlotRows":
+        """The cache of one decoding step: row i's next token at positions[i] of slot slots[i]."""
+        return SlotRows(self, slots, positions)
+
+
+class SlotRows:
+    """One new token per row, row i at `positions[i]` of cache slot `slots[i]`, seeing only that
+    slot's keys up to its position: the cache a decoding step hands Transformer.forward (it answers
+    what model.KVCache answers; the engine, not the cache, keeps each sequence's length)."""
+
+    def __init__(self, cache: SlotCache, slots: list[int], positions: list[int]):
+        device = cache.k.device
+        self.cache = cache
+        self.length = max(positions) + 1
+        self.pos = torch.tensor(positions, device=device)  # (B,)
+        self.slots = torch.tensor(slots, device=device)
+        first = slots[0]
+        # consecutive slots: a view of the cache, no copy
+        self.span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+        self._mask = None
+        if min(positions) != self.length - 1:  # rows of other lengths: each sees its own positions only
+            self._mask = (torch.arange(self.length, device=device)[None, :] <= self.pos[:, None])[:, None, None]
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def end(self, T: int) -> int:
+        if T != 1:
+            raise ValueError(f"a decoding step feeds one token per row, got {T}")
+        return self.length
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.pos[:, None]  # (B, 1)
+
+    def mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
+        return self._mask, False  # (B, 1, 1, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cached_k, cached_v = self.cache.k[layer], self.cache.v[layer]  # (slots, K, S_max, D)
+        cached_k[self.slots, :, self.pos] = k[:, :, 0]  # (B, K, D) into each row's own slot and position
+        cached_v[self.slots, :, self.pos] = v[:, :, 0]
+        if self.span is not None:
+            return cached_k[self.span, :, : self.length], cached_v[self.span, :, : self.length]
+        return cached_k[self.slots, :, : self.length], cached_v[self.slots, :, : self.length]  # (B, K, S, D)
+
+    def advance(self, T: int) -> None:
+        pass  # the engine keeps each sequence's length
 
 
 def decode_step(model: Transformer, cache: SlotCache, slots: list[int], tokens: torch.Tensor,
                 positions: list[int]) -> torch.Tensor:
     """Logits (B, V) of the next token of B sequences: row i feeds tokens[i] at positions[i] of cache
     slot slots[i] (which holds that sequence's positions before it) and sees only those keys."""
-    device = tokens.device
-    length = max(positions) + 1
-    x = model.embed(tokens[:, None])  # (B, 1, C)
-    cos, sin = model._rope(length, x.device, x.dtype)
-    pos = torch.tensor(positions, device=device)
-    cos, sin = cos[pos][:, None, None], sin[pos][:, None, None]  # (B, 1, 1, D)
-    mask = None
-    if min(positions) != length - 1:  # rows of other lengths: each sees its own positions only
-        mask = (torch.arange(length, device=device)[None, :] <= pos[:, None])[:, None, None]  # (B, 1, 1, S)
-    first = slots[0]
-    span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
-    slot_index = torch.tensor(slots, device=device)
-    for block in model.layers:
-        x = x + _attention_step(block.attn, block.attn_norm(x), cos, sin, cache, slot_index, pos, span, length, mask)
-        x = x + block.ffn(block.ffn_norm(x))
-    return _project(model.head, model.norm(x), _still_fused(model.head_fused, model.head))[:, -1]
+    rows = cache.rows(slots, positions)
+    return model(tokens[:, None], rows, last_only=True, positions=rows.positions(1))[:, -1]
 
 
 class Sequence:
@@ -196,7 +204,7 @@ class Sequence:
         self.id = id
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
-        self.row = _Row(budget)
+        self.row = RowState(budget)
         self.deltas = TextDeltas(tokenizer)
         self._deliver = deliver
         # Seeded: the request's own stream; unseeded: a random one, still this sequence's alone.
@@ -250,7 +258,6 @@ class Engine:
                                             dtype)
             self.cache.start = fill_prefix(model, self.cache.k, self.cache.v)
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else None
-        _lay_out_for(model, max_concurrent, self.device)
         self._slots: list[Sequence | None] = [None] * max_concurrent
         self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
@@ -459,7 +466,7 @@ class Engine:
         if last_token == self.eos_id:
             return "stop"
         stops = seq.sampling.stop_strings
-        if stops and _earliest_stop(self.tokenizer.decode(seq.row.new_ids), stops) is not None:
+        if stops and earliest_stop(self.tokenizer.decode(seq.row.new_ids), stops) is not None:
             return "stop"
         return "length"
 

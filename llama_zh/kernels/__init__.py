@@ -111,18 +111,6 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
-def wide_column_major(rows: int, device: str | torch.device) -> bool:
-    """Whether Transformer.fuse_projections should store wide weights column-major for products
-    with `rows` rows on `device`. On CPU with one thread, MKL's one-row product reads them faster
-    so (see model._column_major) than the kernel here reads them row-major; with several rows, or
-    two threads, the kernel is faster. The products of one 130m decoding step (experiments/
-    small_gemm.py), F.linear with the wide weights column-major / kernel: 1 row, 1 thread 28.3 /
-    34.6 ms; 1 row, 2 threads 37.2 / 25.6 ms; 8 rows, 1 thread 126.0 / 64.1 ms."""
-    if torch.device(device).type != "cpu":
-        return False
-    return load() is None or (rows == 1 and torch.get_num_threads() == 1)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight): x (..., K), weight (N, K) -> (..., N)."""
     if not applies(x, weight):

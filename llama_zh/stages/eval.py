@@ -47,8 +47,8 @@ from llama_zh.eval.perplexity import (
 from llama_zh.eval.progress import Progress
 from llama_zh.eval.report import markdown_table, result_metrics, write_comparison
 from llama_zh.generate import SamplingConfig, generate
+from llama_zh.infer.loader import load_for_stage
 from llama_zh.stages.common import check_seq_len, output_dir
-from llama_zh.stages.infer import load_model
 from llama_zh.tracking import build_loggers
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,9 @@ def decode_speed(model, tokenizer, new_tokens: int) -> dict:
 def run(cfg: DictConfig):
     torch.manual_seed(cfg.seed)
     tasks = check_stage(cfg.stage)
-    model, tokenizer, quant_report = load_model(cfg)
-    report = {"checkpoint": str(cfg.stage.checkpoint), "quant": quant_report.to_dict(), "tasks": tasks,
+    model, tokenizer, load_report = load_for_stage(cfg, rows=int(cfg.stage.batch_size))
+    report = {"checkpoint": str(cfg.stage.checkpoint), "quant": load_report.quant.to_dict(),
+              "backend": load_report.backend, "tasks": tasks,
               "tokenizer_sha256": tokenizer.sha256(), "protocol": {}, "seconds": {}}
     for task in tasks:
         start = time.perf_counter()

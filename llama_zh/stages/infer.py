@@ -21,54 +21,24 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llama_zh.atomic import AtomicOutput
 from llama_zh.config import ConfigError
 from llama_zh.data.corpus import DataError
 from llama_zh.data.sft import Template
-from llama_zh.errors import LlamaZhError
 from llama_zh.generate import PromptTooLong, SamplingConfig, generate_batch, stream_generate
+from llama_zh.infer.loader import load_for_stage
 from llama_zh.model import Transformer
-from llama_zh.prefix import load_prefix
-from llama_zh.quant import QuantConfig, QuantReport, load_for_inference
 from llama_zh.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 MODES = ("file", "chat")
 PRESETS = ("greedy", "reference")
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "repetition_window", "penalty_after_filters")
-PRECISIONS = {"32": torch.float32, "32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
-              "bf16": torch.bfloat16, "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------ shared setup
-
-
-def inference_target(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
-    """Device and weight dtype from trainer= (hardware lives there): gpu -> cuda in the trainer's
-    precision; cpu -> cpu, weights as stored."""
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is available (use trainer=cpu)")
-        precision = str(cfg.trainer.get("precision", "32-true"))
-        return torch.device("cuda"), PRECISIONS.get(precision, torch.float32)
-    return torch.device("cpu"), None
-
-
-def load_model(cfg: DictConfig) -> tuple[Transformer, Tokenizer, QuantReport]:
-    """The checkpoint of stage.checkpoint (native or HF) on trainer='s device, quantized by quant=, with
-    the prefix of finetune=prefix beside it (or stage.prefix) attached."""
-    device, dtype = inference_target(cfg)
-    quant = QuantConfig.from_config(OmegaConf.to_container(cfg.quant, resolve=True))
-    model, tokenizer, report = load_for_inference(cfg.stage.checkpoint, quant, device, dtype)
-    if tokenizer is None:
-        raise LlamaZhError(f"stage.checkpoint: {cfg.stage.checkpoint} has no tokenizer.model")
-    log.info("%s", report.summary())
-    load_prefix(model, cfg.stage.checkpoint, cfg.stage.get("prefix"))  # finetune=prefix's, beside the checkpoint
-    return model, tokenizer, report
 
 
 def sampling_config(stage: DictConfig) -> SamplingConfig:
@@ -115,7 +85,8 @@ def run(cfg: DictConfig):
         if not stage.get("prompts"):
             raise ConfigError("stage.prompts: a prompts file is needed in stage.mode=file (or use stage.mode=chat)")
         prompts = read_prompts(Path(stage.prompts))  # before loading the model: bad input fails fast
-    model, tokenizer, _ = load_model(cfg)
+    rows = 1 if mode == "chat" else min(int(stage.batch_size), len(prompts))
+    model, tokenizer, _ = load_for_stage(cfg, rows)
     if mode == "chat":
         template = Template.from_config(cfg.template)
         if stage.get("stop_at_user_turn", True):

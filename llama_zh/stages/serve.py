@@ -1,6 +1,7 @@
 """stage=serve: an OpenAI-compatible HTTP server (llama_zh.infer.server) over the continuous-batching
 engine (llama_zh.infer.engine), for the checkpoint of stage.checkpoint on trainer='s device, quantized
-by quant= as stage=infer loads it.
+by quant= and swapped for stage.backend by the inference loader (llama_zh.infer.load), as stage=infer
+and stage=eval load it.
 
 /v1/chat/completions formats conversations with the chat template the checkpoint was trained with
 (stage=sft records it in model_config.yaml; an HF export in tokenizer_config.json), or template=
@@ -25,7 +26,7 @@ from omegaconf import DictConfig
 
 from llama_zh.config import ConfigError
 from llama_zh.data.chat_template import ChatTemplate, checkpoint_template
-from llama_zh.stages.infer import load_model
+from llama_zh.infer.loader import load_for_stage
 
 log = logging.getLogger(__name__)
 PAGE_DIR = Path(__file__).resolve().parents[1] / "infer" / "static"  # the chat page (package data)
@@ -135,7 +136,7 @@ def run(cfg: DictConfig):
 
     sock = bind(host, port)
     try:
-        model, tokenizer, _ = load_model(cfg)
+        model, tokenizer, _ = load_for_stage(cfg, rows=max_concurrent)
         if context_length is not None and context_length > model.config.max_seq_len:
             raise ConfigError(f"stage.context_length={context_length} exceeds the model's max_seq_len="
                               f"{model.config.max_seq_len}")

@@ -1,4 +1,5 @@
-"""stage=tokenizer: train Chinese pieces on data=, extend a base tokenizer, report, resize a checkpoint."""
+"""stage=tokenizer: train Chinese pieces on data=, extend a base tokenizer (sentencepiece or byte-level BPE), report,
+resize a checkpoint."""
 
 from __future__ import annotations
 
@@ -15,9 +16,16 @@ from llama_zh.data.corpus import read_documents
 from llama_zh.data.prepare import prepare_corpus, sources_of
 from llama_zh.stages.common import output_dir
 from llama_zh.tensor_io import CheckpointError
-from llama_zh.tokenizer import train_sentencepiece
+from llama_zh.tokenizer import Tokenizer, tokenizer_kind, train_sentencepiece
 from llama_zh.tracking import build_loggers
-from llama_zh.vocab import INITS, check_extension, extend_tokenizer, load_model_proto, resize_checkpoint, tokenizer_report
+from llama_zh.vocab import (
+    INITS,
+    check_any_extension,
+    extend_bpe_tokenizer,
+    extend_tokenizer,
+    resize_checkpoint,
+    tokenizer_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +33,24 @@ log = logging.getLogger(__name__)
 def checkpoint_tokenizer(path: str) -> Path:
     tokenizer = read_any(Path(path)).tokenizer
     if tokenizer is None:
-        raise CheckpointError(f"stage.resize_checkpoint: {path} has no tokenizer.model")
+        raise CheckpointError(f"stage.resize_checkpoint: {path} has no tokenizer.model or tokenizer.json")
     return tokenizer
 
 
 def require_extension(base: Path, tokenizer: Path) -> None:
-    check_extension(load_model_proto(base), load_model_proto(tokenizer), base, tokenizer)
+    check_any_extension(base, tokenizer)
+
+
+def extend_bpe(cfg: DictConfig, base: Path, out: Path):
+    """A byte-level BPE base (tokenizer.json) extended with merges learned on data='s training split."""
+    stage = cfg.stage
+    if stage.extra or stage.pad_token:
+        raise ConfigError(f"stage.extra / stage.pad_token: sentencepiece only; {base} is a tokenizer.json (byte-level "
+                          f"BPE), extended with merges learned on data=")
+    corpus = prepare_corpus(cfg.data)
+    texts = (doc for s in sources_of(cfg.data) for doc in read_documents(corpus / f"{s.name}.train.txt"))
+    log.info("learning %d-token byte-level BPE merges on %s to extend %s", stage.vocab_size, cfg.data.name, base)
+    return extend_bpe_tokenizer(base, texts, stage.vocab_size, out, stage.get("max_new_tokens"))
 
 
 def train_pieces(cfg: DictConfig, output: Path) -> Path:
@@ -75,6 +95,10 @@ def run(cfg: DictConfig):
         tokenizer = Path(stage.tokenizer_model)
         if base is not None:
             require_extension(base, tokenizer)
+    elif base is not None and tokenizer_kind(base) == "bpe":
+        tokenizer = out / "tokenizer.json"
+        extension = extend_bpe(cfg, base, out)
+        log.info("extended %s: %s", base, extension.to_dict())
     else:
         tokenizer = out / "tokenizer.model"
         extends = base is not None or stage.pad_token is not None
@@ -86,7 +110,7 @@ def run(cfg: DictConfig):
     sources = held_out_report(cfg, tokenizer, base)
     for name, r in sources.items():
         log.info("held-out %s: %s%s", name, describe(r["tokenizer"]), f" (base: {describe(r['base'])})" if "base" in r else "")
-    report = {"tokenizer": str(tokenizer), "vocab_size": len(load_model_proto(tokenizer).pieces),
+    report = {"tokenizer": str(tokenizer), "vocab_size": Tokenizer(tokenizer).vocab_size,
               "base": str(base) if base else None, "extension": extension.to_dict() if extension else None,
               "data": cfg.data.name, "split": "val", "sources": sources}
     path = out / "report.json"
