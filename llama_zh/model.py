@@ -385,7 +385,7 @@ class Transformer(nn.Module):
         """With config.tie_word_embeddings, make the head's weight the embedding's Parameter itself: one
         tensor, one gradient, one optimizer state. Moving a model to another device may give each
         module its own copy again, so loaders call this once the weights are in place."""
-        if self.config.tie_word_embeddings and type(self.head) is nn.Linear:
+        if self.config.tie_word_embeddings and type(self.head) is nn.Linear and type(self.embed) is nn.Embedding:
             self.head.weight = self.embed.weight
 
     def _rope_length(self, length: int, positions: torch.Tensor | None) -> int:
