@@ -142,3 +142,41 @@ def test_hf_unknown_rope_type_refused(tmp_path):
     with pytest.raises(ConfigError, match="config.json: rope scaling 'longrope' is not supported"):
         convert(hf_dir, "hf", tmp_path / "native", "native")
     assert not (tmp_path / "native").exists()
+
+
+# ------------------------------------------------------------------------------ long-context runs
+
+
+def test_continued_pretraining_with_scaling_then_perplexity_at_lengths(tmp_path):
+    """A checkpoint of 128 positions continued at 256 with linear scaling (stage.init_from), then
+    perplexity at 64 and 512 tokens: the scaling and the longer limit are in the new checkpoint,
+    and the 512-token windows (past its limit) are measured, not refused."""
+    from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", train_tokenizer(tmp_path / "tok"))  # max_seq_len 128
+    env = {"LLAMA_ZH_DATA": str(tmp_path / "data")}
+    rope = "model.rope_scaling={type:linear,factor:2.0,original_max_position_embeddings:128}"
+    llama_zh(f"stage.init_from={ckpt}", rope, "data.seq_len=256", "data.batch_size=2", "debug=fast",
+             "trainer.max_steps=2", "logger=csv", run_dir=tmp_path / "run", env_extra=env)
+    final = tmp_path / "run" / "checkpoints" / "final"
+    config = read_native(final).config
+    assert config.max_seq_len == 256 and config.rope_scaling == {
+        "type": "linear", "factor": 2.0, "original_max_position_embeddings": 128}
+    out = tmp_path / "eval.json"
+    llama_zh("stage=eval", f"stage.checkpoint={final}", "stage.lengths=[64,512]", "stage.max_batches=1",
+             "stage.batch_size=2", "stage.speed_probe_tokens=0", f"stage.output={out}", "logger=csv",
+             run_dir=tmp_path / "eval", env_extra=env)
+    report = json.loads(out.read_text())
+    assert {k: v["tokens"] for k, v in report["perplexity"].items() if k.startswith("all@")} == {
+        "all@64": 2 * 2 * 64, "all@512": 2 * 2 * 512}  # one batch of 2 windows from each of 2 sources
+    assert report["protocol"]["perplexity"]["window"] == [64, 512]
+
+
+def test_bad_eval_lengths_are_refused_before_loading(tmp_path):
+    from tiny_checkpoints import llama_zh
+
+    result = llama_zh("stage=eval", f"stage.checkpoint={tmp_path / 'missing'}", "stage.lengths=[256,0]",
+                      "logger=csv", run_dir=tmp_path / "eval", check=False,
+                      env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")})
+    assert result.returncode == 1
+    assert "llama_zh: error: stage.lengths: [256, 0]; expected a list of window lengths" in result.stderr
