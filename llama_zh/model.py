@@ -333,7 +333,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
-        self._rope_tables: dict = {}  # (device, dtype) -> (cos, sin), see _rope
+        self._rope_tables: dict = {}  # (device, dtype, length or None) -> (cos, sin), see _rope
         self.head_fused = None  # set by fuse_projections: (weight, its pointer), as the blocks' fused weights
         self.wide_column_major: bool | None = None  # the layout fuse_projections chose; None: not fused
 

@@ -95,6 +95,29 @@ def test_lora_on_a_tied_head_is_refused_and_elsewhere_works():
     assert model.head.weight is model.embed.weight and not model.embed.weight.requires_grad
 
 
+def test_lora_with_a_trained_tied_embedding_exports_one_tied_matrix(tmp_path):
+    """LoRA on the projections with modules_to_save=[embed]: the trained embedding is the head too, and
+    the merged export is a tied checkpoint that computes what the trained model computes."""
+    from llama_zh.checkpoint import write_native
+    from llama_zh.finetune import export_stream
+
+    model = apply_finetune(build_model(tiny_tied(), seed=0),
+                           FinetuneConfig(method="lora", target_modules=["wq", "w_up"], modules_to_save=["embed"]))
+    assert model.head.weight.requires_grad
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 300, (2, 16))
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    write_native(export_stream(model), tmp_path / "merged")
+    merged = load_model(read_native(tmp_path / "merged"))
+    assert merged.head.weight is merged.embed.weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), model(ids), atol=1e-5, rtol=0)
+
+
 def test_unquantized_load_of_a_tied_checkpoint_stays_tied(tmp_path):
     model = build_model(tiny_tied(), seed=0)
     save_checkpoint(model, tmp_path / "ckpt")

@@ -167,8 +167,9 @@ def test_continued_pretraining_with_scaling_then_perplexity_at_lengths(tmp_path)
              "stage.batch_size=2", "stage.speed_probe_tokens=0", f"stage.output={out}", "logger=csv",
              run_dir=tmp_path / "eval", env_extra=env)
     report = json.loads(out.read_text())
+    # one batch of 2 windows of 512 from each of 2 sources, and the same tokens in windows of 64
     assert {k: v["tokens"] for k, v in report["perplexity"].items() if k.startswith("all@")} == {
-        "all@64": 2 * 2 * 64, "all@512": 2 * 2 * 512}  # one batch of 2 windows from each of 2 sources
+        "all@64": 2 * 2 * 512, "all@512": 2 * 2 * 512}
     assert report["protocol"]["perplexity"]["window"] == [64, 512]
 
 

@@ -158,14 +158,18 @@ def run_perplexity(cfg, model, tokenizer) -> dict:
     sources = files[cfg.stage.split]
     load = lambda p: load_tokens(p, tokenizer)  # noqa: E731
     stride, batch, limit = cfg.stage.get("stride"), cfg.stage.batch_size, cfg.stage.max_batches
-    windows = [(n, n) for n in lengths] or [(cfg.data.seq_len, stride)]
-    total = sum(planned_windows([len(load(p)) for p in as_paths(f)], window, step, batch, limit)
-                for f in sources.values() for window, step in windows)
+    # (window, stride, batches); with stage.lengths, max_batches counts batches of the longest window and
+    # the shorter ones take as many batches as cover the same tokens: every length scores the same text
+    longest = max(lengths, default=0)
+    windows = ([(n, n, limit and max(1, limit * longest // n)) for n in lengths]
+               or [(cfg.data.seq_len, stride, limit)])
+    total = sum(planned_windows([len(load(p)) for p in as_paths(f)], window, step, batch, batches)
+                for f in sources.values() for window, step, batches in windows)
     results = {}
     with _progress(cfg, "perplexity", total, "windows") as bar:
-        for window, step in windows:
+        for window, step, batches in windows:
             with _limit_at_least(model, window):
-                found = source_perplexities(model, sources, load, window, step, batch, limit, bar.update)
+                found = source_perplexities(model, sources, load, window, step, batch, batches, bar.update)
             # one entry per source and length: `all@1024`; without stage.lengths the sources alone
             results |= {f"{source}@{window}" if lengths else source: r for source, r in found.items()}
     for source, r in results.items():
