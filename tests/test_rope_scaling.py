@@ -181,3 +181,26 @@ def test_bad_eval_lengths_are_refused_before_loading(tmp_path):
                       env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")})
     assert result.returncode == 1
     assert "llama_zh: error: stage.lengths: [256, 0]; expected a list of window lengths" in result.stderr
+
+
+def test_init_from_applies_context_overrides_and_checks_the_rest(tmp_path):
+    from omegaconf import OmegaConf
+
+    from llama_zh.stages.pretrain import check_init_shape, split_context, with_context
+    from tiny_checkpoints import make_checkpoint, train_tokenizer
+
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", train_tokenizer(tmp_path / "tok"))  # max_seq_len 128
+    stream = read_native(ckpt)
+    rope = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    model = {**stream.config.to_dict(), "rope_scaling": rope}
+    cfg = OmegaConf.create({"stage": {"init_from": str(ckpt)}, "model": model})
+    given = ["model=tiny", "model.rope_scaling={type:yarn,factor:4.0,original_max_position_embeddings:128}"]
+    context, shape = split_context(given)
+    assert (context, shape) == (given[1:], given[:1])
+    check_init_shape(cfg, stream, shape, context)  # same shape: the scaling alone differs, and is asked for
+    config = with_context(cfg, stream, context).config
+    assert config.rope_scaling["type"] == "yarn" and config.max_seq_len == 512  # 128 x 4
+    assert with_context(OmegaConf.merge(cfg, {"model": {"max_seq_len": 300}}), stream,
+                        context + ["model.max_seq_len=300"]).config.max_seq_len == 300
+    with pytest.raises(ConfigError, match=r"max_seq_len 300 \(checkpoint 128\)"):  # not asked for as context
+        check_init_shape(OmegaConf.merge(cfg, {"model": {"max_seq_len": 300}}), stream, shape, context)

@@ -19,22 +19,25 @@ from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, fit, mo
 from llama_zh.tokenizer import Tokenizer, file_sha256
 
 log = logging.getLogger(__name__)
-# What a run from stage.init_from may change: the context the model serves, not any weight's shape.
+SHAPE_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "name"]
+# What `model.<field>=` may change in a run from stage.init_from: the context the model serves, not the weights.
 CONTEXT_FIELDS = ("max_seq_len", "rope_scaling")
-SHAPE_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name",) + CONTEXT_FIELDS]
 
 
-def check_init_shape(cfg: DictConfig, stream: WeightStream, given: list[str]) -> None:
+def check_init_shape(cfg: DictConfig, stream: WeightStream, given: list[str], context: list[str] = ()) -> None:
     """The checkpoint of stage.init_from brings its shape: a model= the user chose (`given`, the
-    overrides that chose it) must agree with it, field by field; the default model= is replaced."""
+    overrides that chose it) must agree with it, field by field, except the fields that `context`
+    (overrides of CONTEXT_FIELDS) sets; the default model= is replaced."""
     init_from = cfg.stage.init_from
     if not given:
         log.info("stage.init_from: the model's shape is the checkpoint's (%s), not model=%s", _shape(stream.config),
                  cfg.model.get("name"))
         return
     wanted = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
+    skip = {_model_field(o) for o in context}
     differ = [f"{f} {getattr(wanted, f)} (checkpoint {getattr(stream.config, f)})" for f in SHAPE_FIELDS
-              if getattr(wanted, f) != getattr(stream.config, f) and not (f == "vocab_size" and wanted.vocab_size is None)]
+              if getattr(wanted, f) != getattr(stream.config, f) and f not in skip
+              and not (f == "vocab_size" and wanted.vocab_size is None)]
     if differ:
         raise ConfigError(f"{' '.join(given)} differs from the checkpoint of stage.init_from={init_from}: "
                           f"{', '.join(differ)}; drop model= to continue with the checkpoint's shape")
@@ -98,7 +101,7 @@ def run(cfg: DictConfig):
         if stream.tokenizer is None:
             raise LlamaZhError(f"stage.init_from: {cfg.stage.init_from} has no tokenizer.model")
         context, shape = split_context(chosen("model"))
-        check_init_shape(cfg, stream, shape)
+        check_init_shape(cfg, stream, shape, context)
         stream = with_context(cfg, stream, context)
         check_init_tokenizer(cfg, stream, chosen("tokenizer"))
         tokenizer = Tokenizer(stream.tokenizer)
