@@ -258,6 +258,7 @@ def _tensors_with_head(stream: WeightStream, targets: dict[str, str]):
         yield name, t
         if untie and name == "embed.weight":
             yield "head.weight", t
+        del t  # before the next read: one tensor alive at a time
 
 
 def load_quantized(stream: WeightStream, cfg: QuantConfig, device: str | torch.device = "cpu",

@@ -130,6 +130,23 @@ def test_unquantized_load_of_a_tied_checkpoint_stays_tied(tmp_path):
     assert loaded.head.weight.data_ptr() == loaded.embed.weight.data_ptr()
 
 
+@pytest.mark.parametrize("quantize", ["quantize_head", "quantize_embedding"])
+def test_int8_quantized_tied_head_or_embedding_gets_its_own_copy(tmp_path, quantize):
+    """A tied model whose head (or embedding) is quantized cannot share one Parameter: the other keeps
+    the full-precision matrix, and the logits stay close to the unquantized model's."""
+    pytest.importorskip("bitsandbytes")
+    from llama_zh.checkpoint import read_any
+
+    model = build_model(tiny_tied(), seed=0)
+    save_checkpoint(model, tmp_path / "ckpt")
+    quantized, report = load_quantized(read_any(tmp_path / "ckpt"), QuantConfig(name="int8", **{quantize: True}))
+    assert ("head" if quantize == "quantize_head" else "embed") in report.quantized
+    assert type(quantized.head if quantize == "quantize_embedding" else quantized.embed).__module__.startswith("torch")
+    ids = torch.randint(0, 300, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(ids), model(ids), atol=0.05, rtol=0)
+
+
 def make_hf_tied(tmp_path, with_lm_head=False):
     cfg = transformers.LlamaConfig(
         vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
