@@ -53,6 +53,9 @@ def test_hf_scaled_rope_logits(tmp_path, kind):
     hf_model, hf_dir = make_hf(tmp_path, SCALINGS[kind])
     model, _ = load_checkpoint(convert(hf_dir, "hf", tmp_path / "native", "native"))
     assert model.config.rope_type == SCALINGS[kind]["rope_type"]
+    if kind in ("linear", "dynamic"):  # no original length in config.json: max_position_embeddings is it
+        scaling = model.config.rope_scaling
+        assert model.config.max_seq_len == scaling["original_max_position_embeddings"] * scaling["factor"]
     for length in LENGTHS:
         ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
         with torch.no_grad():

@@ -85,7 +85,7 @@ def rope_from_hf(hf: dict, config_file: Path) -> tuple[float, dict | None, int]:
     `rope_theta`; `type` is the older spelling of `rope_type`. Linear and dynamic scaling need no
     original length there: it is the top-level `original_max_position_embeddings` when given (our
     exports write it), else max_position_embeddings, which is what dynamic scaling grows from in
-    transformers; a dynamic model's limit is then that length times the factor."""
+    transformers; the model's limit is then that length times the factor."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     max_positions = hf.get("max_position_embeddings", 2048)
     theta = float(rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0))
@@ -98,12 +98,14 @@ def rope_from_hf(hf: dict, config_file: Path) -> tuple[float, dict | None, int]:
         raise ConfigError(f"{config_file}: rope scaling {kind!r} is not supported (known: {', '.join(ROPE_SCALING)})")
     rope.pop("type", None)
     rope["rope_type"] = kind
+    stated = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
     if kind == "dynamic":  # transformers grows dynamic scaling from max_position_embeddings, whatever else is written
         rope["original_max_position_embeddings"] = max_positions
     elif rope.get("original_max_position_embeddings") is None:
-        rope["original_max_position_embeddings"] = hf.get("original_max_position_embeddings") or max_positions
+        rope["original_max_position_embeddings"] = stated or max_positions
     scaling = check_rope_scaling(rope, where=f"{config_file}: rope_scaling")
-    if kind == "dynamic":
+    if kind == "dynamic" or (kind == "linear" and not stated):
+        # max_position_embeddings is then the original length: the scaled model serves factor times more
         max_positions = max(max_positions, int(scaling["original_max_position_embeddings"] * scaling["factor"]))
     return theta, scaling, max_positions
 
