@@ -178,6 +178,8 @@ def write_native(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAUL
 
 def model_stream(model: Transformer, tokenizer: Path | None = None) -> WeightStream:
     state = {n: p for n, p in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("head.weight", None)  # the embedding's own tensor: written once, as embed.weight
     specs = {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}
     return WeightStream(model.config, specs, lambda: iter(state.items()), tokenizer, source="in-memory model")
 
@@ -297,7 +299,10 @@ def load_model(stream: WeightStream, device: str | torch.device = "cpu", dtype: 
     state = {}
     for name, t in stream.tensors():
         state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    if stream.config.tie_word_embeddings:
+        state["head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign gave the head a Parameter of its own
     return model
 
 

@@ -35,6 +35,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    # None: plain RoPE. Else a mapping with `type` (see ROPE_SCALING), `factor` and
+    # `original_max_position_embeddings`, the context the weights were pretrained at.
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False  # the output head is the embedding matrix (Llama-3.2 1B/3B)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -53,6 +57,10 @@ class ModelConfig:
             raise ConfigError(f"head size {self.head_dim} must be even for rotary embeddings")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError("model.norm_eps and model.rope_theta must be positive")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"model.tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
@@ -65,7 +73,11 @@ class ModelConfig:
             raise ConfigError("model.vocab_size is unset: build the model with a tokenizer first")
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         block = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
-        return self.n_layers * block + 2 * self.vocab_size * self.dim + self.dim
+        return self.n_layers * block + (1 if self.tie_word_embeddings else 2) * self.vocab_size * self.dim + self.dim
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_scaling["type"] if self.rope_scaling else "default"
 
     def with_vocab(self, vocab_size: int) -> "ModelConfig":
         return dataclasses.replace(self, vocab_size=vocab_size)
@@ -86,6 +98,55 @@ class ModelConfig:
             names = ", ".join(available_names())
             raise ConfigError(f"unknown model name {name!r}; known: {names}")
         return cls.from_dict(yaml.safe_load(path.read_text()), source=f"{path}: model")
+
+
+# The keys each scaling type reads: required, then optional with their defaults (None: absent).
+# The formulas are transformers' (docs/reference.md#rope-scaling), so that its checkpoints and ours agree.
+_COMMON = ("type", "factor", "original_max_position_embeddings")
+ROPE_SCALING: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "linear": (_COMMON, {}),
+    "dynamic": (_COMMON, {}),
+    "yarn": (_COMMON, {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None,
+                       "mscale_all_dim": None, "truncate": True}),
+    "llama3": (_COMMON + ("low_freq_factor", "high_freq_factor"), {}),
+}
+
+
+def check_rope_scaling(values: Any, where: str = "model.rope_scaling") -> dict[str, Any]:
+    """A rope scaling mapping checked and completed: `type` (`rope_type` accepted, as transformers
+    writes it), every key its type needs, its optional keys defaulted, nothing it would ignore."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a mapping with type, factor and original_max_position_embeddings, got {values!r}")
+    values = dict(values)
+    if "rope_type" in values:
+        kind = values.pop("rope_type")
+        if values.setdefault("type", kind) != kind:
+            raise ConfigError(f"{where}: type {values['type']!r} and rope_type {kind!r} disagree")
+    kind = values.get("type")
+    if kind not in ROPE_SCALING:
+        raise ConfigError(f"{where}.type: unknown rope scaling {kind!r}; known: {', '.join(ROPE_SCALING)}")
+    required, optional = ROPE_SCALING[kind]
+    check_keys(values, list(required) + list(optional), where)
+    for key in required:
+        if values.get(key) is None:
+            raise ConfigError(f"{where}.{key} is missing (needed by rope scaling type {kind!r})")
+    for key, default in optional.items():
+        if values.get(key) is None:
+            values[key] = default
+    for key, value in values.items():
+        if key in ("type", "truncate") or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
+    if not isinstance(values["original_max_position_embeddings"], int):
+        raise ConfigError(f"{where}.original_max_position_embeddings must be an integer, "
+                          f"got {values['original_max_position_embeddings']!r}")
+    if not isinstance(values.get("truncate", True), bool):
+        raise ConfigError(f"{where}.truncate must be true or false, got {values['truncate']!r}")
+    if kind == "llama3" and values["high_freq_factor"] <= values["low_freq_factor"]:
+        raise ConfigError(f"{where}.high_freq_factor ({values['high_freq_factor']}) must exceed "
+                          f"low_freq_factor ({values['low_freq_factor']})")
+    return {key: values[key] for key in list(required) + list(optional)}
 
 
 def available_names() -> list[str]:

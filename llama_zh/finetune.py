@@ -207,6 +207,10 @@ def apply_finetune(model: Transformer, ft: FinetuneConfig) -> Transformer:
         attach_prefix(model, PrefixEncoder(model.config, ft.prefix_len, ft.prefix_hidden, dtype=weight.dtype,
                                            device=weight.device))
     else:  # lora
+        if model.config.tie_word_embeddings and "head" in ft.target_modules:
+            # the merged head would differ from the embedding it must equal in a tied checkpoint
+            raise LlamaZhError("finetune.target_modules: head is tied to the embedding in this model "
+                               "(model.tie_word_embeddings); drop head, or train it with modules_to_save=[embed]")
         dtype = model.embed.weight.dtype  # adapters on a quantized base: the model's float dtype
         for _, parent, child_name, child in lora_targets(model, ft.target_modules):
             setattr(parent, child_name, LoRALinear(child, ft.rank, ft.alpha, ft.dropout, dtype=dtype))

@@ -36,16 +36,91 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 if x.dtype == torch.float32 else x32.to(x.dtype))
 
 
-def rope_tables(length: int, head_dim: int, theta: float, device=None, dtype=torch.float32):
-    """(cos, signed sin) of every position 0 .. length-1, each (length, D), computed in fp32 then cast.
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None,
+                     device=None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (D/2,) fp32, attention factor) of plain RoPE or of a `scaling` mapping
+    (ModelConfig.rope_scaling), computed as transformers computes them, in the same operations and
+    order, so that logits agree to float rounding (docs/reference.md#rope-scaling).
+
+    `seq_len` (the positions the forward pass covers) matters to `dynamic` only: past the original
+    context its base grows with the sequence, so its tables belong to one length."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    kind = scaling["type"] if scaling else None
+    if kind is None:
+        return inv_freq, 1.0
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "dynamic":
+        if seq_len is None or seq_len <= original:
+            return inv_freq, 1.0
+        # fp32 tensor arithmetic, as transformers does it with the length taken from the positions tensor
+        base = theta * ((factor * torch.tensor(seq_len, device=device) / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** exponents), 1.0
+    if kind == "yarn":
+        return _yarn_frequencies(head_dim, theta, scaling, exponents)
+    return _llama3_frequencies(inv_freq, scaling), 1.0
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def _yarn_frequencies(head_dim: int, theta: float, scaling: dict, exponents: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN: dimensions that turn fewer than beta_slow times over the original context are interpolated
+    (divided by factor), those turning more than beta_fast times kept, a linear ramp between; the
+    attention factor (mscale) sharpens the softmax that the longer context flattens."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    attention = scaling["attention_factor"]
+    if attention is None:
+        mscale, mscale_all = scaling["mscale"], scaling["mscale_all_dim"]
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                     else _yarn_mscale(factor))
+
+    def dimension(rotations: float) -> float:  # the dimension that turns `rotations` times over `original`
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension(scaling["beta_fast"]), dimension(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width would divide by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(exponents.device)
+    keep = 1 - ramp  # 1: extrapolate (frequency kept), 0: interpolate
+    periods = theta ** exponents
+    inv_freq = (1.0 / (factor * periods)) * (1 - keep) + (1.0 / periods) * keep
+    return inv_freq, float(attention)
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1: wavelengths longer than original/low_freq_factor are divided by factor, shorter than
+    original/high_freq_factor kept, and those between blended smoothly."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    middle = ~(wavelength < original / high) * ~(wavelength > original / low)
+    return torch.where(middle, blended, scaled)
+
+
+def rope_tables(length: int, head_dim: int, theta: float, device=None, dtype=torch.float32,
+                scaling: dict | None = None, seq_len: int | None = None):
+    """(cos, signed sin) of every position 0 .. length-1, each (length, D), computed in fp32 then cast;
+    `scaling`, `seq_len`: see rope_frequencies (a YaRN attention factor multiplies both tables).
 
     Halves layout: dim j pairs with dim j + D/2, both at angle position x inv_freq[j]. The sin table
     carries the rotation's sign (-sin for the first half), so that apply_rope swaps halves without
     negating: (-a) x b and a x (-b) are the same float, so this is exact, and one operation fewer."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    inv_freq, attention = rope_frequencies(head_dim, theta, scaling, seq_len, device)
     freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq  # (length, D/2)
-    sin = freqs.sin()
-    return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+    cos, sin = torch.cat((freqs, freqs), dim=-1).cos(), freqs.sin()
+    if attention != 1.0:
+        cos, sin = cos * attention, sin * attention
+    return cos.to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -230,7 +305,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self._rope_tables: dict = {}  # (device, dtype) -> (cos, sin), see _rope
+        self.tie_weights()
+        self._rope_tables: dict = {}  # (device, dtype, length or None) -> (cos, sin), see _rope
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 return_hidden: bool = False, *, positions: torch.Tensor | None = None,
@@ -266,7 +342,7 @@ class Transformer(nn.Module):
             mask, causal = cache.mask(T)
             if positions is None:
                 positions = cache.positions(T)
-        cos, sin = self._rope(end, x.device, x.dtype)  # (S, D), S >= max_seq_len
+        cos, sin = self._rope(self._rope_length(end, positions), x.device, x.dtype)  # (S, D)
         if isinstance(positions, torch.Tensor):
             cos, sin = cos[positions, None], sin[positions, None]  # (B, T, 1, D)
         else:
@@ -282,15 +358,35 @@ class Transformer(nn.Module):
             return self.norm(x)
         return self.head(self.norm(x))
 
+    def tie_weights(self) -> None:
+        """With config.tie_word_embeddings, make the head's weight the embedding's Parameter itself: one
+        tensor, one gradient, one optimizer state. Moving a model to another device may give each
+        module its own copy again, so loaders call this once the weights are in place."""
+        if self.config.tie_word_embeddings and type(self.head) is nn.Linear and type(self.embed) is nn.Embedding:
+            self.head.weight = self.embed.weight
+
+    def _rope_length(self, length: int, positions: torch.Tensor | None) -> int:
+        """The sequence length the rotary tables are for: `length` (cache start + new tokens), except
+        that dynamic scaling, as transformers does, counts the largest position given plus one."""
+        if self.config.rope_type == "dynamic" and isinstance(positions, torch.Tensor):
+            return int(positions.max()) + 1
+        return length
+
     def _rope(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables covering `length` positions, computed once per device and dtype (not state:
-        they follow from the config)."""
-        key = (device, dtype)
+        they follow from the config). Dynamic scaling past the original context has tables of one
+        length each: the latest is kept."""
+        config = self.config
+        dynamic = config.rope_type == "dynamic" and length > config.rope_scaling["original_max_position_embeddings"]
+        key = (device, dtype, length if dynamic else None)
         tables = self._rope_tables.get(key)
         if tables is None or tables[0].shape[0] < length:
             with torch.inference_mode(False):  # normal tensors: a later training step may use them
-                tables = rope_tables(max(length, self.config.max_seq_len), self.config.head_dim, self.config.rope_theta,
-                                     device, dtype)
+                rows = length if dynamic else max(length, config.max_seq_len)
+                tables = rope_tables(rows, config.head_dim, config.rope_theta, device, dtype,
+                                     config.rope_scaling, length if dynamic else None)
+            if dynamic:
+                self._rope_tables = {k: v for k, v in self._rope_tables.items() if k[2] is None}
             self._rope_tables[key] = tables
         return tables
 
@@ -314,5 +410,6 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype=t
     model = model.to(dtype=dtype)
     if str(device) != "meta":
         model = model.to_empty(device=device)
+        model.tie_weights()
         model.init_weights(seed)
     return model

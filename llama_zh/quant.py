@@ -225,7 +225,7 @@ def quantize_stream(stream: WeightStream, cfg: QuantConfig, device: str | torch.
     quantizer = _Quantizer(cfg, device, dtype or torch.float32) if targets else None
     full = 0
     report = QuantReport(cfg.name, str(device), 0, 0)
-    for name, t in stream.tensors():
+    for name, t in _tensors_with_head(stream, targets):
         load_dtype = dtype or t.dtype
         full += t.numel() * torch.empty(0, dtype=load_dtype).element_size()
         module_name, _, param = name.rpartition(".")
@@ -242,5 +242,17 @@ def quantize_stream(stream: WeightStream, cfg: QuantConfig, device: str | torch.
             module = model.get_submodule(module_name)
             module._parameters[param] = nn.Parameter(t.to(device=device, dtype=load_dtype), requires_grad=False)
         del t
+    model.tie_weights()  # a tied head left a plain Linear is the embedding's Parameter again
     report.bytes_full, report.bytes_after = full, weight_bytes(model)
     return model, report
+
+
+def _tensors_with_head(stream: WeightStream, targets: dict[str, str]):
+    """The stream's tensors, plus head.weight for a tied model whose embedding or head is quantized:
+    the two can no longer share one Parameter, so the head gets its own (quantized or not) copy."""
+    untie = stream.config.tie_word_embeddings and ("head" in targets or "embed" in targets)
+    for name, t in stream.tensors():
+        yield name, t
+        if untie and name == "embed.weight":
+            yield "head.weight", t
+        del t  # before the next read: one tensor alive at a time

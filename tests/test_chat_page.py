@@ -21,7 +21,7 @@ from llama_zh.config import ConfigError
 from llama_zh.data.chat_template import ChatTemplate
 from llama_zh.infer.engine import Engine
 from llama_zh.infer.server import ServeOptions, create_app
-from llama_zh.quant import load_for_inference
+from llama_zh.infer import load
 from llama_zh.stages import serve
 from serve_models import InProcessServer, slow_steps
 from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
@@ -64,7 +64,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(tok, tmp_path_factory):
     checkpoint, _ = make_checkpoint(tmp_path_factory.mktemp("page"), tok)
-    model, tokenizer, _ = load_for_inference(checkpoint)
+    model, tokenizer, _ = load(checkpoint)
     engine = Engine(model, tokenizer, max_concurrent=2, max_queue=4).start()
     options = ServeOptions(model_name=MODEL, api_key=KEY, template=ChatTemplate.named("chat"),
                            static_dir=serve.page_dir(OmegaConf.create({"web": True, "static_dir": None})))

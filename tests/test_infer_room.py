@@ -92,6 +92,20 @@ def test_swapped_modules_give_the_plain_models_logits(backend, batch, small_weig
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tied_head_stays_one_matrix_with_the_embedding(backend, small_weights_too):
+    config = ModelConfig.from_name("tiny").with_vocab(600)
+    config.tie_word_embeddings = True
+    model = build_model(config, seed=0).eval()
+    ids = torch.randint(0, 600, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        plain = model(ids)
+    fast, _ = swapped(model, backend)
+    assert fast.head.weight is fast.embed.weight  # the wide layout did not leave a second copy
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids), plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cached_decoding_with_swaps_equals_the_uncached_forward(backend, small_weights_too):
     model = tiny()
     fast, _ = swapped(model, backend)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ import torch
 
 from llama_zh.atomic import AtomicOutput, close_quietly
 from llama_zh.checkpoint import WeightStream, check_specs
+from llama_zh.config import ModelConfig
 from llama_zh.convert.keys import KeyMap, halves_to_interleaved, rope_permuter
 from llama_zh.errors import LlamaZhError
+from llama_zh.model import rope_frequencies
 from llama_zh.tensor_io import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -309,6 +312,7 @@ def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_templat
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists (set overwrite to replace it)")
     config, keys = stream.config, key_map()
+    rope_extra = rope_tensors(config)  # before anything is written: a scaling llama.cpp cannot run is refused
     vocab = gguf_vocab(stream.tokenizer, config.vocab_size)
     qtypes = plan_types(stream, keys, gguf_type)
 
@@ -316,18 +320,21 @@ def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_templat
     with AtomicOutput(path, overwrite=overwrite, need_bytes=need, exists_error=CheckpointError) as out:
         writer = gguf.GGUFWriter(out.tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         try:
-            _write_gguf(writer, stream, keys, vocab, qtypes, file_type, chat_template)
+            _write_gguf(writer, stream, keys, vocab, qtypes, file_type, chat_template, rope_extra)
         finally:
             for f in writer.fout or []:
                 close_quietly(f)  # its buffer may not fit on a full disk: the write's own error says so
             writer.fout = None
-        check_file(out.tmp, {keys.to_outside(n): (tuple(s), qtypes[n]) for n, (_, s) in stream.specs.items()}, vocab.pieces)
+        expected = {keys.to_outside(n): (tuple(s), qtypes[n]) for n, (_, s) in stream.specs.items()}
+        expected |= {n: (a.shape, gguf.GGMLQuantizationType.F32) for n, a in rope_extra.items()}
+        check_file(out.tmp, expected, vocab.pieces)
     return path
 
 
 def _write_gguf(writer, stream: WeightStream, keys: KeyMap, vocab: GGUFVocab, qtypes: dict, file_type,
-                chat_template: str | None = None) -> None:
+                chat_template: str | None = None, rope_extra: dict[str, np.ndarray] | None = None) -> None:
     gguf, config = _gguf(), stream.config
+    rope_extra = rope_extra or {}
     writer.add_name(config.name)
     writer.add_file_type(file_type)
     writer.add_vocab_size(config.vocab_size)
@@ -340,6 +347,7 @@ def _write_gguf(writer, stream: WeightStream, keys: KeyMap, vocab: GGUFVocab, qt
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
+    add_rope_scaling(writer, config)
     vocab.write(writer)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
@@ -348,6 +356,8 @@ def _write_gguf(writer, stream: WeightStream, keys: KeyMap, vocab: GGUFVocab, qt
 
     for name, (_, shape) in stream.specs.items():
         writer.add_tensor_info(keys.to_outside(name), *tensor_info(tuple(shape), qtypes[name]))
+    for name, array in rope_extra.items():
+        writer.add_tensor_info(name, *tensor_info(array.shape, gguf.GGMLQuantizationType.F32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -355,7 +365,55 @@ def _write_gguf(writer, stream: WeightStream, keys: KeyMap, vocab: GGUFVocab, qt
     for name, t in stream.tensors():
         _write_tensor(writer, encode(permute(name, t), qtypes[name]))
         del t
+    for array in rope_extra.values():
+        _write_tensor(writer, array)
     writer.close()  # flushes: a full disk shows here, not in the cleanup
+
+
+def add_rope_scaling(writer, config: ModelConfig) -> None:
+    """The rope scaling keys llama.cpp reads: `{arch}.rope.scaling.type`, `.factor` and, for YaRN,
+    `.original_context_length` and its two betas. Llama-3's scaling is a tensor instead (rope_tensors)."""
+    gguf, scaling = _gguf(), config.rope_scaling
+    if config.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif config.rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
+        writer.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
+
+
+def rope_tensors(config: ModelConfig) -> dict[str, np.ndarray]:
+    """Extra tensors of the RoPE, by llama.cpp name: for `llama3` scaling, rope_freqs.weight, the
+    per-dimension divisor of the frequencies (1 for the high ones, factor for the low ones), as
+    llama.cpp's own converter writes Llama-3.1. Refuses the scalings llama.cpp has no equivalent of:
+    dynamic NTK, and YaRN with its own attention factor (llama.cpp derives it from the factor)."""
+    kind, scaling = config.rope_type, config.rope_scaling
+    if kind == "dynamic":
+        raise GGUFError("model.rope_scaling.type=dynamic: llama.cpp has no dynamic NTK scaling, so a GGUF file "
+                        "cannot run this model as llama_zh does; export to HF instead")
+    if kind == "yarn" and any(scaling[k] is not None for k in ("attention_factor", "mscale", "mscale_all_dim")):
+        raise GGUFError("model.rope_scaling: YaRN with attention_factor/mscale set is not written to GGUF "
+                        "(llama.cpp derives the attention factor from the factor alone)")
+    if kind != "llama3":
+        return {}
+    gguf = _gguf()
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    plain, _ = rope_frequencies(config.head_dim, config.rope_theta)
+    divisors = []
+    for wavelength in (2 * math.pi / plain).tolist():
+        if wavelength < original / high:
+            divisors.append(1.0)
+        elif wavelength > original / low:
+            divisors.append(factor)
+        else:  # the blend of rope_frequencies' llama3 middle band, as one divisor
+            smooth = (original / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    return {name: np.array(divisors, dtype=np.float32)}
 
 
 def _write_tensor(writer, array: np.ndarray) -> None:

@@ -12,7 +12,7 @@ from llama_zh.checkpoint import (
     DEFAULT_SHARD_BYTES, WeightStream, _AtomicDir, _safetensors_files, check_specs, safetensors_stream,
     stream_bytes, write_safetensors_shards,
 )
-from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.config import ROPE_SCALING, ConfigError, ModelConfig, check_rope_scaling
 from llama_zh.convert.hf_tokenizer import SpecialPieces, bpe_tokenizer_files, build_hf_tokenizer
 from llama_zh.convert.keys import KeyMap
 from llama_zh.tensor_io import CheckpointError, torch_load_weights
@@ -51,15 +51,13 @@ def config_from_hf(config_file: Path) -> ModelConfig:
     archs = hf.get("architectures") or []
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
         raise ConfigError(f"{config_file}: model_type {hf.get('model_type')!r} is not a LLaMA model (expected model_type 'llama')")
-    for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+    for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ConfigError(f"{config_file}: {flag}=true is not a LLaMA architecture this converter supports")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{config_file}: hidden_act {hf['hidden_act']!r}, LLaMA uses 'silu'")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ConfigError(f"{config_file}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
     try:
+        theta, scaling, max_seq_len = rope_from_hf(hf, config_file)
         config = ModelConfig(
             name=hf.get("_name_or_path") or config_file.parent.name,
             vocab_size=hf["vocab_size"],
@@ -69,14 +67,72 @@ def config_from_hf(config_file: Path) -> ModelConfig:
             n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             ffn_dim=hf["intermediate_size"],
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=theta,
+            max_seq_len=max_seq_len,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
     except KeyError as e:
         raise ConfigError(f"{config_file}: missing field {e.args[0]}") from e
     if hf.get("head_dim") not in (None, config.head_dim):
         raise ConfigError(f"{config_file}: head_dim {hf['head_dim']} differs from hidden_size/num_attention_heads = {config.head_dim}")
     return config
+
+
+def rope_from_hf(hf: dict, config_file: Path) -> tuple[float, dict | None, int]:
+    """(rope_theta, native rope_scaling, max_seq_len) of a config.json.
+
+    transformers 5 writes `rope_parameters` (theta inside), earlier releases `rope_scaling` beside
+    `rope_theta`; `type` is the older spelling of `rope_type`. Linear and dynamic scaling need no
+    original length there: it is the top-level `original_max_position_embeddings` when given (our
+    exports write it), else max_position_embeddings, which is what dynamic scaling grows from in
+    transformers; the model's limit is then that length times the factor."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    max_positions = hf.get("max_position_embeddings", 2048)
+    theta = float(rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0))
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{config_file}: partial_rotary_factor other than 1 is not a LLaMA architecture")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", None):
+        return theta, None, max_positions
+    if kind not in ROPE_SCALING:
+        raise ConfigError(f"{config_file}: rope scaling {kind!r} is not supported (known: {', '.join(ROPE_SCALING)})")
+    rope.pop("type", None)
+    rope["rope_type"] = kind
+    stated = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    if kind == "dynamic":  # transformers grows dynamic scaling from max_position_embeddings, whatever else is written
+        rope["original_max_position_embeddings"] = max_positions
+    elif rope.get("original_max_position_embeddings") is None:
+        rope["original_max_position_embeddings"] = stated or max_positions
+    scaling = check_rope_scaling(rope, where=f"{config_file}: rope_scaling")
+    if kind == "dynamic" or (kind == "linear" and not stated):
+        # max_position_embeddings is then the original length: the scaled model serves factor times more
+        max_positions = max(max_positions, int(scaling["original_max_position_embeddings"] * scaling["factor"]))
+    return theta, scaling, max_positions
+
+
+def rope_to_hf(config: ModelConfig) -> tuple[dict, dict]:
+    """(rope_parameters, top-level keys) of config.json for `config`'s RoPE.
+
+    Dynamic scaling in transformers grows from max_position_embeddings, so that key holds the original
+    length there. Linear and dynamic carry no original length in rope_parameters (transformers warns
+    on keys it does not read): it goes top-level, where transformers keeps it unread."""
+    params = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+    top = {"max_position_embeddings": config.max_seq_len}
+    scaling = config.rope_scaling
+    if scaling is None:
+        return params, top
+    params["factor"] = scaling["factor"]
+    original = scaling["original_max_position_embeddings"]
+    top["original_max_position_embeddings"] = original
+    if config.rope_type == "dynamic":
+        top["max_position_embeddings"] = original
+    if config.rope_type in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = original
+    for key, value in scaling.items():
+        if key not in ("type", "factor", "original_max_position_embeddings") and value is not None:
+            params[key] = value
+    return params, top
 
 
 def read(path: Path, tokenizer: Path | None = None) -> WeightStream:
@@ -86,17 +142,27 @@ def read(path: Path, tokenizer: Path | None = None) -> WeightStream:
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
     config = config_from_hf(config_file)
     files = _safetensors_files(path, "model")
+    rename = _renamer(str(path), config)
     if files:
-        specs, tensors = safetensors_stream(files, KEYS.renamer(str(path)))
+        specs, tensors = safetensors_stream(files, rename)
     else:
-        specs, tensors = _bin_stream(path)
+        specs, tensors = _bin_stream(path, rename)
     tok = Path(tokenizer) if tokenizer else find_tokenizer(path)
     stream = WeightStream(config, specs, tensors, tok if tok is not None and tok.is_file() else None, source=str(path))
     check_specs(stream)
     return stream
 
 
-def _bin_stream(path: Path):
+def _renamer(source: str, config: ModelConfig):
+    """KEYS' renamer; a tied model's lm_head.weight, which some tied checkpoints still store (a copy
+    of the embedding), is skipped: the head is the embedding."""
+    rename = KEYS.renamer(source)
+    if not config.tie_word_embeddings:
+        return rename
+    return lambda key: None if key == KEYS.to_outside("head.weight") else rename(key)
+
+
+def _bin_stream(path: Path, rename):
     index = path / "pytorch_model.bin.index.json"
     if index.is_file():
         files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -104,7 +170,6 @@ def _bin_stream(path: Path):
         files = [path / "pytorch_model.bin"]
     else:
         raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or their index json")
-    rename = KEYS.renamer(str(path))
     specs, owners = {}, []
     for f in files:
         state = torch_load_weights(f)  # memory-mapped: shapes without reading the data
@@ -130,6 +195,7 @@ def _bin_stream(path: Path):
 def hf_config(config: ModelConfig, dtype: str, special: SpecialPieces | None = None) -> dict:
     """config.json; the special ids are the tokenizer's (LLaMA's bos 1, eos 2, no pad without one)."""
     ids = (special or LLAMA_SPECIAL).ids
+    rope, rope_top = rope_to_hf(config)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -141,14 +207,15 @@ def hf_config(config: ModelConfig, dtype: str, special: SpecialPieces | None = N
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": config.max_seq_len,
+        **rope_top,
         "rms_norm_eps": config.norm_eps,
-        # transformers >= 5 reads rope_parameters, older releases rope_theta: write both.
+        # transformers >= 5 reads rope_parameters, older releases (and vLLM) rope_theta and rope_scaling: write all.
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": rope,
+        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if config.rope_scaling else None,
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": ids["bos"],
         "eos_token_id": ids["eos"],
         "pad_token_id": ids["pad"],

@@ -162,7 +162,12 @@ def apply(model: Transformer, backend: str) -> dict[str, int]:
             block.ffn = FusedFeedForward(ffn, gate_up, backend)
             counts["feed_forward"] += 1
             counts["linear"] += block.ffn.w_down is not ffn.w_down
+    tied = model.head.weight is model.embed.weight
     head = _linear(model.head, backend)
     counts["linear"] += head is not model.head
     model.head = head
+    if tied and model.embed.weight is not head.weight:
+        # One matrix still: the embedding gathers its few rows per step from the head's layout
+        # rather than keeping a second vocab x dim copy.
+        model.embed.weight = head.weight
     return counts

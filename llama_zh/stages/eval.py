@@ -21,6 +21,7 @@ table of every finished job in the sweep directory (comparison.md / comparison.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -77,6 +78,7 @@ def check_stage(stage: DictConfig) -> list[str]:
     if ("perplexity" in tasks or "rolling_perplexity" in tasks) and stage.split not in SPLITS:
         raise LlamaZhError(f"stage.split: {stage.split!r}; expected one of {', '.join(SPLITS)}")
     check_scoring(stage.mc.get("scoring", "letter"))
+    eval_lengths(stage)
     return tasks
 
 
@@ -100,6 +102,10 @@ def protocol(cfg, task: str, tokenizer, model, result: dict) -> dict:
     """How `task`'s scores (`result`) were taken: what differs here makes two scores incomparable."""
     stage = cfg.stage
     common = {"tokenizer_sha256": tokenizer.sha256()}
+    if task == "perplexity" and eval_lengths(stage):
+        return {"scoring": "packed-stream", "split": stage.split, "window": eval_lengths(stage),
+                "stride": eval_lengths(stage), "max_batches": stage.max_batches,
+                "template": None, "shots": 0, **common}
     if task == "perplexity":
         return {"scoring": "packed-stream", "split": stage.split, "window": cfg.data.seq_len,
                 "stride": stage.get("stride") or cfg.data.seq_len, "max_batches": stage.max_batches,
@@ -119,16 +125,53 @@ def protocol(cfg, task: str, tokenizer, model, result: dict) -> dict:
             "max_new_tokens": stage.generation.max_new_tokens, "stop": list(stage.generation.stop), **common}
 
 
+def eval_lengths(stage: DictConfig) -> list[int]:
+    """stage.lengths: the window lengths perplexity is measured at (null: data.seq_len alone)."""
+    lengths = stage.get("lengths")
+    if lengths is None:
+        return []
+    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths):
+        raise ConfigError(f"stage.lengths: {lengths}; expected a list of window lengths of at least 2 tokens")
+    return lengths
+
+
+@contextlib.contextmanager
+def _limit_at_least(model, length: int):
+    """The model's position limit raised to `length` for the duration: stage.lengths measures a model
+    past the context it was trained for too (how it extrapolates is the question asked)."""
+    limit = model.config.max_seq_len
+    if length > limit:
+        log.warning("perplexity at %d tokens: beyond the model's max_seq_len=%d (extrapolation)", length, limit)
+        model.config.max_seq_len = length
+    try:
+        yield
+    finally:
+        model.config.max_seq_len = limit
+
+
 def run_perplexity(cfg, model, tokenizer) -> dict:
-    check_seq_len(cfg.data.seq_len, model.config, "data.seq_len")
+    lengths = eval_lengths(cfg.stage)
+    if not lengths:
+        check_seq_len(cfg.data.seq_len, model.config, "data.seq_len")
     files = prepare_tokens(cfg.data, tokenizer, splits=[cfg.stage.split])  # the other split is not tokenized
     sources = files[cfg.stage.split]
     load = lambda p: load_tokens(p, tokenizer)  # noqa: E731
     stride, batch, limit = cfg.stage.get("stride"), cfg.stage.batch_size, cfg.stage.max_batches
-    total = sum(planned_windows([len(load(p)) for p in as_paths(f)], cfg.data.seq_len, stride, batch, limit)
-                for f in sources.values())
+    # (window, stride, batches); with stage.lengths, max_batches counts batches of the longest window and
+    # the shorter ones take as many batches as cover the same tokens: every length scores the same text
+    longest = max(lengths, default=0)
+    windows = ([(n, n, limit and max(1, limit * longest // n)) for n in lengths]
+               or [(cfg.data.seq_len, stride, limit)])
+    total = sum(planned_windows([len(load(p)) for p in as_paths(f)], window, step, batch, batches)
+                for f in sources.values() for window, step, batches in windows)
+    results = {}
     with _progress(cfg, "perplexity", total, "windows") as bar:
-        results = source_perplexities(model, sources, load, cfg.data.seq_len, stride, batch, limit, bar.update)
+        for window, step, batches in windows:
+            with _limit_at_least(model, window):
+                found = source_perplexities(model, sources, load, window, step, batch, batches, bar.update)
+            # one entry per source and length: `all@1024`; without stage.lengths the sources alone
+            results |= {f"{source}@{window}" if lengths else source: r for source, r in found.items()}
     for source, r in results.items():
         log.info("perplexity %s/%s: loss %.4f  ppl %.2f  (%d tokens)", cfg.stage.split, source, r["loss"], r["ppl"], r["tokens"])
     return results
