@@ -33,6 +33,7 @@ from llama_zh.checkpoint import WeightStream, load_checkpoint, write_native
 from llama_zh.errors import LlamaZhError
 from llama_zh.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
 from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, logit_gap, save_adapter, source_merged_stream
+from llama_zh.prefix import fingerprinted, save_prefix
 from llama_zh.tokenizer import copy_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class NativeCheckpoint(pl.Callback):
     """Writes native checkpoints: `step-NNNNNN` every `every_n_steps` (0: never) and `final` at the end.
 
     Adapters are merged into the weights as they stream out (the adapters alone go beside them in
-    adapter.safetensors + adapter_config.json); under ZeRO-3 each tensor is gathered in turn, never the whole model.
+    adapter.safetensors + adapter_config.json; a prefix, finetune=prefix, in prefix.safetensors +
+    prefix.json, the weights being the untouched base); under ZeRO-3 each tensor is gathered in turn, never the whole model.
     On a quantized base (finetune.base_quant) they are merged into the `source` checkpoint's original
     weights, streamed again, and the final save logs the logit gap between the trained model and
     the merged checkpoint (`logit_gap`, also kept in `self.logit_gap` and sent to the loggers).
@@ -73,11 +75,16 @@ class NativeCheckpoint(pl.Callback):
         else:
             stream = export_stream(model, self.tokenizer)
         adapters = adapter_state(model, self.finetune)  # collective under ZeRO-3: every process takes part
+        prefix = getattr(model, "prefix", None)
+        if prefix is not None:  # the base weights it trained on, fingerprinted as they are written
+            stream, fingerprint = fingerprinted(stream)
         if trainer.is_global_zero:
             extra = {**self.extra, "global_step": trainer.global_step}
             write_native(stream, path, overwrite=True, extra=extra)
             if adapters:
                 save_adapter(adapters, path, self.finetune)
+            if prefix is not None:
+                save_prefix(path, prefix, model.config, fingerprint.hexdigest())
             if name == "final" and self._quantized_base() and self.finetune.logit_gap:
                 self._report_gap(trainer, model, path)
         elif not self._quantized_base():
@@ -455,7 +462,9 @@ def check_resumable(step_dir: Path, expected: dict) -> dict:
                         f"strategy={expected['strategy']} (resume with strategy={meta.get('strategy')})")
     if meta.get("finetune") != expected["finetune"]:
         problems.append(f"it trained with finetune={meta.get('finetune')}, this run with finetune={expected['finetune']}")
-    for key, option, default in (("optimizer", "optim", "adamw"), ("base_quant", "finetune.base_quant", None)):
+    for key, option, default in (("optimizer", "optim", "adamw"), ("base_quant", "finetune.base_quant", None),
+                                 ("prefix_len", "finetune.prefix_len", None),
+                                 ("prefix_hidden", "finetune.prefix_hidden", None)):
         then, now = meta.get(key, default), expected.get(key, default)  # states written before the key: the default
         if then != now:
             problems.append(f"it trained with {option}={then}, this run with {option}={now}")

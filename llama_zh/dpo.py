@@ -13,7 +13,7 @@ pi is log pi(y|x) summed over the response, ref the same under the reference pol
 number of response tokens. Losses are averaged over the pairs of a batch.
 
 The reference policy of DPO is the starting checkpoint, never a second copy of the model:
-- LoRA with only the adapters training: the same model with the adapters switched off
+- LoRA with only the adapters training (or a prefix, finetune=prefix): the same model with them switched off
   (`finetune.adapters_disabled`), computed alongside each step;
 - otherwise (full, freeze, LoRA with modules_to_save): every pair's reference log-probs are computed
   once before the first step, with the starting weights, and kept in memory (2 numbers a pair) and
@@ -120,9 +120,11 @@ class PreferenceObjective:
 
 
 def adapters_only(model: torch.nn.Module) -> bool:
-    """Whether LoRA adapters are all that trains: then switching them off gives the starting model."""
+    """Whether LoRA adapters or a prefix are all that trains: then switching them off gives the starting model."""
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     adapter = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a, m.lora_b)}
+    prefix = getattr(model, "prefix", None)
+    adapter |= {id(p) for p in prefix.parameters()} if prefix is not None else set()
     return bool(adapter) and trainable <= adapter
 
 
@@ -145,7 +147,7 @@ class PreferenceLM(CausalLM):
             return
         if adapters_only(self.model):
             self.reference_mode = "adapters_off"
-            log.info("DPO reference: the model with its LoRA adapters switched off")
+            log.info("DPO reference: the model with its LoRA adapters or prefix switched off")
             return
         self.reference_mode = "stored"
         data = self.trainer.datamodule

@@ -1,4 +1,5 @@
-"""`finetune=`: which weights train. full; lora (low-rank adapters on the native model); freeze.
+"""`finetune=`: which weights train. full; lora (low-rank adapters on the native model); freeze;
+prefix (P-Tuning v2: learned per-layer keys and values, llama_zh.prefix).
 
 LoRA is written here on the native `Transformer` rather than taken from peft: peft wraps
 Hugging Face modules by their names and class types, and our model is not a Hugging Face one, so
@@ -32,7 +33,7 @@ from torch import nn
 
 from llama_zh.atomic import write_with
 from llama_zh.checkpoint import WeightStream, expected_specs
-from llama_zh.config import check_keys
+from llama_zh.config import ConfigError, check_keys
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import Transformer
 from llama_zh.strategies import gathered, is_partitioned
@@ -42,7 +43,7 @@ HF_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "g
               "up_proj": "w_up", "down_proj": "w_down", "embed_tokens": "embed", "lm_head": "head", "norm": "norm"}
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 TOP_MODULES = ("embed", "head", "norm")
-METHODS = ("full", "lora", "freeze")
+METHODS = ("full", "lora", "freeze", "prefix")
 BASE_QUANTS = ("nf4", "int8")
 
 
@@ -58,6 +59,8 @@ class FinetuneConfig:
     train_last_n_blocks: int = 0
     base_quant: str | None = None  # lora: nf4 | int8 quantizes the frozen block projections (QLoRA); null: none
     logit_gap: bool = True  # base_quant: after the final save, compare the trained model's logits with the merged checkpoint's
+    prefix_len: int = 16  # prefix: key/value slots per layer
+    prefix_hidden: int = 0  # prefix: > 0 reparameterises through an MLP of this hidden width (folded away on save)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -72,6 +75,10 @@ class FinetuneConfig:
                                "or finetune.base_quant=null")
         if self.method == "lora" and (self.rank <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1):
             raise LlamaZhError("finetune: lora needs rank > 0, alpha > 0 and 0 <= dropout < 1")
+        if isinstance(self.prefix_len, bool) or not isinstance(self.prefix_len, int) or self.prefix_len <= 0:
+            raise ConfigError(f"finetune.prefix_len must be an integer > 0, got {self.prefix_len!r}")
+        if isinstance(self.prefix_hidden, bool) or not isinstance(self.prefix_hidden, int) or self.prefix_hidden < 0:
+            raise ConfigError(f"finetune.prefix_hidden must be an integer >= 0 (0: no MLP), got {self.prefix_hidden!r}")
         if self.train_last_n_blocks < 0:
             raise LlamaZhError("finetune.train_last_n_blocks must be >= 0")
         self.target_modules = [canonical(n, "finetune.target_modules", PROJECTIONS + ("head",)) for n in self.target_modules]
@@ -147,15 +154,19 @@ class LoRALinear(nn.Module):
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Every LoRALinear of `model` computes its base layer alone inside the block: the model before
-    tuning, bit for bit, without a second copy of it (DPO's reference policy under LoRA). The
-    adapters' previous states are restored on leaving, also on an exception."""
+    """Every LoRALinear of `model` computes its base layer alone inside the block, and a prefix
+    (finetune=prefix) is off: the model before tuning, bit for bit, without a second copy of it (DPO's
+    reference policy under LoRA or prefix tuning). The previous states are restored on leaving, also
+    on an exception."""
+    from llama_zh.prefix import prefix_disabled
+
     adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
     before = [m.enabled for m in adapters]
     for m in adapters:
         m.enabled = False
     try:
-        yield
+        with prefix_disabled(model):  # a prefix (finetune=prefix) is an adapter too
+            yield
     finally:
         for m, state in zip(adapters, before):
             m.enabled = state
@@ -189,6 +200,12 @@ def apply_finetune(model: Transformer, ft: FinetuneConfig) -> Transformer:
             for block in model.layers[len(model.layers) - ft.train_last_n_blocks:]:
                 block.requires_grad_(True)
             model.norm.requires_grad_(True)
+    elif ft.method == "prefix":
+        from llama_zh.prefix import PrefixEncoder, attach_prefix
+
+        weight = model.embed.weight
+        attach_prefix(model, PrefixEncoder(model.config, ft.prefix_len, ft.prefix_hidden, dtype=weight.dtype,
+                                           device=weight.device))
     else:  # lora
         if model.config.tie_word_embeddings and "head" in ft.target_modules:
             # the merged head would differ from the embedding it must equal in a tied checkpoint

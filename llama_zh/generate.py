@@ -27,7 +27,8 @@ from typing import Iterator, Protocol
 
 import torch
 
-from llama_zh.model import KVCache, Transformer
+from llama_zh.model import Transformer
+from llama_zh.prefix import allocate_cache
 
 
 class Decoder(Protocol):
@@ -302,8 +303,8 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
     for i, p in enumerate(prompts):
         ids[i, left_pad[i]:] = torch.tensor(p)
     ids = ids.to(device)
-    cache = KVCache.allocate(model.config, B, P + n_steps - 1, device=device, dtype=dtype,
-                             left_pad=left_pad if any(left_pad) else None)
+    cache = allocate_cache(model, B, P + n_steps - 1, device=device, dtype=dtype,  # + a prefix's slots, if any
+                           left_pad=left_pad if any(left_pad) else None)
 
     generators = None
     if seeds is not None or cfg.seed is not None:

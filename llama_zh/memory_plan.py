@@ -3,7 +3,7 @@
 Rows (bytes per process):
 - params      the weights as the device holds them (ZeRO-3: a 1/W shard plus the layers gathered
               for compute; autocast's 16-bit weight copies, cached for the forward, under *-mixed);
-              LoRA adapters in fp32; a QLoRA base's quantized projections at their packed size
+              LoRA adapters and a prefix (finetune=prefix) in fp32; a QLoRA base's quantized projections at their packed size
               (nf4: half a byte a weight + an fp32 absmax per block + the 16-entry code per layer;
               int8: a byte a weight + an fp32 scale per row), the rest of the base in fp32
 - grads       gradients of the trainable weights (ZeRO-2/3: a shard plus the reduce bucket; DDP:
@@ -19,7 +19,8 @@ Offloaded state is counted in the `host` column (CPU RAM of the node, shared by 
 Activation sizes per token are fitted to what `torch.autograd.graph.saved_tensors_hooks` records
 for this model's forward (tests/test_train_memory.py re-measures them): per block, fp32:
 32 C + 16 F + 8 KD bytes (C width, F FFN width, KD kv width); bf16 autocast: 36 C + 8 F + 4 KD;
-plus 4 V (fp32 log-softmax) or 6 V (bf16 logits + fp32 log-softmax) for the loss.
+plus 4 V (fp32 log-softmax) or 6 V (bf16 logits + fp32 log-softmax) for the loss. A prefix adds its
+keys and values to every row's cache buffers (saved by attention) and, with an MLP, its activations.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class PlanInputs:
     eight_bit_params: int = 0  # trainable parameters in tensors an 8-bit optimizer keeps in 8 bits
     eight_bit_tensors: int = 0
     adapter_saved_per_token: int = 0  # what LoRA adapters add to the saved activations, per token, all blocks
+    prefix_saved_per_row: int = 0  # finetune=prefix: its keys and values in every row's cache buffers, all layers
+    prefix_saved_per_step: int = 0  # finetune=prefix with an MLP: its activations, once a micro-batch
 
 
 @dataclass
@@ -205,6 +208,7 @@ def plan_memory(p: PlanInputs, runtime_bytes: int | None = None) -> MemoryPlan:
             dev["optimizer"] = optimizer
     dev["activations"] = p.micro_batch * p.seq_len * (activation_bytes_per_token(m, sixteen, p.activation_checkpointing)
                                                      + p.adapter_saved_per_token)
+    dev["activations"] += p.micro_batch * p.prefix_saved_per_row + p.prefix_saved_per_step
     if runtime_bytes is None:
         runtime_bytes = GiB if p.on_gpu else current_rss() + CPU_FIT_SETUP
     dev["runtime"] = runtime_bytes

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from llama_zh.model import KVCache, Transformer
+from llama_zh.model import Transformer
+from llama_zh.prefix import allocate_cache
 
 LOGIT_BUDGET = 4096  # rows x positions of logits alive at once during the prompt pass
 
@@ -61,11 +62,12 @@ def row_continuation_logprobs(model: Transformer, prompts: list[list[int]],
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
     ids, pad = _left_padded(prompts, device)
     B, P = ids.shape
-    cache = KVCache.allocate(model.config, B, P + longest - 1, device=device, dtype=dtype,
-                             left_pad=pad if any(pad) else None)
+    cache = allocate_cache(model, B, P + longest - 1, device=device, dtype=dtype,  # + a prefix's slots, if any
+                           left_pad=pad if any(pad) else None)
     chunk = max(1, LOGIT_BUDGET // B)
     for start in range(0, P, chunk):
         last = model(ids[:, start : start + chunk], cache, last_only=True)[:, -1]  # (B, V) after the last chunk
+    prompted = cache.pos  # the prefix (finetune=prefix) and the prompts
     first = last.float().log_softmax(dim=-1)  # (B, V): the next token after each prompt
 
     scores = torch.empty(B, n_cands)
@@ -75,7 +77,7 @@ def row_continuation_logprobs(model: Transformer, prompts: list[list[int]],
         total = first[rows, torch.tensor([c[0] for c in conts], device=device)]  # (B,)
         L = max(len(c) for c in conts)
         if L > 1:
-            cache.pos = P  # rewind: this candidate overwrites the previous one's slots
+            cache.pos = prompted  # rewind: this candidate overwrites the previous one's slots
             padded = torch.zeros(B, L, dtype=torch.long)
             for b, c in enumerate(conts):
                 padded[b, : len(c)] = torch.tensor(c)

@@ -38,6 +38,7 @@ from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
 from llama_zh.generate import RowState, SamplingConfig, earliest_stop, sample_next
 from llama_zh.model import KVCache, Transformer
+from llama_zh.prefix import fill_prefix, prefix_len
 
 log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 character to
@@ -113,6 +114,7 @@ class SlotCache:
 
     k: torch.Tensor
     v: torch.Tensor
+    start: int = 0  # positions of every slot before its sequence: a prefix's (llama_zh.prefix.fill_prefix)
 
     @classmethod
     def allocate(cls, config: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32) -> "SlotCache":
@@ -132,8 +134,8 @@ class SlotCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     def slot(self, index: int) -> KVCache:
-        """Slot `index` as a one-row KVCache from position 0: the model's own forward fills it (prefill)."""
-        return KVCache(self.k[:, index : index + 1], self.v[:, index : index + 1])
+        """Slot `index` as a one-row KVCache from position `start`: the model's own forward fills it (prefill)."""
+        return KVCache(self.k[:, index : index + 1], self.v[:, index : index + 1], pos=self.start)
 
 
     def rows(self, slots: list[int], positions: list[int]) -> "SlotRows":
@@ -252,7 +254,9 @@ class Engine:
         # Norms are never quantized: their weight gives the activations' device and dtype.
         self.device, dtype = model.norm.weight.device, model.norm.weight.dtype
         with torch.inference_mode():  # written only by `step`, which runs in inference mode
-            self.cache = SlotCache.allocate(model.config, max_concurrent, context_length, self.device, dtype)
+            self.cache = SlotCache.allocate(model.config, max_concurrent, prefix_len(model) + context_length, self.device,
+                                            dtype)
+            self.cache.start = fill_prefix(model, self.cache.k, self.cache.v)
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else None
         self._slots: list[Sequence | None] = [None] * max_concurrent
         self._waiting: deque[Sequence] = deque()
@@ -436,7 +440,7 @@ class Engine:
     def _prefill(self, seq: Sequence) -> None:
         ids = torch.tensor([seq.prompt_ids], device=self.device)
         seq.logits = self.model(ids, self.cache.slot(seq.slot), last_only=True)[:, -1]  # (1, V)
-        seq.length = len(seq.prompt_ids)
+        seq.length = self.cache.start + len(seq.prompt_ids)
 
     def _sample(self, seq: Sequence) -> None:
         cfg = seq.sampling

@@ -28,6 +28,7 @@ from llama_zh.config import ConfigError
 from llama_zh.errors import LlamaZhError
 from llama_zh.infer import swaps
 from llama_zh.model import Transformer
+from llama_zh.prefix import load_prefix
 from llama_zh.quant import QuantConfig, QuantReport, quantize_stream
 from llama_zh.tokenizer import Tokenizer
 
@@ -118,7 +119,8 @@ def inference_target(cfg) -> tuple[torch.device, torch.dtype | None]:
 
 def load_for_stage(cfg, rows: int = 1) -> tuple[Transformer, Tokenizer, LoadReport]:
     """The checkpoint of stage.checkpoint (native or HF) on trainer='s device, quantized by quant=,
-    swapped for stage.backend (default auto); `rows`: the batch rows the stage decodes."""
+    swapped for stage.backend (default auto), with the prefix of finetune=prefix beside it (or
+    stage.prefix) attached; `rows`: the batch rows the stage decodes."""
     from omegaconf import OmegaConf
 
     device, dtype = inference_target(cfg)
@@ -128,4 +130,5 @@ def load_for_stage(cfg, rows: int = 1) -> tuple[Transformer, Tokenizer, LoadRepo
     if tokenizer is None:
         raise LlamaZhError(f"stage.checkpoint: {cfg.stage.checkpoint} has no tokenizer.model")
     log.info("%s", report.summary())
+    load_prefix(model, cfg.stage.checkpoint, cfg.stage.get("prefix"))  # finetune=prefix's, beside the checkpoint
     return model, tokenizer, report

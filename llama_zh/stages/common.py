@@ -185,6 +185,11 @@ def plan_details(config: ModelConfig, probe: Transformer, ft: FinetuneConfig, op
     trainable = [p for p in probe.parameters() if p.requires_grad]
     details = {"adapter_params": sum(p.numel() for p in probe.parameters()) - config.n_params, "optimizer": optim.name,
                "adapter_saved_per_token": adapter_saved_per_token(probe, ft)}
+    if ft.method == "prefix":
+        from llama_zh.prefix import prefix_saved_bytes
+
+        per_row, per_step = prefix_saved_bytes(config, ft.prefix_len, ft.prefix_hidden)
+        details.update(prefix_saved_per_row=per_row, prefix_saved_per_step=per_step)
     if optim.name != "adamw":
         eight = [p.numel() for p in trainable if p.numel() >= MIN_8BIT_SIZE]
         details.update(eight_bit_params=sum(eight), eight_bit_tensors=len(eight))
@@ -242,6 +247,22 @@ def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan
             raise LlamaZhError(message)
         log.warning("%s (memory_check=false: running anyway)", message)
     return memory
+
+
+def check_prefix(ft: FinetuneConfig, cfg: DictConfig) -> None:
+    """Refuse a prefix-tuning run that cannot work, before anything is built: its tokens run through the
+    KV cache, which packed sequences and activation checkpointing do not use."""
+    if ft.method != "prefix":
+        return
+    if cfg.stage.get("pack"):
+        raise LlamaZhError("finetune=prefix runs the tokens after the prefix in the KV cache, which packed sequences "
+                           "(stage.pack=true) cannot use; set stage.pack=false")
+    if cfg.strategy.get("activation_checkpointing"):
+        raise LlamaZhError("finetune=prefix runs every block with the KV cache, which activation checkpointing skips; "
+                           "set strategy.activation_checkpointing=false")
+    if zero_stage(cfg.strategy) == 3:
+        raise LlamaZhError("finetune=prefix is not supported with strategy=zero3* (its prefix is computed outside the "
+                           "blocks ZeRO-3 gathers); use strategy=auto, ddp, zero1 or zero2")
 
 
 def check_base_quant(ft: FinetuneConfig, source: ModelSource, deepspeed: bool) -> None:
@@ -308,6 +329,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     on_gpu = uses_gpu(cfg.trainer)
     check_optimizer(optim, on_gpu, deepspeed)
     check_base_quant(ft, job.source, deepspeed)
+    check_prefix(ft, cfg)
 
     # Trainable count from a meta-device copy: no memory, and before any process is launched.
     probe = apply_finetune(build_model(config, device="meta"), ft)
@@ -325,6 +347,8 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
         expected["lora"] = {"rank": ft.rank, "alpha": ft.alpha}  # to merge adapters when consolidating
     # The optimizer's state and a quantized base's weights have other layouts: not resumable across them.
     expected["optimizer"], expected["base_quant"] = optim.name, ft.base_quant
+    if ft.method == "prefix":  # another prefix shape cannot take the state's prefix parameters
+        expected["prefix_len"], expected["prefix_hidden"] = ft.prefix_len, ft.prefix_hidden
     state_dir = out / "checkpoints" / "state"
     resume_dir = resolve_resume(cfg.get("resume", "auto"), state_dir)
     ckpt_path = None
