@@ -14,7 +14,8 @@ from llama_zh.convert import convert
 from llama_zh.errors import LlamaZhError
 from llama_zh.finetune import FinetuneConfig, apply_finetune
 from llama_zh.model import build_model
-from llama_zh.quant import QuantConfig, load_quantized
+from llama_zh.infer import load_stream
+from llama_zh.quant import QuantConfig
 from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 # Published config.json values (hidden, ffn, heads, kv, layers, vocab, theta, tied, max positions, rope factor)
@@ -123,7 +124,7 @@ def test_unquantized_load_of_a_tied_checkpoint_stays_tied(tmp_path):
     save_checkpoint(model, tmp_path / "ckpt")
     from llama_zh.checkpoint import read_any
 
-    loaded, _ = load_quantized(read_any(tmp_path / "ckpt"), QuantConfig())
+    loaded, _ = load_stream(read_any(tmp_path / "ckpt"), quant=QuantConfig())
     ids = torch.randint(0, 300, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids), atol=1e-6, rtol=0)
@@ -139,8 +140,9 @@ def test_int8_quantized_tied_head_or_embedding_gets_its_own_copy(tmp_path, quant
 
     model = build_model(tiny_tied(), seed=0)
     save_checkpoint(model, tmp_path / "ckpt")
-    quantized, report = load_quantized(read_any(tmp_path / "ckpt"), QuantConfig(name="int8", **{quantize: True}))
-    assert ("head" if quantize == "quantize_head" else "embed") in report.quantized
+    quantized, report = load_stream(read_any(tmp_path / "ckpt"), quant=QuantConfig(name="int8", **{quantize: True}),
+                                    backend="torch")  # the backend keeps an unquantized head a torch Linear
+    assert ("head" if quantize == "quantize_head" else "embed") in report.quant.quantized
     assert type(quantized.head if quantize == "quantize_embedding" else quantized.embed).__module__.startswith("torch")
     ids = torch.randint(0, 300, (1, 7))
     with torch.no_grad():
