@@ -314,6 +314,36 @@ def test_a_port_in_use_is_refused_naming_it():
         taken.close()
 
 
+def test_connections_on_the_bound_address_send_small_writes_at_once():
+    """Each streamed chunk is a small write; with Nagle's algorithm on, a chunk after the response
+    headers waits for the client's delayed ACK (about 40 ms on Linux), which once held every token of
+    a short answer back until the end. asyncio (hence uvicorn) turns Nagle off on accepted sockets
+    only when the listening socket says it is TCP."""
+    sock = serve.bind("127.0.0.1", 0)
+
+    async def nodelay_of_an_accepted_connection():
+        accepted = asyncio.get_running_loop().create_future()
+
+        async def handle(reader, writer):
+            accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        try:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            value = await asyncio.wait_for(accepted, 10)
+            writer.close()
+            return value
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    try:
+        assert asyncio.run(nodelay_of_an_accepted_connection()) != 0
+    finally:
+        sock.close()
+
+
 def test_stage_serve_answers_with_the_checkpoint_template_and_exits_0_on_sigterm(tok, reference, tmp_path):
     chat = ChatTemplate.named("chat")  # recorded in the checkpoint; template= (alpaca by default) is the fallback
     path = tmp_path / "sft"
