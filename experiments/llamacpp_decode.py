@@ -49,23 +49,17 @@ PROMPT_TOKENS = 32
 
 
 def load_llama_zh(path: Path, method: str):
-    """(model, weight bytes) as the inference stages load it, quantized as `quant=<method>` does.
-
-    The one place that knows the loader's API: the inference room's `llama_zh.infer.load` where it
-    exists, else quant.load_for_inference (what stage=infer and stage=serve call before it)."""
+    """(model, weight bytes) as the inference stages load it (llama_zh.infer.load, backend auto for one
+    row), quantized as `quant=<method>` does."""
     from omegaconf import OmegaConf
 
+    from llama_zh.config import CONF_DIR
+    from llama_zh.infer import load
     from llama_zh.quant import QuantConfig
 
-    quant = QuantConfig.from_config(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "quant" / f"{method}.yaml")))
-    try:
-        from llama_zh.infer import load
-    except ImportError:
-        from llama_zh.quant import load_for_inference as load
-        model, _, report = load(path, quant, "cpu", torch.float32)
-    else:
-        model, _, report = load(path, "cpu", torch.float32, quant)
-    return model, report.bytes_after
+    quant = QuantConfig.from_config(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "quant" / f"{method}.yaml")))
+    model, _, report = load(path, "cpu", torch.float32, quant)
+    return model, report.quant.bytes_after
 
 
 def export_gguf(ckpt: Path, gguf_type: str, workdir: Path) -> Path:
