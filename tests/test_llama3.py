@@ -14,7 +14,7 @@ from llama_zh.convert import convert
 from llama_zh.errors import LlamaZhError
 from llama_zh.finetune import FinetuneConfig, apply_finetune
 from llama_zh.model import build_model
-from llama_zh.quant import QuantConfig, load_quantized
+from llama_zh.quant import QuantConfig, quantize_stream
 from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 # Published config.json values (hidden, ffn, heads, kv, layers, vocab, theta, tied, max positions, rope factor)
@@ -123,7 +123,7 @@ def test_unquantized_load_of_a_tied_checkpoint_stays_tied(tmp_path):
     save_checkpoint(model, tmp_path / "ckpt")
     from llama_zh.checkpoint import read_any
 
-    loaded, _ = load_quantized(read_any(tmp_path / "ckpt"), QuantConfig())
+    loaded, _ = quantize_stream(read_any(tmp_path / "ckpt"), QuantConfig())
     ids = torch.randint(0, 300, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids), atol=1e-6, rtol=0)
@@ -139,7 +139,7 @@ def test_int8_quantized_tied_head_or_embedding_gets_its_own_copy(tmp_path, quant
 
     model = build_model(tiny_tied(), seed=0)
     save_checkpoint(model, tmp_path / "ckpt")
-    quantized, report = load_quantized(read_any(tmp_path / "ckpt"), QuantConfig(name="int8", **{quantize: True}))
+    quantized, report = quantize_stream(read_any(tmp_path / "ckpt"), QuantConfig(name="int8", **{quantize: True}))
     assert ("head" if quantize == "quantize_head" else "embed") in report.quantized
     assert type(quantized.head if quantize == "quantize_embedding" else quantized.embed).__module__.startswith("torch")
     ids = torch.randint(0, 300, (1, 7))
@@ -340,3 +340,36 @@ def read_meta_config(directory):
     from llama_zh.convert import meta
 
     return meta.read(directory).config
+
+
+def test_meta_llama3_release_tokenizer_model_becomes_a_working_tokenizer(bpe_tokenizer, tmp_path):
+    """Meta's Llama-3 directory: tokenizer.model is a tiktoken rank file; stage=convert turns it into
+    a tokenizer.json with Llama-3's special tokens and chat template, beside the weights."""
+    from bpe_fixture import MIXED, write_rank_file
+    from llama_zh.data.chat_template import ChatTemplate
+    from llama_zh.generate import SamplingConfig, generate
+    from llama_zh.tokenizer import Tokenizer
+    from tiny_checkpoints import llama_zh
+
+    source = Tokenizer(bpe_tokenizer)
+    cfg = transformers.LlamaConfig(vocab_size=source.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(2)
+    write_meta_llama3(tmp_path / "meta", transformers.LlamaForCausalLM(cfg).eval(), {"use_scaled_rope": True},
+                      drop_output=True)
+    write_rank_file(bpe_tokenizer, tmp_path / "meta" / "tokenizer.model")
+    native = tmp_path / "native"
+    llama_zh("stage=convert", f"stage.src={tmp_path / 'meta'}", "stage.src_format=meta", f"stage.dst={native}",
+             "stage.dst_format=native", run_dir=tmp_path / "run")
+    assert (native / "tokenizer.json").is_file() and not (native / "tokenizer.model").exists()
+    model, tok = load_checkpoint(native)
+    assert tok.kind == "bpe" and model.config.tie_word_embeddings and model.config.rope_scaling["factor"] == 32.0
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.eot_id) == (source.vocab_size, source.bos_id,
+                                                                   source.eos_id, source.eot_id)
+    assert tok.stop_ids == [source.eos_id, source.eot_id]
+    assert tok.chat_template == ChatTemplate.named("llama-3").source
+    for text in MIXED:
+        assert tok.encode(text, bos=True) == source.encode(text, bos=True)
+    new = generate(model, tok.encode("你好", bos=True), SamplingConfig(temperature=0.0, max_new_tokens=4), tokenizer=tok)
+    assert 0 < len(new) <= 4 and all(0 <= i < tok.vocab_size for i in new)
