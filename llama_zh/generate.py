@@ -288,10 +288,10 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
     """Decode a batch of prompts (any lengths) together; after each step, yield the ids each row
     releases in it (one list per row, often empty).
 
-    A row ends at a stop id (not released; see `stop_ids_of`: `eos_id` if given, else the
-    tokenizer's stop ids, eos and end of turn), at a stop string (see `RowState`), after `cfg.max_new_tokens` tokens, or when its prompt and
-    new tokens fill `model.config.max_seq_len` (with a warning). Decoding stops when every row has
-    ended. The KV cache is allocated once, for the longest prompt plus the most new tokens any row
+    A row ends at a stop id (not released; `stop_ids_of`: `eos_id` if given, else the tokenizer's
+    eos and end of turn), at a stop string (see `RowState`), after `cfg.max_new_tokens` tokens, or
+    when its prompt and new tokens fill `model.config.max_seq_len` (with a warning). Decoding stops
+    when every row has ended. The KV cache is allocated once, for the longest prompt plus the most new tokens any row
     can take. Seeded sampling: row i draws from a generator seeded with `seeds[i]` (default
     cfg.seed + i); cfg.seed None and no seeds: torch's global RNG, not reproducible.
     """
@@ -349,7 +349,7 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
 
 def generate_batch(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int | None = None,
                    tokenizer: Decoder | None = None, seeds: list[int] | None = None) -> list[list[int]]:
-    """The new ids of each prompt (eos and stop string excluded); see `stream_generate_batch`."""
+    """The new ids of each prompt (stop id and stop string excluded); see `stream_generate_batch`."""
     out: list[list[int]] = [[] for _ in prompts]
     for released in stream_generate_batch(model, prompts, cfg, eos_id=eos_id, tokenizer=tokenizer, seeds=seeds):
         for ids, new in zip(out, released):
@@ -366,5 +366,5 @@ def stream_generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConf
 
 def generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConfig, eos_id: int | None = None,
              tokenizer: Decoder | None = None) -> list[int]:
-    """The new token ids of one prompt (eos and stop string excluded); see `stream_generate_batch`."""
+    """The new token ids of one prompt (stop id and stop string excluded); see `stream_generate_batch`."""
     return generate_batch(model, [prompt_ids], cfg, eos_id=eos_id, tokenizer=tokenizer)[0]
