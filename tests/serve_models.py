@@ -18,8 +18,9 @@ from tiny_checkpoints import tiny_config
 SPLIT_TEXT = "你好，龘与䶮和嫑。"
 
 
-def chain_model(tokenizer: Tokenizer, prompt_ids: list[int], answer_ids: list[int]) -> Transformer:
-    """A model whose greedy answer to `prompt_ids` is `answer_ids`, then eos.
+def chain_model(tokenizer: Tokenizer, prompt_ids: list[int], answer_ids: list[int],
+                end_id: int | None = None) -> Transformer:
+    """A model whose greedy answer to `prompt_ids` is `answer_ids`, then `end_id` (default eos).
 
     Every block's output projections are zero, so each position's logits depend on its own token
     only; the head maps each token of the chain (the prompt's last, then the answer's) to the next,
@@ -33,7 +34,7 @@ def chain_model(tokenizer: Tokenizer, prompt_ids: list[int], answer_ids: list[in
             block.attn.wo.weight.zero_()
             block.ffn.w_down.weight.zero_()
         model.head.weight.zero_()
-        for token, following in zip(keys, list(answer_ids) + [tokenizer.eos_id]):
+        for token, following in zip(keys, list(answer_ids) + [tokenizer.eos_id if end_id is None else end_id]):
             model.head.weight[following] = 8.0 * model.norm(model.embed.weight[token])
     return model
 

@@ -16,6 +16,7 @@ from llama_zh.model import build_model
 from tiny_checkpoints import llama_zh, tiny_config, train_tokenizer
 
 NAMES = ["alpaca", "chat", "raw", "llama-2-chat", "chatml"]
+BPE_NAMES = ["llama-3"]  # their markers are special tokens of Llama-3's byte-level BPE
 SEPARATORS = {"alpaca": "\n\n### Input:\n"}
 
 # No text starts with a space: transformers 5 tokenizes a leading space after a special token
@@ -69,7 +70,29 @@ def hf_encode(hf_dir, messages, add_generation_prompt=False):
 
 
 def test_the_packaged_templates_are_the_config_choices():
-    assert sorted(NAMES) == template_names()
+    assert sorted(NAMES + BPE_NAMES) == template_names()
+
+
+def test_llama3_template_is_what_transformers_gives_and_answers_end_with_eot(bpe_tokenizer, tmp_path):
+    from llama_zh.tokenizer import Tokenizer
+
+    bpe = Tokenizer(bpe_tokenizer)
+    template = ChatTemplate.named("llama-3")
+    model = build_model(tiny_config(vocab_size=bpe.vocab_size), seed=0)
+    native = save_checkpoint(model, tmp_path / "native", tokenizer=bpe.path, extra=template_record(template))
+    hf_dir = convert(native, "native", tmp_path / "hf", "hf")
+    header = [bpe.token_id("<|start_header_id|>"), *bpe.encode("assistant"), bpe.token_id("<|end_header_id|>")]
+    for messages in (SINGLE, MULTI, NO_SYSTEM):
+        ids, trained = template.encode(messages, bpe)
+        assert (ids, trained) == hf_encode(hf_dir, messages)
+        assert ids[0] == bpe.bos_id and ids.count(bpe.eot_id) == len(messages) and bpe.eos_id not in ids
+        # Each answer is trained up to and including its <|eot_id|>, so the model learns to stop there.
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        assert [bpe.decode([i for i, t in zip(ids, trained) if t])] == ["".join(answers)]
+        assert sum(t for i, t in zip(ids, trained) if i == bpe.eot_id) == len(answers)
+        prompt = template.prompt_ids(messages[:-1], bpe)
+        assert prompt == hf_encode(hf_dir, messages[:-1], add_generation_prompt=True)[0]
+        assert prompt[-len(header) - 1 :] == header + bpe.encode("\n\n")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -342,3 +342,36 @@ def read_meta_config(directory):
     from llama_zh.convert import meta
 
     return meta.read(directory).config
+
+
+def test_meta_llama3_release_tokenizer_model_becomes_a_working_tokenizer(bpe_tokenizer, tmp_path):
+    """Meta's Llama-3 directory: tokenizer.model is a tiktoken rank file; stage=convert turns it into
+    a tokenizer.json with Llama-3's special tokens and chat template, beside the weights."""
+    from bpe_fixture import MIXED, write_rank_file
+    from llama_zh.data.chat_template import ChatTemplate
+    from llama_zh.generate import SamplingConfig, generate
+    from llama_zh.tokenizer import Tokenizer
+    from tiny_checkpoints import llama_zh
+
+    source = Tokenizer(bpe_tokenizer)
+    cfg = transformers.LlamaConfig(vocab_size=source.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(2)
+    write_meta_llama3(tmp_path / "meta", transformers.LlamaForCausalLM(cfg).eval(), {"use_scaled_rope": True},
+                      drop_output=True)
+    write_rank_file(bpe_tokenizer, tmp_path / "meta" / "tokenizer.model")
+    native = tmp_path / "native"
+    llama_zh("stage=convert", f"stage.src={tmp_path / 'meta'}", "stage.src_format=meta", f"stage.dst={native}",
+             "stage.dst_format=native", run_dir=tmp_path / "run")
+    assert (native / "tokenizer.json").is_file() and not (native / "tokenizer.model").exists()
+    model, tok = load_checkpoint(native)
+    assert tok.kind == "bpe" and model.config.tie_word_embeddings and model.config.rope_scaling["factor"] == 32.0
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.eot_id) == (source.vocab_size, source.bos_id,
+                                                                   source.eos_id, source.eot_id)
+    assert tok.stop_ids == [source.eos_id, source.eot_id]
+    assert tok.chat_template == ChatTemplate.named("llama-3").source
+    for text in MIXED:
+        assert tok.encode(text, bos=True) == source.encode(text, bos=True)
+    new = generate(model, tok.encode("你好", bos=True), SamplingConfig(temperature=0.0, max_new_tokens=4), tokenizer=tok)
+    assert 0 < len(new) <= 4 and all(0 <= i < tok.vocab_size for i in new)

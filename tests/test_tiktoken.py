@@ -1,23 +1,12 @@
 """Meta's tiktoken rank file -> tokenizer.json: merges from ranks, the same ids as the BPE the ranks came from."""
 
-import base64
 import json
 
 import pytest
 
-from bpe_fixture import CODE, ENGLISH, MIXED, news_split
-from llama_zh.bpe import _alphabet_bytes
+from bpe_fixture import CODE, ENGLISH, MIXED, news_split, write_rank_file
 from llama_zh.convert.tiktoken import convert_rank_file, last_merge
 from llama_zh.tokenizer import Tokenizer, TokenizerError
-
-
-def write_rank_file(tokenizer_json, path):
-    """The fixture BPE as Meta ships Llama-3's: `base64(bytes) rank` per regular token, rank = id."""
-    alphabet = _alphabet_bytes()
-    vocab = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]["vocab"]
-    lines = [f"{base64.b64encode(bytes(alphabet[c] for c in t)).decode()} {i}" for t, i in sorted(vocab.items(), key=lambda x: x[1])]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ concatenating its slices from every (memory-mapped) shard, one tensor at a time.
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,7 +17,9 @@ from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.convert.keys import KeyMap, interleaved_to_halves, rope_permuter
 from llama_zh.tensor_io import CheckpointError, torch_load_weights
-from llama_zh.tokenizer import find_tokenizer
+from llama_zh.tokenizer import find_tokenizer, is_rank_file
+
+log = logging.getLogger(__name__)
 
 KEYS = KeyMap(
     {
@@ -72,6 +76,20 @@ def _context(params: dict, tied: bool, max_seq_len: int | None) -> dict:
                 "rope_scaling": {**LLAMA3_ROPE, "factor": float(factor)}}
     llama3 = float(params.get("rope_theta", 10000.0)) == LLAMA3_THETA
     return {"max_seq_len": max_seq_len or params.get("max_seq_len") or (8192 if llama3 else 2048)}
+
+
+def _readable_tokenizer(path: Path | None) -> tuple[Path | None, tempfile.TemporaryDirectory | None]:
+    """Llama-3's tokenizer.model is a tiktoken rank file: it becomes a tokenizer.json (Llama-3's special
+    tokens and chat template) in a temporary directory, returned with it so that it outlives the stream."""
+    if path is None or not path.is_file() or not is_rank_file(path):
+        return path, None
+    from llama_zh.convert.tiktoken import convert_rank_file
+    from llama_zh.data.chat_template import ChatTemplate
+
+    keep = tempfile.TemporaryDirectory(prefix="llama_zh-tiktoken-")
+    converted = convert_rank_file(path, Path(keep.name), chat_template=ChatTemplate.named("llama-3").source)
+    log.info("%s: a tiktoken rank file, converted to a tokenizer.json with Llama-3's special tokens", path)
+    return converted, keep
 
 
 def read(path: Path, tokenizer: Path | None = None, max_seq_len: int | None = None) -> WeightStream:
@@ -134,6 +152,7 @@ def read(path: Path, tokenizer: Path | None = None, max_seq_len: int | None = No
 
     if tokenizer is None:
         tokenizer = find_tokenizer(path) or find_tokenizer(path.parent)
-    stream = WeightStream(config, specs, tensors, Path(tokenizer) if tokenizer else None, source=str(path))
+    tokenizer, keep = _readable_tokenizer(Path(tokenizer) if tokenizer else None)
+    stream = WeightStream(config, specs, tensors, tokenizer, source=str(path), keep=keep)
     check_specs(stream)
     return stream

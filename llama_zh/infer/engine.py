@@ -11,7 +11,7 @@ the batch, and sampling draws from the sequence's own generator (seeded by the r
 so a seeded answer does not depend on its neighbours either. A finished or cancelled sequence frees
 its slot at once; the next queued request takes it at the next step.
 
-Sampling is generate.py's (`sample_next`, per sequence with its own SamplingConfig); eos, stop
+Sampling is generate.py's (`sample_next`, per sequence with its own SamplingConfig); stop ids, stop
 strings and the token budget are handled by generate.py's `RowState`, so stage=serve and stage=infer
 end answers identically. Text is streamed as deltas that never end inside a character (`TextDeltas`).
 
@@ -36,7 +36,7 @@ import torch
 
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
-from llama_zh.generate import RowState, SamplingConfig, earliest_stop, sample_next
+from llama_zh.generate import RowState, SamplingConfig, earliest_stop, sample_next, stop_ids_of
 from llama_zh.model import KVCache, Transformer
 from llama_zh.prefix import fill_prefix, prefix_len
 
@@ -257,7 +257,7 @@ class Engine:
             self.cache = SlotCache.allocate(model.config, max_concurrent, prefix_len(model) + context_length, self.device,
                                             dtype)
             self.cache.start = fill_prefix(model, self.cache.k, self.cache.v)
-        self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else None
+        self.stop_ids = stop_ids_of(tokenizer)
         self._slots: list[Sequence | None] = [None] * max_concurrent
         self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
@@ -448,7 +448,7 @@ class Engine:
         token = int(sample_next(seq.logits, cfg, generators, seq.history)[0])
         seq.logits, seq.next_token = None, None
         self.counts["generated_tokens"] += 1
-        released = seq.row.add(token, self.eos_id, cfg, self.tokenizer)
+        released = seq.row.add(token, self.stop_ids, cfg, self.tokenizer)
         text = seq.deltas.push(released)
         if seq.row.done:
             self._release(seq)
@@ -462,8 +462,9 @@ class Engine:
             seq.history = torch.cat((seq.history, seq.history.new_tensor([[token]])), dim=1)[:, -cfg.repetition_window:]
 
     def _finish_reason(self, seq: Sequence, last_token: int) -> str:
-        """stop: eos or a stop string ended it; length: the budget (max tokens or the context) did."""
-        if last_token == self.eos_id:
+        """stop: a stop id (eos, end of turn) or a stop string ended it; length: the budget (max
+        tokens or the context) did."""
+        if last_token in self.stop_ids:
             return "stop"
         stops = seq.sampling.stop_strings
         if stops and earliest_stop(self.tokenizer.decode(seq.row.new_ids), stops) is not None:
