@@ -124,6 +124,28 @@ def test_cancelled_and_finished_rows_free_their_slots_and_the_queue_is_bounded(m
     assert engine.stats()["completed"] == 2 and engine.stats()["refused"] == 1
 
 
+def test_each_admitted_request_streams_its_first_token_before_the_next_prompt_is_read(model, tok, monkeypatch):
+    """Requests that arrive together: the first one's first text leaves before the second's prefill,
+    so the k-th waits for k prompts rather than all of them; the answers stay the solo ones."""
+    order = []
+    engine = Engine(model, tok, max_concurrent=3)
+    real = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda seq: (order.append(("prefill", seq.id)), real(seq)))
+    ids = [tok.encode(p, bos=True) for p in PROMPTS[:3]]
+    solo = [generate(model, p, greedy(6), tokenizer=tok) for p in ids]
+    seqs = [engine.submit(p, greedy(6), lambda e, i=i: order.append(("event", i))) for i, p in enumerate(ids)]
+    engine.step()
+    first_event = {}
+    for n, (kind, who) in enumerate(order):
+        if kind == "event":
+            first_event.setdefault(who, n)
+    prefill_at = {seq_id: n for n, (kind, seq_id) in enumerate(order) if kind == "prefill"}
+    for i in range(2):  # the events of request i come before the prefill of request i + 1
+        assert first_event[i] < prefill_at[seqs[i + 1].id]
+    engine.run_until_idle()
+    assert [s.row.new_ids for s in seqs] == solo
+
+
 def test_prompt_that_fills_the_context_is_refused(model, tok):
     engine = Engine(model, tok, context_length=32)
     with pytest.raises(ContextExceeded):

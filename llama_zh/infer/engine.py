@@ -374,10 +374,15 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> bool:
         """One round: cancelled sequences leave, queued ones take free slots (prefilled), every running
-        sequence samples a token, and those that go on are decoded together. Returns whether work is left."""
+        sequence samples a token, and those that go on are decoded together. Returns whether work is left.
+
+        An admitted sequence samples its first token as soon as its own prompt is read, not after every
+        prompt admitted with it: when many requests arrive together, the k-th waits for k prefills."""
         for seq in self._admit():
             self._guarded(seq, self._prefill)
-        running = [s for s in self._slots if s is not None]
+            if seq.logits is not None:  # None: the prefill failed and the sequence has left
+                self._guarded(seq, self._sample)
+        running = [s for s in self._slots if s is not None and s.logits is not None]
         for seq in running:
             self._guarded(seq, self._sample)
         going = [s for s in self._slots if s is not None and s.next_token is not None]
