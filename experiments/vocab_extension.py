@@ -77,7 +77,7 @@ def build_tokenizers(work: Path, english_train: list[str], data_cfg) -> dict[str
     corpus = prepare_corpus(data_cfg)
     (work / "en.train.txt").write_text("\n".join(english_train) + "\n", encoding="utf-8")
     base = train_sentencepiece(work / "en.train.txt", work / "base.model", vocab_size=8000)
-    tok_cfg = OmegaConf.load(REPO / "conf" / "tokenizer" / "sample_zh.yaml")
+    tok_cfg = OmegaConf.load(REPO / "llama_zh" / "conf" / "tokenizer" / "sample_zh.yaml")
     files = ",".join(str(corpus / f"{s.name}.train.txt") for s in sources_of(data_cfg))
     sample = train_sentencepiece(files, work / "sample_zh.model", **tok_cfg.train)
     report = extend_tokenizer(base, sample, work / "extended.model")
@@ -239,7 +239,7 @@ def main() -> None:
           f"torch {torch.__version__}; {torch.get_num_threads()} threads; workdir {work}")
 
     english = english_documents()
-    data_cfg = OmegaConf.load(REPO / "conf" / "data" / "sample_zh.yaml")
+    data_cfg = OmegaConf.load(REPO / "llama_zh" / "conf" / "data" / "sample_zh.yaml")
     data_cfg.dir = str(work / "sample_zh")
     tokenizers = build_tokenizers(work, [d for d in english if not is_held_out(d)], data_cfg)
     corpus = prepare_corpus(data_cfg)
