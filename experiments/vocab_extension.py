@@ -10,13 +10,13 @@ fallback (train_sentencepiece, as for LLaMA's) trained on English that ships wit
 docstrings of the standard library's modules (via `ast`) and the documentation topics of
 `pydoc_data.topics`. Chinese falls to UTF-8 bytes with it, as it largely does with LLaMA's.
 The Chinese pieces: the 8000-piece sample_zh tokenizer exactly as `python -m llama_zh` builds it
-(conf/tokenizer/sample_zh.yaml on the training split of conf/data/sample_zh.yaml).
+(llama_zh/conf/tokenizer/sample_zh.yaml on the training split of llama_zh/conf/data/sample_zh.yaml).
 Held-out text: the sha1 rule of llama_zh.data.corpus, for the Chinese sources and the English alike.
 
 (a) tokens per character and byte-fallback shares of base, sample_zh, base+sample_zh (llama_zh's scores)
     and base+sample_zh with Chinese-LLaMA-Alpaca's score 0, on each held-out source; how many held-out
     English documents change ids under each extension.
-(b) a tiny model (conf/model/tiny.yaml) pretrained from scratch on the base tokenizer, alternating
+(b) a tiny model (llama_zh/conf/model/tiny.yaml) pretrained from scratch on the base tokenizer, alternating
     English and Chinese batches (Chinese as bytes, as LLaMA saw it); resized to base+sample_zh with
     each init; held-out loss at step 0, then while training on Chinese with the new tokenizer, either
     the embedding and head only (Chinese-LLaMA's stage 1) or the whole model.

@@ -178,7 +178,7 @@ def check_keys(values: Mapping[str, Any], known: Iterable[str] | Mapping[str, An
 
 
 def group_defaults(group: str, option: str) -> dict[str, Any] | None:
-    """conf/<group>/<option>.yaml as plain data (interpolations left as strings); None if there is none."""
+    """llama_zh/conf/<group>/<option>.yaml as plain data (interpolations left as strings); None if there is none."""
     path = CONF_DIR / group / f"{option}.yaml"
     if not path.is_file():
         return None

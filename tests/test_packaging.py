@@ -17,9 +17,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-# Run data and build products of the checkout; none of them belongs in a wheel.
-NOT_SOURCES = shutil.ignore_patterns(".git", "outputs", "data", "build", "dist", "*.egg-info", "__pycache__",
-                                     ".pytest_cache", "wandb", "multirun")
+# Run data and build products of the checkout, at its root only: llama_zh/data and llama_zh/conf/data are sources.
+ROOT_NOT_SOURCES = {".git", "outputs", "data", "build", "dist", "wandb", "multirun", ".pytest_cache"}
 SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
          "trainer.enable_progress_bar=false", "logger=csv"]
 
@@ -36,10 +35,19 @@ def outside_env() -> dict:
     return dict(env, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
 
+def not_sources(directory: str, names: list[str]) -> set[str]:
+    skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+    return skip | (ROOT_NOT_SOURCES & set(names) if Path(directory) == REPO else set())
+
+
+def installed_files(package: Path) -> set[Path]:
+    return {p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     source = tmp_path_factory.mktemp("src") / "llama_zh"
-    shutil.copytree(REPO, source, ignore=NOT_SOURCES)
+    shutil.copytree(REPO, source, ignore=not_sources)
     out = tmp_path_factory.mktemp("wheel")
     # No build isolation: the build backend (setuptools) is already installed, and no index is reachable.
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", out,
@@ -78,12 +86,13 @@ def test_installed_package_runs_default_job_from_empty_dir(venv_python, tmp_path
     package = Path(where).parent
     assert package.is_relative_to(venv_python.parent.parent) and not package.is_relative_to(REPO), where
 
+    before = installed_files(package)
     run([venv_python, "-m", "llama_zh", *SMOKE], cwd=cwd, env=env)
 
     runs = [p for p in (cwd / "outputs" / "pretrain").iterdir() if p.name != "latest"]
     assert len(runs) == 1 and (runs[0] / "checkpoints" / "final").is_dir(), runs
     assert (cwd / "data").is_dir()  # corpus and tokenizer: the user's, next to the run
-    assert not (package / "outputs").exists() and not (package / "data").exists()
+    assert installed_files(package) == before  # nothing of the run went into the installed package
 
 
 def test_user_config_dir_adds_options(venv_python, tmp_path):
