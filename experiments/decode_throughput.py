@@ -50,7 +50,7 @@ from llama_zh.infer import load_stream  # noqa: E402
 from llama_zh.quant import QuantConfig  # noqa: E402
 
 SHAPES = {
-    # conf/model/tiny.yaml with the sample tokenizer's 8000 pieces
+    # llama_zh/conf/model/tiny.yaml with the sample tokenizer's 8000 pieces
     "tiny": dict(vocab_size=8000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=352),
     # GPT-2-small-like width and depth, LLaMA's 32000 vocabulary: 134M parameters

@@ -1,7 +1,7 @@
 """SFT training throughput, packed vs padded, on the review-sentiment instruction set.
 
-The zh_sentiment study's SFT setting (conf/experiment/zh_sentiment/sft.yaml): the tiny model
-(conf/model/tiny.yaml), template=chat, seq_len 256, batch 8, fp32 on CPU. The same training examples
+The zh_sentiment study's SFT setting (llama_zh/conf/experiment/zh_sentiment/sft.yaml): the tiny model
+(llama_zh/conf/model/tiny.yaml), template=chat, seq_len 256, batch 8, fp32 on CPU. The same training examples
 (the first --examples of the train split, shuffled once) are fed three ways, each a full training step
 (CausalLM.loss, the chunked loss where llama_zh uses it, backward, AdamW):
 
@@ -53,7 +53,7 @@ from llama_zh.module import CausalLM, OptimConfig
 
 SEQ_LEN, BATCH, VOCAB = 256, 8, 8000
 ARMS = ("padded", "packed", "crosstalk")
-SHAPES = {  # conf/model/tiny.yaml; a GPT-2-small-like LLaMA (as experiments/train_throughput.py)
+SHAPES = {  # llama_zh/conf/model/tiny.yaml; a GPT-2-small-like LLaMA (as experiments/train_throughput.py)
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352),
     "134m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048),
 }

@@ -60,9 +60,9 @@ def _setup(workdir: Path, sizes: list[int]) -> dict:
 
     from llama_zh.data.prepare import build_corpus, corpus_dir, ensure_tokenizer
 
-    data = OmegaConf.load(REPO / "conf" / "data" / "sample_zh.yaml")
+    data = OmegaConf.load(REPO / "llama_zh" / "conf" / "data" / "sample_zh.yaml")
     data.dir = str(workdir / "sample_zh")
-    tok = OmegaConf.load(REPO / "conf" / "tokenizer" / "sample_zh.yaml")
+    tok = OmegaConf.load(REPO / "llama_zh" / "conf" / "tokenizer" / "sample_zh.yaml")
     tok.path = str(workdir / "tokenizer.model")
     build_corpus(data)
     tokenizer = ensure_tokenizer(tok, data)

@@ -33,7 +33,7 @@ from llama_zh.model import build_model
 from llama_zh.module import CausalLM, OptimConfig
 
 SHAPES = {
-    # conf/model/tiny.yaml with the sample tokenizer's vocabulary; the data config's seq 256, batch 8.
+    # llama_zh/conf/model/tiny.yaml with the sample tokenizer's vocabulary; the data config's seq 256, batch 8.
     "tiny": (ModelConfig(name="tiny", vocab_size=8000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352,
                          max_seq_len=512), 256, 8),
     # GPT-2-small-like LLaMA: hidden 768, 12 layers, 12 heads, ffn 2048, vocab 32000 -> 134.1M parameters.

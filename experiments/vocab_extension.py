@@ -10,13 +10,13 @@ fallback (train_sentencepiece, as for LLaMA's) trained on English that ships wit
 docstrings of the standard library's modules (via `ast`) and the documentation topics of
 `pydoc_data.topics`. Chinese falls to UTF-8 bytes with it, as it largely does with LLaMA's.
 The Chinese pieces: the 8000-piece sample_zh tokenizer exactly as `python -m llama_zh` builds it
-(conf/tokenizer/sample_zh.yaml on the training split of conf/data/sample_zh.yaml).
+(llama_zh/conf/tokenizer/sample_zh.yaml on the training split of llama_zh/conf/data/sample_zh.yaml).
 Held-out text: the sha1 rule of llama_zh.data.corpus, for the Chinese sources and the English alike.
 
 (a) tokens per character and byte-fallback shares of base, sample_zh, base+sample_zh (llama_zh's scores)
     and base+sample_zh with Chinese-LLaMA-Alpaca's score 0, on each held-out source; how many held-out
     English documents change ids under each extension.
-(b) a tiny model (conf/model/tiny.yaml) pretrained from scratch on the base tokenizer, alternating
+(b) a tiny model (llama_zh/conf/model/tiny.yaml) pretrained from scratch on the base tokenizer, alternating
     English and Chinese batches (Chinese as bytes, as LLaMA saw it); resized to base+sample_zh with
     each init; held-out loss at step 0, then while training on Chinese with the new tokenizer, either
     the embedding and head only (Chinese-LLaMA's stage 1) or the whole model.
@@ -77,7 +77,7 @@ def build_tokenizers(work: Path, english_train: list[str], data_cfg) -> dict[str
     corpus = prepare_corpus(data_cfg)
     (work / "en.train.txt").write_text("\n".join(english_train) + "\n", encoding="utf-8")
     base = train_sentencepiece(work / "en.train.txt", work / "base.model", vocab_size=8000)
-    tok_cfg = OmegaConf.load(REPO / "conf" / "tokenizer" / "sample_zh.yaml")
+    tok_cfg = OmegaConf.load(REPO / "llama_zh" / "conf" / "tokenizer" / "sample_zh.yaml")
     files = ",".join(str(corpus / f"{s.name}.train.txt") for s in sources_of(data_cfg))
     sample = train_sentencepiece(files, work / "sample_zh.model", **tok_cfg.train)
     report = extend_tokenizer(base, sample, work / "extended.model")
@@ -239,7 +239,7 @@ def main() -> None:
           f"torch {torch.__version__}; {torch.get_num_threads()} threads; workdir {work}")
 
     english = english_documents()
-    data_cfg = OmegaConf.load(REPO / "conf" / "data" / "sample_zh.yaml")
+    data_cfg = OmegaConf.load(REPO / "llama_zh" / "conf" / "data" / "sample_zh.yaml")
     data_cfg.dir = str(work / "sample_zh")
     tokenizers = build_tokenizers(work, [d for d in english if not is_held_out(d)], data_cfg)
     corpus = prepare_corpus(data_cfg)

@@ -54,7 +54,7 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     from llama_zh.stages import run_stage
     from llama_zh.stages.rundir import hydra_run_root, link_latest, written_checkpoint

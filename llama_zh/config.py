@@ -1,6 +1,6 @@
 """The model's shape as a torch-free dataclass, and the named shapes of docs/reference.md#shapes.
 
-The named shapes live in conf/model/<name>.yaml, one file each, so the Hydra group and the Python
+The named shapes live in llama_zh/conf/model/<name>.yaml, one file each, so the Hydra group and the Python
 API read the same data: `ModelConfig.from_name("llama_7b")` and `model=llama_7b` cannot disagree.
 """
 
@@ -16,7 +16,8 @@ import yaml
 
 from llama_zh.errors import LlamaZhError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Package data, so that a non-editable install composes the same groups as a checkout.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class ConfigError(LlamaZhError, ValueError):
@@ -177,7 +178,7 @@ def check_keys(values: Mapping[str, Any], known: Iterable[str] | Mapping[str, An
 
 
 def group_defaults(group: str, option: str) -> dict[str, Any] | None:
-    """conf/<group>/<option>.yaml as plain data (interpolations left as strings); None if there is none."""
+    """llama_zh/conf/<group>/<option>.yaml as plain data (interpolations left as strings); None if there is none."""
     path = CONF_DIR / group / f"{option}.yaml"
     if not path.is_file():
         return None

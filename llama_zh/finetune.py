@@ -391,7 +391,7 @@ def merge_lora(model: Transformer) -> Transformer:
 
 
 def base_quant_config(ft: FinetuneConfig):
-    """The QuantConfig of `finetune.base_quant`: conf/quant's defaults (nf4: blocks of 64, bf16 compute,
+    """The QuantConfig of `finetune.base_quant`: llama_zh/conf/quant's defaults (nf4: blocks of 64, bf16 compute,
     no double quantization; int8: outlier threshold 6)."""
     from llama_zh.quant import QuantConfig
 

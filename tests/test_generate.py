@@ -458,7 +458,7 @@ from llama_zh.data.sft import Template  # noqa: E402
 from llama_zh.stages import infer  # noqa: E402
 from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
 
-INFER_YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "stage" / "infer.yaml")
+INFER_YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "llama_zh" / "conf" / "stage" / "infer.yaml")
 
 
 def stage_cfg(**overrides):

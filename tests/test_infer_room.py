@@ -348,7 +348,7 @@ def test_inference_stages_load_through_the_one_loader(stage):
     forbidden = {"load_checkpoint", "read_any", "quantize_stream", "load_model"}
     assert not {name for _, name in imported} & forbidden
     assert "load_for_stage(" in source
-    conf = OmegaConf.load(ROOT / "conf" / "stage" / f"{stage}.yaml")
+    conf = OmegaConf.load(ROOT / "llama_zh" / "conf" / "stage" / f"{stage}.yaml")
     assert conf.backend == "auto"
 
 

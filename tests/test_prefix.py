@@ -377,7 +377,8 @@ def test_infer_and_eval_use_the_saved_prefix(tuned, tmp_path):
 
     with_prefix, without = evaluate(run="eval_auto"), evaluate("stage.prefix=none", run="eval_none")
     records = read_instruction_records(Path(with_prefix["file"]))
-    template = ChatTemplate.from_config(OmegaConf.load(REPO / "conf" / "template" / "alpaca.yaml"))  # eval's default
+    # eval's default template
+    template = ChatTemplate.from_config(OmegaConf.load(REPO / "llama_zh" / "conf" / "template" / "alpaca.yaml"))
     in_memory = evaluate_generation(model, tokenizer, records, template,
                                     SamplingConfig(temperature=0.0, max_new_tokens=8), 8, 4)
     assert with_prefix["examples"] == in_memory["examples"] and with_prefix["rouge_l"] == in_memory["rouge_l"]

@@ -18,7 +18,7 @@ from omegaconf import open_dict
 
 from llama_zh import report
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "llama_zh" / "conf")
 
 HEADER = "epoch,lr,memory/measured_gib,memory/planned_gib,step,train/loss,train/tokens_per_s,val/loss,val/ppl"
 

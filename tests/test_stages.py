@@ -142,7 +142,7 @@ def test_multirun_gives_one_job_per_value(data_dir, tmp_path):
         assert float(read_metrics(job)[0]["lr"]) > 0
 
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "llama_zh" / "conf" / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", [p.stem for p in EXPERIMENTS])

@@ -13,7 +13,7 @@ from llama_zh.errors import LlamaZhError
 from llama_zh.hardware import LLAMA_ZH_KEYS, batch_plan, check_hardware, lightning_args
 from llama_zh.strategies import DeepSpeedAnyDevice, build_strategy
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "llama_zh" / "conf")
 TRAINERS = sorted(p.stem for p in (Path(CONF) / "trainer").glob("*.yaml"))
 STRATEGIES = sorted(p.stem for p in (Path(CONF) / "strategy").glob("*.yaml"))
 

@@ -114,7 +114,7 @@ def save_as_training_does(model, ft, directory):
 
 
 @pytest.mark.parametrize("targets,saved", [
-    (list(LORA.target_modules), ["embed", "head"]),  # the default recipe (conf/finetune/lora.yaml)
+    (list(LORA.target_modules), ["embed", "head"]),  # the default recipe (llama_zh/conf/finetune/lora.yaml)
     (list(LORA.target_modules), []),
     (["wq", "wv", "head"], ["head", "norm"]),  # head both adapted and trained: its base weight is saved unmerged
 ])

@@ -17,7 +17,7 @@ from llama_zh.stages.common import quiet_library_warnings
 from llama_zh.strategies import announce_jit_builds, jit_ops_to_build
 from llama_zh.tracking import ResumingCSVLogger, build_loggers, run_config, truncate_metrics
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "llama_zh" / "conf")
 
 
 def config(*overrides):

@@ -1,6 +1,6 @@
 """Long-context continued pretraining: no scaling vs linear, dynamic (NTK) and YaRN RoPE scaling.
 
-The tiny model (conf/model/tiny.yaml) is pretrained from scratch on data=sample_zh with 256-token
+The tiny model (llama_zh/conf/model/tiny.yaml) is pretrained from scratch on data=sample_zh with 256-token
 sequences (model.max_seq_len=256: its "original context"), then continued from that checkpoint at 1,024
 tokens (stage.init_from, model.max_seq_len=1024) four ways for the same number of steps and tokens:
 

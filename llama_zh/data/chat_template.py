@@ -12,7 +12,7 @@ taken as their ids and the text between them encoded piece by piece. A token is 
 its characters lies inside a generation block (transformers' `return_assistant_tokens_mask`).
 
 The packaged templates are the `*.jinja` files beside this module; `template=` picks one by name
-(conf/template/*.yaml), or gives a custom one as inline text (`chat_template:`) or a file (`path:`).
+(llama_zh/conf/template/*.yaml), or gives a custom one as inline text (`chat_template:`) or a file (`path:`).
 """
 
 from __future__ import annotations

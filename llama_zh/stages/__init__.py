@@ -33,7 +33,7 @@ def _fields(module: str, name: str) -> Callable[[DictConfig], list[str]]:
 
 
 # What a group's reader accepts: the fields of the dataclass it builds, or (data, whose readers take
-# keys one by one) the keys of the chosen conf/data/<name>.yaml.
+# keys one by one) the keys of the chosen llama_zh/conf/data/<name>.yaml.
 KNOWN: dict[str, Callable[[DictConfig], Any]] = {
     "model": lambda _: [f.name for f in dataclasses.fields(ModelConfig)],
     "optim": _fields("llama_zh.module", "OptimConfig"),
@@ -45,7 +45,7 @@ FREE = {"data.sources"}  # the user names the sources
 
 
 def default_choice(group: str) -> str | None:
-    """The option conf/config.yaml's defaults list picks for `group`."""
+    """The option llama_zh/conf/config.yaml's defaults list picks for `group`."""
     for entry in yaml.safe_load((CONF_DIR / "config.yaml").read_text()).get("defaults", []):
         if isinstance(entry, dict) and group in entry:
             return entry[group]
@@ -73,7 +73,7 @@ def chosen(group: str) -> list[str]:
 
 
 def check_options(cfg: DictConfig) -> None:
-    """Refuse keys that `stage` (against conf/stage/<name>.yaml) or a group the stage reads does not know,
+    """Refuse keys that `stage` (against llama_zh/conf/stage/<name>.yaml) or a group the stage reads does not know,
     and an explicit model= for a stage that never reads it."""
     name = cfg.stage.name
     if "model" not in READS.get(name, ("model",)):
