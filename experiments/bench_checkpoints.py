@@ -25,7 +25,7 @@ from llama_zh.data.corpus import Source, is_held_out  # noqa: E402
 from llama_zh.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 SHAPES = {
-    # conf/model/tiny.yaml with an 8000-piece tokenizer
+    # llama_zh/conf/model/tiny.yaml with an 8000-piece tokenizer
     "tiny": dict(vocab_size=8000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352),
     # GPT-2-small-like width and depth, LLaMA's 32000 vocabulary: 134M parameters
     "130m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048),
