@@ -12,7 +12,7 @@ from llama_zh.model import KVCache, RMSNorm, build_model
 PUBLISHED = {"llama_7b": 6_738_415_616, "llama_13b": 13_015_864_320, "llama2_70b": 68_976_648_192}
 
 
-def test_named_configs_cover_anchors():
+def test_named_configs_cover_the_published_models():
     assert set(available_names()) >= {"tiny", "llama_7b", "llama_13b", "llama_33b", "llama_65b", "llama2_7b",
                                       "llama2_13b", "llama2_70b", "chinese_llama_7b"}
     assert ModelConfig.from_name("chinese_llama_7b").vocab_size == 49953
