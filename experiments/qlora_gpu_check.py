@@ -16,7 +16,7 @@ import torch
 
 from llama_zh.checkpoint import load_model, read_native, save_checkpoint
 from llama_zh.config import ModelConfig
-from llama_zh.finetune import (PROJECTIONS, FinetuneConfig, LoRALinear, apply_finetune, load_quantized_base, logit_gap,
+from llama_zh.finetune import (PROJECTIONS, FinetuneConfig, apply_finetune, load_quantized_base, logit_gap,
                                source_merged_stream)
 from llama_zh.model import build_model
 from llama_zh.module import CausalLM, OptimConfig

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from llama_zh import atomic
-from llama_zh.atomic import DiskFullError, OutputLockedError, claim_run_dir, output_lock, release_run_dir
+from llama_zh.atomic import DiskFullError, OutputLockedError, claim_run_dir, release_run_dir
 from llama_zh.checkpoint import read_native
 from llama_zh.convert import write
 from llama_zh.data.corpus import Source, write_source

@@ -4,7 +4,6 @@ streams whole characters. The engine is driven step by step (no thread) where ar
 import asyncio
 
 import pytest
-import torch
 
 from llama_zh.generate import SamplingConfig, generate
 from llama_zh.infer import engine as engine_module
