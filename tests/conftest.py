@@ -26,3 +26,19 @@ def bpe_tokenizer(tmp_path_factory):
     from bpe_fixture import make_bpe
 
     return make_bpe(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture
+def small_weights_too(monkeypatch):
+    """The CPU kernel for the small weights of tests (in use it starts at kernels.MIN_WEIGHT elements)."""
+    from llama_zh import kernels
+
+    monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)
+
+
+@pytest.fixture
+def threads():
+    """torch.set_num_threads, with the thread count restored after the test."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

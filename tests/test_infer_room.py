@@ -22,19 +22,6 @@ needs_kernel = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 CPU or
 BACKENDS = ["torch", pytest.param("kernel", marks=needs_kernel)]
 
 
-@pytest.fixture
-def small_weights_too(monkeypatch):
-    """The kernel for the small weights of these tests (in use it starts at MIN_WEIGHT elements)."""
-    monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def tiny(vocab=600, seed=0):
     # vocab 600: the head (600 x 128) and gate/up (704 x 128) are wide, q/k/v (256 x 128) is not
     return build_model(ModelConfig.from_name("tiny").with_vocab(vocab), seed=seed).eval()

@@ -8,19 +8,7 @@ import torch.nn.functional as F
 from llama_zh import kernels
 
 needs_kernel = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 CPU or no C compiler: kernel not built")
-
-
-@pytest.fixture(autouse=True)
-def small_weights_too(monkeypatch):
-    """The kernel for the small weights of these tests (in use it starts at MIN_WEIGHT elements)."""
-    monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("small_weights_too")  # conftest.py: the kernel for small weights too
 
 
 def _close(y, ref, K):
