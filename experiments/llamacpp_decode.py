@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_checkpoints  # noqa: E402
+
 from llama_zh.generate import SamplingConfig, generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,11 +68,25 @@ def export_gguf(ckpt: Path, gguf_type: str, workdir: Path) -> Path:
     dst = workdir / f"{ckpt.name}-{gguf_type}.gguf"
     if dst.is_file() and dst.stat().st_mtime > (ckpt / "model_config.yaml").stat().st_mtime:
         return dst
-    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    args = [sys.executable, "-m", "llama_zh", "stage=convert", f"stage.src={ckpt}", "stage.src_format=native",
-            f"stage.dst={dst}", "stage.dst_format=gguf", f"stage.gguf_type={gguf_type}", "stage.overwrite=true",
-            f"hydra.run.dir={workdir / 'convert-run'}"]
+    env = dict(
+        os.environ,
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "llama_zh",
+        "stage=convert",
+        f"stage.src={ckpt}",
+        "stage.src_format=native",
+        f"stage.dst={dst}",
+        "stage.dst_format=gguf",
+        f"stage.gguf_type={gguf_type}",
+        "stage.overwrite=true",
+        f"hydra.run.dir={workdir / 'convert-run'}",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
@@ -105,8 +120,16 @@ class LlamaCpp:
 
         if self.llm is not None:
             self.llm.close()
-        self.llm = llama_cpp.Llama(str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=True, n_gpu_layers=0, verbose=False)
+        self.llm = llama_cpp.Llama(
+            str(self.path),
+            n_ctx=self.n_ctx,
+            n_batch=self.n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=True,
+            n_gpu_layers=0,
+            verbose=False,
+        )
 
     def run(self, prompt: list[int], n: int) -> tuple[list[int], float, float | None]:
         import llama_cpp
@@ -154,8 +177,11 @@ def bench_shape(shape: str, args) -> list[str]:
     files = {t: export_gguf(ckpt, t, args.workdir) for t in args.types}
     impls += [LlamaCpp(path, t, n_ctx=PROMPT_TOKENS + args.new_tokens + 8) for t, path in files.items()]
     n_params = sum(p.numel() for p in impls[0].model.parameters())
-    print(f"\n### {shape}: {n_params / 1e6:.1f}M parameters ({bench_checkpoints.SHAPES[shape]}); loaded and exported "
-          f"in {time.time() - t0:.0f} s; load average {load_average()}", flush=True)
+    print(
+        f"\n### {shape}: {n_params / 1e6:.1f}M parameters ({bench_checkpoints.SHAPES[shape]}); loaded and exported "
+        f"in {time.time() - t0:.0f} s; load average {load_average()}",
+        flush=True,
+    )
     lines = []
     table: dict[int, dict[str, dict]] = {}
     for threads in args.threads:
@@ -177,35 +203,47 @@ def bench_shape(shape: str, args) -> list[str]:
                 steps[impl.name].append((full - one) / (args.new_tokens - 1))
                 if own_ms is not None:
                     own[impl.name].append(own_ms)
-            print(f"{shape} threads {threads} repeat {r + 1}: " + ", ".join(
-                f"{name} {s[-1] * 1e3:.1f}" for name, s in steps.items()) + f" ms/step; load average {load_average()}",
-                flush=True)
+            print(
+                f"{shape} threads {threads} repeat {r + 1}: "
+                + ", ".join(f"{name} {s[-1] * 1e3:.1f}" for name, s in steps.items())
+                + f" ms/step; load average {load_average()}",
+                flush=True,
+            )
         table[threads] = dict(steps=steps, own=own, same=same, loads=loads)
 
     base, cpp = impls[0].name, "llama.cpp f32"
-    lines.append(f"\n### {shape}: {n_params / 1e6:.1f}M parameters, batch 1, prompt {len(prompt)} tokens, "
-                 f"{args.new_tokens} new tokens, median (min-max) of {args.repeats} alternating repeat(s)\n")
-    lines.append("| threads | implementation | weight MiB | decode ms/step | llama.cpp own eval ms/token | tokens/s (decode) "
-                 "| speed vs llama_zh fp32 | speed vs llama.cpp f32 | same tokens |")
+    lines.append(
+        f"\n### {shape}: {n_params / 1e6:.1f}M parameters, batch 1, prompt {len(prompt)} tokens, "
+        f"{args.new_tokens} new tokens, median (min-max) of {args.repeats} alternating repeat(s)\n"
+    )
+    lines.append(
+        "| threads | implementation | weight MiB | decode ms/step | llama.cpp own eval ms/token | tokens/s (decode) "
+        "| speed vs llama_zh fp32 | speed vs llama.cpp f32 | same tokens |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for threads, data in table.items():
         steps = data["steps"]
         for impl in impls:
             s = steps[impl.name]
-            vs_zh = [b / x for b, x in zip(steps[base], s)]
-            vs_cpp = [c / x for c, x in zip(steps[cpp], s)] if cpp in steps else []
+            vs_zh = [b / x for b, x in zip(steps[base], s, strict=False)]
+            vs_cpp = [c / x for c, x in zip(steps[cpp], s, strict=False)] if cpp in steps else []
             lines.append(
                 f"| {threads} | {impl.name} | {impl.weight_bytes / 2**20:.1f} | {spread([x * 1e3 for x in s])} "
                 f"| {spread(data['own'][impl.name]) if data['own'][impl.name] else '-'} "
                 f"| {statistics.median(1 / x for x in s):.1f} | {spread(vs_zh)}x "
-                f"| {spread(vs_cpp) + 'x' if vs_cpp else '-'} | {'yes' if data['same'][impl.name] else 'no'} |")
-        lines.append(f"| {threads} | (1-minute load average at each repeat: "
-                     f"{', '.join(f'{x:.2f}' for x in data['loads'])}) | | | | | | | |")
+                f"| {spread(vs_cpp) + 'x' if vs_cpp else '-'} | {'yes' if data['same'][impl.name] else 'no'} |"
+            )
+        lines.append(
+            f"| {threads} | (1-minute load average at each repeat: "
+            f"{', '.join(f'{x:.2f}' for x in data['loads'])}) | | | | | | | |"
+        )
     if cpp in table[args.threads[0]]["steps"]:
         for threads, data in table.items():
-            r = [z / c for z, c in zip(data["steps"][base], data["steps"][cpp])]
-            lines.append(f"\n{shape}, {threads} thread(s): llama_zh fp32 ms/step / llama.cpp f32 ms/step = {spread(r)} "
-                         f"(goal <= 1)")
+            r = [z / c for z, c in zip(data["steps"][base], data["steps"][cpp], strict=False)]
+            lines.append(
+                f"\n{shape}, {threads} thread(s): llama_zh fp32 ms/step / llama.cpp f32 ms/step = {spread(r)} "
+                f"(goal <= 1)"
+            )
     for impl in impls:
         if isinstance(impl, LlamaCpp):
             impl.close()
@@ -230,18 +268,25 @@ def main() -> None:
     import llama_cpp
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
-          f"{platform.python_version()}; torch {torch.__version__}; llama-cpp-python {llama_cpp.__version__} "
-          f"({llama_cpp.llama_print_system_info().decode().strip()}); {os.cpu_count()} CPUs; "
-          f"load average {load_average()}")
-    print(f"greedy, batch 1, {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt; threads {args.threads}; "
-          f"GGUF {args.types}; llama_zh quant none {' '.join(args.quant)}; {args.repeats} repeat(s)", flush=True)
+    print(
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
+        f"{platform.python_version()}; torch {torch.__version__}; llama-cpp-python {llama_cpp.__version__} "
+        f"({llama_cpp.llama_print_system_info().decode().strip()}); {os.cpu_count()} CPUs; "
+        f"load average {load_average()}"
+    )
+    print(
+        f"greedy, batch 1, {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt; threads {args.threads}; "
+        f"GGUF {args.types}; llama_zh quant none {' '.join(args.quant)}; {args.repeats} repeat(s)",
+        flush=True,
+    )
     lines = []
     for shape in args.shapes:
         lines += bench_shape(shape, args)
     print("\n".join(lines))
-    print(f"\nend {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
-          f"load average {load_average()}")
+    print(
+        f"\nend {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
+        f"load average {load_average()}"
+    )
 
 
 if __name__ == "__main__":

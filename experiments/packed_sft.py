@@ -85,15 +85,19 @@ def batches(examples, pad_id: int, device) -> dict[str, list[dict[str, torch.Ten
     (how many it holds) beside the model's fields."""
     collate = pad_collate(pad_id)
     lengths = [sum(len(ids) for ids, _ in ex) - 1 for ex in examples]  # model inputs of each example
-    padded = [collate([SFTDataset(examples)[i] for i in range(start, min(start + BATCH, len(examples)))])
-              for start in range(0, len(examples), BATCH)]
+    padded = [
+        collate([SFTDataset(examples)[i] for i in range(start, min(start + BATCH, len(examples)))])
+        for start in range(0, len(examples), BATCH)
+    ]
     for i, b in enumerate(padded):
         rows = lengths[i * BATCH : (i + 1) * BATCH]
         b["real"] = torch.arange(b["input_ids"].shape[1])[None, :] < torch.tensor(rows)[:, None]
         b["examples"] = torch.tensor(len(rows))
     dataset = PackedSFTDataset(pack_examples(examples, SEQ_LEN))
-    packed = [collate([dataset[i] for i in range(start, min(start + BATCH, len(dataset)))])
-              for start in range(0, len(dataset), BATCH)]
+    packed = [
+        collate([dataset[i] for i in range(start, min(start + BATCH, len(dataset)))])
+        for start in range(0, len(dataset), BATCH)
+    ]
     for b in packed:
         b["real"] = b["segment_ids"] >= 0
         b["examples"] = torch.tensor(sum(int(row[row >= 0].max()) + 1 for row in b["segment_ids"]))
@@ -120,8 +124,9 @@ def check_packed_logits(model, packed: list[dict], examples: list) -> float:
     return worst
 
 
-def run_arm(module: CausalLM, optimizer, arm_batches: list[dict], steps: int,
-            autocast) -> tuple[float, float, int, int]:
+def run_arm(
+    module: CausalLM, optimizer, arm_batches: list[dict], steps: int, autocast
+) -> tuple[float, float, int, int]:
     """Wall seconds, CPU seconds of this process, real tokens and examples of `steps` training steps,
     after one untimed warm-up step."""
     cuda = arm_batches[0]["input_ids"].is_cuda
@@ -156,8 +161,12 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1600)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per arm and round")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads on CPU (on the loaded 2-core machine, 2 ran a step 2-4x slower than 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on CPU (on the loaded 2-core machine, 2 ran a step 2-4x slower than 1)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and optimizer in fp32)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -193,19 +202,27 @@ def main() -> None:
     lengths = [sum(len(ids) for ids, _ in ex) - 1 for ex in examples]
     n_tokens = sum(lengths)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} torch threads"
-    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
-          f"python {platform.python_version()}; torch {torch.__version__}; {os.cpu_count()} CPUs; {where}")
+    print(
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
+        f"python {platform.python_version()}; torch {torch.__version__}; {os.cpu_count()} CPUs; {where}"
+    )
     print(f"load before: {load_before}")
-    print(f"{len(examples)} examples, {n_tokens} input tokens (mean {n_tokens / len(examples):.1f}, "
-          f"max {max(lengths)}); seq_len {SEQ_LEN}, batch {BATCH}; template chat; {args.shape} model "
-          f"({config.n_params / 1e6:.1f}M), {'bf16 autocast' if args.bf16 else 'fp32'}")
+    print(
+        f"{len(examples)} examples, {n_tokens} input tokens (mean {n_tokens / len(examples):.1f}, "
+        f"max {max(lengths)}); seq_len {SEQ_LEN}, batch {BATCH}; template chat; {args.shape} model "
+        f"({config.n_params / 1e6:.1f}M), {'bf16 autocast' if args.bf16 else 'fp32'}"
+    )
     if args.check:
-        print(f"check: max |packed - alone| logit difference on {device.type}, fp32: "
-              f"{check_packed_logits(model, arm_batches['packed'], examples):.2e}")
+        print(
+            f"check: max |packed - alone| logit difference on {device.type}, fp32: "
+            f"{check_packed_logits(model, arm_batches['packed'], examples):.2e}"
+        )
     for arm, bs in arm_batches.items():
         cells = sum(b["input_ids"].numel() for b in bs)
-        print(f"  {arm:9s} {len(bs):4d} batches, {cells / len(bs):7.0f} cells per batch, "
-              f"{n_tokens / cells:6.1%} of cells real, {len(examples) / len(bs):5.1f} examples per batch")
+        print(
+            f"  {arm:9s} {len(bs):4d} batches, {cells / len(bs):7.0f} cells per batch, "
+            f"{n_tokens / cells:6.1%} of cells real, {len(examples) / len(bs):5.1f} examples per batch"
+        )
     print(f"{args.rounds} rounds x {steps} timed steps per arm (+1 warm-up), arms alternating")
 
     results = {arm: [] for arm in ARMS}  # per round: (tokens per wall s, examples per wall s, tokens per CPU s)
@@ -221,7 +238,7 @@ def main() -> None:
         return statistics.median(x[i] for x in results[arm])
 
     def ratio(a: str, b: str, i: int) -> str:
-        per_round = statistics.median(x[i] / y[i] for x, y in zip(results[a], results[b]))
+        per_round = statistics.median(x[i] / y[i] for x, y in zip(results[a], results[b], strict=False))
         return f"{median(a, i) / median(b, i):.2f}x of medians, {per_round:.2f}x median of per-round ratios"
 
     print("median over rounds (real tokens per wall s, examples per wall s, real tokens per CPU s of this process):")

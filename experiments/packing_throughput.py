@@ -73,8 +73,12 @@ def _setup(workdir: Path, sizes: list[int]) -> dict:
         text = sample * (size * MB // len(sample) + 1)
         path.write_bytes(text[: text.rindex(b"\n", 0, size * MB) + 1])
         files[size] = str(path)
-    return {"tokenizer": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "files": files,
-            "sample_bytes": len(sample)}
+    return {
+        "tokenizer": str(tokenizer.path),
+        "vocab_size": tokenizer.vocab_size,
+        "files": files,
+        "sample_bytes": len(sample),
+    }
 
 
 def _burn(n: int) -> int:
@@ -112,8 +116,13 @@ def _raw(path: str, tokenizer: str) -> dict:
     for line in lines:
         sp.encode(line)
     single_s, single_cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"seconds": batch_s, "cpu": batch_cpu, "seconds_one_call_per_line": single_s,
-            "cpu_one_call_per_line": single_cpu, "tokens": tokens + 2 * len(lines)}
+    return {
+        "seconds": batch_s,
+        "cpu": batch_cpu,
+        "seconds_one_call_per_line": single_s,
+        "cpu_one_call_per_line": single_cpu,
+        "tokens": tokens + 2 * len(lines),
+    }
 
 
 def _cpu_seconds() -> float:
@@ -134,8 +143,15 @@ def _pack(path: str, tokenizer: str, workers: int, out: str) -> dict:
         result = pack_corpus_file(Path(path), "bench", tok, encoder, Path(out), "bench", "train", 50_000_000)
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"seconds": seconds, "cpu": cpu, "tokens": result.tokens, "shards": len(result.shards),
-            "hwm_imports": hwm_imports, "hwm": _vm_hwm(), "child_maxrss": children}
+    return {
+        "seconds": seconds,
+        "cpu": cpu,
+        "tokens": result.tokens,
+        "shards": len(result.shards),
+        "hwm_imports": hwm_imports,
+        "hwm": _vm_hwm(),
+        "child_maxrss": children,
+    }
 
 
 def _corpus(path: str, out: str) -> dict:
@@ -145,8 +161,13 @@ def _corpus(path: str, out: str) -> dict:
     hwm_imports = _vm_hwm()
     t0, c0 = time.perf_counter(), time.process_time()
     report = write_source(Source("bench", [path]), Path(out))
-    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "documents": report["counts"]["kept"],
-            "hwm_imports": hwm_imports, "hwm": _vm_hwm()}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu": time.process_time() - c0,
+        "documents": report["counts"]["kept"],
+        "hwm_imports": hwm_imports,
+        "hwm": _vm_hwm(),
+    }
 
 
 def worker(op: str, args: list[str]) -> dict:
@@ -174,7 +195,7 @@ def run_worker(op: str, *args) -> dict:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"worker {op} failed with exit code {proc.returncode}")
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def best_of(repeat: int, op: str, *args) -> tuple[dict, list[float]]:
@@ -202,13 +223,19 @@ def main() -> None:
     try:
         setup = run_worker("setup", workdir, args.sizes)
         probe = run_worker("probe")
-        print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
-              f"{platform.python_version()}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
-              f"parallel capacity now: 2 processes run {probe['speedup_2_processes']:.2f}x one")
-        print(f"tokenizer {setup['vocab_size']} pieces; corpus = the sample_zh train split ({setup['sample_bytes'] / MB:.1f} MB)"
-              f" replicated; best of {args.repeat} runs (all run times in brackets); MB = 10^6 bytes, MiB = 2^20 bytes")
-        header = (f"| {'size':>6} | {'what':<28} | {'best s':>6} | {'MB/s':>6} | {'Mtok/s':>6} | {'vs raw':>6} "
-                  f"| {'median':>6} | {'CPU s':>5} | {'VmHWM MiB':>9} | {'imports':>7} | {'child MiB':>9} | runs (s)")
+        print(
+            f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
+            f"{platform.python_version()}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
+            f"parallel capacity now: 2 processes run {probe['speedup_2_processes']:.2f}x one"
+        )
+        print(
+            f"tokenizer {setup['vocab_size']} pieces; corpus = the sample_zh train split ({setup['sample_bytes'] / MB:.1f} MB)"
+            f" replicated; best of {args.repeat} runs (all run times in brackets); MB = 10^6 bytes, MiB = 2^20 bytes"
+        )
+        header = (
+            f"| {'size':>6} | {'what':<28} | {'best s':>6} | {'MB/s':>6} | {'Mtok/s':>6} | {'vs raw':>6} "
+            f"| {'median':>6} | {'CPU s':>5} | {'VmHWM MiB':>9} | {'imports':>7} | {'child MiB':>9} | runs (s)"
+        )
         print(header)
         print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|" + "-" * 10)
         for size in sizes:
@@ -223,26 +250,41 @@ def main() -> None:
                 best, median = min(runs), statistics.median(runs)
                 mib = lambda v: "" if v is None else f"{v / MiB:.0f}"  # noqa: E731
                 tok_s = "" if tokens is None else f"{tokens / best / 1e6:.2f}"
-                print(f"| {size:>4}MB | {what:<28} | {best:>6.2f} | {nbytes / MB / best:>6.1f} | {tok_s:>6} | "
-                      f"{min(raw_runs) / best:>5.2f}x | {statistics.median(raw_runs) / median:>5.2f}x | {cpu:>5.2f} | "
-                      f"{mib(hwm):>9} | {mib(imports):>7} | {mib(child):>9} | {', '.join(f'{r:.2f}' for r in runs)}")
+                print(
+                    f"| {size:>4}MB | {what:<28} | {best:>6.2f} | {nbytes / MB / best:>6.1f} | {tok_s:>6} | "
+                    f"{min(raw_runs) / best:>5.2f}x | {statistics.median(raw_runs) / median:>5.2f}x | {cpu:>5.2f} | "
+                    f"{mib(hwm):>9} | {mib(imports):>7} | {mib(child):>9} | {', '.join(f'{r:.2f}' for r in runs)}"
+                )
 
             fastest = min(raws, key=lambda r: r["seconds"])
             row("raw encode, batches, 1 core", [r["seconds"] for r in raws], fastest["cpu"], raw["tokens"])
             fastest = min(raws, key=lambda r: r["seconds_one_call_per_line"])
-            row("raw encode, per line, 1 core", [r["seconds_one_call_per_line"] for r in raws],
-                fastest["cpu_one_call_per_line"], raw["tokens"])
+            row(
+                "raw encode, per line, 1 core",
+                [r["seconds_one_call_per_line"] for r in raws],
+                fastest["cpu_one_call_per_line"],
+                raw["tokens"],
+            )
             for n in workers:
                 packed, runs = best_of(args.repeat, "pack", path, setup["tokenizer"], n, workdir / "shards")
                 assert packed["tokens"] == raw["tokens"], (packed["tokens"], raw["tokens"])
-                row(f"pack, num_proc={n}", runs, packed["cpu"], packed["tokens"], packed["hwm"], packed["hwm_imports"],
-                    packed["child_maxrss"] if n > 1 else None)
+                row(
+                    f"pack, num_proc={n}",
+                    runs,
+                    packed["cpu"],
+                    packed["tokens"],
+                    packed["hwm"],
+                    packed["hwm_imports"],
+                    packed["child_maxrss"] if n > 1 else None,
+                )
             built, runs = best_of(args.repeat, "corpus", path, workdir / "corpus_out")
             row("corpus write_source (text)", runs, built["cpu"], None, built["hwm"], built["hwm_imports"])
-        print("vs raw: the raw reference's best time (the faster of its two ways, run by run) / the row's best time; "
-              "median: the same with median times. CPU s: CPU seconds of the best run, workers included. "
-              "VmHWM: the process's peak RSS; imports: its peak after imports, before the work; child: "
-              "the largest pack worker's peak RSS.")
+        print(
+            "vs raw: the raw reference's best time (the faster of its two ways, run by run) / the row's best time; "
+            "median: the same with median times. CPU s: CPU seconds of the best run, workers included. "
+            "VmHWM: the process's peak RSS; imports: its peak after imports, before the work; child: "
+            "the largest pack worker's peak RSS."
+        )
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

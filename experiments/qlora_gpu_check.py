@@ -16,8 +16,14 @@ import torch
 
 from llama_zh.checkpoint import load_model, read_native, save_checkpoint
 from llama_zh.config import ModelConfig
-from llama_zh.finetune import (PROJECTIONS, FinetuneConfig, apply_finetune, load_quantized_base, logit_gap,
-                               source_merged_stream)
+from llama_zh.finetune import (
+    PROJECTIONS,
+    FinetuneConfig,
+    apply_finetune,
+    load_quantized_base,
+    logit_gap,
+    source_merged_stream,
+)
 from llama_zh.model import build_model
 from llama_zh.module import CausalLM, OptimConfig
 
@@ -32,11 +38,19 @@ def batches(config, seq, batch, n, device):
 
 
 def correctness(tmp: Path) -> None:
-    config = ModelConfig(name="s", vocab_size=1000, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=704, max_seq_len=128)
+    config = ModelConfig(
+        name="s", vocab_size=1000, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=704, max_seq_len=128
+    )
     save_checkpoint(build_model(config, seed=0), tmp / "small")
     for method in ("nf4", "int8"):
-        ft = FinetuneConfig(method="lora", rank=8, alpha=16, target_modules=list(PROJECTIONS), modules_to_save=["head"],
-                            base_quant=method)
+        ft = FinetuneConfig(
+            method="lora",
+            rank=8,
+            alpha=16,
+            target_modules=list(PROJECTIONS),
+            modules_to_save=["head"],
+            base_quant=method,
+        )
         model, report = load_quantized_base(read_native(tmp / "small"), ft, "cuda")
         apply_finetune(model, ft).to("cuda").train()
         module = CausalLM(model, OptimConfig(name="paged_adamw8bit", lr=1e-2, warmup_steps=0), total_steps=100)
@@ -51,15 +65,22 @@ def correctness(tmp: Path) -> None:
         merged = dict(source_merged_stream(model, read_native(tmp / "small")).tensors())
         src = dict(read_native(tmp / "small").tensors())
         layer = model.layers[1].ffn.w_down
-        exact = torch.equal(merged["layers.1.ffn.w_down.weight"],
-                            src["layers.1.ffn.w_down.weight"] + layer.delta().cpu())
+        exact = torch.equal(
+            merged["layers.1.ffn.w_down.weight"], src["layers.1.ffn.w_down.weight"] + layer.delta().cpu()
+        )
         from llama_zh.checkpoint import WeightStream
 
-        full = load_model(WeightStream(config, {n: (t.dtype, tuple(t.shape)) for n, t in merged.items()},
-                                       lambda: iter(merged.items())))
+        full = load_model(
+            WeightStream(
+                config, {n: (t.dtype, tuple(t.shape)) for n, t in merged.items()}, lambda: iter(merged.items())
+            )
+        )
         gap = logit_gap(model, full, batches(config, 64, 2, 1, "cpu")[0]["input_ids"])
-        print(f"{method}: {report.summary()}; {type(layer.base).__name__}; optimizer {type(opt).__name__}; loss "
-              f"{losses[0]:.3f} -> {losses[-1]:.3f}; merge == source + delta: {exact}; gap {gap}", flush=True)
+        print(
+            f"{method}: {report.summary()}; {type(layer.base).__name__}; optimizer {type(opt).__name__}; loss "
+            f"{losses[0]:.3f} -> {losses[-1]:.3f}; merge == source + delta: {exact}; gap {gap}",
+            flush=True,
+        )
 
 
 def memory(tmp: Path) -> None:
@@ -72,8 +93,14 @@ def memory(tmp: Path) -> None:
         for optim in ("adamw", "adamw8bit", "paged_adamw8bit"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            ft = FinetuneConfig(method="lora", rank=8, alpha=32, dropout=0.05, modules_to_save=[],
-                                base_quant=None if base == "fp32" else base)
+            ft = FinetuneConfig(
+                method="lora",
+                rank=8,
+                alpha=32,
+                dropout=0.05,
+                modules_to_save=[],
+                base_quant=None if base == "fp32" else base,
+            )
             stream = read_native(tmp / "134m")
             model = load_model(stream, "cuda") if base == "fp32" else load_quantized_base(stream, ft, "cuda")[0]
             apply_finetune(model, ft).to("cuda").train()
@@ -92,8 +119,10 @@ def memory(tmp: Path) -> None:
                 times.append(time.perf_counter() - start)
             peak = torch.cuda.max_memory_allocated() / 2**20
             reference = reference or peak
-            print(f"| {base} | {optim} | {peak:.0f} | {peak / reference:.2f}x | {4 * 256 * 3 / sum(times[2:]):.0f} |",
-                  flush=True)
+            print(
+                f"| {base} | {optim} | {peak:.0f} | {peak / reference:.2f}x | {4 * 256 * 3 / sum(times[2:]):.0f} |",
+                flush=True,
+            )
             del model, module, opt
 
 

@@ -36,14 +36,24 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = [("fp32", "adamw"), ("fp32", "adamw8bit"), ("nf4", "adamw"), ("nf4", "adamw8bit"), ("int8", "adamw"),
-           ("int8", "adamw8bit")]
+CONFIGS = [
+    ("fp32", "adamw"),
+    ("fp32", "adamw8bit"),
+    ("nf4", "adamw"),
+    ("nf4", "adamw8bit"),
+    ("int8", "adamw"),
+    ("int8", "adamw8bit"),
+]
 
 
 def shape(batch: int = 4):
     from llama_zh.config import ModelConfig
 
-    return ModelConfig(name="134m", vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048, max_seq_len=512), 256, batch
+    return (
+        ModelConfig(name="134m", vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048, max_seq_len=512),
+        256,
+        batch,
+    )
 
 
 def write_checkpoint(path: Path) -> None:
@@ -56,6 +66,9 @@ def write_checkpoint(path: Path) -> None:
 
 def run_one(args) -> dict:
     """One configuration, in this process; returns its figures."""
+    import logging
+    import warnings
+
     import torch
 
     from llama_zh.checkpoint import load_model, read_native
@@ -66,18 +79,23 @@ def run_one(args) -> dict:
     from llama_zh.quant import weight_bytes
     from llama_zh.stages.common import plan_details
 
-    import logging
-    import warnings
-
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     config, seq, batch = shape(args.batch)
     saved = [s for s in args.saved.split(",") if s]
-    ft = FinetuneConfig(method="lora", rank=8, alpha=32, dropout=0.05, modules_to_save=saved,
-                        base_quant=None if args.base == "fp32" else args.base)
+    ft = FinetuneConfig(
+        method="lora",
+        rank=8,
+        alpha=32,
+        dropout=0.05,
+        modules_to_save=saved,
+        base_quant=None if args.base == "fp32" else args.base,
+    )
     optim = OptimConfig(name=args.optim, lr=1e-4, weight_decay=0.1, warmup_steps=0)
     g = torch.Generator().manual_seed(0)
-    windows = [torch.randint(0, config.vocab_size, (batch, seq + 1), generator=g) for _ in range(args.warmup + args.steps)]
+    windows = [
+        torch.randint(0, config.vocab_size, (batch, seq + 1), generator=g) for _ in range(args.warmup + args.steps)
+    ]
     data = [{"input_ids": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()} for w in windows]
 
     reset_peak_rss()
@@ -98,17 +116,39 @@ def run_one(args) -> dict:
         loss.item()
         times.append(time.perf_counter() - start)
     peak = peak_rss() - before
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t) and t.dim() > 0)
+    state = sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
     probe = apply_finetune(build_model(config, device="meta"), ft)
     trainable, _ = count_trainable(probe)
-    plan = plan_memory(PlanInputs(model=config, trainable_params=trainable, micro_batch=batch, seq_len=seq, world_size=1,
-                                  local_processes=1, precision="32-true", on_gpu=False,
-                                  **plan_details(config, probe, ft, optim, on_gpu=False)), runtime_bytes=0)
-    timed = times[args.warmup:]
-    return {"peak_mib": peak / 2**20, "loaded_mib": loaded / 2**20, "weights_mib": weight_bytes(model) / 2**20,
-            "optimizer_mib": state / 2**20, "planned_mib": plan.device_total / 2**20,
-            "tokens_per_s": batch * seq * len(timed) / sum(timed), "trainable": trainable, "loss": float(loss)}
+    plan = plan_memory(
+        PlanInputs(
+            model=config,
+            trainable_params=trainable,
+            micro_batch=batch,
+            seq_len=seq,
+            world_size=1,
+            local_processes=1,
+            precision="32-true",
+            on_gpu=False,
+            **plan_details(config, probe, ft, optim, on_gpu=False),
+        ),
+        runtime_bytes=0,
+    )
+    timed = times[args.warmup :]
+    return {
+        "peak_mib": peak / 2**20,
+        "loaded_mib": loaded / 2**20,
+        "weights_mib": weight_bytes(model) / 2**20,
+        "optimizer_mib": state / 2**20,
+        "planned_mib": plan.device_total / 2**20,
+        "tokens_per_s": batch * seq * len(timed) / sum(timed),
+        "trainable": trainable,
+        "loss": float(loss),
+    }
 
 
 def main() -> None:
@@ -130,37 +170,62 @@ def main() -> None:
     import torch
 
     load = os.getloadavg()
-    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
-          f"{platform.python_version()}; torch {torch.__version__}; {os.cpu_count()} CPUs, {torch.get_num_threads()} "
-          f"threads; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (a shared machine)")
+    print(
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
+        f"{platform.python_version()}; torch {torch.__version__}; {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+        f"threads; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (a shared machine)"
+    )
     config, seq, batch = shape(args.batch)
-    print(f"shape 134m ({config.n_params / 1e6:.1f}M params), seq {seq} x batch {batch}; LoRA rank 8 on the seven "
-          f"projections; modules_to_save [{args.saved}]; {args.warmup} warmup + {args.steps} timed steps; "
-          f"{args.rounds} round(s)")
+    print(
+        f"shape 134m ({config.n_params / 1e6:.1f}M params), seq {seq} x batch {batch}; LoRA rank 8 on the seven "
+        f"projections; modules_to_save [{args.saved}]; {args.warmup} warmup + {args.steps} timed steps; "
+        f"{args.rounds} round(s)"
+    )
     results: dict[tuple[str, str], list[dict]] = {c: [] for c in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "base"
         write_checkpoint(ckpt)
         for _ in range(args.rounds):
             for base, optim in CONFIGS:
-                cmd = [sys.executable, "-m", "experiments.qlora_memory", "--one", "--base", base, "--optim", optim,
-                       "--checkpoint", str(ckpt), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--saved", args.saved, "--batch", str(args.batch)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "experiments.qlora_memory",
+                    "--one",
+                    "--base",
+                    base,
+                    "--optim",
+                    optim,
+                    "--checkpoint",
+                    str(ckpt),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--saved",
+                    args.saved,
+                    "--batch",
+                    str(args.batch),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-                results[(base, optim)].append(json.loads(line[len("RESULT "):]))
+                results[(base, optim)].append(json.loads(line[len("RESULT ") :]))
                 print(f"  {base:5} {optim:10} {results[(base, optim)][-1]}", file=sys.stderr, flush=True)
     reference = statistics.median(r["peak_mib"] for r in results[("fp32", "adamw")])
     print()
-    print("| base | optimizer | peak RSS growth MiB | vs LoRA fp32 + AdamW | weights MiB | optimizer state MiB | "
-          "planned MiB | tokens/s | rounds (peak MiB / tok/s) |")
+    print(
+        "| base | optimizer | peak RSS growth MiB | vs LoRA fp32 + AdamW | weights MiB | optimizer state MiB | "
+        "planned MiB | tokens/s | rounds (peak MiB / tok/s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for base, optim in CONFIGS:
         rs = results[(base, optim)]
         med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
         rounds = " ".join(f"{r['peak_mib']:.0f}/{r['tokens_per_s']:.0f}" for r in rs)
-        print(f"| {base} | {optim} | {med('peak_mib'):.0f} | {med('peak_mib') / reference:.2f}x | {med('weights_mib'):.0f} | "
-              f"{med('optimizer_mib'):.1f} | {med('planned_mib'):.0f} | {med('tokens_per_s'):.0f} | {rounds} |")
+        print(
+            f"| {base} | {optim} | {med('peak_mib'):.0f} | {med('peak_mib') / reference:.2f}x | {med('weights_mib'):.0f} | "
+            f"{med('optimizer_mib'):.1f} | {med('planned_mib'):.0f} | {med('tokens_per_s'):.0f} | {rounds} |"
+        )
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -64,17 +64,35 @@ class Answer:
 class Server:
     """`python -m llama_zh stage=serve` on 127.0.0.1 and a free port; the address is read from its log."""
 
-    def __init__(self, checkpoint: Path, run_dir: Path, clients: int, context: int, threads: int | None,
-                 start_timeout: float):
-        env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    def __init__(
+        self, checkpoint: Path, run_dir: Path, clients: int, context: int, threads: int | None, start_timeout: float
+    ):
+        env = dict(
+            os.environ,
+            WANDB_MODE="offline",
+            HF_HUB_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        )
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        self.args = [sys.executable, "-m", "llama_zh", "stage=serve", f"stage.checkpoint={checkpoint}", "stage.port=0",
-                     f"stage.max_concurrent={clients}", f"stage.context_length={context}", "stage.access_log=false",
-                     "stage.model_name=bench", "trainer=cpu", f"hydra.run.dir={run_dir}"]
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     cwd=REPO)
+        self.args = [
+            sys.executable,
+            "-m",
+            "llama_zh",
+            "stage=serve",
+            f"stage.checkpoint={checkpoint}",
+            "stage.port=0",
+            f"stage.max_concurrent={clients}",
+            f"stage.context_length={context}",
+            "stage.access_log=false",
+            "stage.model_name=bench",
+            "trainer=cpu",
+            f"hydra.run.dir={run_dir}",
+        ]
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+        )
         self.lines: queue.Queue = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()
@@ -105,8 +123,14 @@ class Server:
 async def one(client, prompt: str, max_tokens: int) -> Answer:
     answer = Answer(prompt)
     start = time.perf_counter()
-    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True})
+    stream = await client.completions.create(
+        model="bench",
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     async for chunk in stream:
         if chunk.choices:
             text = chunk.choices[0].text or ""
@@ -170,9 +194,12 @@ async def bench(url: str, prompts: list[str], args) -> dict:
             result[kind] = (answers, wall, la)
             tokens = sum(a.tokens for a in answers)
             ttfts = [a.ttft for a in answers]
-            print(f"repeat {r + 1} {kind:>10}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tokens/s; "
-                  f"TTFT p50 {percentile(ttfts, 0.5) * 1e3:.0f} ms, p95 {percentile(ttfts, 0.95) * 1e3:.0f} ms; "
-                  f"load average {la}", flush=True)
+            print(
+                f"repeat {r + 1} {kind:>10}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tokens/s; "
+                f"TTFT p50 {percentile(ttfts, 0.5) * 1e3:.0f} ms, p95 {percentile(ttfts, 0.95) * 1e3:.0f} ms; "
+                f"load average {la}",
+                flush=True,
+            )
         rows.append(result)
     await client.close()
     return rows
@@ -180,10 +207,10 @@ async def bench(url: str, prompts: list[str], args) -> dict:
 
 def report(rows: list[dict], prompts: list[str], args) -> bool:
     tps = {k: [sum(a.tokens for a in row[k][0]) / row[k][1] for row in rows] for k in ("solo", "concurrent")}
-    ratio = [c / s for c, s in zip(tps["concurrent"], tps["solo"])]
+    ratio = [c / s for c, s in zip(tps["concurrent"], tps["solo"], strict=False)]
     p50 = {k: [percentile([a.ttft for a in row[k][0]], 0.5) * 1e3 for row in rows] for k in ("solo", "concurrent")}
     p95 = {k: [percentile([a.ttft for a in row[k][0]], 0.95) * 1e3 for row in rows] for k in ("solo", "concurrent")}
-    ttft_ratio = [c / s for c, s in zip(p95["concurrent"], p50["solo"])]
+    ttft_ratio = [c / s for c, s in zip(p95["concurrent"], p50["solo"], strict=False)]
     per_req = {k: [statistics.median(a.seconds for a in row[k][0]) for row in rows] for k in ("solo", "concurrent")}
 
     mismatches, wrong_counts = [], []
@@ -194,24 +221,33 @@ def report(rows: list[dict], prompts: list[str], args) -> bool:
                 if a.tokens != args.max_tokens or a.finish_reason != "length":
                     wrong_counts.append(f"repeat {r + 1} {kind} {a.prompt!r}: {a.tokens} tokens, {a.finish_reason}")
                 if a.text != reference[a.prompt]:
-                    mismatches.append(f"repeat {r + 1} {kind} {a.prompt!r}:\n  solo:  {reference[a.prompt]!r}\n"
-                                      f"  {kind}: {a.text!r}")
+                    mismatches.append(
+                        f"repeat {r + 1} {kind} {a.prompt!r}:\n  solo:  {reference[a.prompt]!r}\n  {kind}: {a.text!r}"
+                    )
     n = len(prompts)
-    print(f"\n| pass | aggregate tokens/s | TTFT p50 ms | TTFT p95 ms | per-request wall s |")
+    print("\n| pass | aggregate tokens/s | TTFT p50 ms | TTFT p95 ms | per-request wall s |")
     print("|---|---|---|---|---|")
     for kind, label in (("solo", "one at a time"), ("concurrent", f"{n} concurrent")):
-        print(f"| {label} | {spread(tps[kind])} | {spread(p50[kind], '{:.0f}')} | {spread(p95[kind], '{:.0f}')} "
-              f"| {spread(per_req[kind], '{:.2f}')} |")
+        print(
+            f"| {label} | {spread(tps[kind])} | {spread(p50[kind], '{:.0f}')} | {spread(p95[kind], '{:.0f}')} "
+            f"| {spread(per_req[kind], '{:.2f}')} |"
+        )
     print(f"\nmedian (min-max) over {len(rows)} repeat(s):")
     print(f"aggregate tokens/s, {n} concurrent / one at a time: {spread(ratio, '{:.2f}')}x (goal >= 4x)")
-    print(f"TTFT p95 under {n} clients / a lone request's TTFT (p50 of the solo pass): {spread(ttft_ratio, '{:.2f}')}x "
-          f"(goal <= 2x)")
-    print(f"answers with exactly {args.max_tokens} tokens (finish_reason length): "
-          f"{2 * n * len(rows) - len(wrong_counts)}/{2 * n * len(rows)}")
+    print(
+        f"TTFT p95 under {n} clients / a lone request's TTFT (p50 of the solo pass): {spread(ttft_ratio, '{:.2f}')}x "
+        f"(goal <= 2x)"
+    )
+    print(
+        f"answers with exactly {args.max_tokens} tokens (finish_reason length): "
+        f"{2 * n * len(rows) - len(wrong_counts)}/{2 * n * len(rows)}"
+    )
     for line in wrong_counts:
         print("  " + line)
-    print(f"answers identical to the prompt's solo greedy answer (repeat 1): "
-          f"{2 * n * len(rows) - len(mismatches)}/{2 * n * len(rows)}")
+    print(
+        f"answers identical to the prompt's solo greedy answer (repeat 1): "
+        f"{2 * n * len(rows) - len(mismatches)}/{2 * n * len(rows)}"
+    )
     for line in mismatches:
         print("  MISMATCH " + line)
     return not mismatches and not wrong_counts
@@ -239,13 +275,18 @@ def main() -> int:
     t0 = time.time()
     ckpt = bench_checkpoints.checkpoint(args.workdir, args.shape)
     prompts = bench_checkpoints.prompts(args.clients)
-    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
-          f"{platform.python_version()}; torch {torch.__version__}; openai {openai.__version__}; {os.cpu_count()} CPUs; "
-          f"server OMP_NUM_THREADS {args.threads or 'unset'}; load average {load_average()}")
-    print(f"shape {args.shape} ({bench_checkpoints.SHAPES[args.shape]}), checkpoint {ckpt} (built in "
-          f"{time.time() - t0:.0f} s); {args.clients} clients, prompts of {min(map(len, prompts))}-"
-          f"{max(map(len, prompts))} characters, greedy, max_tokens {args.max_tokens}, {args.repeats} repeat(s), "
-          f"streamed /v1/completions", flush=True)
+    print(
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
+        f"{platform.python_version()}; torch {torch.__version__}; openai {openai.__version__}; {os.cpu_count()} CPUs; "
+        f"server OMP_NUM_THREADS {args.threads or 'unset'}; load average {load_average()}"
+    )
+    print(
+        f"shape {args.shape} ({bench_checkpoints.SHAPES[args.shape]}), checkpoint {ckpt} (built in "
+        f"{time.time() - t0:.0f} s); {args.clients} clients, prompts of {min(map(len, prompts))}-"
+        f"{max(map(len, prompts))} characters, greedy, max_tokens {args.max_tokens}, {args.repeats} repeat(s), "
+        f"streamed /v1/completions",
+        flush=True,
+    )
     context = 256
     server = Server(ckpt, args.workdir / "serve-run", args.clients, context, args.threads, start_timeout=300)
     ok = False

@@ -60,12 +60,16 @@ def main() -> None:
     mixed = [_column_major(w) if w.shape[0] >= WIDE * w.shape[1] else w for w in rows_major]
     evict = torch.zeros(16 << 20)
     mib = sum(w.numel() * 4 for w in rows_major) / 2**20
-    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
-          f"python {platform.python_version()}; torch {torch.__version__}; {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
+        f"python {platform.python_version()}; torch {torch.__version__}; {os.cpu_count()} CPUs; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"products of one 130m decoding step ({len(SHAPES)} weights, {mib:.0f} MiB), fp32, best of {args.rounds}\n")
-    print("| threads | rows | F.linear row-major ms | F.linear wide column-major ms | kernel ms | sum ms "
-          "| F.linear row / kernel | F.linear col / kernel |")
+    print(
+        "| threads | rows | F.linear row-major ms | F.linear wide column-major ms | kernel ms | sum ms "
+        "| F.linear row / kernel | F.linear col / kernel |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for threads in (int(t) for t in args.threads.split(",")):
@@ -79,9 +83,11 @@ def main() -> None:
                     times["kernel"] += step_time(rows_major, xs, kernels.linear, 1, evict)
                     times["sum"] += step_time(rows_major, xs, lambda x, w: w.sum(), 1, evict)
                 best = {k: min(v) * 1e3 for k, v in times.items()}
-                print(f"| {threads} | {rows} | {best['row']:.1f} | {best['col']:.1f} | {best['kernel']:.1f} | "
-                      f"{best['sum']:.1f} | {best['row'] / best['kernel']:.2f}x | {best['col'] / best['kernel']:.2f}x |",
-                      flush=True)
+                print(
+                    f"| {threads} | {rows} | {best['row']:.1f} | {best['col']:.1f} | {best['kernel']:.1f} | "
+                    f"{best['sum']:.1f} | {best['row'] / best['kernel']:.2f}x | {best['col'] / best['kernel']:.2f}x |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -34,15 +34,28 @@ from llama_zh.module import CausalLM, OptimConfig
 
 SHAPES = {
     # llama_zh/conf/model/tiny.yaml with the sample tokenizer's vocabulary; the data config's seq 256, batch 8.
-    "tiny": (ModelConfig(name="tiny", vocab_size=8000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352,
-                         max_seq_len=512), 256, 8),
+    "tiny": (
+        ModelConfig(
+            name="tiny", vocab_size=8000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512
+        ),
+        256,
+        8,
+    ),
     # GPT-2-small-like LLaMA: hidden 768, 12 layers, 12 heads, ffn 2048, vocab 32000 -> 134.1M parameters.
-    "134m": (ModelConfig(name="134m", vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048,
-                         max_seq_len=512), 256, 4),
+    "134m": (
+        ModelConfig(name="134m", vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048, max_seq_len=512),
+        256,
+        4,
+    ),
     # Llama-3.2-1B's body (hidden 2048, 16 layers, 32 heads, 8 kv heads, ffn 8192) with a 32000 vocabulary:
     # for a GPU (`--device cuda`); far too slow for the CPU.
-    "1b": (ModelConfig(name="1b", vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
-                       max_seq_len=2048), 2048, 4),
+    "1b": (
+        ModelConfig(
+            name="1b", vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, max_seq_len=2048
+        ),
+        2048,
+        4,
+    ),
 }
 DEVICE = "cpu"  # set from --device
 OPTIM = OptimConfig(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, warmup_steps=0)
@@ -75,9 +88,20 @@ def run_llama_zh(config, data, precision: str, warmup: int) -> float:
     model = build_model(config, seed=0)
     module = CausalLM(model, OPTIM, total_steps=len(data))
     timer = StepTimer()
-    trainer = pl.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, precision=precision, max_steps=len(data), logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         gradient_clip_val=1.0, callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        accelerator="gpu" if DEVICE == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=len(data),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        callbacks=[timer],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     return tokens_per_s(data, timer.times, warmup)
@@ -86,11 +110,19 @@ def run_llama_zh(config, data, precision: str, warmup: int) -> float:
 def hf_model(config: ModelConfig):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-                            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-                            num_key_value_heads=config.n_kv_heads, rms_norm_eps=config.norm_eps,
-                            rope_theta=config.rope_theta, max_position_embeddings=config.max_seq_len,
-                            tie_word_embeddings=False, attn_implementation="sdpa")
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        max_position_embeddings=config.max_seq_len,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(hf_config).to(DEVICE).train()
 
@@ -99,9 +131,12 @@ def run_transformers(config, data, precision: str, warmup: int) -> float:
     model = hf_model(config)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=OPTIM.lr, betas=OPTIM.betas,
-                                  eps=OPTIM.eps)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": OPTIM.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=OPTIM.lr,
+        betas=OPTIM.betas,
+        eps=OPTIM.eps,
+    )
     times = []
     for batch in data:
         batch = {k: v.to(DEVICE) for k, v in batch.items()}
@@ -177,18 +212,24 @@ def main() -> None:
     import pytorch_lightning
     import transformers
 
-    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
-          f"{platform.python_version()}; torch {torch.__version__}; pytorch-lightning {pytorch_lightning.__version__}; "
-          f"transformers {transformers.__version__}; {torch.get_num_threads()} threads; load average "
-          f"{os.getloadavg()[0]:.2f}")
-    ceilings = {p: matmul_ceiling(torch.float32 if p == "32-true" else torch.bfloat16) for p in args.precisions.split(",")}
+    print(
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
+        f"{platform.python_version()}; torch {torch.__version__}; pytorch-lightning {pytorch_lightning.__version__}; "
+        f"transformers {transformers.__version__}; {torch.get_num_threads()} threads; load average "
+        f"{os.getloadavg()[0]:.2f}"
+    )
+    ceilings = {
+        p: matmul_ceiling(torch.float32 if p == "32-true" else torch.bfloat16) for p in args.precisions.split(",")
+    }
     for p, c in ceilings.items():
         print(f"matmul ceiling {p} on {DEVICE}: {c / 1e9:.1f} GFLOP/s")
     if DEVICE == "cuda":
         print(f"device: {torch.cuda.get_device_name()}")
     print()
-    print("| shape | params | seq x batch | precision | llama_zh tok/s | transformers tok/s | ratio | "
-          "llama_zh MFU vs ceiling | rounds (llama_zh / transformers) |")
+    print(
+        "| shape | params | seq x batch | precision | llama_zh tok/s | transformers tok/s | ratio | "
+        "llama_zh MFU vs ceiling | rounds (llama_zh / transformers) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         config, seq, batch = SHAPES[shape]
@@ -201,11 +242,16 @@ def main() -> None:
                 theirs.append(run_transformers(config, data, precision, args.warmup))
             a, b = statistics.median(ours), statistics.median(theirs)
             mfu = a * flops_per_token(config, seq) / ceilings[precision]
-            rounds = " ".join(f"{x:.0f}/{y:.0f}" for x, y in zip(ours, theirs))
-            print(f"| {shape} | {config.n_params / 1e6:.1f}M | {seq} x {batch} | {precision} | {a:.0f} | {b:.0f} | "
-                  f"{a / b:.2f} | {mfu:.0%} | {rounds} |", flush=True)
+            rounds = " ".join(f"{x:.0f}/{y:.0f}" for x, y in zip(ours, theirs, strict=False))
+            print(
+                f"| {shape} | {config.n_params / 1e6:.1f}M | {seq} x {batch} | {precision} | {a:.0f} | {b:.0f} | "
+                f"{a / b:.2f} | {mfu:.0%} | {rounds} |",
+                flush=True,
+            )
     if "32-true" in args.precisions and "bf16-mixed" in args.precisions:
-        print("\n(bf16-mixed vs transformers fp32: divide the bf16-mixed llama_zh figure by the 32-true transformers one)")
+        print(
+            "\n(bf16-mixed vs transformers fp32: divide the bf16-mixed llama_zh figure by the 32-true transformers one)"
+        )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
 from omegaconf import OmegaConf
-from pydoc_data.topics import topics
 
 from llama_zh import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from llama_zh.data.corpus import is_held_out, read_documents
@@ -84,33 +84,45 @@ def build_tokenizers(work: Path, english_train: list[str], data_cfg) -> dict[str
     print(f"extension: {report.to_dict()}")
     # Chinese-LLaMA-Alpaca's variant: the same pieces, every appended one with score 0.
     proto = load_model_proto(work / "extended.model")
-    for p in proto.pieces[report.base_size:]:
+    for p in proto.pieces[report.base_size :]:
         p.score = 0.0
     (work / "extended_score0.model").write_bytes(proto.SerializeToString())
-    return {"base": base, "sample_zh": sample, "base+sample_zh": work / "extended.model",
-            "base+sample_zh, score 0": work / "extended_score0.model"}
+    return {
+        "base": base,
+        "sample_zh": sample,
+        "base+sample_zh": work / "extended.model",
+        "base+sample_zh, score 0": work / "extended_score0.model",
+    }
 
 
 def part_a(tokenizers: dict[str, Path], held_out: dict[str, list[str]]) -> list[dict]:
-    print("\n(a) held-out text: tokens per character, tokens per UTF-8 byte, % of tokens that are byte pieces, "
-          "% of characters spelled in bytes")
-    print(f"| {'text':<10} | {'tokenizer':<24} | {'pieces':>6} | {'tok/char':>8} | {'tok/byte':>8} | {'byte tok %':>10} | {'byte char %':>11} |")
+    print(
+        "\n(a) held-out text: tokens per character, tokens per UTF-8 byte, % of tokens that are byte pieces, "
+        "% of characters spelled in bytes"
+    )
+    print(
+        f"| {'text':<10} | {'tokenizer':<24} | {'pieces':>6} | {'tok/char':>8} | {'tok/byte':>8} | {'byte tok %':>10} | {'byte char %':>11} |"
+    )
     print(f"|{'-' * 12}|{'-' * 26}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 13}|")
     rows = []
     for text_name, docs in held_out.items():
         for tok_name, path in tokenizers.items():
             r = tokenizer_report(path, docs)
             rows.append({"text": text_name, "tokenizer": tok_name, "pieces": Tokenizer(path).vocab_size, **r})
-            print(f"| {text_name:<10} | {tok_name:<24} | {Tokenizer(path).vocab_size:>6} | {r['tokens_per_char']:>8.3f} | "
-                  f"{r['tokens_per_byte']:>8.3f} | {100 * r['byte_token_share']:>10.1f} | {100 * r['byte_char_share']:>11.1f} |")
+            print(
+                f"| {text_name:<10} | {tok_name:<24} | {Tokenizer(path).vocab_size:>6} | {r['tokens_per_char']:>8.3f} | "
+                f"{r['tokens_per_byte']:>8.3f} | {100 * r['byte_token_share']:>10.1f} | {100 * r['byte_char_share']:>11.1f} |"
+            )
     base = Tokenizer(tokenizers["base"]).encode_batch(held_out["english"])
     for name in ("base+sample_zh", "base+sample_zh, score 0"):
         tok = Tokenizer(tokenizers[name])
         ids = tok.encode_batch(held_out["english"])
-        changed = [(a, b) for a, b in zip(ids, base) if a != b]
+        changed = [(a, b) for a, b in zip(ids, base, strict=False) if a != b]
         pieces = Counter(tok.sp.IdToPiece(i) for a, b in changed for i in set(a) - set(b))
-        print(f"held-out English documents whose ids differ from the base's, {name}: {len(changed)} of {len(base)}; "
-              f"pieces most often new in them: {', '.join(f'{p!r} {n}' for p, n in pieces.most_common(8))}")
+        print(
+            f"held-out English documents whose ids differ from the base's, {name}: {len(changed)} of {len(base)}; "
+            f"pieces most often new in them: {', '.join(f'{p!r} {n}' for p, n in pieces.most_common(8))}"
+        )
     return rows
 
 
@@ -131,8 +143,10 @@ def batches(dataset: PackedDataset, seed: int):
 def train(model, streams, steps: int, lr: float, params=None, warmup: int = 20):
     """AdamW (decay on matrices only), warmup + cosine; the batch streams are taken in turn."""
     params = [p for p in (params or model.parameters()) if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, steps, 0.1))
     model.train()
@@ -158,15 +172,25 @@ def held_out_loss(model, dataset: PackedDataset, tokens_per_char: float) -> str:
     return f"{loss:.3f} ({loss * tokens_per_char / math.log(2):.2f} bits/char)"
 
 
-def part_b(work: Path, tokenizers: dict[str, Path], train_docs: dict[str, list[str]], held_out: dict[str, list[str]],
-           pretrain_steps: int, tune_steps: int, seed: int) -> None:
+def part_b(
+    work: Path,
+    tokenizers: dict[str, Path],
+    train_docs: dict[str, list[str]],
+    held_out: dict[str, list[str]],
+    pretrain_steps: int,
+    tune_steps: int,
+    seed: int,
+) -> None:
     base_tok, ext_tok = Tokenizer(tokenizers["base"]), Tokenizer(tokenizers["base+sample_zh"])
     zh_half = len(train_docs["chinese"]) // 2  # pretraining and tuning see different Chinese documents
     eval_zh = held_out["news"][:EVAL_DOCS] + held_out["reviews"][:EVAL_DOCS]
     eval_en = held_out["english"][:EVAL_DOCS]
     # tokens per character of the packed eval text (with <s> and </s>), to turn nats per token into bits per character
-    tpc = {(name, which): (sum(map(len, tok.encode_batch(docs))) + 2 * len(docs)) / sum(map(len, docs))
-           for name, tok in (("base", base_tok), ("ext", ext_tok)) for which, docs in (("zh", eval_zh), ("en", eval_en))}
+    tpc = {
+        (name, which): (sum(map(len, tok.encode_batch(docs))) + 2 * len(docs)) / sum(map(len, docs))
+        for name, tok in (("base", base_tok), ("ext", ext_tok))
+        for which, docs in (("zh", eval_zh), ("en", eval_en))
+    }
     data = {
         "base zh eval": packed(eval_zh, base_tok, work / "eval_zh.base.bin"),
         "base en eval": packed(eval_en, base_tok, work / "eval_en.base.bin"),
@@ -176,8 +200,10 @@ def part_b(work: Path, tokenizers: dict[str, Path], train_docs: dict[str, list[s
         "pretrain zh": packed(train_docs["chinese"][:zh_half], base_tok, work / "pretrain_zh.bin"),
         "tune zh": packed(train_docs["chinese"][zh_half:], ext_tok, work / "tune_zh.bin"),
     }
-    print(f"\n(b) model {ModelConfig.from_name('tiny').to_dict()}, seq {SEQ_LEN}, batch {BATCH}; held-out eval: "
-          f"{len(eval_zh)} Chinese documents (news + reviews), {len(eval_en)} English; loss = nats per token")
+    print(
+        f"\n(b) model {ModelConfig.from_name('tiny').to_dict()}, seq {SEQ_LEN}, batch {BATCH}; held-out eval: "
+        f"{len(eval_zh)} Chinese documents (news + reviews), {len(eval_en)} English; loss = nats per token"
+    )
     checkpoint, done = work / "base-ckpt", work / "base-ckpt.json"
     recipe = {"pretrain_steps": pretrain_steps, "seed": seed, "tokenizer_sha256": base_tok.sha256()}
     if done.is_file() and json.loads(done.read_text()) == recipe:
@@ -193,34 +219,52 @@ def part_b(work: Path, tokenizers: dict[str, Path], train_docs: dict[str, list[s
         done.unlink(missing_ok=True)
         save_checkpoint(model, checkpoint, tokenizer=tokenizers["base"])
         done.write_text(json.dumps(recipe))
-    print(f"base model, base tokenizer: Chinese held-out {held_out_loss(model, data['base zh eval'], tpc['base', 'zh'])}, "
-          f"English held-out {held_out_loss(model, data['base en eval'], tpc['base', 'en'])}")
+    print(
+        f"base model, base tokenizer: Chinese held-out {held_out_loss(model, data['base zh eval'], tpc['base', 'zh'])}, "
+        f"English held-out {held_out_loss(model, data['base en eval'], tpc['base', 'en'])}"
+    )
 
-    checkpoints = {init: resize_checkpoint(checkpoint, tokenizers["base+sample_zh"], work / f"resized-{init}", init=init,
-                                           seed=seed, overwrite=True) for init in INITS}
+    checkpoints = {
+        init: resize_checkpoint(
+            checkpoint, tokenizers["base+sample_zh"], work / f"resized-{init}", init=init, seed=seed, overwrite=True
+        )
+        for init in INITS
+    }
     print(f"\nstep 0 after resizing to {ext_tok.vocab_size} pieces, base+sample_zh tokenizer:")
     for init, path in checkpoints.items():
         resized, _ = load_checkpoint(path)
-        print(f"  {init:<14} Chinese held-out {held_out_loss(resized, data['ext zh eval'], tpc['ext', 'zh'])}, "
-              f"English held-out {held_out_loss(resized, data['ext en eval'], tpc['ext', 'en'])}")
+        print(
+            f"  {init:<14} Chinese held-out {held_out_loss(resized, data['ext zh eval'], tpc['ext', 'zh'])}, "
+            f"English held-out {held_out_loss(resized, data['ext en eval'], tpc['ext', 'en'])}"
+        )
 
     marks = sorted({s for s in (10, 25, 50, tune_steps) if s <= tune_steps})
     for regime in ("embeddings", "full"):
-        print(f"\ntuning on Chinese with the new tokenizer, {regime} ({'embed + head only, the rest frozen' if regime == 'embeddings' else 'every parameter'}), "
-              f"lr 1e-3, {tune_steps} steps: Chinese held-out loss at steps {marks}, English held-out at the end")
+        print(
+            f"\ntuning on Chinese with the new tokenizer, {regime} ({'embed + head only, the rest frozen' if regime == 'embeddings' else 'every parameter'}), "
+            f"lr 1e-3, {tune_steps} steps: Chinese held-out loss at steps {marks}, English held-out at the end"
+        )
         for init, path in checkpoints.items():
             resized, _ = load_checkpoint(path)
-            params = [resized.embed.weight, resized.head.weight] if regime == "embeddings" else list(resized.parameters())
+            params = (
+                [resized.embed.weight, resized.head.weight] if regime == "embeddings" else list(resized.parameters())
+            )
             for p in resized.parameters():
                 p.requires_grad_(any(p is q for q in params))
             losses = []
-            for step, _ in train(resized, [batches(data["tune zh"], seed + 2)], tune_steps, lr=1e-3, params=params, warmup=10):
+            for step, _ in train(
+                resized, [batches(data["tune zh"], seed + 2)], tune_steps, lr=1e-3, params=params, warmup=10
+            ):
                 if step in marks:
                     resized.eval()
                     losses.append(eval_loss(resized, data["ext zh eval"]))
                     resized.train()
             en = eval_loss(resized, data["ext en eval"])
-            print(f"  {init:<14} " + "  ".join(f"{s}: {l:.3f}" for s, l in zip(marks, losses)) + f"   English {en:.3f}")
+            print(
+                f"  {init:<14} "
+                + "  ".join(f"{s}: {l:.3f}" for s, l in zip(marks, losses, strict=False))
+                + f"   English {en:.3f}"
+            )
 
 
 def main() -> None:
@@ -235,8 +279,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vocab_extension-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python {platform.python_version()}; "
-          f"torch {torch.__version__}; {torch.get_num_threads()} threads; workdir {work}")
+    print(
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python {platform.python_version()}; "
+        f"torch {torch.__version__}; {torch.get_num_threads()} threads; workdir {work}"
+    )
 
     english = english_documents()
     data_cfg = OmegaConf.load(REPO / "llama_zh" / "conf" / "data" / "sample_zh.yaml")
@@ -245,8 +291,10 @@ def main() -> None:
     corpus = prepare_corpus(data_cfg)
     held_out = {s.name: list(read_documents(corpus / f"{s.name}.val.txt")) for s in sources_of(data_cfg)}
     held_out["english"] = [d for d in english if is_held_out(d)]
-    print(f"English: {len(english) - len(held_out['english'])} training paragraphs, {len(held_out['english'])} held out, "
-          f"{sum(map(len, english)) / 1e6:.2f} M characters")
+    print(
+        f"English: {len(english) - len(held_out['english'])} training paragraphs, {len(held_out['english'])} held out, "
+        f"{sum(map(len, english)) / 1e6:.2f} M characters"
+    )
     rows = part_a(tokenizers, held_out)
     if args.json:
         tmp = args.json.with_name(args.json.name + ".tmp")

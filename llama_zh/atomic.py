@@ -27,8 +27,8 @@ import socket
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from llama_zh.errors import LlamaZhError
 
@@ -98,10 +98,16 @@ def disk_full_error(dst: Path, cause: OSError, written: int, need_bytes: int | N
     except OSError:
         free = "unknown"
     what = "no space left on device" if cause.errno == errno.ENOSPC else "disk quota exceeded"
-    need = (f"needs about {human_bytes(need_bytes)}" if need_bytes and need_bytes > written
-            else f"needs more than the {human_bytes(written)} written")
-    return DiskFullError(f"{dst}: {what} ({need}, {free} free in {directory}); "
-                         "the partial output was removed: free space or choose another destination", dst)
+    need = (
+        f"needs about {human_bytes(need_bytes)}"
+        if need_bytes and need_bytes > written
+        else f"needs more than the {human_bytes(written)} written"
+    )
+    return DiskFullError(
+        f"{dst}: {what} ({need}, {free} free in {directory}); "
+        "the partial output was removed: free space or choose another destination",
+        dst,
+    )
 
 
 def _existing_parent(path: Path) -> Path:
@@ -209,7 +215,7 @@ class Lock:
         self.path, self.what, self.wait = Path(path), Path(what), wait
         self.fd: int | None = None
 
-    def acquire(self) -> "Lock":
+    def acquire(self) -> Lock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -238,15 +244,19 @@ class Lock:
         except BlockingIOError:
             holder = self.holder()
         if not self.wait:
-            raise OutputLockedError(f"{self.what}: in use by another run ({holder}); wait for it to end "
-                                    "or choose another output")
+            raise OutputLockedError(
+                f"{self.what}: in use by another run ({holder}); wait for it to end or choose another output"
+            )
         log.info("%s: waiting for the run writing it to finish (%s)", self.what, holder)
         fcntl.flock(fd, fcntl.LOCK_EX)
 
     def describe(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        }
 
     def holder(self) -> str:
         for _ in range(20):  # the holder writes its description right after locking
@@ -269,14 +279,14 @@ class Lock:
         self.fd = None
         _held.discard(self)
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Lock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
-_held: "weakref.WeakSet[Lock]" = weakref.WeakSet()
+_held: weakref.WeakSet[Lock] = weakref.WeakSet()
 
 
 def _drop_inherited_locks() -> None:
@@ -351,9 +361,19 @@ class AtomicOutput:
     `need_bytes`, when known, is checked against the free space before anything is written.
     """
 
-    def __init__(self, dst: Path, *, directory: bool = False, mode: str | None = None, encoding: str | None = None,
-                 overwrite: bool = True, need_bytes: int | None = None, lock: bool = True, wait: bool = False,
-                 exists_error: Callable[[str], Exception] = OutputExistsError):
+    def __init__(
+        self,
+        dst: Path,
+        *,
+        directory: bool = False,
+        mode: str | None = None,
+        encoding: str | None = None,
+        overwrite: bool = True,
+        need_bytes: int | None = None,
+        lock: bool = True,
+        wait: bool = False,
+        exists_error: Callable[[str], Exception] = OutputExistsError,
+    ):
         self.dst, self.directory, self.mode, self.encoding = Path(dst), directory, mode, encoding
         self.overwrite, self.need_bytes, self.exists_error = overwrite, need_bytes, exists_error
         self.lock = output_lock(self.dst, wait) if lock else None
@@ -367,10 +387,12 @@ class AtomicOutput:
             return
         if self.dst.is_dir() and not any(self.dst.iterdir()):
             return
-        raise self.exists_error(f"{self.dst}: already exists{' and is not empty' if self.dst.is_dir() else ''} "
-                                "(set overwrite to replace it)")
+        raise self.exists_error(
+            f"{self.dst}: already exists{' and is not empty' if self.dst.is_dir() else ''} "
+            "(set overwrite to replace it)"
+        )
 
-    def begin(self) -> "AtomicOutput":
+    def begin(self) -> AtomicOutput:
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         if self.lock is not None:
             self.lock.acquire()
@@ -393,9 +415,11 @@ class AtomicOutput:
             return
         free = free_bytes(self.dst.parent)
         if free < self.need_bytes:
-            raise DiskFullError(f"{self.dst}: not enough space (needs about {human_bytes(self.need_bytes)}, "
-                                f"{human_bytes(free)} free in {self.dst.parent}): free space or choose another destination",
-                                self.dst)
+            raise DiskFullError(
+                f"{self.dst}: not enough space (needs about {human_bytes(self.need_bytes)}, "
+                f"{human_bytes(free)} free in {self.dst.parent}): free space or choose another destination",
+                self.dst,
+            )
 
     def commit(self) -> Path:
         if self.file is not None:
@@ -438,7 +462,7 @@ class AtomicOutput:
         if exc is not None:
             self._raise_converted(exc)
 
-    def __enter__(self) -> "AtomicOutput":
+    def __enter__(self) -> AtomicOutput:
         return self.begin()
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -11,24 +11,33 @@ tokenizer.json describes (docs/reference.md, section "Tokenizers").
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from llama_zh.atomic import write_text
 from llama_zh.tokenizer import BPE_CONFIG_FILE, BPE_FILE
 
 # Llama-3's pre-tokenizer split: contractions, letters (with one leading non-letter), digits in runs of
 # at most three, punctuation runs, newlines, spaces.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 N_SPECIAL = 256
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 
 
 def llama3_special_tokens(n: int = N_SPECIAL) -> list[str]:
     """Llama-3's special tokens in id order (they follow the regular vocabulary)."""
-    named = [BOS, EOS, *(f"<|reserved_special_token_{i}|>" for i in range(4)), "<|start_header_id|>",
-             "<|end_header_id|>", "<|reserved_special_token_4|>", EOT]
+    named = [
+        BOS,
+        EOS,
+        *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|reserved_special_token_4|>",
+        EOT,
+    ]
     return named + [f"<|reserved_special_token_{i}|>" for i in range(5, n - 5)]
 
 
@@ -36,10 +45,12 @@ def byte_level_pipeline(tokenizer) -> None:
     """Set Llama-3's normalizer-free pipeline on a `tokenizers.Tokenizer` holding a BPE model."""
     from tokenizers import Regex, decoders, pre_tokenizers
 
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
 
 
@@ -47,8 +58,9 @@ def bos_post_processor(bos: str, bos_id: int):
     """Llama-3's post-processor: bos in front when special tokens are requested (transformers' default)."""
     from tokenizers import processors
 
-    return processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                                         special_tokens=[(bos, bos_id)])
+    return processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+    )
 
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, specials: list[str] | None = None):
@@ -59,8 +71,13 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, specials: list[s
     specials = llama3_special_tokens() if specials is None else specials
     tokenizer = Tokenizer(models.BPE())
     byte_level_pipeline(tokenizer)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     tokenizer.train_from_iterator(texts, trainer)
     # Llama-3's model takes a pre-tokenized word that is a token whole (ignore_merges), and llama.cpp's
     # "llama-bpe" always does: set here so that both tokenize alike.
@@ -73,11 +90,20 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, specials: list[s
     return tokenizer
 
 
-def tokenizer_config(bos: str | None = BOS, eos: str | None = EOS, pad: str | None = None,
-                     chat_template: str | None = None, max_length: int | None = None) -> dict:
+def tokenizer_config(
+    bos: str | None = BOS,
+    eos: str | None = EOS,
+    pad: str | None = None,
+    chat_template: str | None = None,
+    max_length: int | None = None,
+) -> dict:
     """A tokenizer_config.json transformers' AutoTokenizer reads as the fast tokenizer of tokenizer.json."""
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-              "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "clean_up_tokenization_spaces": False,
+    }
     if pad is not None:
         config["pad_token"] = pad
     if max_length is not None:
@@ -106,8 +132,14 @@ def write_bpe(tokenizer, directory: Path, config: dict) -> Path:
 # ever fires: such text takes the base's merges, in the base's order, to the base's ids.
 
 # Ideographs (with extensions and compatibility forms), CJK symbols and punctuation, full-width forms.
-CJK_RANGES = ((0x3000, 0x303F), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF00, 0xFFEF),
-              (0x20000, 0x3134F))
+CJK_RANGES = (
+    (0x3000, 0x303F),
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xF900, 0xFAFF),
+    (0xFF00, 0xFFEF),
+    (0x20000, 0x3134F),
+)
 
 
 def is_cjk(ch: str) -> bool:
@@ -147,10 +179,20 @@ def holds_only_cjk(data: bytes) -> bool:
     i = 0
     while i < len(data):
         lead = data[i]
-        size = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 0
+        size = (
+            1
+            if lead < 0x80
+            else 2
+            if lead >> 5 == 0b110
+            else 3
+            if lead >> 4 == 0b1110
+            else 4
+            if lead >> 3 == 0b11110
+            else 0
+        )
         if size == 0:
             return False
-        part = data[i:i + size]
+        part = data[i : i + size]
         if any(b & 0xC0 != 0x80 for b in part[1:]):
             return False
         if len(part) == size:
@@ -240,13 +282,15 @@ def check_bpe_extension(base: dict, extended: dict, base_path, extended_path) ->
     moved = next((t for t, i in bv.items() if ev.get(t) != i), None)
     if moved is not None:
         why = f"token {moved!r} is id {ev.get(moved)} where the base has {bv[moved]}"
-    elif em[:len(bm)] != bm:
-        rank = next(i for i, (x, y) in enumerate(zip(bm, em + [None] * len(bm))) if x != y)
+    elif em[: len(bm)] != bm:
+        rank = next(i for i, (x, y) in enumerate(zip(bm, em + [None] * len(bm), strict=False)) if x != y)
         why = f"merge rank {rank} is {em[rank] if rank < len(em) else None} where the base has {bm[rank]}"
     elif [(t["id"], t["content"]) for t in ba] != [(t["id"], t["content"]) for t in ea]:
         why = "its added (special) tokens differ"
     elif any(i < next_id(base) for t, i in ev.items() if t not in bv and t not in {a["content"] for a in ea}):
         why = "a new token takes an id inside the base's range"
     if why:
-        raise TokenizerError(f"{extended_path} does not extend {base_path}: {why}; use the tokenizer the checkpoint "
-                             f"was trained with, or one made from it by the tokenizer stage")
+        raise TokenizerError(
+            f"{extended_path} does not extend {base_path}: {why}; use the tokenizer the checkpoint "
+            f"was trained with, or one made from it by the tokenizer stage"
+        )

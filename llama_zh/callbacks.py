@@ -22,17 +22,25 @@ import re
 import shutil
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
+
 from llama_zh.checkpoint import WeightStream, load_checkpoint, write_native
 from llama_zh.errors import LlamaZhError
+from llama_zh.finetune import (
+    FinetuneConfig,
+    adapter_state,
+    export_stream,
+    logit_gap,
+    save_adapter,
+    source_merged_stream,
+)
 from llama_zh.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
-from llama_zh.finetune import FinetuneConfig, adapter_state, export_stream, logit_gap, save_adapter, source_merged_stream
 from llama_zh.prefix import fingerprinted, save_prefix
 from llama_zh.tokenizer import copy_tokenizer
 
@@ -54,8 +62,15 @@ class NativeCheckpoint(pl.Callback):
     the merged checkpoint (`logit_gap`, also kept in `self.logit_gap` and sent to the loggers).
     """
 
-    def __init__(self, directory: Path, tokenizer: Path | None, every_n_steps: int = 0, extra: dict | None = None,
-                 finetune: FinetuneConfig | None = None, source: WeightStream | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        tokenizer: Path | None,
+        every_n_steps: int = 0,
+        extra: dict | None = None,
+        finetune: FinetuneConfig | None = None,
+        source: WeightStream | None = None,
+    ):
         self.directory, self.tokenizer, self.every = Path(directory), tokenizer, every_n_steps
         self.extra, self.finetune, self.source = extra or {}, finetune, source
         self.final: Path | None = None
@@ -100,13 +115,22 @@ class NativeCheckpoint(pl.Callback):
         self.logit_gap = {**logit_gap(model, merged, ids), "batch": where}
         del merged
         gap = self.logit_gap
-        log.info("finetune.base_quant=%s: logits of the trained model (quantized base + adapters) vs the merged "
-                 "checkpoint %s on %d %s tokens: max |diff| %.4g, mean |diff| %.4g (mean |logit| %.4g)",
-                 self.finetune.base_quant, path, gap["tokens"], where, gap["max_abs"], gap["mean_abs"],
-                 gap["mean_abs_logit"])
+        log.info(
+            "finetune.base_quant=%s: logits of the trained model (quantized base + adapters) vs the merged "
+            "checkpoint %s on %d %s tokens: max |diff| %.4g, mean |diff| %.4g (mean |logit| %.4g)",
+            self.finetune.base_quant,
+            path,
+            gap["tokens"],
+            where,
+            gap["max_abs"],
+            gap["mean_abs"],
+            gap["mean_abs_logit"],
+        )
         for logger in getattr(trainer, "loggers", []):
-            logger.log_metrics({"qlora/logit_gap_max": gap["max_abs"], "qlora/logit_gap_mean": gap["mean_abs"]},
-                               step=max(trainer.global_step - 1, 0))
+            logger.log_metrics(
+                {"qlora/logit_gap_max": gap["max_abs"], "qlora/logit_gap_mean": gap["mean_abs"]},
+                step=max(trainer.global_step - 1, 0),
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps: unchanged across accumulated micro-batches
@@ -129,7 +153,7 @@ def held_batch(trainer, vocab_size: int, max_len: int) -> tuple[torch.Tensor, st
     if loader is not None:
         batch = next(iter(loader), None)
         if isinstance(batch, dict) and "input_ids" in batch:
-            return batch["input_ids"][:HELD_ROWS, :min(HELD_TOKENS, max_len)].cpu(), "validation"
+            return batch["input_ids"][:HELD_ROWS, : min(HELD_TOKENS, max_len)].cpu(), "validation"
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab_size, (HELD_ROWS, min(HELD_TOKENS, max_len)), generator=generator), "random"
 
@@ -151,17 +175,28 @@ class MemoryReport(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         device = trainer.strategy.root_device
         if device.type == "cuda":
-            measured, planned = torch.cuda.max_memory_reserved(device), self.plan.device_total - self.plan.device["runtime"]
+            measured, planned = (
+                torch.cuda.max_memory_reserved(device),
+                self.plan.device_total - self.plan.device["runtime"],
+            )
             what = "peak reserved CUDA memory"
         else:
             measured, planned = peak_rss(), self.plan.device_total + self.plan.host_total
             what = "peak RSS"
-        log.info("memory: rank %d %s %.3f GiB, planned %.3f GiB (ratio %.2f)", trainer.global_rank, what,
-                 measured / GiB, planned / GiB, measured / max(planned, 1))
+        log.info(
+            "memory: rank %d %s %.3f GiB, planned %.3f GiB (ratio %.2f)",
+            trainer.global_rank,
+            what,
+            measured / GiB,
+            planned / GiB,
+            measured / max(planned, 1),
+        )
         for logger in trainer.loggers:
             # At the last step trained (the step a rerun would not redo).
-            logger.log_metrics({"memory/measured_gib": measured / GiB, "memory/planned_gib": planned / GiB},
-                               step=max(trainer.global_step - 1, 0))
+            logger.log_metrics(
+                {"memory/measured_gib": measured / GiB, "memory/planned_gib": planned / GiB},
+                step=max(trainer.global_step - 1, 0),
+            )
 
 
 def _clock_text(seconds: float) -> str:
@@ -178,8 +213,10 @@ class ProgressLog(pl.Callback):
 
     def __init__(self, every_s: float = 30.0, every_n_steps: int = 0, clock: Callable[[], float] = time.monotonic):
         if every_s < 0 or every_n_steps < 0:
-            raise LlamaZhError(f"log_progress_every_s ({every_s}) and log_progress_every_n_steps ({every_n_steps}) "
-                               "must be >= 0 (0: off)")
+            raise LlamaZhError(
+                f"log_progress_every_s ({every_s}) and log_progress_every_n_steps ({every_n_steps}) "
+                "must be >= 0 (0: off)"
+            )
         self.every_s, self.every_n, self.clock = every_s, every_n_steps, clock
         self._start = self._last = 0.0
         self._start_step = self._seen_step = 0
@@ -191,9 +228,12 @@ class ProgressLog(pl.Callback):
         self._last_tokens = getattr(pl_module, "tokens_seen", 0)
 
     def _due(self, step: int, max_steps: int, now: float) -> bool:
-        return (step == self._start_step + 1 or step == max_steps
-                or bool(self.every_n and step % self.every_n == 0)
-                or bool(self.every_s and now - self._last >= self.every_s))
+        return (
+            step == self._start_step + 1
+            or step == max_steps
+            or bool(self.every_n and step % self.every_n == 0)
+            or bool(self.every_s and now - self._last >= self.every_s)
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -281,8 +321,15 @@ class TrainingState(pl.Callback):
     """Saves the full training state every `every_n_steps` optimizer steps and at the end, atomically,
     keeping the newest `keep_last`."""
 
-    def __init__(self, directory: Path, every_n_steps: int, keep_last: int, meta: dict, deepspeed: bool,
-                 tokenizer: Path | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        every_n_steps: int,
+        keep_last: int,
+        meta: dict,
+        deepspeed: bool,
+        tokenizer: Path | None = None,
+    ):
         if every_n_steps < 0 or keep_last < 1:
             raise LlamaZhError("state_every_n_steps must be >= 0 and state_keep_last >= 1")
         self.directory, self.every, self.keep_last = Path(directory), every_n_steps, keep_last
@@ -317,7 +364,9 @@ class TrainingState(pl.Callback):
         # weights_only=False: the whole state (optimizer, loops, callbacks), what resuming needs; said
         # explicitly, else Lightning logs that it defaulted to it at every save. (Loading is separate:
         # fit() reads it back with weights_only=True, stages/common.py.)
-        trainer.save_checkpoint(tmp / ("state" if self.deepspeed else "state.ckpt"), weights_only=False)  # every rank: ZeRO shards
+        trainer.save_checkpoint(
+            tmp / ("state" if self.deepspeed else "state.ckpt"), weights_only=False
+        )  # every rank: ZeRO shards
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             meta = {**self.meta, "global_step": step}
@@ -364,8 +413,11 @@ def write_manifest(step_dir: Path) -> None:
     """Record the size and sha256 of every file of a finished state (all ranks' shards included).
     Written last, inside the directory that is then renamed into place: a resume can tell a state
     damaged after it was written from a whole one before torch tries to read it."""
-    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != STATE_MANIFEST}
+    files = {
+        p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(step_dir.rglob("*"))
+        if p.is_file() and p.name != STATE_MANIFEST
+    }
     (step_dir / STATE_MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -416,14 +468,19 @@ def _newest_valid(state_dir: Path) -> Path | None:
         problem = state_problem(step_dir)
         if problem is None:
             if damaged:
-                log.warning("resume: %s; resuming from %s instead (the newest intact state)",
-                            "; ".join(f"training state {d} is damaged: {p}" for d, p in damaged), step_dir)
+                log.warning(
+                    "resume: %s; resuming from %s instead (the newest intact state)",
+                    "; ".join(f"training state {d} is damaged: {p}" for d, p in damaged),
+                    step_dir,
+                )
             return step_dir
         damaged.append((step_dir, problem))
     if damaged:
-        raise LlamaZhError(f"resume=auto: no intact training state in {state_dir}: "
-                           + "; ".join(f"{d.name}: {p}" for d, p in damaged)
-                           + ". Move them away to start afresh, or pass resume=null")
+        raise LlamaZhError(
+            f"resume=auto: no intact training state in {state_dir}: "
+            + "; ".join(f"{d.name}: {p}" for d, p in damaged)
+            + ". Move them away to start afresh, or pass resume=null"
+        )
     return None
 
 
@@ -438,8 +495,10 @@ def resolve_resume(resume, state_dir: Path) -> Path | None:
     if path.name in ("state.ckpt", "state"):
         path = path.parent
     if not (path / STATE_META).is_file():
-        raise LlamaZhError(f"resume={resume}: not a llama_zh training state (no {STATE_META}); "
-                           f"states are the step-NNNNNN directories under <run dir>/checkpoints/state/")
+        raise LlamaZhError(
+            f"resume={resume}: not a llama_zh training state (no {STATE_META}); "
+            f"states are the step-NNNNNN directories under <run dir>/checkpoints/state/"
+        )
     problem = state_problem(path)
     if problem is not None:
         raise LlamaZhError(f"resume={resume}: the training state {path} is damaged: {problem}")
@@ -451,28 +510,48 @@ def check_resumable(step_dir: Path, expected: dict) -> dict:
     meta = json.loads((step_dir / STATE_META).read_text())
     problems = []
     if meta.get("model") != expected["model"]:
-        diff = [f"{k} {meta.get('model', {}).get(k)} -> {v}" for k, v in expected["model"].items()
-                if meta.get("model", {}).get(k) != v]
+        diff = [
+            f"{k} {meta.get('model', {}).get(k)} -> {v}"
+            for k, v in expected["model"].items()
+            if meta.get("model", {}).get(k) != v
+        ]
         problems.append(f"the model shape differs ({', '.join(diff)})")
     if meta.get("tokenizer_sha256") != expected["tokenizer_sha256"]:
-        problems.append(f"the tokenizer differs (sha256 {str(meta.get('tokenizer_sha256'))[:12]}... in the state, "
-                        f"{expected['tokenizer_sha256'][:12]}... now)")
+        problems.append(
+            f"the tokenizer differs (sha256 {str(meta.get('tokenizer_sha256'))[:12]}... in the state, "
+            f"{expected['tokenizer_sha256'][:12]}... now)"
+        )
     if meta.get("deepspeed") != expected["deepspeed"]:
-        problems.append(f"it was written by strategy={meta.get('strategy')}, which cannot be read by "
-                        f"strategy={expected['strategy']} (resume with strategy={meta.get('strategy')})")
+        problems.append(
+            f"it was written by strategy={meta.get('strategy')}, which cannot be read by "
+            f"strategy={expected['strategy']} (resume with strategy={meta.get('strategy')})"
+        )
     if meta.get("finetune") != expected["finetune"]:
-        problems.append(f"it trained with finetune={meta.get('finetune')}, this run with finetune={expected['finetune']}")
-    for key, option, default in (("optimizer", "optim", "adamw"), ("base_quant", "finetune.base_quant", None),
-                                 ("prefix_len", "finetune.prefix_len", None),
-                                 ("prefix_hidden", "finetune.prefix_hidden", None)):
+        problems.append(
+            f"it trained with finetune={meta.get('finetune')}, this run with finetune={expected['finetune']}"
+        )
+    for key, option, default in (
+        ("optimizer", "optim", "adamw"),
+        ("base_quant", "finetune.base_quant", None),
+        ("prefix_len", "finetune.prefix_len", None),
+        ("prefix_hidden", "finetune.prefix_hidden", None),
+    ):
         then, now = meta.get(key, default), expected.get(key, default)  # states written before the key: the default
         if then != now:
             problems.append(f"it trained with {option}={then}, this run with {option}={now}")
     if problems:
-        raise LlamaZhError(f"resume: cannot continue from {step_dir}: {'; '.join(problems)}. Start a new run directory "
-                           "(hydra.run.dir=...) or pass resume=null to start from scratch")
+        raise LlamaZhError(
+            f"resume: cannot continue from {step_dir}: {'; '.join(problems)}. Start a new run directory "
+            "(hydra.run.dir=...) or pass resume=null to start from scratch"
+        )
     if meta.get("global_batch") != expected["global_batch"] or meta.get("world_size") != expected["world_size"]:
-        log.warning("resume: %s was trained with global batch %s on %s processes, this run uses %s on %s: the data "
-                    "position carries over but the run will not match an uninterrupted one", step_dir,
-                    meta.get("global_batch"), meta.get("world_size"), expected["global_batch"], expected["world_size"])
+        log.warning(
+            "resume: %s was trained with global batch %s on %s processes, this run uses %s on %s: the data "
+            "position carries over but the run will not match an uninterrupted one",
+            step_dir,
+            meta.get("global_batch"),
+            meta.get("world_size"),
+            expected["global_batch"],
+            expected["world_size"],
+        )
     return meta

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import yaml
@@ -46,9 +46,11 @@ class WeightStream:
     source: str = ""  # where the weights come from, for error messages
     notes: list[str] = field(default_factory=list)
     tokenizer_sha256: str | None = None  # the hash a native checkpoint recorded for its tokenizer.model
-    keep: object = None  # what `tokenizer` lives in when a reader made it (a TemporaryDirectory): kept while the stream is
+    keep: object = (
+        None  # what `tokenizer` lives in when a reader made it (a TemporaryDirectory): kept while the stream is
+    )
 
-    def cast(self, dtype: torch.dtype | None) -> "WeightStream":
+    def cast(self, dtype: torch.dtype | None) -> WeightStream:
         if dtype is None:
             return self
 
@@ -59,8 +61,9 @@ class WeightStream:
                 del t  # before the next read: one tensor alive at a time
 
         specs = {n: (dtype if d.is_floating_point else d, s) for n, (d, s) in self.specs.items()}
-        return WeightStream(self.config, specs, tensors, self.tokenizer, self.source, self.notes, self.tokenizer_sha256,
-                            self.keep)
+        return WeightStream(
+            self.config, specs, tensors, self.tokenizer, self.source, self.notes, self.tokenizer_sha256, self.keep
+        )
 
 
 def expected_specs(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -104,13 +107,16 @@ class _AtomicDir(AtomicOutput):
     and removed on any failure (llama_zh.atomic)."""
 
     def __init__(self, path: Path, overwrite: bool, need_bytes: int | None = None):
-        super().__init__(Path(path), directory=True, overwrite=overwrite, need_bytes=need_bytes,
-                         exists_error=CheckpointError)
+        super().__init__(
+            Path(path), directory=True, overwrite=overwrite, need_bytes=need_bytes, exists_error=CheckpointError
+        )
 
 
 def stream_bytes(specs: dict[str, Spec]) -> int:
     """The bytes of the tensors of `specs`: what writing them needs on disk (headers aside)."""
-    return sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for dtype, shape in specs.values())
+    return sum(
+        torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for dtype, shape in specs.values()
+    )
 
 
 def _plan_shards(specs: dict[str, Spec], max_shard_bytes: int) -> list[list[str]]:
@@ -127,17 +133,25 @@ def _plan_shards(specs: dict[str, Spec], max_shard_bytes: int) -> list[list[str]
     return shards
 
 
-def write_safetensors_shards(directory: Path, specs: dict[str, Spec], tensors: Iterator[tuple[str, torch.Tensor]],
-                             max_shard_bytes: int, prefix: str = "model", rename: Callable[[str], str] = lambda n: n,
-                             metadata: dict[str, str] | None = None) -> None:
+def write_safetensors_shards(
+    directory: Path,
+    specs: dict[str, Spec],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    max_shard_bytes: int,
+    prefix: str = "model",
+    rename: Callable[[str], str] = lambda n: n,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Stream tensors into one or more safetensors files (+ an index when sharded), HF naming."""
     shards = _plan_shards(specs, max_shard_bytes)
-    files = [f"{prefix}.safetensors"] if len(shards) == 1 else [
-        f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
+    files = (
+        [f"{prefix}.safetensors"]
+        if len(shards) == 1
+        else [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map, total = {}, 0
     tensors = iter(tensors)
-    for filename, names in zip(files, shards):
+    for filename, names in zip(files, shards, strict=False):
         plan = [(rename(n), specs[n][0], specs[n][1]) for n in names]
         writer = SafetensorsWriter(directory / filename, plan, metadata)
         try:
@@ -158,18 +172,26 @@ def write_safetensors_shards(directory: Path, specs: dict[str, Spec], tensors: I
         write_text(directory / f"{prefix}.safetensors.index.json", json.dumps(index, indent=2))
 
 
-def write_native(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-                 extra: dict | None = None) -> Path:
+def write_native(
+    stream: WeightStream,
+    path: Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> Path:
     """Write `stream` as a native checkpoint directory at `path`, atomically."""
     check_specs(stream)
     dtypes = {d for d, _ in stream.specs.values()}
     target = _AtomicDir(path, overwrite, stream_bytes(stream.specs))
     with target:
         write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes)
-        meta = {"format_version": FORMAT_VERSION, "model": stream.config.to_dict(),
-                "dtype": _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed",
-                # Checked on load: a same-size tokenizer swapped in would otherwise go unnoticed.
-                "tokenizer_sha256": file_sha256(stream.tokenizer) if stream.tokenizer is not None else None}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": stream.config.to_dict(),
+            "dtype": _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed",
+            # Checked on load: a same-size tokenizer swapped in would otherwise go unnoticed.
+            "tokenizer_sha256": file_sha256(stream.tokenizer) if stream.tokenizer is not None else None,
+        }
         if extra:
             meta.update(extra)
         (target.tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
@@ -186,8 +208,9 @@ def model_stream(model: Transformer, tokenizer: Path | None = None) -> WeightStr
     return WeightStream(model.config, specs, lambda: iter(state.items()), tokenizer, source="in-memory model")
 
 
-def save_checkpoint(model: Transformer, path: Path, tokenizer: Path | None = None, overwrite: bool = True,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    model: Transformer, path: Path, tokenizer: Path | None = None, overwrite: bool = True, extra: dict | None = None
+) -> Path:
     return write_native(model_stream(model, tokenizer), path, overwrite=overwrite, extra=extra)
 
 
@@ -214,7 +237,9 @@ def _safetensors_files(directory: Path, prefix: str) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def safetensors_stream(files: list[Path], rename: Callable[[str], str | None], transform=None) -> tuple[dict[str, Spec], Callable]:
+def safetensors_stream(
+    files: list[Path], rename: Callable[[str], str | None], transform=None
+) -> tuple[dict[str, Spec], Callable]:
     """Specs and tensor generator over safetensors files; `rename` maps a file key to a native name (None: skip)."""
     entries: list[tuple[str, Path, str]] = []  # (native name, file, key in file), in file order
     specs: dict[str, Spec] = {}
@@ -254,7 +279,9 @@ def read_native(path: Path) -> WeightStream:
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{config_file}: expected keys format_version and model")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{config_file}: format_version {meta.get('format_version')!r}, this llama_zh reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{config_file}: format_version {meta.get('format_version')!r}, this llama_zh reads {FORMAT_VERSION}"
+        )
     config = ModelConfig.from_dict(meta["model"], source=f"{config_file}: model")
     files = _safetensors_files(path, "model")
     if not files:
@@ -264,8 +291,9 @@ def read_native(path: Path) -> WeightStream:
     recorded = meta.get("tokenizer_sha256")
     if tok.is_file():
         check_tokenizer(path, tok, recorded)
-    return WeightStream(config, specs, tensors, tok if tok.is_file() else None, source=str(path),
-                        tokenizer_sha256=recorded)
+    return WeightStream(
+        config, specs, tensors, tok if tok.is_file() else None, source=str(path), tokenizer_sha256=recorded
+    )
 
 
 def check_tokenizer(checkpoint: Path, tokenizer: Path, recorded: str | None, what: str | None = None) -> None:
@@ -276,9 +304,11 @@ def check_tokenizer(checkpoint: Path, tokenizer: Path, recorded: str | None, wha
         return
     actual = file_sha256(tokenizer)
     if actual != recorded:
-        raise CheckpointError(f"{checkpoint}: {what or tokenizer.name} has sha256 {actual}, but the weights were written with "
-                              f"a tokenizer of sha256 {recorded} ({CONFIG_FILE} tokenizer_sha256); use the tokenizer "
-                              "they were trained with")
+        raise CheckpointError(
+            f"{checkpoint}: {what or tokenizer.name} has sha256 {actual}, but the weights were written with "
+            f"a tokenizer of sha256 {recorded} ({CONFIG_FILE} tokenizer_sha256); use the tokenizer "
+            "they were trained with"
+        )
 
 
 def read_any(path: Path) -> WeightStream:
@@ -292,10 +322,14 @@ def read_any(path: Path) -> WeightStream:
         from llama_zh.convert import hf
 
         return hf.read(path)
-    raise CheckpointError(f"{path}: neither a native checkpoint ({CONFIG_FILE}) nor a Hugging Face directory (config.json)")
+    raise CheckpointError(
+        f"{path}: neither a native checkpoint ({CONFIG_FILE}) nor a Hugging Face directory (config.json)"
+    )
 
 
-def load_model(stream: WeightStream, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+def load_model(
+    stream: WeightStream, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
     check_specs(stream)
     model = build_model(stream.config, device="meta")
     state = {}

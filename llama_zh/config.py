@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -80,20 +81,20 @@ class ModelConfig:
     def rope_type(self) -> str:
         return self.rope_scaling["type"] if self.rope_scaling else "default"
 
-    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+    def with_vocab(self, vocab_size: int) -> ModelConfig:
         return dataclasses.replace(self, vocab_size=vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "model") -> "ModelConfig":
+    def from_dict(cls, values: Mapping[str, Any], source: str = "model") -> ModelConfig:
         """`source` names the mapping in messages, as the prefix of its keys (`<file>: model`)."""
         check_keys(values, [f.name for f in dataclasses.fields(cls)], source, what="field")
         return cls(**dict(values))
 
     @classmethod
-    def from_name(cls, name: str) -> "ModelConfig":
+    def from_name(cls, name: str) -> ModelConfig:
         path = CONF_DIR / "model" / f"{name}.yaml"
         if not path.is_file():
             names = ", ".join(available_names())
@@ -107,8 +108,17 @@ _COMMON = ("type", "factor", "original_max_position_embeddings")
 ROPE_SCALING: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "linear": (_COMMON, {}),
     "dynamic": (_COMMON, {}),
-    "yarn": (_COMMON, {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None,
-                       "mscale_all_dim": None, "truncate": True}),
+    "yarn": (
+        _COMMON,
+        {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "attention_factor": None,
+            "mscale": None,
+            "mscale_all_dim": None,
+            "truncate": True,
+        },
+    ),
     "llama3": (_COMMON + ("low_freq_factor", "high_freq_factor"), {}),
 }
 
@@ -117,7 +127,9 @@ def check_rope_scaling(values: Any, where: str = "model.rope_scaling") -> dict[s
     """A rope scaling mapping checked and completed: `type` (`rope_type` accepted, as transformers
     writes it), every key its type needs, its optional keys defaulted, nothing it would ignore."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{where} must be a mapping with type, factor and original_max_position_embeddings, got {values!r}")
+        raise ConfigError(
+            f"{where} must be a mapping with type, factor and original_max_position_embeddings, got {values!r}"
+        )
     values = dict(values)
     if "rope_type" in values:
         kind = values.pop("rope_type")
@@ -140,13 +152,17 @@ def check_rope_scaling(values: Any, where: str = "model.rope_scaling") -> dict[s
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
     if not isinstance(values["original_max_position_embeddings"], int):
-        raise ConfigError(f"{where}.original_max_position_embeddings must be an integer, "
-                          f"got {values['original_max_position_embeddings']!r}")
+        raise ConfigError(
+            f"{where}.original_max_position_embeddings must be an integer, "
+            f"got {values['original_max_position_embeddings']!r}"
+        )
     if not isinstance(values.get("truncate", True), bool):
         raise ConfigError(f"{where}.truncate must be true or false, got {values['truncate']!r}")
     if kind == "llama3" and values["high_freq_factor"] <= values["low_freq_factor"]:
-        raise ConfigError(f"{where}.high_freq_factor ({values['high_freq_factor']}) must exceed "
-                          f"low_freq_factor ({values['low_freq_factor']})")
+        raise ConfigError(
+            f"{where}.high_freq_factor ({values['high_freq_factor']}) must exceed "
+            f"low_freq_factor ({values['low_freq_factor']})"
+        )
     return {key: values[key] for key in list(required) + list(optional)}
 
 
@@ -154,8 +170,14 @@ def available_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
-def check_keys(values: Mapping[str, Any], known: Iterable[str] | Mapping[str, Any], where: str,
-               error: type[Exception] = ConfigError, what: str = "key", free: Iterable[str] = ()) -> None:
+def check_keys(
+    values: Mapping[str, Any],
+    known: Iterable[str] | Mapping[str, Any],
+    where: str,
+    error: type[Exception] = ConfigError,
+    what: str = "key",
+    free: Iterable[str] = (),
+) -> None:
     """Refuse a key its reader would silently ignore (a typo such as Hydra's `+stage.temprature=0.5`).
 
     `known` is a list of keys, or a mapping of defaults: where both the default and the given value

@@ -51,15 +51,22 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return torch.where(mask, logp, 0.0).sum(-1), mask.sum(-1)
 
 
-def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per pair, chosen rewards, rejected rewards) of DPO."""
     chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
     return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
 
 
-def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, chosen_len: torch.Tensor, rejected_len: torch.Tensor,
-               beta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def simpo_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    chosen_len: torch.Tensor,
+    rejected_len: torch.Tensor,
+    beta: float,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per pair, chosen rewards, rejected rewards) of SimPO: length-averaged, a target margin gamma."""
     chosen_rewards, rejected_rewards = beta * chosen / chosen_len, beta * rejected / rejected_len
     return -F.logsigmoid(chosen_rewards - rejected_rewards - gamma), chosen_rewards, rejected_rewards
@@ -72,8 +79,9 @@ def _log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
     return mean_logp - log1m
 
 
-def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, chosen_len: torch.Tensor, rejected_len: torch.Tensor,
-              lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def orpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, chosen_len: torch.Tensor, rejected_len: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per pair, chosen rewards, rejected rewards) of ORPO: the chosen response's mean token NLL
     plus lambda times the log odds-ratio term; the rewards are the log odds."""
     chosen_odds, rejected_odds = _log_odds(chosen / chosen_len), _log_odds(rejected / rejected_len)
@@ -101,7 +109,7 @@ class PreferenceObjective:
             raise LlamaZhError(f"stage.gamma={self.gamma!r}: expected a number >= 0")
 
     @classmethod
-    def from_config(cls, stage: DictConfig) -> "PreferenceObjective":
+    def from_config(cls, stage: DictConfig) -> PreferenceObjective:
         return cls(loss=str(stage.loss), beta=stage.beta, gamma=stage.gamma, lam=stage["lambda"])
 
     @property
@@ -160,8 +168,10 @@ class PreferenceLM(CausalLM):
         # Here, after every kind of restore: a resumed run must score the pairs its reference is of.
         data = self.trainer.datamodule
         if self.reference_mode == "stored" and self.reference_fingerprint != data.fingerprint:
-            raise LlamaZhError("the training state's DPO reference log-probs are of other preference data than "
-                               f"{data.file} (or other template / seq_len); resume with the same data, or resume=null")
+            raise LlamaZhError(
+                "the training state's DPO reference log-probs are of other preference data than "
+                f"{data.file} (or other template / seq_len); resume with the same data, or resume=null"
+            )
 
     @torch.no_grad()
     def _compute_reference(self, data) -> torch.Tensor:
@@ -170,8 +180,9 @@ class PreferenceLM(CausalLM):
         loader = data.reference_dataloader()
         out = torch.zeros(len(data.all), 2, dtype=torch.float32)
         start, last = time.monotonic(), time.monotonic()
-        log.info("DPO reference: log-probs of %d pairs under the starting weights (once, before training)",
-                 len(data.all))
+        log.info(
+            "DPO reference: log-probs of %d pairs under the starting weights (once, before training)", len(data.all)
+        )
         with self.trainer.precision_plugin.forward_context():
             for i, batch in enumerate(loader):
                 sums, _ = self._logps(batch)
@@ -203,8 +214,9 @@ class PreferenceLM(CausalLM):
         chosen, rejected = sums.view(2, -1).unbind(0)
         chosen_len, rejected_len = counts.view(2, -1).unbind(0)
         ref_chosen, ref_rejected = self._reference_logps(batch)
-        losses, chosen_rewards, rejected_rewards = self.objective(chosen, rejected, chosen_len, rejected_len,
-                                                                  ref_chosen, ref_rejected)
+        losses, chosen_rewards, rejected_rewards = self.objective(
+            chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected
+        )
         return losses, chosen_rewards, rejected_rewards, sums.view(2, -1)
 
     def training_step(self, batch, batch_idx):
@@ -213,8 +225,12 @@ class PreferenceLM(CausalLM):
         distributed = self.trainer.world_size > 1
         self.log("train/loss", loss, prog_bar=True, sync_dist=distributed)
         chosen, rejected = chosen.detach(), rejected.detach()
-        for name, value in (("chosen", chosen.mean()), ("rejected", rejected.mean()),
-                            ("margin", (chosen - rejected).mean()), ("accuracy", (chosen > rejected).float().mean())):
+        for name, value in (
+            ("chosen", chosen.mean()),
+            ("rejected", rejected.mean()),
+            ("margin", (chosen - rejected).mean()),
+            ("accuracy", (chosen > rejected).float().mean()),
+        ):
             self.log(f"rewards/{name}", value, sync_dist=distributed)
         self.log("logps/chosen", logps[0].detach().mean(), sync_dist=distributed)
         self.log("logps/rejected", logps[1].detach().mean(), sync_dist=distributed)
@@ -250,8 +266,10 @@ class PreferenceLM(CausalLM):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.reference is not None:
-            checkpoint["llama_zh_dpo_reference"] = {"logps": self.reference.clone(),
-                                                    "fingerprint": self.reference_fingerprint}
+            checkpoint["llama_zh_dpo_reference"] = {
+                "logps": self.reference.clone(),
+                "fingerprint": self.reference_fingerprint,
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before on_fit_start for Lightning's own strategies (the weights restored here are no longer

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,18 @@ from llama_zh.model import Transformer
 from llama_zh.strategies import gathered, is_partitioned
 
 # Hugging Face module names (as in Chinese-LLaMA-Alpaca's recipes) -> llama_zh's.
-HF_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w_gate",
-              "up_proj": "w_up", "down_proj": "w_down", "embed_tokens": "embed", "lm_head": "head", "norm": "norm"}
+HF_ALIASES = {
+    "q_proj": "wq",
+    "k_proj": "wk",
+    "v_proj": "wv",
+    "o_proj": "wo",
+    "gate_proj": "w_gate",
+    "up_proj": "w_up",
+    "down_proj": "w_down",
+    "embed_tokens": "embed",
+    "lm_head": "head",
+    "norm": "norm",
+}
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 TOP_MODULES = ("embed", "head", "norm")
 METHODS = ("full", "lora", "freeze", "prefix")
@@ -58,7 +68,9 @@ class FinetuneConfig:
     train_modules: list[str] = field(default_factory=list)
     train_last_n_blocks: int = 0
     base_quant: str | None = None  # lora: nf4 | int8 quantizes the frozen block projections (QLoRA); null: none
-    logit_gap: bool = True  # base_quant: after the final save, compare the trained model's logits with the merged checkpoint's
+    logit_gap: bool = (
+        True  # base_quant: after the final save, compare the trained model's logits with the merged checkpoint's
+    )
     prefix_len: int = 16  # prefix: key/value slots per layer
     prefix_hidden: int = 0  # prefix: > 0 reparameterises through an MLP of this hidden width (folded away on save)
 
@@ -68,11 +80,15 @@ class FinetuneConfig:
         if self.base_quant in ("none", "null", ""):
             self.base_quant = None
         if self.base_quant is not None and self.base_quant not in BASE_QUANTS:
-            raise LlamaZhError(f"finetune.base_quant={self.base_quant!r}; expected one of {', '.join(BASE_QUANTS)} or null")
+            raise LlamaZhError(
+                f"finetune.base_quant={self.base_quant!r}; expected one of {', '.join(BASE_QUANTS)} or null"
+            )
         if self.base_quant is not None and self.method != "lora":
-            raise LlamaZhError(f"finetune.base_quant={self.base_quant} quantizes the frozen base under LoRA adapters, but "
-                               f"finetune.method={self.method} trains the base weights themselves; use finetune=lora "
-                               "or finetune.base_quant=null")
+            raise LlamaZhError(
+                f"finetune.base_quant={self.base_quant} quantizes the frozen base under LoRA adapters, but "
+                f"finetune.method={self.method} trains the base weights themselves; use finetune=lora "
+                "or finetune.base_quant=null"
+            )
         if self.method == "lora" and (self.rank <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1):
             raise LlamaZhError("finetune: lora needs rank > 0, alpha > 0 and 0 <= dropout < 1")
         if isinstance(self.prefix_len, bool) or not isinstance(self.prefix_len, int) or self.prefix_len <= 0:
@@ -81,12 +97,14 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.prefix_hidden must be an integer >= 0 (0: no MLP), got {self.prefix_hidden!r}")
         if self.train_last_n_blocks < 0:
             raise LlamaZhError("finetune.train_last_n_blocks must be >= 0")
-        self.target_modules = [canonical(n, "finetune.target_modules", PROJECTIONS + ("head",)) for n in self.target_modules]
+        self.target_modules = [
+            canonical(n, "finetune.target_modules", PROJECTIONS + ("head",)) for n in self.target_modules
+        ]
         self.modules_to_save = [canonical(n, "finetune.modules_to_save", TOP_MODULES) for n in self.modules_to_save]
         self.train_modules = [canonical(n, "finetune.train_modules", TOP_MODULES) for n in self.train_modules]
 
     @classmethod
-    def from_cfg(cls, cfg: DictConfig | dict | None) -> "FinetuneConfig":
+    def from_cfg(cls, cfg: DictConfig | dict | None) -> FinetuneConfig:
         if cfg is None:
             return cls()
         values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -97,8 +115,10 @@ class FinetuneConfig:
 def canonical(name: str, field_name: str, allowed: tuple[str, ...]) -> str:
     name = HF_ALIASES.get(name, name)
     if name not in allowed:
-        raise LlamaZhError(f"{field_name}: unknown module {name!r}; expected some of {', '.join(allowed)} "
-                           f"(or the Hugging Face names {', '.join(k for k, v in HF_ALIASES.items() if v in allowed)})")
+        raise LlamaZhError(
+            f"{field_name}: unknown module {name!r}; expected some of {', '.join(allowed)} "
+            f"(or the Hugging Face names {', '.join(k for k, v in HF_ALIASES.items() if v in allowed)})"
+        )
     return name
 
 
@@ -146,8 +166,10 @@ class LoRALinear(nn.Module):
         merge into: the source checkpoint's must be given."""
         if base is None:
             if is_quantized(self.base):
-                raise LlamaZhError("LoRA on a quantized base: merge into the source checkpoint's weights "
-                                   "(finetune.source_merged_stream), not into the quantized ones")
+                raise LlamaZhError(
+                    "LoRA on a quantized base: merge into the source checkpoint's weights "
+                    "(finetune.source_merged_stream), not into the quantized ones"
+                )
             base = self.base.weight
         return (base.float() + self.delta().to(base.device)).to(base.dtype)  # a source tensor is read on the CPU
 
@@ -168,7 +190,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         with prefix_disabled(model):  # a prefix (finetune=prefix) is an adapter too
             yield
     finally:
-        for m, state in zip(adapters, before):
+        for m, state in zip(adapters, before, strict=False):
             m.enabled = state
 
 
@@ -195,22 +217,28 @@ def apply_finetune(model: Transformer, ft: FinetuneConfig) -> Transformer:
             getattr(model, name).requires_grad_(True)
         if ft.train_last_n_blocks:
             if ft.train_last_n_blocks > len(model.layers):
-                raise LlamaZhError(f"finetune.train_last_n_blocks={ft.train_last_n_blocks} but the model has "
-                                   f"{len(model.layers)} blocks")
-            for block in model.layers[len(model.layers) - ft.train_last_n_blocks:]:
+                raise LlamaZhError(
+                    f"finetune.train_last_n_blocks={ft.train_last_n_blocks} but the model has "
+                    f"{len(model.layers)} blocks"
+                )
+            for block in model.layers[len(model.layers) - ft.train_last_n_blocks :]:
                 block.requires_grad_(True)
             model.norm.requires_grad_(True)
     elif ft.method == "prefix":
         from llama_zh.prefix import PrefixEncoder, attach_prefix
 
         weight = model.embed.weight
-        attach_prefix(model, PrefixEncoder(model.config, ft.prefix_len, ft.prefix_hidden, dtype=weight.dtype,
-                                           device=weight.device))
+        attach_prefix(
+            model,
+            PrefixEncoder(model.config, ft.prefix_len, ft.prefix_hidden, dtype=weight.dtype, device=weight.device),
+        )
     else:  # lora
         if model.config.tie_word_embeddings and "head" in ft.target_modules:
             # the merged head would differ from the embedding it must equal in a tied checkpoint
-            raise LlamaZhError("finetune.target_modules: head is tied to the embedding in this model "
-                               "(model.tie_word_embeddings); drop head, or train it with modules_to_save=[embed]")
+            raise LlamaZhError(
+                "finetune.target_modules: head is tied to the embedding in this model "
+                "(model.tie_word_embeddings); drop head, or train it with modules_to_save=[embed]"
+            )
         dtype = model.embed.weight.dtype  # adapters on a quantized base: the model's float dtype
         for _, parent, child_name, child in lora_targets(model, ft.target_modules):
             setattr(parent, child_name, LoRALinear(child, ft.rank, ft.alpha, ft.dropout, dtype=dtype))
@@ -296,8 +324,12 @@ def save_adapter(adapters: dict[str, torch.Tensor], directory: Path, ft: Finetun
     directory = Path(directory)
     tensors = {k: v.contiguous() for k, v in adapters.items()}
     write_with(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    config = {"rank": ft.rank, "alpha": ft.alpha, "target_modules": ft.target_modules,
-              "modules_to_save": ft.modules_to_save}
+    config = {
+        "rank": ft.rank,
+        "alpha": ft.alpha,
+        "target_modules": ft.target_modules,
+        "modules_to_save": ft.modules_to_save,
+    }
     write_with(directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
@@ -312,9 +344,14 @@ def _read_adapter_config(directory: Path) -> FinetuneConfig:
     if missing:
         raise LlamaZhError(f"{path}: missing {', '.join(missing)}")
     try:
-        return FinetuneConfig(method="lora", rank=config["rank"], alpha=config["alpha"], dropout=0.0,
-                              target_modules=list(config["target_modules"]),
-                              modules_to_save=list(config["modules_to_save"]))
+        return FinetuneConfig(
+            method="lora",
+            rank=config["rank"],
+            alpha=config["alpha"],
+            dropout=0.0,
+            target_modules=list(config["target_modules"]),
+            modules_to_save=list(config["modules_to_save"]),
+        )
     except (LlamaZhError, TypeError) as e:
         raise LlamaZhError(f"{path}: {e}") from None
 
@@ -349,8 +386,10 @@ def read_adapter(directory: Path, model: Transformer) -> tuple[FinetuneConfig, d
         if name not in state:
             raise LlamaZhError(f"{path}: missing tensor {name} (adapter_config.json lists it)")
         if tuple(state[name].shape) != shape:
-            raise LlamaZhError(f"{path}: {name} has shape {tuple(state[name].shape)}, the model expects {shape} "
-                               f"(an adapter of another model?)")
+            raise LlamaZhError(
+                f"{path}: {name} has shape {tuple(state[name].shape)}, the model expects {shape} "
+                f"(an adapter of another model?)"
+            )
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise LlamaZhError(f"{path}: unexpected tensor {unexpected[0]} for the config in {ADAPTER_CONFIG}")
@@ -445,5 +484,9 @@ def logit_gap(model: Transformer, merged: Transformer, input_ids: torch.Tensor) 
         model.train(was_training)
     theirs = merged.eval()(input_ids.to(next(merged.parameters()).device)).float().cpu()
     diff = (ours - theirs).abs()
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "mean_abs_logit": float(theirs.abs().mean()),
-            "tokens": int(input_ids.numel())}
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "mean_abs_logit": float(theirs.abs().mean()),
+        "tokens": int(input_ids.numel()),
+    }

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Collection, Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -112,10 +113,16 @@ class SamplingConfig:
             raise ValueError(f"stage.long_prompt must be one of {', '.join(LONG_PROMPT)}, got {self.long_prompt!r}")
 
     @classmethod
-    def reference(cls, **overrides) -> "SamplingConfig":
+    def reference(cls, **overrides) -> SamplingConfig:
         """The reference tool's defaults and processor order (docs/reference.md#recipe)."""
-        values = dict(temperature=0.85, top_k=10, top_p=1.0, repetition_penalty=1.15, repetition_window=1024,
-                      penalty_after_filters=True)
+        values = dict(
+            temperature=0.85,
+            top_k=10,
+            top_p=1.0,
+            repetition_penalty=1.15,
+            repetition_window=1024,
+            penalty_after_filters=True,
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -123,7 +130,9 @@ class SamplingConfig:
 # ------------------------------------------------------------------------------------- logits processors
 
 
-def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float, window: int) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float, window: int
+) -> torch.Tensor:
     """CTRL penalty: logits (B, V) of tokens among the last `window` of previous_ids (B, T) are made less
     likely, positive ones divided by `penalty`, negative ones multiplied; a token seen several times is
     penalised once; negative ids (padding of shorter rows) are ignored. Returns a new tensor."""
@@ -161,9 +170,12 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
-                generator: torch.Generator | list[torch.Generator] | None = None,
-                previous_ids: torch.Tensor | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    previous_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Next ids (B,) from logits (B, V); previous_ids (B, T) feed the repetition penalty.
 
     `generator`: one for the whole batch, or a list of B, one per row (each row then draws exactly
@@ -182,7 +194,9 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
         logits = apply_repetition_penalty(logits, previous_ids, cfg.repetition_penalty, cfg.repetition_window)
     probs = logits.softmax(dim=-1)  # (B, V)
     if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(-1)
+        return torch.cat(
+            [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]
+        ).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -277,15 +291,23 @@ def fit_prompt(prompt: list[int], cfg: SamplingConfig, max_len: int, row: int = 
     if cfg.long_prompt == "fail":
         raise PromptTooLong(row, len(prompt), max_len)
     keep = max(max_len - cfg.max_new_tokens, max_len // 2)
-    warnings.warn(f"prompt {row} of {len(prompt)} tokens leaves no room in the context of {max_len}: "
-                  f"keeping its last {keep} tokens", stacklevel=4)
+    warnings.warn(
+        f"prompt {row} of {len(prompt)} tokens leaves no room in the context of {max_len}: "
+        f"keeping its last {keep} tokens",
+        stacklevel=4,
+    )
     return list(prompt[-keep:])
 
 
 @torch.inference_mode()
-def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig,
-                          eos_id: int | None = None, tokenizer: Decoder | None = None,
-                          seeds: list[int] | None = None) -> Iterator[list[list[int]]]:
+def stream_generate_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    eos_id: int | None = None,
+    tokenizer: Decoder | None = None,
+    seeds: list[int] | None = None,
+) -> Iterator[list[list[int]]]:
     """Decode a batch of prompts (any lengths) together; after each step, yield the ids each row
     releases in it (one list per row, often empty).
 
@@ -315,10 +337,16 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
     left_pad = [P - len(p) for p in prompts]
     ids = torch.zeros(B, P, dtype=torch.long)  # padding id 0: the cache hides it from attention
     for i, p in enumerate(prompts):
-        ids[i, left_pad[i]:] = torch.tensor(p)
+        ids[i, left_pad[i] :] = torch.tensor(p)
     ids = ids.to(device)
-    cache = allocate_cache(model, B, P + n_steps - 1, device=device, dtype=dtype,  # + a prefix's slots, if any
-                           left_pad=left_pad if any(left_pad) else None)
+    cache = allocate_cache(
+        model,
+        B,
+        P + n_steps - 1,
+        device=device,
+        dtype=dtype,  # + a prefix's slots, if any
+        left_pad=left_pad if any(left_pad) else None,
+    )
 
     generators = None
     if seeds is not None or cfg.seed is not None:
@@ -327,45 +355,66 @@ def stream_generate_batch(model: Transformer, prompts: list[list[int]], cfg: Sam
     history = None  # (B, <= window): what the penalty looks back on, padding as -1
     if cfg.repetition_penalty != 1.0:
         pad_mask = torch.arange(P, device=device)[None, :] < torch.tensor(left_pad, device=device)[:, None]
-        history = ids.masked_fill(pad_mask, -1)[:, -cfg.repetition_window:]
+        history = ids.masked_fill(pad_mask, -1)[:, -cfg.repetition_window :]
 
     logits = model(ids, cache, last_only=True)[:, -1]  # (B, V): prefill in one pass
-    for step in range(n_steps):
+    for _step in range(n_steps):
         next_ids = sample_next(logits, cfg, generators, history)  # (B,)
         tokens = next_ids.tolist()
-        released = [row.add(t, stop_ids, cfg, tokenizer) if not row.done else [] for row, t in zip(rows, tokens)]
+        released = [
+            row.add(t, stop_ids, cfg, tokenizer) if not row.done else [] for row, t in zip(rows, tokens, strict=False)
+        ]
         finished = all(row.done for row in rows)
         if finished:
             short = [i for i, r in enumerate(rows) if r.budget < cfg.max_new_tokens and len(r.new_ids) == r.budget]
             if short:
-                warnings.warn(f"generation of prompt(s) {short} stopped after {rows[short[0]].budget} new tokens: "
-                              f"the context of {max_len} is full", stacklevel=3)
+                warnings.warn(
+                    f"generation of prompt(s) {short} stopped after {rows[short[0]].budget} new tokens: "
+                    f"the context of {max_len} is full",
+                    stacklevel=3,
+                )
         yield released
         if finished:
             return
         if history is not None:
-            history = torch.cat((history, next_ids[:, None]), dim=1)[:, -cfg.repetition_window:]
+            history = torch.cat((history, next_ids[:, None]), dim=1)[:, -cfg.repetition_window :]
         logits = model(next_ids[:, None], cache, last_only=True)[:, -1]
 
 
-def generate_batch(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int | None = None,
-                   tokenizer: Decoder | None = None, seeds: list[int] | None = None) -> list[list[int]]:
+def generate_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    eos_id: int | None = None,
+    tokenizer: Decoder | None = None,
+    seeds: list[int] | None = None,
+) -> list[list[int]]:
     """The new ids of each prompt (stop id and stop string excluded); see `stream_generate_batch`."""
     out: list[list[int]] = [[] for _ in prompts]
     for released in stream_generate_batch(model, prompts, cfg, eos_id=eos_id, tokenizer=tokenizer, seeds=seeds):
-        for ids, new in zip(out, released):
+        for ids, new in zip(out, released, strict=False):
             ids.extend(new)
     return out
 
 
-def stream_generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConfig, eos_id: int | None = None,
-                    tokenizer: Decoder | None = None) -> Iterator[int]:
+def stream_generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    cfg: SamplingConfig,
+    eos_id: int | None = None,
+    tokenizer: Decoder | None = None,
+) -> Iterator[int]:
     """Yield the new ids of one prompt as they are released; see `stream_generate_batch`."""
     for released in stream_generate_batch(model, [prompt_ids], cfg, eos_id=eos_id, tokenizer=tokenizer):
         yield from released[0]
 
 
-def generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConfig, eos_id: int | None = None,
-             tokenizer: Decoder | None = None) -> list[int]:
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    cfg: SamplingConfig,
+    eos_id: int | None = None,
+    tokenizer: Decoder | None = None,
+) -> list[int]:
     """The new token ids of one prompt (stop id and stop string excluded); see `stream_generate_batch`."""
     return generate_batch(model, [prompt_ids], cfg, eos_id=eos_id, tokenizer=tokenizer)[0]

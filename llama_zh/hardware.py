@@ -88,9 +88,11 @@ class BatchPlan:
         return self.global_batch * self.seq_len
 
     def describe(self) -> str:
-        return (f"global batch {self.global_batch} sequences = micro batch {self.micro_batch} x devices {self.devices} "
-                f"x nodes {self.nodes} x accumulation {self.accumulation} "
-                f"({self.tokens_per_step:,} tokens per optimizer step at seq_len {self.seq_len})")
+        return (
+            f"global batch {self.global_batch} sequences = micro batch {self.micro_batch} x devices {self.devices} "
+            f"x nodes {self.nodes} x accumulation {self.accumulation} "
+            f"({self.tokens_per_step:,} tokens per optimizer step at seq_len {self.seq_len})"
+        )
 
 
 def batch_plan(micro_batch: int, seq_len: int, trainer_cfg: DictConfig, global_batch: int | None) -> BatchPlan:
@@ -147,9 +149,10 @@ def peak_flops(trainer_cfg: DictConfig) -> float | None:
     return float(tflops) * 1e12 if tflops else None
 
 
-def model_flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int, trainable_fraction: float = 1.0) -> float:
+def model_flops_per_token(
+    n_params: int, n_layers: int, dim: int, seq_len: int, trainable_fraction: float = 1.0
+) -> float:
     """Training FLOPs per token: 6N for the matmuls (2N forward, 4N backward; the weight-gradient
     half skipped for frozen weights) plus attention scores 12 * layers * dim * seq (PaLM appendix B)."""
     backward = 2 * n_params * (1 + trainable_fraction)
     return 2 * n_params + backward + 12 * n_layers * dim * seq_len
-

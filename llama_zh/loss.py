@@ -34,8 +34,12 @@ def chunk_rows(vocab_size: int, itemsize: int = 4) -> int:
 def worthwhile(weight: torch.Tensor) -> bool:
     """Whether the chunked loss is the faster one for a head `weight` (V, C) here, now (measured:
     see the module docstring): fp32 on CPU, no autocast, C <= MAX_WIDTH."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and weight.shape[1] <= MAX_WIDTH)
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and weight.shape[1] <= MAX_WIDTH
+    )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -83,16 +87,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None  # used once: scaled in place below (a second backward through it is refused)
         factor = grad_output * ctx.scale
-        return (grad_hidden.mul_(factor) if grad_hidden is not None else None,
-                grad_weight.mul_(factor) if grad_weight is not None else None, None, None, None)
+        return (
+            grad_hidden.mul_(factor) if grad_hidden is not None else None,
+            grad_weight.mul_(factor) if grad_weight is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, chunk: int | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of logits `hidden @ weight.T` against `labels` over the positions whose
     label is not `ignore_index` (0 if there are none), without materialising the logits.
 
     hidden (..., C), weight (V, C), labels (...). Gradients flow to hidden and weight."""
     chunk = chunk or chunk_rows(weight.shape[0], weight.element_size())
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index,
-                                     chunk)
+    return _LinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index, chunk
+    )

@@ -206,8 +206,11 @@ def plan_memory(p: PlanInputs, runtime_bytes: int | None = None) -> MemoryPlan:
             host["grads"] = 4 * nt // w  # fp32 gradient partition the CPU optimizer steps from
         else:
             dev["optimizer"] = optimizer
-    dev["activations"] = p.micro_batch * p.seq_len * (activation_bytes_per_token(m, sixteen, p.activation_checkpointing)
-                                                     + p.adapter_saved_per_token)
+    dev["activations"] = (
+        p.micro_batch
+        * p.seq_len
+        * (activation_bytes_per_token(m, sixteen, p.activation_checkpointing) + p.adapter_saved_per_token)
+    )
     dev["activations"] += p.micro_batch * p.prefix_saved_per_row + p.prefix_saved_per_step
     if runtime_bytes is None:
         runtime_bytes = GiB if p.on_gpu else current_rss() + CPU_FIT_SETUP
@@ -222,12 +225,15 @@ def fits(plan: MemoryPlan, device_memory: int, host_memory: int, on_gpu: bool) -
         if plan.device_total > device_memory:
             return False, f"{plan.device_total / GiB:.1f} GiB per GPU planned, {device_memory / GiB:.1f} GiB available"
         if plan.host_total * local > host_memory:
-            return False, (f"{plan.host_total * local / GiB:.1f} GiB of CPU RAM planned for offload on this node, "
-                           f"{host_memory / GiB:.1f} GiB available")
+            return False, (
+                f"{plan.host_total * local / GiB:.1f} GiB of CPU RAM planned for offload on this node, "
+                f"{host_memory / GiB:.1f} GiB available"
+            )
         return True, ""
     need = plan.device_total + plan.host_total
     if need > device_memory:
-        return False, (f"{need / GiB:.1f} GiB per process planned, {device_memory / GiB:.1f} GiB of RAM available "
-                       f"per process ({local} on this node)")
+        return False, (
+            f"{need / GiB:.1f} GiB per process planned, {device_memory / GiB:.1f} GiB of RAM available "
+            f"per process ({local} on this node)"
+        )
     return True, ""
-

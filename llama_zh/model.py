@@ -36,8 +36,9 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 if x.dtype == torch.float32 else x32.to(x.dtype))
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None,
-                     device=None) -> tuple[torch.Tensor, float]:
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: dict | None = None, seq_len: int | None = None, device=None
+) -> tuple[torch.Tensor, float]:
     """(inverse frequencies (D/2,) fp32, attention factor) of plain RoPE or of a `scaling` mapping
     (ModelConfig.rope_scaling), computed as transformers computes them, in the same operations and
     order, so that logits agree to float rounding (docs/reference.md#rope-scaling).
@@ -45,7 +46,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, s
     `seq_len` (the positions the forward pass covers) matters to `dynamic` only: past the original
     context its base grows with the sequence, so its tables belong to one length."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     kind = scaling["type"] if scaling else None
     if kind is None:
         return inv_freq, 1.0
@@ -56,8 +57,10 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, s
         if seq_len is None or seq_len <= original:
             return inv_freq, 1.0
         # fp32 tensor arithmetic, as transformers does it with the length taken from the positions tensor
-        base = theta * ((factor * torch.tensor(seq_len, device=device) / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
-        return 1.0 / (base ** exponents), 1.0
+        base = theta * ((factor * torch.tensor(seq_len, device=device) / original) - (factor - 1)) ** (
+            head_dim / (head_dim - 2)
+        )
+        return 1.0 / (base**exponents), 1.0
     if kind == "yarn":
         return _yarn_frequencies(head_dim, theta, scaling, exponents)
     return _llama3_frequencies(inv_freq, scaling), 1.0
@@ -67,7 +70,9 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
-def _yarn_frequencies(head_dim: int, theta: float, scaling: dict, exponents: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _yarn_frequencies(
+    head_dim: int, theta: float, scaling: dict, exponents: torch.Tensor
+) -> tuple[torch.Tensor, float]:
     """YaRN: dimensions that turn fewer than beta_slow times over the original context are interpolated
     (divided by factor), those turning more than beta_fast times kept, a linear ramp between; the
     attention factor (mscale) sharpens the softmax that the longer context flattens."""
@@ -75,8 +80,11 @@ def _yarn_frequencies(head_dim: int, theta: float, scaling: dict, exponents: tor
     attention = scaling["attention_factor"]
     if attention is None:
         mscale, mscale_all = scaling["mscale"], scaling["mscale_all_dim"]
-        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
-                     else _yarn_mscale(factor))
+        attention = (
+            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+            if mscale and mscale_all
+            else _yarn_mscale(factor)
+        )
 
     def dimension(rotations: float) -> float:  # the dimension that turns `rotations` times over `original`
         return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
@@ -89,7 +97,7 @@ def _yarn_frequencies(head_dim: int, theta: float, scaling: dict, exponents: tor
         high += 0.001  # a ramp of zero width would divide by zero
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(exponents.device)
     keep = 1 - ramp  # 1: extrapolate (frequency kept), 0: interpolate
-    periods = theta ** exponents
+    periods = theta**exponents
     inv_freq = (1.0 / (factor * periods)) * (1 - keep) + (1.0 / periods) * keep
     return inv_freq, float(attention)
 
@@ -107,8 +115,15 @@ def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(middle, blended, scaled)
 
 
-def rope_tables(length: int, head_dim: int, theta: float, device=None, dtype=torch.float32,
-                scaling: dict | None = None, seq_len: int | None = None):
+def rope_tables(
+    length: int,
+    head_dim: int,
+    theta: float,
+    device=None,
+    dtype=torch.float32,
+    scaling: dict | None = None,
+    seq_len: int | None = None,
+):
     """(cos, signed sin) of every position 0 .. length-1, each (length, D), computed in fp32 then cast;
     `scaling`, `seq_len`: see rope_frequencies (a YaRN attention factor multiplies both tables).
 
@@ -155,13 +170,23 @@ class KVCache:
         self.layer_v = [self.v[i] for i in range(self.v.shape[0])]
 
     @classmethod
-    def allocate(cls, config: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32,
-                 left_pad: torch.Tensor | None = None) -> "KVCache":
+    def allocate(
+        cls,
+        config: ModelConfig,
+        batch: int,
+        max_len: int,
+        device=None,
+        dtype=torch.float32,
+        left_pad: torch.Tensor | None = None,
+    ) -> KVCache:
         shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
         if left_pad is not None:
             left_pad = torch.as_tensor(left_pad, dtype=torch.long, device=device)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                   left_pad=left_pad)
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+            left_pad=left_pad,
+        )
 
     @property
     def max_len(self) -> int:
@@ -181,7 +206,7 @@ class KVCache:
     def visible(self, T: int) -> torch.Tensor:
         """(B, 1, T, S) bool: which of the S = pos + T key slots each of the next T queries attends to."""
         key = torch.arange(self.pos + T, device=self.k.device)  # (S,)
-        query = key[self.pos:, None]  # (T, 1)
+        query = key[self.pos :, None]  # (T, 1)
         real = key[None, :] >= self.left_pad[:, None]  # (B, S)
         return ((key <= query) & real[:, None] | (key == query))[:, None]
 
@@ -238,8 +263,9 @@ def is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, mask: torch.Tensor | None,
-           causal: bool) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int, mask: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
     """Attention of q (B, T, H, D) over k, v (B, T, K, D) and, with a cache, the keys before them
     (stored there first): (B, T, H x D), ready for the output projection."""
     B, T, H, D = q.shape
@@ -260,8 +286,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None,
-                causal: bool = True) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None, causal: bool = True
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = apply_rope(self.wq(x).view(B, T, H, D), cos, sin)
@@ -289,8 +316,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None,
-                causal: bool = True) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None, causal: bool = True
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask, causal)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -308,9 +336,16 @@ class Transformer(nn.Module):
         self.tie_weights()
         self._rope_tables: dict = {}  # (device, dtype, length or None) -> (cos, sin), see _rope
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                return_hidden: bool = False, *, positions: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+        *,
+        positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) of the last position with
         `last_only` (what decoding needs: the head's work for the others is skipped). With a cache,
         the tokens continue it. `return_hidden`: the final normalised states (B, T, C) instead of
@@ -383,8 +418,15 @@ class Transformer(nn.Module):
         if tables is None or tables[0].shape[0] < length:
             with torch.inference_mode(False):  # normal tensors: a later training step may use them
                 rows = length if dynamic else max(length, config.max_seq_len)
-                tables = rope_tables(rows, config.head_dim, config.rope_theta, device, dtype,
-                                     config.rope_scaling, length if dynamic else None)
+                tables = rope_tables(
+                    rows,
+                    config.head_dim,
+                    config.rope_theta,
+                    device,
+                    dtype,
+                    config.rope_scaling,
+                    length if dynamic else None,
+                )
             if dynamic:
                 self._rope_tables = {k: v for k, v in self._rope_tables.items() if k[2] is None}
             self._rope_tables[key] = tables
@@ -403,7 +445,9 @@ class Transformer(nn.Module):
             p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(scale).to(p.dtype))
 
 
-def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype=torch.float32, seed: int | None = None) -> Transformer:
+def build_model(
+    config: ModelConfig, device: str | torch.device = "cpu", dtype=torch.float32, seed: int | None = None
+) -> Transformer:
     """A model on `device`; on "meta" it costs no memory (weights to be loaded later)."""
     with torch.device("meta"):
         model = Transformer(config)

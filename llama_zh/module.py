@@ -6,8 +6,8 @@ import hashlib
 import math
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -92,9 +92,18 @@ class CausalLM(pl.LightningModule):
     """Trains a `Transformer` given whole, or built by `model` (a callable) inside `configure_model`:
     under ZeRO-3 that runs in deepspeed.zero.Init, so the weights are partitioned as they are created."""
 
-    def __init__(self, model: Transformer | Callable[[], Transformer], optim: OptimConfig, total_steps: int,
-                 source_names: list[str] | None = None, seed: int = 0, cpu_adam: bool = False,
-                 flops_per_token: float | None = None, peak_flops: float | None = None, chunked_loss: bool = True):
+    def __init__(
+        self,
+        model: Transformer | Callable[[], Transformer],
+        optim: OptimConfig,
+        total_steps: int,
+        source_names: list[str] | None = None,
+        seed: int = 0,
+        cpu_adam: bool = False,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        chunked_loss: bool = True,
+    ):
         super().__init__()
         self.chunked_loss = chunked_loss  # off: always the plain logits + cross-entropy (for comparisons)
         if isinstance(model, nn.Module):
@@ -135,9 +144,12 @@ class CausalLM(pl.LightningModule):
         the head is applied inside a chunked loss instead of materialising every logit."""
         head = self.model.head
         packing = {key: batch[key] for key in PACKING_KEYS if key in batch}
-        if (self.chunked_loss and is_plain_linear(head)
-                and not hasattr(head.weight, "ds_id")  # a ZeRO-3 partition is only whole inside head's forward
-                and worthwhile(head.weight)):
+        if (
+            self.chunked_loss
+            and is_plain_linear(head)
+            and not hasattr(head.weight, "ds_id")  # a ZeRO-3 partition is only whole inside head's forward
+            and worthwhile(head.weight)
+        ):
             hidden = self.model(batch["input_ids"], return_hidden=True, **packing)
             return linear_cross_entropy(hidden, head.weight, batch["labels"], IGNORE_INDEX)
         return causal_lm_loss(self.model(batch["input_ids"], **packing), batch["labels"])
@@ -158,7 +170,7 @@ class CausalLM(pl.LightningModule):
         if self.source_names and "source" in batch:
             self.source_counts += torch.bincount(batch["source"].cpu(), minlength=len(self.source_names))
             total = self.source_counts.sum().clamp(min=1)
-            for name, count in zip(self.source_names, self.source_counts):
+            for name, count in zip(self.source_names, self.source_counts, strict=False):
                 self.log(f"data/share_{name}", count / total)
         return loss
 
@@ -229,12 +241,15 @@ class CausalLM(pl.LightningModule):
         groups = [g for g in groups if g["params"]]
         if self.cpu_adam:
             if self.optim.name != "adamw":
-                raise LlamaZhError(f"optim={self.optim.name}: DeepSpeed's optimizer offload steps with its own CPU "
-                                   "Adam (32-bit state); use optim=adamw with an offload strategy")
+                raise LlamaZhError(
+                    f"optim={self.optim.name}: DeepSpeed's optimizer offload steps with its own CPU "
+                    "Adam (32-bit state); use optim=adamw with an offload strategy"
+                )
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
-                                         adamw_mode=True)
+            optimizer = DeepSpeedCPUAdam(
+                groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps, adamw_mode=True
+            )
         elif self.optim.name != "adamw":
             optimizer = eight_bit_adamw(self.optim, groups)
         else:
@@ -259,11 +274,15 @@ def eight_bit_adamw(optim: OptimConfig, groups: list[dict]) -> torch.optim.Optim
 def check_optimizer(optim: OptimConfig, on_gpu: bool, deepspeed: bool) -> None:
     """Refuse an optimizer the run cannot use, before anything is built."""
     if optim.name == "paged_adamw8bit" and not on_gpu:
-        raise LlamaZhError("optim=paged_adamw8bit pages its state between GPU and CPU memory and needs a CUDA "
-                           "device; on CPU use optim=adamw8bit (the same 8-bit state, unpaged)")
+        raise LlamaZhError(
+            "optim=paged_adamw8bit pages its state between GPU and CPU memory and needs a CUDA "
+            "device; on CPU use optim=adamw8bit (the same 8-bit state, unpaged)"
+        )
     if optim.name != "adamw" and deepspeed:
         # ZeRO steps the optimizer on flattened partitions of the parameters (and its offload on its own
         # CPU Adam); bitsandbytes' per-tensor 8-bit state is untested there.
-        raise LlamaZhError(f"optim={optim.name} is not supported with DeepSpeed strategies (ZeRO partitions the "
-                           "optimizer state itself); use optim=adamw with strategy=zero*, or strategy=auto/ddp "
-                           f"with optim={optim.name}")
+        raise LlamaZhError(
+            f"optim={optim.name} is not supported with DeepSpeed strategies (ZeRO partitions the "
+            "optimizer state itself); use optim=adamw with strategy=zero*, or strategy=auto/ddp "
+            f"with optim={optim.name}"
+        )

@@ -30,10 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -58,8 +58,14 @@ class PrefixEncoder(nn.Module):
     hidden), tanh, Linear(hidden, 2 x layers x kv width), as P-Tuning v2 reparameterises for stabler
     training; it is folded into plain keys and values when saved."""
 
-    def __init__(self, config: ModelConfig, prefix_len: int, hidden: int = 0, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        prefix_len: int,
+        hidden: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.prefix_len, self.hidden = prefix_len, hidden
         self.shape = (config.n_layers, config.n_kv_heads, config.head_dim)
@@ -67,8 +73,9 @@ class PrefixEncoder(nn.Module):
         factory = {"dtype": dtype, "device": device}
         if hidden:
             self.embedding = nn.Embedding(prefix_len, config.dim, **factory)
-            self.mlp = nn.Sequential(nn.Linear(config.dim, hidden, **factory), nn.Tanh(),
-                                     nn.Linear(hidden, width, **factory))
+            self.mlp = nn.Sequential(
+                nn.Linear(config.dim, hidden, **factory), nn.Tanh(), nn.Linear(hidden, width, **factory)
+            )
         else:
             self.kv = nn.Parameter(torch.empty(prefix_len, width, **factory))
             nn.init.normal_(self.kv, std=0.02)
@@ -116,13 +123,19 @@ class PrefixKVCache(KVCache):
 
     def visible(self, T: int) -> torch.Tensor:
         key = torch.arange(self.pos + T, device=self.k.device)  # (S,)
-        query = key[self.pos:, None]  # (T, 1)
+        query = key[self.pos :, None]  # (T, 1)
         real = (key[None, :] >= self.prefix_len + self.left_pad[:, None]) | (key[None, :] < self.prefix_len)  # (B, S)
         return ((key <= query) & real[:, None] | (key == query))[:, None]
 
 
-def allocate_cache(model: Transformer, batch: int, max_len: int, device=None, dtype=torch.float32,
-                   left_pad: torch.Tensor | list[int] | None = None) -> KVCache:
+def allocate_cache(
+    model: Transformer,
+    batch: int,
+    max_len: int,
+    device=None,
+    dtype=torch.float32,
+    left_pad: torch.Tensor | list[int] | None = None,
+) -> KVCache:
     """What decoding allocates: `KVCache.allocate(...)` for a model without a prefix; with one, a cache
     of prefix_len more slots whose first ones hold it, positioned after it (so that `max_len` tokens
     still fit). The one call a generation loop needs to decode with a prefix."""
@@ -155,8 +168,16 @@ def fill_prefix(model: nn.Module, k: torch.Tensor, v: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def prefilled_cache(config: ModelConfig, keys: torch.Tensor, values: torch.Tensor, batch: int, max_len: int,
-                    device=None, dtype=torch.float32, left_pad=None) -> PrefixKVCache:
+def prefilled_cache(
+    config: ModelConfig,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    batch: int,
+    max_len: int,
+    device=None,
+    dtype=torch.float32,
+    left_pad=None,
+) -> PrefixKVCache:
     """A decoding cache of prefix_len + `max_len` slots, keys/values (L, K, P, D) in its first P, pos at P."""
     P = keys.shape[2]
     shape = (config.n_layers, batch, config.n_kv_heads, P + max_len, config.head_dim)
@@ -168,8 +189,9 @@ def prefilled_cache(config: ModelConfig, keys: torch.Tensor, values: torch.Tenso
     return PrefixKVCache(k, v, pos=P, left_pad=left_pad, prefix_len=P)
 
 
-def training_cache(keys: torch.Tensor, values: torch.Tensor, batch: int, length: int,
-                   dtype: torch.dtype | None = None) -> PrefixKVCache:
+def training_cache(
+    keys: torch.Tensor, values: torch.Tensor, batch: int, length: int, dtype: torch.dtype | None = None
+) -> PrefixKVCache:
     """A cache for one forward of `length` tokens with autograd: the prefix (L, K, P, D) in its first
     slots, pos at P. Each layer's buffer is a tensor of its own (the prefix concatenated with room for
     the tokens): the layers write their keys into the cache in place, and writes into one shared
@@ -202,12 +224,14 @@ def _with_prefix(model: Transformer, args: tuple, kwargs: dict):
     prefix = prefix_of(model)
     if prefix is None:
         return None
-    kwargs = {**dict(zip(FORWARD_ARGS, args)), **kwargs}
+    kwargs = {**dict(zip(FORWARD_ARGS, args, strict=False)), **kwargs}
     if kwargs.get("cache") is not None:
         return None
     if kwargs.get("positions") is not None or kwargs.get("segment_ids") is not None:
-        raise LlamaZhError("finetune=prefix runs the tokens after the prefix in the KV cache, which packed sequences "
-                           "(stage.pack=true: positions and segment ids) cannot use; set stage.pack=false")
+        raise LlamaZhError(
+            "finetune=prefix runs the tokens after the prefix in the KV cache, which packed sequences "
+            "(stage.pack=true: positions and segment ids) cannot use; set stage.pack=false"
+        )
     input_ids = kwargs["input_ids"]
     keys, values = prefix()
     dtype = _activation_dtype(input_ids.device, model.norm.weight.dtype)
@@ -242,8 +266,9 @@ def prefix_disabled(model: nn.Module) -> Iterator[None]:
 def check_prefix_shape(config: ModelConfig, prefix_len: int, shape: tuple[int, ...], where: str) -> None:
     expected = (config.n_layers, config.n_kv_heads, prefix_len, config.head_dim)
     if shape != expected:
-        raise LlamaZhError(f"{where}: keys of shape {shape}, the model expects {expected} (layers, kv heads, "
-                           "prefix_len, head_dim)")
+        raise LlamaZhError(
+            f"{where}: keys of shape {shape}, the model expects {expected} (layers, kv heads, prefix_len, head_dim)"
+        )
 
 
 # ------------------------------------------------------------------------------------- fingerprint
@@ -281,8 +306,10 @@ def fingerprinted(stream):
             yield name, t
             del t
 
-    return (WeightStream(stream.config, dict(stream.specs), tensors, stream.tokenizer, source=stream.source),
-            fingerprint)
+    return (
+        WeightStream(stream.config, dict(stream.specs), tensors, stream.tokenizer, source=stream.source),
+        fingerprint,
+    )
 
 
 def model_fingerprint(model: Transformer) -> str | None:
@@ -315,8 +342,9 @@ def fold(prefix: PrefixEncoder | FrozenPrefix) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_prefix(directory: Path, prefix: PrefixEncoder | FrozenPrefix, config: ModelConfig,
-                base_fingerprint: str | None) -> Path:
+def save_prefix(
+    directory: Path, prefix: PrefixEncoder | FrozenPrefix, config: ModelConfig, base_fingerprint: str | None
+) -> Path:
     """prefix.safetensors + prefix.json in `directory` (beside a checkpoint), each written under a
     temporary name and renamed into place."""
     from safetensors.torch import save_file
@@ -324,11 +352,17 @@ def save_prefix(directory: Path, prefix: PrefixEncoder | FrozenPrefix, config: M
     directory = Path(directory)
     tensors = fold(prefix)
     write_with(directory / PREFIX_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    meta = {"prefix_len": prefix.prefix_len, "n_layers": config.n_layers, "n_kv_heads": config.n_kv_heads,
-            "head_dim": config.head_dim, "dtype": str(tensors["layers.0.k"].dtype).removeprefix("torch."),
-            "trained_with_mlp": bool(getattr(prefix, "hidden", 0)),
-            "positions_from": "prefix_len",
-            "base_model": config.to_dict(), "base_fingerprint": base_fingerprint}
+    meta = {
+        "prefix_len": prefix.prefix_len,
+        "n_layers": config.n_layers,
+        "n_kv_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "dtype": str(tensors["layers.0.k"].dtype).removeprefix("torch."),
+        "trained_with_mlp": bool(getattr(prefix, "hidden", 0)),
+        "positions_from": "prefix_len",
+        "base_model": config.to_dict(),
+        "base_fingerprint": base_fingerprint,
+    }
     write_with(directory / PREFIX_CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return directory / PREFIX_FILE
 
@@ -365,8 +399,10 @@ def read_prefix(path: Path, config: ModelConfig) -> tuple[FrozenPrefix, dict]:
             if name not in state:
                 raise LlamaZhError(f"{file}: missing tensor {name} (the model has {config.n_layers} layers)")
             if tuple(state[name].shape) != expected:
-                raise LlamaZhError(f"{file}: {name} has shape {tuple(state[name].shape)}, the model expects {expected} "
-                                   "(kv heads, prefix_len, head_dim): a prefix of another model?")
+                raise LlamaZhError(
+                    f"{file}: {name} has shape {tuple(state[name].shape)}, the model expects {expected} "
+                    "(kv heads, prefix_len, head_dim): a prefix of another model?"
+                )
     unexpected = sorted(set(state) - {f"layers.{i}.{k}" for i in range(config.n_layers) for k in ("k", "v")})
     if unexpected:
         raise LlamaZhError(f"{file}: unexpected tensor {unexpected[0]} (the model has {config.n_layers} layers)")
@@ -401,11 +437,18 @@ def load_prefix(model: Transformer, checkpoint: Path | str | None, option=None) 
     if recorded:
         ours = model_fingerprint(model)
         if ours is not None and ours != recorded:
-            log.warning("prefix %s was trained on other base weights (fingerprint %s..., this checkpoint's %s...): "
-                        "its output may be meaningless", path, recorded[:12], ours[:12])
+            log.warning(
+                "prefix %s was trained on other base weights (fingerprint %s..., this checkpoint's %s...): "
+                "its output may be meaningless",
+                path,
+                recorded[:12],
+                ours[:12],
+            )
     weight = model.norm.weight
     attach_prefix(model, prefix.to(device=weight.device, dtype=weight.dtype))
-    log.info("prefix: %s (%d key/value slots per layer, before every prompt)", _prefix_files(path)[0], prefix.prefix_len)
+    log.info(
+        "prefix: %s (%d key/value slots per layer, before every prompt)", _prefix_files(path)[0], prefix.prefix_len
+    )
     return prefix
 
 

@@ -17,8 +17,9 @@ on every call; the warning is silenced).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ class QuantConfig:
             raise ConfigError(f"quant.blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> "QuantConfig":
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> QuantConfig:
         values = dict(cfg or {})
         check_keys(values, cls.__dataclass_fields__, "quant")
         return cls(**values)
@@ -81,13 +82,22 @@ class QuantReport:
         return self.bytes_after / self.bytes_full
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "device": self.device, "weight_mib_full": self.bytes_full / 2**20,
-                "weight_mib": self.bytes_after / 2**20, "weight_ratio": self.ratio,
-                "layers_quantized": len(self.quantized), "layers_skipped": len(self.skipped), "skipped": self.skipped}
+        return {
+            "method": self.method,
+            "device": self.device,
+            "weight_mib_full": self.bytes_full / 2**20,
+            "weight_mib": self.bytes_after / 2**20,
+            "weight_ratio": self.ratio,
+            "layers_quantized": len(self.quantized),
+            "layers_skipped": len(self.skipped),
+            "skipped": self.skipped,
+        }
 
     def summary(self) -> str:
-        text = (f"quant={self.method} on {self.device}: weights {self.bytes_full / 2**20:.1f} MiB -> "
-                f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.2f}x), {len(self.quantized)} layers quantized")
+        text = (
+            f"quant={self.method} on {self.device}: weights {self.bytes_full / 2**20:.1f} MiB -> "
+            f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.2f}x), {len(self.quantized)} layers quantized"
+        )
         if self.skipped:
             reasons = sorted(set(self.skipped.values()))
             text += f", {len(self.skipped)} left unquantized ({'; '.join(reasons)})"
@@ -98,8 +108,10 @@ def import_bitsandbytes(method: str):
     try:
         import bitsandbytes as bnb
     except Exception as e:  # ImportError, or a broken native library raising anything at import
-        raise QuantError(f"quant={method} needs bitsandbytes, which failed to import "
-                         f"({type(e).__name__}: {e}); pip install bitsandbytes, or use quant=none") from None
+        raise QuantError(
+            f"quant={method} needs bitsandbytes, which failed to import "
+            f"({type(e).__name__}: {e}); pip install bitsandbytes, or use quant=none"
+        ) from None
     return bnb
 
 
@@ -161,17 +173,35 @@ class _Quantizer:
         out_features, in_features = weight.shape
         nn_ = self.bnb.nn
         if self.cfg.name == "int8":  # bitsandbytes takes the rows' absmax scales from an fp16 copy
-            layer = nn_.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
-                                     threshold=float(self.cfg.threshold), device="meta")
+            layer = nn_.Linear8bitLt(
+                in_features,
+                out_features,
+                bias=False,
+                has_fp16_weights=False,
+                threshold=float(self.cfg.threshold),
+                device="meta",
+            )
             layer.weight = nn_.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(self.device)
         else:
-            layer = nn_.Linear4bit(in_features, out_features, bias=False, compute_dtype=DTYPES[self.cfg.compute_dtype],
-                                   compress_statistics=self.cfg.double_quant, quant_type="nf4", device="meta")
+            layer = nn_.Linear4bit(
+                in_features,
+                out_features,
+                bias=False,
+                compute_dtype=DTYPES[self.cfg.compute_dtype],
+                compress_statistics=self.cfg.double_quant,
+                quant_type="nf4",
+                device="meta",
+            )
             # Quantized from the compute dtype, so that dequantizing yields it directly.
             weight = weight.to(DTYPES[self.cfg.compute_dtype])
-            layer.weight = nn_.Params4bit(weight, requires_grad=False, blocksize=self.cfg.blocksize,
-                                          compress_statistics=self.cfg.double_quant, quant_type="nf4",
-                                          module=layer).to(self.device)
+            layer.weight = nn_.Params4bit(
+                weight,
+                requires_grad=False,
+                blocksize=self.cfg.blocksize,
+                compress_statistics=self.cfg.double_quant,
+                quant_type="nf4",
+                module=layer,
+            ).to(self.device)
         return layer.eval()
 
     def embedding(self, weight: torch.Tensor) -> nn.Module:
@@ -182,8 +212,14 @@ class _Quantizer:
             emb.weight = nn_.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(self.device)
         else:
             emb = nn_.EmbeddingNF4(num, dim, device="meta")
-            emb.weight = nn_.Params4bit(weight, requires_grad=False, blocksize=self.cfg.blocksize,
-                                        compress_statistics=False, quant_type="nf4", module=emb).to(self.device)
+            emb.weight = nn_.Params4bit(
+                weight,
+                requires_grad=False,
+                blocksize=self.cfg.blocksize,
+                compress_statistics=False,
+                quant_type="nf4",
+                module=emb,
+            ).to(self.device)
         emb.dtype = self.dtype  # what its lookups return
         return emb
 
@@ -203,9 +239,12 @@ def _targets(model: Transformer, cfg: QuantConfig) -> dict[str, str]:
 def planned_layers(model: Transformer, cfg: QuantConfig, device: str | torch.device) -> dict[str, str | None]:
     """Linear module name -> None if `quantize_stream` would quantize it on `device`, else why not
     (from shapes alone: a meta-device model will do)."""
-    return {name: cannot_quantize(cfg, torch.device(device), (m.out_features, m.in_features))
-            for name, kind in _targets(model, cfg).items() if kind == "linear"
-            for m in [model.get_submodule(name)]}
+    return {
+        name: cannot_quantize(cfg, torch.device(device), (m.out_features, m.in_features))
+        for name, kind in _targets(model, cfg).items()
+        if kind == "linear"
+        for m in [model.get_submodule(name)]
+    }
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -213,8 +252,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_stream(stream: WeightStream, cfg: QuantConfig, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[Transformer, QuantReport]:
+def quantize_stream(
+    stream: WeightStream, cfg: QuantConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[Transformer, QuantReport]:
     """The model of `stream` on `device`, quantized by `cfg` one tensor at a time, every weight frozen;
     the rest in `dtype` (None: as stored). Neither swapped for speed nor put in eval mode: what
     training builds its adapters on (finetune.base_quant) and llama_zh.infer.load swaps."""

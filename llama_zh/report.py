@@ -98,7 +98,7 @@ def _parse_row(path: Path, line: int, header: list[str], cells: list[str]) -> di
     if len(cells) != len(header):
         raise ReportError(f"{path}:{line}: {len(cells)} fields, the header has {len(header)}")
     row: dict[str, float] = {}
-    for name, cell in zip(header, cells):
+    for name, cell in zip(header, cells, strict=False):
         if cell == "":
             continue
         try:
@@ -168,8 +168,10 @@ def find_runs(dirs: list[Path]) -> list[Path]:
     if len(dirs) == 1 and not _is_run(dirs[0]):
         runs = sorted((p for p in dirs[0].iterdir() if p.is_dir() and _is_run(p)), key=_job_order)
         if not runs:
-            raise ReportError(f"{dirs[0]}: no jobs (no subdirectory with a {METRICS_FILE} or a .hydra/); "
-                              "expected a sweep directory such as outputs/multirun/pretrain/<date_time>")
+            raise ReportError(
+                f"{dirs[0]}: no jobs (no subdirectory with a {METRICS_FILE} or a .hydra/); "
+                "expected a sweep directory such as outputs/multirun/pretrain/<date_time>"
+            )
         if not any((r / METRICS_FILE).is_file() for r in runs):
             raise ReportError(f"{runs[0] / METRICS_FILE}: missing, and so is every other job's: nothing to compare")
         return runs
@@ -188,8 +190,15 @@ def load_jobs(runs: list[Path]) -> list[Job]:
     for run in runs:
         metrics = run / METRICS_FILE
         has_metrics = metrics.is_file()
-        jobs.append(Job(run, run.name if unique else str(run), read_overrides(run),
-                        read_metrics(metrics) if has_metrics else [], has_metrics))
+        jobs.append(
+            Job(
+                run,
+                run.name if unique else str(run),
+                read_overrides(run),
+                read_metrics(metrics) if has_metrics else [],
+                has_metrics,
+            )
+        )
     return jobs
 
 
@@ -206,8 +215,10 @@ def differing_keys(jobs: list[Job]) -> list[str]:
 
 
 def override_values(jobs: list[Job], keys: list[str]) -> list[dict[str, str]]:
-    return [{k: job.overrides[k] if k in job.overrides else config_value(job.path, k) or "(default)" for k in keys}
-            for job in jobs]
+    return [
+        {k: job.overrides[k] if k in job.overrides else config_value(job.path, k) or "(default)" for k in keys}
+        for job in jobs
+    ]
 
 
 def summarize(job: Job) -> dict:
@@ -242,7 +253,7 @@ class Report:
     summaries: list[dict]
 
     @classmethod
-    def of(cls, jobs: list[Job]) -> "Report":
+    def of(cls, jobs: list[Job]) -> Report:
         keys = differing_keys(jobs)
         return cls(jobs, keys, override_values(jobs, keys), [summarize(j) for j in jobs])
 
@@ -253,23 +264,27 @@ class Report:
 
     def common(self) -> list[str]:
         """The overrides every job shares (printed once, above the table)."""
-        return [f"{k}={v}" for k, v in self.jobs[0].overrides.items()
-                if k not in self.keys and all(j.overrides.get(k) == v for j in self.jobs)]
+        return [
+            f"{k}={v}"
+            for k, v in self.jobs[0].overrides.items()
+            if k not in self.keys and all(j.overrides.get(k) == v for j in self.jobs)
+        ]
 
     def csv_text(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["job", *self.keys, *(c for c, _, _ in COLUMNS), "path"])
-        for job, values, summary in zip(self.jobs, self.values, self.summaries):
+        for job, values, summary in zip(self.jobs, self.values, self.summaries, strict=False):
             cells = ["" if summary[c] is None else summary[c] for c, _, _ in COLUMNS]
             writer.writerow([job.name, *(values[k] for k in self.keys), *cells, str(job.path)])
         return out.getvalue()
 
     def markdown(self, plot_note: str) -> str:
         header = ["job", *self.keys, *(title for _, title, _ in COLUMNS)]
-        rows = [[job.name, *(values[k] for k in self.keys),
-                 *(_format(summary[c], fmt) for c, _, fmt in COLUMNS)]
-                for job, values, summary in zip(self.jobs, self.values, self.summaries)]
+        rows = [
+            [job.name, *(values[k] for k in self.keys), *(_format(summary[c], fmt) for c, _, fmt in COLUMNS)]
+            for job, values, summary in zip(self.jobs, self.values, self.summaries, strict=False)
+        ]
         lines = [f"# Comparison of {len(self.jobs)} job{'s' if len(self.jobs) != 1 else ''}", ""]
         if self.common():
             lines += ["Every job: " + " ".join(f"`{o}`" for o in self.common()), ""]
@@ -288,7 +303,7 @@ def _format(value, fmt: str) -> str:
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     cells = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -313,8 +328,15 @@ def plot_losses(report: Report):
         for ax, column, marker in ((ax_train, "train/loss", None), (ax_val, "val/loss", "o")):
             points = job.series(column)
             if points:
-                ax.plot([s for s, _ in points], [v for _, v in points], style, color=colour, marker=marker,
-                        markersize=3, label=report.label(i))
+                ax.plot(
+                    [s for s, _ in points],
+                    [v for _, v in points],
+                    style,
+                    color=colour,
+                    marker=marker,
+                    markersize=3,
+                    label=report.label(i),
+                )
     for ax, column in ((ax_train, "train/loss"), (ax_val, "val/loss")):
         ax.set_title(column.replace("/", " "))
         ax.set_xlabel("step")
@@ -363,12 +385,22 @@ def default_output(dirs: list[Path], runs: list[Path]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llama_zh.report",
-        description="Compare the jobs of a multirun: report.md, report.csv and report.png in the sweep directory.")
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
-                        help="a sweep directory (outputs/multirun/<stage>/<date_time>), or run directories")
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="where to write the report (default: the sweep directory, or the run directories' "
-                             "common parent)")
+        description="Compare the jobs of a multirun: report.md, report.csv and report.png in the sweep directory.",
+    )
+    parser.add_argument(
+        "dirs",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="a sweep directory (outputs/multirun/<stage>/<date_time>), or run directories",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="where to write the report (default: the sweep directory, or the run directories' common parent)",
+    )
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.dirs)

@@ -47,9 +47,13 @@ class DeepSpeedAnyDevice(DeepSpeedStrategy):
         import deepspeed
 
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-            lr_scheduler=lr_scheduler, dist_init_required=False,
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
         )
         return engine, ds_optimizer
 
@@ -85,7 +89,9 @@ def check_strategy(strategy_cfg: DictConfig) -> None:
     if ds.stage not in (1, 2, 3):
         raise LlamaZhError(f"strategy.deepspeed.stage={ds.stage}: expected 1, 2 or 3")
     if ds.offload_parameters and ds.stage != 3:
-        raise LlamaZhError("strategy.deepspeed.offload_parameters needs stage 3 (ZeRO-1/2 keep the weights on the device)")
+        raise LlamaZhError(
+            "strategy.deepspeed.offload_parameters needs stage 3 (ZeRO-1/2 keep the weights on the device)"
+        )
 
 
 def extensions_dir() -> Path:
@@ -123,8 +129,12 @@ def announce_jit_builds(strategy_cfg: DictConfig, on_gpu: bool) -> None:
     """Say that the first DeepSpeed run compiles ops, which takes minutes without a word from DeepSpeed."""
     ops = jit_ops_to_build(strategy_cfg, on_gpu)
     if ops:
-        log.info("DeepSpeed: compiling %s into %s (TORCH_EXTENSIONS_DIR) before training starts; this takes a few "
-                 "minutes once, later runs reuse the build", " and ".join(ops), extensions_dir())
+        log.info(
+            "DeepSpeed: compiling %s into %s (TORCH_EXTENSIONS_DIR) before training starts; this takes a few "
+            "minutes once, later runs reuse the build",
+            " and ".join(ops),
+            extensions_dir(),
+        )
 
 
 def build_strategy(strategy_cfg: DictConfig, micro_batch: int) -> Strategy | str:

@@ -15,8 +15,8 @@ import json
 import os
 import pickle
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -25,8 +25,15 @@ from llama_zh.atomic import AtomicOutput
 from llama_zh.errors import LlamaZhError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
@@ -49,7 +56,9 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
                 raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, truncated or empty)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise CheckpointError(f"{path}: not a safetensors file or truncated (header of {n} bytes, file of {size})")
+                raise CheckpointError(
+                    f"{path}: not a safetensors file or truncated (header of {n} bytes, file of {size})"
+                )
             header = json.loads(f.read(n))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
@@ -68,7 +77,9 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
         if not 0 <= begin <= end or end - begin != numel * torch.empty(0, dtype=DTYPES[dtype]).element_size():
             raise CheckpointError(f"{path}: tensor {name}: data_offsets {[begin, end]} do not fit {dtype} {shape}")
         if end > data_size:
-            raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to {8 + n + end}, the file has {size}")
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} needs bytes up to {8 + n + end}, the file has {size}"
+            )
     return header, 8 + n
 
 
@@ -100,7 +111,9 @@ class SafetensorsWriter:
     leaves no file that looks complete; the caller holds the lock of the directory written into.
     """
 
-    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    def __init__(
+        self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    ):
         self.path = Path(path)
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
@@ -124,7 +137,9 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         exp_name, exp_dtype, exp_shape = self._expected[self._next]
         if (name, tensor.dtype, tuple(tensor.shape)) != (exp_name, exp_dtype, exp_shape):
-            raise CheckpointError(f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, planned {exp_name} {exp_dtype} {exp_shape}")
+            raise CheckpointError(
+                f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, planned {exp_name} {exp_dtype} {exp_shape}"
+            )
         t = tensor.detach().contiguous().cpu()
         if t.numel():
             self._out.file.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy

@@ -44,7 +44,7 @@ def is_rank_file(path: Path) -> bool:
 
 
 def tokenizer_kind(path: Path) -> str:
-    """"sentencepiece" or "bpe", from the file's first byte (a tokenizer.json is JSON, a sentencepiece
+    """ "sentencepiece" or "bpe", from the file's first byte (a tokenizer.json is JSON, a sentencepiece
     model a protobuf whose first field tag is never `{`); a Meta tiktoken rank file is named."""
     if not Path(path).is_file():
         raise TokenizerError(f"{path}: tokenizer model not found")
@@ -53,8 +53,10 @@ def tokenizer_kind(path: Path) -> str:
     if head.lstrip()[:1] == b"{":
         return "bpe"
     if is_rank_file(path):
-        raise TokenizerError(f"{path}: a tiktoken rank file (Meta's Llama-3 release), not a sentencepiece model; "
-                             f"turn it into a tokenizer.json with `python -m llama_zh.convert.tiktoken RANK_FILE OUT_DIR`")
+        raise TokenizerError(
+            f"{path}: a tiktoken rank file (Meta's Llama-3 release), not a sentencepiece model; "
+            f"turn it into a tokenizer.json with `python -m llama_zh.convert.tiktoken RANK_FILE OUT_DIR`"
+        )
     return "sentencepiece"
 
 
@@ -107,7 +109,7 @@ class Tokenizer:
         """The id of the token spelling exactly `token` as text, None if the vocabulary has none."""
         raise NotImplementedError
 
-    def documents_encoder(self) -> "DocumentsEncoder":
+    def documents_encoder(self) -> DocumentsEncoder:
         """A picklable encoder of whole documents (`<bos> ids <eos>` each), for packing workers."""
         raise NotImplementedError
 
@@ -171,7 +173,7 @@ class SentencePieceTokenizer(Tokenizer):
         i = self.sp.PieceToId(token)
         return None if i == self.sp.unk_id() and token != self.sp.IdToPiece(i) else i
 
-    def documents_encoder(self) -> "DocumentsEncoder":
+    def documents_encoder(self) -> DocumentsEncoder:
         return DocumentsEncoder("sentencepiece", self.sp.serialized_model_proto())
 
 
@@ -263,7 +265,7 @@ class BPETokenizer(Tokenizer):
         ids = self.hf.encode(token, add_special_tokens=False).ids
         return ids[0] if len(ids) == 1 else None
 
-    def documents_encoder(self) -> "DocumentsEncoder":
+    def documents_encoder(self) -> DocumentsEncoder:
         return DocumentsEncoder("bpe", self.path.read_bytes(), self.bos_id, self.eos_id)
 
     def files(self) -> list[Path]:
@@ -280,7 +282,9 @@ def read_bpe_json(path: Path) -> dict:
     if not isinstance(model, dict):
         raise TokenizerError(f"{path}: not a tokenizer.json (no `model` object)")
     if model.get("type") != "BPE":
-        raise TokenizerError(f"{path}: model.type is {model.get('type')!r}; llama_zh reads BPE tokenizer.json files only")
+        raise TokenizerError(
+            f"{path}: model.type is {model.get('type')!r}; llama_zh reads BPE tokenizer.json files only"
+        )
     if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
         raise TokenizerError(f"{path}: model.vocab or model.merges is missing")
     return spec
@@ -384,10 +388,17 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def train_sentencepiece(corpus: Path, output: Path, vocab_size: int, model_type: str = "bpe",
-                        character_coverage: float = 0.9995, max_sentence_length: int = 16384,
-                        input_sentence_size: int = 2_000_000, seed_sentencepiece_size: int = 1_000_000,
-                        num_threads: int | None = None) -> Path:
+def train_sentencepiece(
+    corpus: Path,
+    output: Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+    max_sentence_length: int = 16384,
+    input_sentence_size: int = 2_000_000,
+    seed_sentencepiece_size: int = 1_000_000,
+    num_threads: int | None = None,
+) -> Path:
     """Train a LLaMA-style sentencepiece model on `corpus` (one document per line) into `output`.
 
     byte_fallback: no character is ever unknown; identity normalization: Chinese punctuation and
@@ -399,13 +410,27 @@ def train_sentencepiece(corpus: Path, output: Path, vocab_size: int, model_type:
         prefix = os.path.join(tmp, "spm")
         try:
             spm.SentencePieceTrainer.Train(
-                input=str(corpus), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-                character_coverage=character_coverage, byte_fallback=True, split_digits=True,
-                normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=max_sentence_length,
-                input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-                seed_sentencepiece_size=seed_sentencepiece_size, train_extremely_large_corpus=False,
-                num_threads=num_threads or os.cpu_count() or 1, minloglevel=2,
+                input=str(corpus),
+                model_prefix=prefix,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                byte_fallback=True,
+                split_digits=True,
+                normalization_rule_name="identity",
+                add_dummy_prefix=True,
+                remove_extra_whitespaces=False,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+                max_sentence_length=max_sentence_length,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                seed_sentencepiece_size=seed_sentencepiece_size,
+                train_extremely_large_corpus=False,
+                num_threads=num_threads or os.cpu_count() or 1,
+                minloglevel=2,
             )
         except RuntimeError as e:
             raise TokenizerError(f"{corpus}: sentencepiece training failed: {str(e).splitlines()[0]}") from None

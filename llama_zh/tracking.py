@@ -33,8 +33,9 @@ WANDB_ID_FILE = "wandb_run_id"
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -44,10 +45,15 @@ def run_config(cfg: DictConfig) -> dict:
     """The resolved config plus provenance and the choices of each config group, as logged with every run."""
     values = OmegaConf.to_container(cfg, resolve=True)
     values["git_commit"] = git_commit()
-    choices = {"stage": cfg.stage.get("name"), "model": cfg.get("model", {}).get("name"),
-               "trainer": cfg.get("trainer", {}).get("name"), "strategy": cfg.get("strategy", {}).get("name"),
-               "finetune": cfg.get("finetune", {}).get("method"), "quant": cfg.get("quant", {}).get("name"),
-               "data": cfg.get("data", {}).get("name")}
+    choices = {
+        "stage": cfg.stage.get("name"),
+        "model": cfg.get("model", {}).get("name"),
+        "trainer": cfg.get("trainer", {}).get("name"),
+        "strategy": cfg.get("strategy", {}).get("name"),
+        "finetune": cfg.get("finetune", {}).get("method"),
+        "quant": cfg.get("quant", {}).get("name"),
+        "data": cfg.get("data", {}).get("name"),
+    }
     values["choices"] = {k: v for k, v in choices.items() if v is not None}
     data = cfg.get("data")
     if data is not None and data.get("sources"):
@@ -146,10 +152,15 @@ def wandb_group(wandb_cfg: DictConfig, cfg: DictConfig) -> str | None:
 def _wandb_logger(wandb_cfg: DictConfig, cfg: DictConfig, output_dir: Path, mode: str, run_id: str) -> WandbLogger:
     os.environ["WANDB_MODE"] = mode
     return WandbLogger(
-        project=wandb_cfg.project, save_dir=str(output_dir), offline=mode == "offline",
+        project=wandb_cfg.project,
+        save_dir=str(output_dir),
+        offline=mode == "offline",
         group=wandb_group(wandb_cfg, cfg),
-        tags=list(wandb_cfg.tags), job_type=cfg.stage.name, name=f"{cfg.stage.name}-{output_dir.name}",
-        id=run_id, resume="allow",
+        tags=list(wandb_cfg.tags),
+        job_type=cfg.stage.name,
+        name=f"{cfg.stage.name}-{output_dir.name}",
+        id=run_id,
+        resume="allow",
     )
 
 
@@ -163,8 +174,9 @@ def _finish_previous_wandb_run() -> None:
         wandb.run.finish()
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path, extra: dict | None = None,
-                  resume_step: int | None = None) -> list[Logger]:
+def build_loggers(
+    cfg: DictConfig, output_dir: Path, extra: dict | None = None, resume_step: int | None = None
+) -> list[Logger]:
     if resume_step is not None:
         truncate_metrics(output_dir / METRICS_FILE, resume_step)
     csv_logger = ResumingCSVLogger(save_dir=str(output_dir), name="", version="", resuming=resume_step is not None)
@@ -182,8 +194,11 @@ def build_loggers(cfg: DictConfig, output_dir: Path, extra: dict | None = None,
         mode = wandb_cfg.mode
         os.environ.setdefault("WANDB_INIT_TIMEOUT", "20")
         if mode == "online" and not wandb_reachable():
-            log.warning("W&B: %s is unreachable; logging offline instead (sync later with `wandb sync %s/wandb/"
-                        "offline-run-*`)", os.environ.get("WANDB_BASE_URL", "api.wandb.ai"), output_dir)
+            log.warning(
+                "W&B: %s is unreachable; logging offline instead (sync later with `wandb sync %s/wandb/offline-run-*`)",
+                os.environ.get("WANDB_BASE_URL", "api.wandb.ai"),
+                output_dir,
+            )
             mode = "offline"
         if mode == "offline":
             log.info("W&B offline: sync later with `wandb sync %s/wandb/offline-run-*`", output_dir)

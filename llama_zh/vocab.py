@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import sentencepiece as spm
 import torch
@@ -53,12 +53,21 @@ def load_model_proto(path: str | Path) -> sp_model.ModelProto:
 def check_extension(base: sp_model.ModelProto, extended: sp_model.ModelProto, base_path, extended_path) -> None:
     """Refuse unless `extended` keeps every piece of `base` at the same id with the same type."""
     n_base, n_ext = len(base.pieces), len(extended.pieces)
-    mismatch = next((i for i, (a, b) in enumerate(zip(base.pieces, extended.pieces))
-                     if (a.piece, a.type) != (b.piece, b.type)), None)
+    mismatch = next(
+        (
+            i
+            for i, (a, b) in enumerate(zip(base.pieces, extended.pieces, strict=False))
+            if (a.piece, a.type) != (b.piece, b.type)
+        ),
+        None,
+    )
     if mismatch is None and n_ext >= n_base:
         return
-    why = (f"id {mismatch} is {extended.pieces[mismatch].piece!r} where the base has {base.pieces[mismatch].piece!r}"
-           if mismatch is not None else "it has fewer pieces")
+    why = (
+        f"id {mismatch} is {extended.pieces[mismatch].piece!r} where the base has {base.pieces[mismatch].piece!r}"
+        if mismatch is not None
+        else "it has fewer pieces"
+    )
     raise TokenizerError(
         f"{extended_path} ({n_ext} pieces) does not extend {base_path} ({n_base} pieces): {why}; "
         f"use the tokenizer the checkpoint was trained with, or one made from it by extend_tokenizer"
@@ -105,7 +114,9 @@ def extend_tokenizer(base: Path, extra: Path, out: Path, pad_token: str | None =
     pad_id = proto.trainer_spec.pad_id
     if pad_token is not None:
         if pad_id >= 0:
-            raise TokenizerError(f"{base}: already has a pad piece (id {pad_id}); pad_token={pad_token!r} would add a second")
+            raise TokenizerError(
+                f"{base}: already has a pad piece (id {pad_id}); pad_token={pad_token!r} would add a second"
+            )
         if pad_token in have or pad_token in {p.piece for p in new}:
             raise TokenizerError(f"pad_token={pad_token!r} is already a piece of {base} or {extra}; choose another")
         # CONTROL like <s> and </s>: never produced from text, decodes to nothing.
@@ -121,11 +132,20 @@ def extend_tokenizer(base: Path, extra: Path, out: Path, pad_token: str | None =
     except RuntimeError as e:
         raise TokenizerError(f"{out}: the extended model does not load in sentencepiece ({e})") from None
     if (check.GetPieceSize(), check.pad_id()) != (len(proto.pieces), pad_id):
-        raise TokenizerError(f"{out}: sentencepiece reads the extended model as {check.GetPieceSize()} pieces, pad "
-                             f"{check.pad_id()}; expected {len(proto.pieces)}, pad {pad_id}")
+        raise TokenizerError(
+            f"{out}: sentencepiece reads the extended model as {check.GetPieceSize()} pieces, pad "
+            f"{check.pad_id()}; expected {len(proto.pieces)}, pad {pad_id}"
+        )
     write_bytes(out, data)
-    return Extension(base_size, len(extra_proto.pieces), len(new), len(text_pieces) - len(new),
-                     len(extra_proto.pieces) - len(text_pieces), len(proto.pieces), pad_id)
+    return Extension(
+        base_size,
+        len(extra_proto.pieces),
+        len(new),
+        len(text_pieces) - len(new),
+        len(extra_proto.pieces) - len(text_pieces),
+        len(proto.pieces),
+        pad_id,
+    )
 
 
 def tokenizer_report(tokenizer: Tokenizer | str | Path, texts: Iterable[str], batch: int = 512) -> dict:
@@ -140,8 +160,8 @@ def tokenizer_report(tokenizer: Tokenizer | str | Path, texts: Iterable[str], ba
     sp = tok.sp
     docs = chars = nbytes = tokens = byte_tokens = byte_chars = 0
     texts = iter(texts)
-    while chunk := [t for _, t in zip(range(batch), texts)]:
-        for text, encoded in zip(chunk, sp.encode(chunk, return_type="proto")):
+    while chunk := [t for _, t in zip(range(batch), texts, strict=False)]:
+        for text, encoded in zip(chunk, sp.encode(chunk, return_type="proto"), strict=False):
             docs += 1
             chars += len(text)
             nbytes += len(text.encode("utf-8"))
@@ -150,9 +170,16 @@ def tokenizer_report(tokenizer: Tokenizer | str | Path, texts: Iterable[str], ba
                 if sp.IsByte(p.id):
                     byte_tokens += 1
                     byte_chars += len(p.surface)  # the character sits on the last of its byte pieces
-    return {"documents": docs, "characters": chars, "utf8_bytes": nbytes, "tokens": tokens,
-            "tokens_per_char": tokens / max(chars, 1), "tokens_per_byte": tokens / max(nbytes, 1),
-            "byte_token_share": byte_tokens / max(tokens, 1), "byte_char_share": byte_chars / max(chars, 1)}
+    return {
+        "documents": docs,
+        "characters": chars,
+        "utf8_bytes": nbytes,
+        "tokens": tokens,
+        "tokens_per_char": tokens / max(chars, 1),
+        "tokens_per_byte": tokens / max(nbytes, 1),
+        "byte_token_share": byte_tokens / max(tokens, 1),
+        "byte_char_share": byte_chars / max(chars, 1),
+    }
 
 
 def _bpe_report(tok: BPETokenizer, texts: Iterable[str], batch: int) -> dict:
@@ -168,21 +195,28 @@ def _bpe_report(tok: BPETokenizer, texts: Iterable[str], batch: int) -> dict:
 
     docs = chars = nbytes = tokens = byte_tokens = byte_chars = 0
     texts = iter(texts)
-    while chunk := [t for _, t in zip(range(batch), texts)]:
-        for text, encoded in zip(chunk, tok.hf.encode_batch(chunk, add_special_tokens=False)):
+    while chunk := [t for _, t in zip(range(batch), texts, strict=False)]:
+        for text, encoded in zip(chunk, tok.hf.encode_batch(chunk, add_special_tokens=False), strict=False):
             docs += 1
             chars += len(text)
             nbytes += len(text.encode("utf-8"))
             tokens += len(encoded.ids)
             spelled = set()
-            for token_id, (begin, end) in zip(encoded.ids, encoded.offsets):
+            for token_id, (begin, end) in zip(encoded.ids, encoded.offsets, strict=False):
                 if is_partial(token_id):
                     byte_tokens += 1
                     spelled.update(range(begin, end))
             byte_chars += len(spelled)
-    return {"documents": docs, "characters": chars, "utf8_bytes": nbytes, "tokens": tokens,
-            "tokens_per_char": tokens / max(chars, 1), "tokens_per_byte": tokens / max(nbytes, 1),
-            "byte_token_share": byte_tokens / max(tokens, 1), "byte_char_share": byte_chars / max(chars, 1)}
+    return {
+        "documents": docs,
+        "characters": chars,
+        "utf8_bytes": nbytes,
+        "tokens": tokens,
+        "tokens_per_char": tokens / max(chars, 1),
+        "tokens_per_byte": tokens / max(nbytes, 1),
+        "byte_token_share": byte_tokens / max(tokens, 1),
+        "byte_char_share": byte_chars / max(chars, 1),
+    }
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -193,8 +227,9 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-def extend_bpe_tokenizer(base: Path, texts: Iterable[str], vocab_size: int, out_dir: Path,
-                         max_new: int | None = None) -> Extension:
+def extend_bpe_tokenizer(
+    base: Path, texts: Iterable[str], vocab_size: int, out_dir: Path, max_new: int | None = None
+) -> Extension:
     """Write `base` (a tokenizer.json) extended with Chinese merges to `out_dir`/tokenizer.json, atomically,
     with the base's tokenizer_config.json beside it (same special tokens and chat template).
 
@@ -214,15 +249,24 @@ def extend_bpe_tokenizer(base: Path, texts: Iterable[str], vocab_size: int, out_
     tok = Tokenizer(path)  # loads, with the base's special ids
     n_learned = len(bpe.base_parts(learned)[1])
     in_base = sum(1 for m in bpe.base_parts(learned)[1] if "".join(m) in spec["model"]["vocab"])
-    return Extension(bpe.next_id(spec), n_learned, len(merges), in_base, n_learned - len(merges) - in_base,
-                     tok.vocab_size, tok.pad_id)
+    return Extension(
+        bpe.next_id(spec),
+        n_learned,
+        len(merges),
+        in_base,
+        n_learned - len(merges) - in_base,
+        tok.vocab_size,
+        tok.pad_id,
+    )
 
 
 def check_any_extension(base: Path, extended: Path) -> None:
     """check_extension for either kind; tokenizers of two kinds never extend one another."""
     kinds = tokenizer_kind(Path(base)), tokenizer_kind(Path(extended))
     if kinds[0] != kinds[1]:
-        raise TokenizerError(f"{extended} ({kinds[1]}) does not extend {base} ({kinds[0]}): not the same kind of tokenizer")
+        raise TokenizerError(
+            f"{extended} ({kinds[1]}) does not extend {base} ({kinds[0]}): not the same kind of tokenizer"
+        )
     if kinds[0] == "bpe":
         bpe.check_bpe_extension(read_bpe_json(base), read_bpe_json(extended), base, extended)
     else:
@@ -272,8 +316,9 @@ def new_rows(weight: torch.Tensor, subtokens: list[list[int]], init: str, genera
     return rows.to(weight.dtype)
 
 
-def resize_checkpoint(src: Path, tokenizer: Path, dst: Path, init: str = "subtoken_mean", seed: int = 0,
-                      overwrite: bool = False) -> Path:
+def resize_checkpoint(
+    src: Path, tokenizer: Path, dst: Path, init: str = "subtoken_mean", seed: int = 0, overwrite: bool = False
+) -> Path:
     """Write `src` with `tokenizer` (an extension of src's) as a native checkpoint at `dst`.
 
     embed.weight and head.weight gain one row per new id; the old rows are copied bit for bit, so on
@@ -291,8 +336,10 @@ def resize_checkpoint(src: Path, tokenizer: Path, dst: Path, init: str = "subtok
     old_tok, new_size = Tokenizer(stream.tokenizer), Tokenizer(tokenizer).vocab_size
     old_size = stream.config.vocab_size
     if old_size != old_tok.vocab_size:
-        raise CheckpointError(f"{src}: model vocab_size {old_size} differs from its tokenizer's {old_tok.vocab_size} "
-                              f"pieces, so the id of the first new piece is ambiguous")
+        raise CheckpointError(
+            f"{src}: model vocab_size {old_size} differs from its tokenizer's {old_tok.vocab_size} "
+            f"pieces, so the id of the first new piece is ambiguous"
+        )
     if old_tok.kind == "bpe":
         subtokens = bpe_subtoken_ids(stream.tokenizer, Path(tokenizer), old_size)
     else:
@@ -309,5 +356,9 @@ def resize_checkpoint(src: Path, tokenizer: Path, dst: Path, init: str = "subtok
 
     specs = {n: (d, (new_size, *s[1:]) if n in VOCAB_TENSORS else s) for n, (d, s) in stream.specs.items()}
     resized = WeightStream(stream.config.with_vocab(new_size), specs, tensors, Path(tokenizer), source=str(src))
-    return write_native(resized, Path(dst), overwrite=overwrite,
-                        extra={"resized_from": str(src), "resize_init": init, "old_vocab_size": old_size})
+    return write_native(
+        resized,
+        Path(dst),
+        overwrite=overwrite,
+        extra={"resized_from": str(src), "resize_init": init, "old_vocab_size": old_size},
+    )

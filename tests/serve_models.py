@@ -8,18 +8,19 @@ import time
 
 import torch
 import uvicorn
+from tiny_checkpoints import tiny_config
 
 from llama_zh.model import Transformer, build_model
 from llama_zh.tokenizer import Tokenizer
-from tiny_checkpoints import tiny_config
 
 # Characters the tiny tokenizer has no piece for (byte fallback: three byte tokens each), chosen so
 # that no byte repeats, joined by characters it has pieces for.
 SPLIT_TEXT = "你好，龘与䶮和嫑。"
 
 
-def chain_model(tokenizer: Tokenizer, prompt_ids: list[int], answer_ids: list[int],
-                end_id: int | None = None) -> Transformer:
+def chain_model(
+    tokenizer: Tokenizer, prompt_ids: list[int], answer_ids: list[int], end_id: int | None = None
+) -> Transformer:
     """A model whose greedy answer to `prompt_ids` is `answer_ids`, then `end_id` (default eos).
 
     Every block's output projections are zero, so each position's logits depend on its own token
@@ -34,7 +35,9 @@ def chain_model(tokenizer: Tokenizer, prompt_ids: list[int], answer_ids: list[in
             block.attn.wo.weight.zero_()
             block.ffn.w_down.weight.zero_()
         model.head.weight.zero_()
-        for token, following in zip(keys, list(answer_ids) + [tokenizer.eos_id if end_id is None else end_id]):
+        for token, following in zip(
+            keys, list(answer_ids) + [tokenizer.eos_id if end_id is None else end_id], strict=False
+        ):
             model.head.weight[following] = 8.0 * model.norm(model.embed.weight[token])
     return model
 
@@ -46,7 +49,9 @@ class InProcessServer:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=2)
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[sock]), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from tiny_checkpoints import REPO, llama_zh, make_checkpoint, train_tokenizer
 
 from llama_zh import atomic
 from llama_zh.atomic import DiskFullError, OutputLockedError, claim_run_dir, release_run_dir
@@ -24,7 +25,6 @@ from llama_zh.convert import write
 from llama_zh.data.corpus import Source, write_source
 from llama_zh.data.packing import BlockEncoder, pack_corpus_file
 from llama_zh.tensor_io import CheckpointError
-from tiny_checkpoints import REPO, llama_zh, make_checkpoint, train_tokenizer
 
 FORMATS = ["native", "hf", "gguf", "tencentpretrain"]
 NAMES = {"native": "dst", "hf": "dst", "gguf": "dst.gguf", "tencentpretrain": "dst.bin"}
@@ -48,7 +48,9 @@ def dead_pid() -> int:
 
 
 def corpus_text(path: Path, lines: int = 3000) -> Path:
-    path.write_text("".join(f"第{i}篇文章，内容是一些中文句子，用来填满磁盘。\n" for i in range(lines)), encoding="utf-8")
+    path.write_text(
+        "".join(f"第{i}篇文章，内容是一些中文句子，用来填满磁盘。\n" for i in range(lines)), encoding="utf-8"
+    )
     return path
 
 
@@ -95,8 +97,11 @@ class FullDisk:
 
         def fake_open(file, mode="r", *args, **kwargs):
             f = real_open(file, mode, *args, **kwargs)
-            if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and \
-                    Path(file).absolute().is_relative_to(self.root):
+            if (
+                isinstance(file, (str, os.PathLike))
+                and any(c in mode for c in "wax+")
+                and Path(file).absolute().is_relative_to(self.root)
+            ):
                 return _Limited(f, self)
             return f
 
@@ -138,13 +143,17 @@ def test_full_disk_packing_keeps_finished_shards_only(tok, tmp_path, monkeypatch
         with monkeypatch.context() as m:
             FullDisk(m, out_dir, 60_000)
             with pytest.raises(Exception) as e:
-                pack_corpus_file(corpus, "sha", tok, encoder, out_dir, "c", "train", shard_tokens=10_000, block_bytes=4096)
+                pack_corpus_file(
+                    corpus, "sha", tok, encoder, out_dir, "c", "train", shard_tokens=10_000, block_bytes=4096
+                )
         assert isinstance(e.value, DiskFullError) and "\n" not in str(e.value)
         assert "c.train.0" in str(e.value) and ".bin" in str(e.value) and "needs" in str(e.value)
         left = sorted(p.name for p in out_dir.iterdir())
         assert left and all(not n.startswith(".") and ".tmp" not in n for n in left), left
         # The finished shards are whole: a rerun with space resumes after them.
-        result = pack_corpus_file(corpus, "sha", tok, encoder, out_dir, "c", "train", shard_tokens=10_000, block_bytes=4096)
+        result = pack_corpus_file(
+            corpus, "sha", tok, encoder, out_dir, "c", "train", shard_tokens=10_000, block_bytes=4096
+        )
     assert result.reused_shards > 0 and result.documents == 3000
 
 
@@ -158,8 +167,9 @@ def tmpfs(tmp_path):
     def mount(size_kb: int) -> Path:
         point = tmp_path / f"tmpfs{len(mounted)}"
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(point)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(point)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here to fill ({done.stderr.strip() or 'mount failed'})")
         mounted.append(point)
@@ -206,9 +216,17 @@ def test_real_full_disk_from_the_command_line(ckpt, tmp_path, tmpfs):
     sitecustomize.mkdir()
     (sitecustomize / "sitecustomize.py").write_text(monkeypatched_free)
     dst = disk / "model.bin"
-    result = llama_zh("stage=convert", f"stage.src={ckpt}", "stage.src_format=native", f"stage.dst={dst}",
-                      "stage.dst_format=tencentpretrain", "logger=csv", run_dir=tmp_path / "run", check=False,
-                      env_extra={"PYTHONPATH": f"{sitecustomize}:{REPO}"})
+    result = llama_zh(
+        "stage=convert",
+        f"stage.src={ckpt}",
+        "stage.src_format=native",
+        f"stage.dst={dst}",
+        "stage.dst_format=tencentpretrain",
+        "logger=csv",
+        run_dir=tmp_path / "run",
+        check=False,
+        env_extra={"PYTHONPATH": f"{sitecustomize}:{REPO}"},
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("llama_zh: error:")]
@@ -237,9 +255,19 @@ def test_rerun_removes_stale_temporaries_of_its_destination(ckpt, tmp_path, capl
     gone = dead_pid()
     stale = [_fabricate(out_dir / f".{name}.tmp-{gone}-a1b2c3", directory)]
     # Left by earlier versions: mkdtemp directories, GGUF's .tmp-<pid>, TencentPretrain's <name>.tmp.
-    stale.append(_fabricate(out_dir / (f".{name}.tmp-{gone}" if dst_format == "gguf" else
-                                       f"{name}.tmp" if dst_format == "tencentpretrain" else f".{name}.tmp-k3j_x9qz"),
-                            directory))
+    stale.append(
+        _fabricate(
+            out_dir
+            / (
+                f".{name}.tmp-{gone}"
+                if dst_format == "gguf"
+                else f"{name}.tmp"
+                if dst_format == "tencentpretrain"
+                else f".{name}.tmp-k3j_x9qz"
+            ),
+            directory,
+        )
+    )
     live = _fabricate(out_dir / f".{name}.tmp-{os.getpid()}-d4e5f6", directory)  # a writer still running
     other = _fabricate(out_dir / f".other.tmp-{gone}-a1b2c3", directory)  # another destination's
     with caplog.at_level(logging.INFO, logger="llama_zh.atomic"):
@@ -257,7 +285,10 @@ def test_stale_shard_temporaries_are_removed_live_ones_kept(tok, tmp_path):
     out_dir = tmp_path / "shards"
     out_dir.mkdir()
     gone = dead_pid()
-    stale = [_fabricate(out_dir / f".c.train.00000.bin.tmp-{gone}-abcdef", False), _fabricate(out_dir / "c.train.00001.bin.tmp", False)]
+    stale = [
+        _fabricate(out_dir / f".c.train.00000.bin.tmp-{gone}-abcdef", False),
+        _fabricate(out_dir / "c.train.00001.bin.tmp", False),
+    ]
     live = _fabricate(out_dir / f".c.train.00000.bin.tmp-{os.getpid()}-abcdef", False)
     with BlockEncoder(tok, 1) as encoder:
         pack_corpus_file(corpus, "sha", tok, encoder, out_dir, "c", "train", shard_tokens=10_000)
@@ -297,9 +328,13 @@ def holder():
     children = []
 
     def hold(kind: str, path: Path, *extra: str) -> subprocess.Popen:
-        child = subprocess.Popen([sys.executable, "-c", HOLD, kind, str(path), "--marker-of-the-holder", *extra],
-                                 stdout=subprocess.PIPE, text=True, cwd=REPO,
-                                 env=dict(os.environ, PYTHONPATH=str(REPO)))
+        child = subprocess.Popen(
+            [sys.executable, "-c", HOLD, kind, str(path), "--marker-of-the-holder", *extra],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
         children.append(child)
         line = child.stdout.readline().split()
         if line[:1] == ["worker"]:
@@ -345,8 +380,16 @@ def test_second_writer_refuses_naming_the_holder(ckpt, tmp_path, holder, dst_for
 def test_second_convert_from_the_command_line_refuses(ckpt, tmp_path, holder):
     dst = tmp_path / "hf"
     child = holder("output", dst)
-    result = llama_zh("stage=convert", f"stage.src={ckpt}", "stage.src_format=native", f"stage.dst={dst}",
-                      "stage.dst_format=hf", "logger=csv", run_dir=tmp_path / "run", check=False)
+    result = llama_zh(
+        "stage=convert",
+        f"stage.src={ckpt}",
+        "stage.src_format=native",
+        f"stage.dst={dst}",
+        "stage.dst_format=hf",
+        "logger=csv",
+        run_dir=tmp_path / "run",
+        check=False,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("llama_zh: error:")]
     assert len(errors) == 1 and str(dst) in errors[0], result.stderr[-2000:]
@@ -390,12 +433,19 @@ def test_launched_ranks_do_not_contend_for_the_run_lock(tmp_path, holder, monkey
 
 
 def test_data_writers_wait_for_each_other(tmp_path, holder):
-    source = Source("s", [str(corpus_text(tmp_path / "s.txt", lines=20))])
+    Source("s", [str(corpus_text(tmp_path / "s.txt", lines=20))])
     child = holder("output", tmp_path / "corpus" / "s")
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                             "from llama_zh.data.corpus import Source, write_source; "
-                             f"write_source(Source('s', [{str(tmp_path / 's.txt')!r}]), Path({str(tmp_path / 'corpus')!r}))"],
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from llama_zh.data.corpus import Source, write_source; "
+            f"write_source(Source('s', [{str(tmp_path / 's.txt')!r}]), Path({str(tmp_path / 'corpus')!r}))",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     with pytest.raises(subprocess.TimeoutExpired):
         proc.wait(timeout=5)  # waiting, not failing
     assert not (tmp_path / "corpus" / "s.report.json").exists()

@@ -8,6 +8,8 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from bpe_fixture import CODE, ENGLISH, MIXED, news_split
+from tiny_checkpoints import make_checkpoint
+
 from llama_zh.bpe import tokenizer_config, write_bpe
 from llama_zh.convert import convert
 from llama_zh.convert.gguf import GGUFError
@@ -15,7 +17,6 @@ from llama_zh.data.chat_template import ChatTemplate
 from llama_zh.generate import SamplingConfig, generate
 from llama_zh.tokenizer import Tokenizer
 from llama_zh.vocab import extend_bpe_tokenizer
-from tiny_checkpoints import make_checkpoint
 
 CHATML = ChatTemplate.named("chatml").source
 
@@ -46,7 +47,11 @@ def test_hf_export_loads_in_transformers_with_the_same_ids(tokenizers_, which, t
     assert hf.chat_template == CHATML
     config = json.loads((out / "config.json").read_text())
     generation = json.loads((out / "generation_config.json").read_text())
-    assert (config["bos_token_id"], config["eos_token_id"], config["vocab_size"]) == (tok.bos_id, tok.eos_id, tok.vocab_size)
+    assert (config["bos_token_id"], config["eos_token_id"], config["vocab_size"]) == (
+        tok.bos_id,
+        tok.eos_id,
+        tok.vocab_size,
+    )
     assert generation["eos_token_id"] == [tok.eos_id, tok.eot_id]
     # and back: the HF directory reads as a BPE checkpoint
     from llama_zh.checkpoint import read_any
@@ -69,15 +74,24 @@ def test_gguf_export_writes_a_gpt2_vocabulary(tokenizers_, which, tmp_path):
     assert all(tokens[i] == t for t, i in spec["model"]["vocab"].items())
     assert tokens[tok.eot_id] == "<|eot_id|>" and types[tok.eot_id] == gguf.TokenType.CONTROL
     assert types[100] == gguf.TokenType.NORMAL and types[-1] == gguf.TokenType.UNUSED
-    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
-            fields["tokenizer.ggml.eot_token_id"]) == (tok.bos_id, tok.eos_id, tok.eot_id)
+    assert (
+        fields["tokenizer.ggml.bos_token_id"],
+        fields["tokenizer.ggml.eos_token_id"],
+        fields["tokenizer.ggml.eot_token_id"],
+    ) == (tok.bos_id, tok.eos_id, tok.eot_id)
     assert fields["tokenizer.chat_template"] == CHATML
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\s+|\S+"), "names Llama-3's split only"),
-    (lambda s: s["model"].update(ignore_merges=False), "model.ignore_merges is false"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\s+|\S+"),
+            "names Llama-3's split only",
+        ),
+        (lambda s: s["model"].update(ignore_merges=False), "model.ignore_merges is false"),
+    ],
+)
 def test_gguf_export_refuses_what_llama_cpp_would_tokenize_otherwise(tokenizers_, tmp_path, change, message):
     spec = json.loads(tokenizers_["base"].read_text(encoding="utf-8"))
     change(spec)

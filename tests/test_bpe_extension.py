@@ -12,11 +12,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from bpe_fixture import CODE, ENGLISH, news_split
+from tiny_checkpoints import make_checkpoint
+
 from llama_zh.bpe import check_bpe_extension, holds_only_cjk, is_cjk
 from llama_zh.checkpoint import load_checkpoint
 from llama_zh.tokenizer import Tokenizer, TokenizerError
 from llama_zh.vocab import extend_bpe_tokenizer, resize_checkpoint, tokenizer_report
-from tiny_checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_every_base_id_merge_and_special_token_is_kept(bpe_tokenizer, extended):
     base, ext = spec(bpe_tokenizer), spec(path)
     assert extension.added > 1000 and extension.vocab_size == 3256 + extension.added
     assert all(ext["model"]["vocab"][t] == i for t, i in base["model"]["vocab"].items())
-    assert ext["model"]["merges"][:len(base["model"]["merges"])] == base["model"]["merges"]
+    assert ext["model"]["merges"][: len(base["model"]["merges"])] == base["model"]["merges"]
     assert ext["added_tokens"] == base["added_tokens"]
     specials = {t["content"]: t["id"] for t in base["added_tokens"]}
     assert all(ext["model"]["vocab"][t] == i for t, i in specials.items())  # where the library looks for their ids
@@ -57,7 +58,9 @@ def test_text_without_cjk_encodes_as_with_the_base(bpe_tokenizer, extended, held
     # held-out code: the tests (the fixture trained on llama_zh/), and the news with its CJK taken out
     tests = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).parent.glob("test_*.py"))]
     stripped = ["".join(c for c in d if not is_cjk(c)) for d in held_out + tests]
-    texts = ENGLISH + CODE + [s for s in stripped if s.strip()] + ["ßΩ€ é à ü ñ ç 😀👍🏽 Привет мир ١٢٣ こんにちは 안녕"]
+    texts = (
+        ENGLISH + CODE + [s for s in stripped if s.strip()] + ["ßΩ€ é à ü ñ ç 😀👍🏽 Привет мир ١٢٣ こんにちは 안녕"]
+    )
     assert len(texts) > 200
     for text in texts:
         assert ext.encode(text) == base.encode(text), text
@@ -92,11 +95,20 @@ def test_a_changed_base_merge_or_id_is_refused(bpe_tokenizer, extended):
         check_bpe_extension(base, moved, "base.json", "ext.json")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("中国".encode(), True), ("。中".encode(), True), ("中".encode()[:2], True),  # E4 B8: U+4E00..4E3F, all CJK
-    ("中a".encode(), False), (" 中".encode(), False), ("中".encode()[1:], False),  # starts inside a character
-    ("é".encode(), False), ("€".encode()[:2], False), (bytes([0xE4, 0xB7]), False),  # U+4DC0..: hexagrams
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("中国".encode(), True),
+        ("。中".encode(), True),
+        ("中".encode()[:2], True),  # E4 B8: U+4E00..4E3F, all CJK
+        ("中a".encode(), False),
+        (" 中".encode(), False),
+        ("中".encode()[1:], False),  # starts inside a character
+        ("é".encode(), False),
+        ("€".encode()[:2], False),
+        (bytes([0xE4, 0xB7]), False),  # U+4DC0..: hexagrams
+    ],
+)
 def test_holds_only_cjk(text, expected):
     assert holds_only_cjk(text) is expected
 
@@ -107,7 +119,9 @@ def test_resize_keeps_old_rows_and_inits_new_ones_from_subtokens(bpe_tokenizer, 
     dst = resize_checkpoint(src, extended[1], tmp_path / "dst")
     resized, tok = load_checkpoint(dst)
     assert tok.vocab_size == resized.config.vocab_size == extended[0].vocab_size
-    assert (dst / "tokenizer.json").read_bytes() == extended[1].read_bytes() and (dst / "tokenizer_config.json").is_file()
+    assert (dst / "tokenizer.json").read_bytes() == extended[1].read_bytes() and (
+        dst / "tokenizer_config.json"
+    ).is_file()
     assert torch.equal(resized.embed.weight[:3256], model.embed.weight)
     assert torch.equal(resized.head.weight[:3256], model.head.weight)
     new_id = 3256 + 10
@@ -130,8 +144,18 @@ def test_stage_extends_a_bpe_base_reports_and_resizes(bpe_tokenizer, tmp_path):
     src, model = make_checkpoint(tmp_path / "src", Tokenizer(bpe_tokenizer))
     out = tmp_path / "tok"
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", LLAMA_ZH_DATA=str(tmp_path / "data"))
-    args = [sys.executable, "-m", "llama_zh", "stage=tokenizer", "logger=csv", "data=sample_zh", "stage.vocab_size=6000",
-            f"stage.output={out}", f"stage.resize_checkpoint={src}", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "llama_zh",
+        "stage=tokenizer",
+        "logger=csv",
+        "data=sample_zh",
+        "stage.vocab_size=6000",
+        f"stage.output={out}",
+        f"stage.resize_checkpoint={src}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

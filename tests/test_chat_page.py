@@ -16,15 +16,15 @@ import httpx
 import openai
 import pytest
 from omegaconf import OmegaConf
+from serve_models import InProcessServer, slow_steps
+from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
 
 from llama_zh.config import ConfigError
 from llama_zh.data.chat_template import ChatTemplate
+from llama_zh.infer import load
 from llama_zh.infer.engine import Engine
 from llama_zh.infer.server import ServeOptions, create_app
-from llama_zh.infer import load
 from llama_zh.stages import serve
-from serve_models import InProcessServer, slow_steps
-from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
 
 KEY = "page-key"
 MODEL = "tiny-zh"
@@ -37,8 +37,11 @@ INSTALL = "apt-get install -y chromium"
 def chromium_path() -> str:
     path = os.environ.get("LLAMA_ZH_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        pytest.fail(f"the chat page tests need the system's chromium, and none is installed: run `{INSTALL}` "
-                    f"(Debian/Ubuntu, as root), or set LLAMA_ZH_CHROMIUM to a chromium binary", pytrace=False)
+        pytest.fail(
+            f"the chat page tests need the system's chromium, and none is installed: run `{INSTALL}` "
+            f"(Debian/Ubuntu, as root), or set LLAMA_ZH_CHROMIUM to a chromium binary",
+            pytrace=False,
+        )
     return path
 
 
@@ -66,8 +69,12 @@ def served(tok, tmp_path_factory):
     checkpoint, _ = make_checkpoint(tmp_path_factory.mktemp("page"), tok)
     model, tokenizer, _ = load(checkpoint)
     engine = Engine(model, tokenizer, max_concurrent=2, max_queue=4).start()
-    options = ServeOptions(model_name=MODEL, api_key=KEY, template=ChatTemplate.named("chat"),
-                           static_dir=serve.page_dir(OmegaConf.create({"web": True, "static_dir": None})))
+    options = ServeOptions(
+        model_name=MODEL,
+        api_key=KEY,
+        template=ChatTemplate.named("chat"),
+        static_dir=serve.page_dir(OmegaConf.create({"web": True, "static_dir": None})),
+    )
     server = InProcessServer(create_app(engine, tokenizer, options))
     yield server.url, engine
     server.close()
@@ -143,8 +150,11 @@ def chat(browser, served, engine):
 
 
 def api_answer(client, messages, max_tokens) -> str:
-    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0,
-                                          top_p=0.9).choices[0].message.content
+    return (
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, top_p=0.9)
+        .choices[0]
+        .message.content
+    )
 
 
 def idle(engine, timeout=15.0) -> dict:
@@ -218,9 +228,12 @@ def test_each_turn_sends_the_whole_conversation_with_the_system_prompt(chat, cli
     first, second = chat.chat_bodies()
     answer = chat.answers()[0]
     assert first["messages"] == [{"role": "user", "content": QUESTIONS[0]}]
-    expected_messages = [{"role": "system", "content": "你是一个乐于助人的助手。"},
-                         {"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": answer},
-                         {"role": "user", "content": QUESTIONS[1]}]
+    expected_messages = [
+        {"role": "system", "content": "你是一个乐于助人的助手。"},
+        {"role": "user", "content": QUESTIONS[0]},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": QUESTIONS[1]},
+    ]
     assert second["messages"] == expected_messages and second["seed"] == 7
     assert chat.answers() == [api_answer(client, first["messages"], 16), api_answer(client, expected_messages, 16)]
 

@@ -6,14 +6,14 @@ import logging
 
 import pytest
 import yaml
+from tiny_checkpoints import llama_zh, tiny_config, train_tokenizer
 
 from llama_zh.checkpoint import save_checkpoint
 from llama_zh.convert import convert
-from llama_zh.data.corpus import DataError
 from llama_zh.data.chat_template import TEMPLATE_DIR, ChatTemplate, TemplateError, template_names, template_record
+from llama_zh.data.corpus import DataError
 from llama_zh.data.sft import tokenize_record
 from llama_zh.model import build_model
-from tiny_checkpoints import llama_zh, tiny_config, train_tokenizer
 
 NAMES = ["alpaca", "chat", "raw", "llama-2-chat", "chatml"]
 BPE_NAMES = ["llama-3"]  # their markers are special tokens of Llama-3's byte-level BPE
@@ -24,7 +24,8 @@ SEPARATORS = {"alpaca": "\n\n### Input:\n"}
 SINGLE = [{"role": "user", "content": "这本书写得很好，推荐。"}, {"role": "assistant", "content": "正面"}]
 MULTI = [
     {"role": "system", "content": "你是一个有用的助手。"},
-    {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"},
+    {"role": "user", "content": "你好"},
+    {"role": "assistant", "content": "你好！有什么可以帮你？"},
     {"role": "user", "content": "质量太差了，不会再买。\n这条评论是正面还是负面？"},
     {"role": "assistant", "content": "负面"},
 ]
@@ -64,8 +65,13 @@ def hf_encode(hf_dir, messages, add_generation_prompt=False):
     from transformers import AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
-    out = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                     add_generation_prompt=add_generation_prompt)
+    out = hf_tok.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        add_generation_prompt=add_generation_prompt,
+    )
     return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
 
 
@@ -88,8 +94,8 @@ def test_llama3_template_is_what_transformers_gives_and_answers_end_with_eot(bpe
         assert ids[0] == bpe.bos_id and ids.count(bpe.eot_id) == len(messages) and bpe.eos_id not in ids
         # Each answer is trained up to and including its <|eot_id|>, so the model learns to stop there.
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        assert [bpe.decode([i for i, t in zip(ids, trained) if t])] == ["".join(answers)]
-        assert sum(t for i, t in zip(ids, trained) if i == bpe.eot_id) == len(answers)
+        assert [bpe.decode([i for i, t in zip(ids, trained, strict=False) if t])] == ["".join(answers)]
+        assert sum(t for i, t in zip(ids, trained, strict=False) if i == bpe.eot_id) == len(answers)
         prompt = template.prompt_ids(messages[:-1], bpe)
         assert prompt == hf_encode(hf_dir, messages[:-1], add_generation_prompt=True)[0]
         assert prompt[-len(header) - 1 :] == header + bpe.encode("\n\n")
@@ -138,10 +144,12 @@ def test_alpaca_keeps_the_stanford_texts():
     assert alpaca.format("翻译", "hello") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\n翻译\n\n### Input:\nhello"
-        "\n\n### Response:")
+        "\n\n### Response:"
+    )
     assert alpaca.format("问候") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\n问候\n\n### Response:")
+        "\n\n### Instruction:\n问候\n\n### Response:"
+    )
 
 
 def test_exports_carry_the_checkpoint_template(exported):
@@ -195,7 +203,15 @@ def test_bad_templates_are_one_line_errors(tmp_path, tok):
 
 
 def test_stage_errors_name_the_template(plain_checkpoint, tmp_path):
-    bad = llama_zh("stage=convert", f"stage.src={plain_checkpoint}", "stage.src_format=native", "stage.dst_format=hf",
-                   f"stage.dst={tmp_path / 'out'}", "stage.template=nope", run_dir=tmp_path / "run", check=False)
+    bad = llama_zh(
+        "stage=convert",
+        f"stage.src={plain_checkpoint}",
+        "stage.src_format=native",
+        "stage.dst_format=hf",
+        f"stage.dst={tmp_path / 'out'}",
+        "stage.template=nope",
+        run_dir=tmp_path / "run",
+        check=False,
+    )
     assert bad.returncode == 1 and "chat template 'nope': unknown" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import yaml
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.checkpoint import CONFIG_FILE, load_checkpoint, read_native
 from llama_zh.config import ConfigError
@@ -13,7 +14,6 @@ from llama_zh.convert import convert
 from llama_zh.tensor_io import CheckpointError
 from llama_zh.tokenizer import file_sha256
 from llama_zh.vocab import extend_tokenizer, resize_checkpoint
-from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,21 @@ def test_a_resized_checkpoint_records_the_new_tokenizer(checkpoint, tokenizers, 
 def pretrain_cfg(init_from, **model):
     from omegaconf import OmegaConf
 
-    shape = dict(name="tiny", vocab_size=None, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352,
-                 norm_eps=1e-6, rope_theta=10000.0, max_seq_len=512) | model
+    shape = (
+        dict(
+            name="tiny",
+            vocab_size=None,
+            dim=128,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=2,
+            ffn_dim=352,
+            norm_eps=1e-6,
+            rope_theta=10000.0,
+            max_seq_len=512,
+        )
+        | model
+    )
     return OmegaConf.create({"stage": {"init_from": str(init_from)}, "model": shape})
 
 
@@ -95,8 +108,12 @@ def test_init_from_refuses_a_chosen_model_of_another_shape(checkpoint):
         check_init_shape(pretrain_cfg(checkpoint), stream, ["model=tiny"])
     message = str(e.value)
     assert message.startswith("model=tiny differs from the checkpoint of stage.init_from=")
-    for field in ("dim 128 (checkpoint 64)", "n_layers 4 (checkpoint 2)", "ffn_dim 352 (checkpoint 128)",
-                  "max_seq_len 512 (checkpoint 128)"):
+    for field in (
+        "dim 128 (checkpoint 64)",
+        "n_layers 4 (checkpoint 2)",
+        "ffn_dim 352 (checkpoint 128)",
+        "max_seq_len 512 (checkpoint 128)",
+    ):
         assert field in message
     assert "n_heads" not in message and "vocab_size" not in message  # equal, and null (from the tokenizer)
 

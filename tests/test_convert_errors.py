@@ -25,8 +25,14 @@ SHAPE = (64, 3, 4, 2, 128, 300)
 def make_hf(tmp_path, max_shard_size=None, name="hf"):
     hidden, layers, heads, kv, ffn, vocab = SHAPE
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, intermediate_size=ffn, max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=ffn,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -37,14 +43,17 @@ def make_hf(tmp_path, max_shard_size=None, name="hf"):
 
 def model_config(**changes):
     hidden, layers, heads, kv, ffn, vocab = SHAPE
-    values = dict(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
-                  max_seq_len=128)
+    values = dict(
+        vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn, max_seq_len=128
+    )
     return ModelConfig(**(values | changes))
 
 
 def leftovers(parent, name):
     """Temporary files or directories a writer of `name` could leave in `parent`."""
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.") or p.name.startswith(f"{name}.tmp"))
+    return sorted(
+        p.name for p in parent.iterdir() if p.name.startswith(f".{name}.") or p.name.startswith(f"{name}.tmp")
+    )
 
 
 SYSTEM = f"{os.system.__module__}.system"  # how the pickle names os.system ("posix.system")
@@ -404,17 +413,31 @@ def run_convert(tmp_path, *overrides):
     import sys
 
     env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
-    return subprocess.run([sys.executable, "-m", "llama_zh", "stage=convert", *overrides,
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_zh", "stage=convert", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["stage.dst_format=gguf", "stage.dtype=float32"], "stage.dtype=float32: the GGUF export takes its tensor types"),
-    (["stage.dst_format=gguf", "stage.max_shard_gb=0.5"], "stage.max_shard_gb=0.5: dst_format=gguf is written as one file"),
-    (["stage.max_shard_gb=0"], "stage.max_shard_gb must be a number > 0, got 0"),
-    (["model=llama_7b"], "model=llama_7b: only stage.src_format=tencentpretrain reads model= (a hf checkpoint"),
-    (["+stage.dtyp=float16"], "stage.dtyp: unknown key (did you mean stage.dtype?)"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["stage.dst_format=gguf", "stage.dtype=float32"],
+            "stage.dtype=float32: the GGUF export takes its tensor types",
+        ),
+        (
+            ["stage.dst_format=gguf", "stage.max_shard_gb=0.5"],
+            "stage.max_shard_gb=0.5: dst_format=gguf is written as one file",
+        ),
+        (["stage.max_shard_gb=0"], "stage.max_shard_gb must be a number > 0, got 0"),
+        (["model=llama_7b"], "model=llama_7b: only stage.src_format=tencentpretrain reads model= (a hf checkpoint"),
+        (["+stage.dtyp=float16"], "stage.dtyp: unknown key (did you mean stage.dtype?)"),
+    ],
+)
 def test_convert_cli_refuses_options_it_would_ignore(tmp_path, overrides, message):
     src = make_hf(tmp_path)
     result = run_convert(tmp_path, f"stage.src={src}", f"stage.dst={tmp_path / 'out'}", *overrides)

@@ -22,15 +22,22 @@ SHAPES = {
 def make_hf(tmp_path, shape, safe=True, max_shard_size=None):
     hidden, layers, heads, kv, ffn, vocab, eps, theta = SHAPES[shape]
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, intermediate_size=ffn, rms_norm_eps=eps, max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": theta}, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=ffn,
+        rms_norm_eps=eps,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     # Random norm weights too, so a norm mapped to the wrong tensor cannot hide.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     path = tmp_path / f"hf_{shape}"
@@ -113,8 +120,17 @@ def test_hf_to_tencentpretrain_to_native(tmp_path, shape):
     assert "encoder.transformer.0.self_attn.linear_layers.0.weight" in state
     assert "target.lm.output_layer.weight" in state
     hidden, layers, heads, kv, ffn, vocab, eps, theta = SHAPES[shape]
-    shape_cfg = ModelConfig(vocab_size=vocab, dim=hidden, n_layers=layers, n_heads=heads, n_kv_heads=kv,
-                            ffn_dim=ffn, norm_eps=eps, rope_theta=theta, max_seq_len=256)
+    shape_cfg = ModelConfig(
+        vocab_size=vocab,
+        dim=hidden,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        ffn_dim=ffn,
+        norm_eps=eps,
+        rope_theta=theta,
+        max_seq_len=256,
+    )
     native = convert(tp_file, "tencentpretrain", tmp_path / "native", "native", model=shape_cfg)
     model, _ = load_checkpoint(native)
     ids = torch.randint(0, vocab, (2, 13))
@@ -133,8 +149,12 @@ def write_meta(hf_model, directory, n_shards):
     cfg = hf_model.config
     sd = hf_model.state_dict()
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    full = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-            "output.weight": sd["lm_head.weight"], "rope.freqs": torch.zeros(4)}
+    full = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+        "rope.freqs": torch.zeros(4),
+    }
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         full |= {
@@ -148,15 +168,32 @@ def write_meta(hf_model, directory, n_shards):
             f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
             f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
         }
-    split_dim = lambda k: (None if k.endswith("norm.weight") or k == "rope.freqs" else
-                           1 if k.endswith(("wo.weight", "w2.weight")) or k.startswith("tok_embeddings") else 0)
+
+    def split_dim(k):
+        return (
+            None
+            if k.endswith("norm.weight") or k == "rope.freqs"
+            else 1
+            if k.endswith(("wo.weight", "w2.weight")) or k.startswith("tok_embeddings")
+            else 0
+        )
+
     directory.mkdir(parents=True)
     for r in range(n_shards):
-        shard = {k: (v.clone() if split_dim(k) is None else v.chunk(n_shards, dim=split_dim(k))[r].clone())
-                 for k, v in full.items()}
+        shard = {
+            k: (v.clone() if split_dim(k) is None else v.chunk(n_shards, dim=split_dim(k))[r].clone())
+            for k, v in full.items()
+        }
         torch.save(shard, directory / f"consolidated.{r:02d}.pth")
-    params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": heads, "multiple_of": 32,
-              "norm_eps": cfg.rms_norm_eps, "vocab_size": -1, "rope_theta": cfg.rope_parameters["rope_theta"]}
+    params = {
+        "dim": cfg.hidden_size,
+        "n_layers": cfg.num_hidden_layers,
+        "n_heads": heads,
+        "multiple_of": 32,
+        "norm_eps": cfg.rms_norm_eps,
+        "vocab_size": -1,
+        "rope_theta": cfg.rope_parameters["rope_theta"],
+    }
     if kv != heads:
         params["n_kv_heads"] = kv
     (directory / "params.json").write_text(json.dumps(params))

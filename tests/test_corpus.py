@@ -19,8 +19,10 @@ def jsonl(records) -> str:
 
 
 def written(directory, name):
-    return {split: corpus_file(directory, name, split).read_text(encoding="utf-8").splitlines()
-            for split in ("train", "val")}
+    return {
+        split: corpus_file(directory, name, split).read_text(encoding="utf-8").splitlines()
+        for split in ("train", "val")
+    }
 
 
 def clean_all(docs, **options):
@@ -32,8 +34,9 @@ def clean_all(docs, **options):
 def test_jsonl_gzip_and_globs_in_sorted_order(tmp_path):
     (tmp_path / "wiki").mkdir()
     (tmp_path / "wiki" / "b.jsonl.gz").write_bytes(gzip.compress(jsonl([{"content": "第二个文件", "id": 2}]).encode()))
-    (tmp_path / "wiki" / "a.jsonl").write_text(jsonl([{"content": "第一个文件", "id": 1}, {"content": "  再一行 "}]),
-                                               encoding="utf-8")
+    (tmp_path / "wiki" / "a.jsonl").write_text(
+        jsonl([{"content": "第一个文件", "id": 1}, {"content": "  再一行 "}]), encoding="utf-8"
+    )
     (tmp_path / "wiki" / "notes.txt").write_text("不是 JSON\n", encoding="utf-8")
     source = Source("wiki", [str(tmp_path / "wiki" / "*.jsonl*")], format="jsonl", text_field="content")
     assert [p.name for p in source.paths()] == ["a.jsonl", "b.jsonl.gz"]
@@ -87,7 +90,9 @@ def test_pos_tagged_people_daily_still_reads():
 def test_normalization_options():
     text = "ｅ\u0301 ①号 ＡＢＣ１２３，。"
     assert clean_all([text])[0] == [text]  # none by default
-    assert clean_all([text], normalize="NFC")[0] == ["ｅ\u0301 ①号 ＡＢＣ１２３，。"]  # full-width e has no composed form
+    assert clean_all([text], normalize="NFC")[0] == [
+        "ｅ\u0301 ①号 ＡＢＣ１２３，。"
+    ]  # full-width e has no composed form
     assert clean_all(["e\u0301"], normalize="NFC")[0] == ["é"]
     assert clean_all([text], normalize="NFKC")[0] == ["é 1号 ABC123,。"]
 
@@ -139,8 +144,14 @@ def test_report_counts_every_line_and_names_bad_lines(tmp_path):
     source = Source("mixed", [str(src)], min_chars=2, max_chars=20, dedup=True, on_bad_utf8="skip")
     report = write_source(source, tmp_path / "corpus")
     counts = report["counts"]
-    assert {k: counts[k] for k in DROP_REASONS} == {"kept": 2, "empty": 1, "too_short": 1, "too_long": 1,
-                                                      "duplicates": 1, "bad_utf8": 1}
+    assert {k: counts[k] for k in DROP_REASONS} == {
+        "kept": 2,
+        "empty": 1,
+        "too_short": 1,
+        "too_long": 1,
+        "duplicates": 1,
+        "bad_utf8": 1,
+    }
     assert counts["read"] == sum(counts[k] for k in DROP_REASONS) == 7
     assert counts["bad_utf8_lines"] == [f"{src}:7"]
     assert counts["train"] + counts["val"] == 2
@@ -181,8 +192,14 @@ def test_build_corpus_reuses_then_rebuilds_what_changed(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("甲文档一\n甲文档二\n甲文档一\n", encoding="utf-8")
     b.write_text("乙文档一\n乙文档二\n", encoding="utf-8")
-    cfg = OmegaConf.create({"name": "t", "dir": str(tmp_path / "data"), "holdout_modulus": 10,
-                            "sources": {"a": {"files": [str(a)]}, "b": {"files": [str(b)]}}})
+    cfg = OmegaConf.create(
+        {
+            "name": "t",
+            "dir": str(tmp_path / "data"),
+            "holdout_modulus": 10,
+            "sources": {"a": {"files": [str(a)]}, "b": {"files": [str(b)]}},
+        }
+    )
     first = build_corpus(cfg)
     assert not first["a"]["reused"] and first["a"]["counts"]["kept"] == 3
     again = build_corpus(cfg)

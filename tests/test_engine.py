@@ -4,14 +4,20 @@ streams whole characters. The engine is driven step by step (no thread) where ar
 import asyncio
 
 import pytest
+from serve_models import SPLIT_TEXT, chain_model
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.generate import SamplingConfig, generate
 from llama_zh.infer import engine as engine_module
 from llama_zh.infer.engine import Completion, ContextExceeded, Engine, EngineStopped, QueueFull, TextDeltas
-from serve_models import SPLIT_TEXT, chain_model
-from tiny_checkpoints import make_checkpoint, train_tokenizer
 
-PROMPTS = ["你好", "这个手机很好用，电池也耐用，屏幕清楚", "质量不好", "User: 你好\nBot:", "价格便宜，物流很快，包装也好"]
+PROMPTS = [
+    "你好",
+    "这个手机很好用，电池也耐用，屏幕清楚",
+    "质量不好",
+    "User: 你好\nBot:",
+    "价格便宜，物流很快，包装也好",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +57,11 @@ def decode_calls(monkeypatch):
 def test_staggered_arrivals_give_each_prompt_its_solo_greedy_answer(model, tok, decode_calls):
     ids = [tok.encode(p, bos=True) for p in PROMPTS]
     budgets = [16, 5, 12, 9, 14]  # rows leave at different steps: the slots in use stop being consecutive
-    solo = [generate(model, p, greedy(n), tokenizer=tok) for p, n in zip(ids, budgets)]
+    solo = [generate(model, p, greedy(n), tokenizer=tok) for p, n in zip(ids, budgets, strict=False)]
 
     engine = Engine(model, tok, max_concurrent=3, max_queue=8)
     seqs = []
-    for p, n in zip(ids, budgets):  # one arrival every other step; the last two queue for a slot
+    for p, n in zip(ids, budgets, strict=False):  # one arrival every other step; the last two queue for a slot
         seqs.append(submit(engine, p, greedy(n))[0])
         engine.step()
         engine.step()

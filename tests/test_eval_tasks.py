@@ -12,31 +12,47 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
 
-from llama_zh.config import ModelConfig
+from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.data.corpus import DataError
+from llama_zh.data.prepare import prepare_tokens
 from llama_zh.data.sft import Template
 from llama_zh.eval.instructions import (
-    evaluate_classification, evaluate_generation, exact_match, lcs_length, read_instruction_records, rouge_l_chars,
+    evaluate_classification,
+    evaluate_generation,
+    exact_match,
+    lcs_length,
+    read_instruction_records,
+    rouge_l_chars,
 )
-from llama_zh.config import ConfigError
-from llama_zh.data.prepare import prepare_tokens
 from llama_zh.eval.multiple_choice import (
-    Question, build_prompt, check_scoring, evaluate_multiple_choice, letter_ids, read_questions,
+    Question,
+    build_prompt,
+    check_scoring,
+    evaluate_multiple_choice,
+    letter_ids,
+    read_questions,
 )
 from llama_zh.eval.perplexity import (
-    document_nlls, perplexity, rolling_perplexity, source_perplexities, stream_nll, window_spans,
+    document_nlls,
+    perplexity,
+    rolling_perplexity,
+    source_perplexities,
+    stream_nll,
+    window_spans,
 )
 from llama_zh.eval.progress import Progress
 from llama_zh.eval.report import comparison_table, markdown_table, result_metrics
 from llama_zh.eval.scoring import continuation_logprobs, row_continuation_logprobs
 from llama_zh.generate import SamplingConfig
 from llama_zh.model import build_model
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
 
 # The prompt is the instruction (and input on the next line) as is.
-RAW = Template("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}"
-               "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}")
+RAW = Template(
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}"
+    "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}"
+)
 
 
 class BigramLM(torch.nn.Module):
@@ -60,8 +76,12 @@ class BigramLM(torch.nn.Module):
 
 
 def tiny_real_model(vocab=300, seed=0, max_seq_len=64):
-    return build_model(ModelConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                                   max_seq_len=max_seq_len), seed=seed).eval()
+    return build_model(
+        ModelConfig(
+            vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=max_seq_len
+        ),
+        seed=seed,
+    ).eval()
 
 
 # ------------------------------------------------------------------------------------------ perplexity
@@ -123,11 +143,14 @@ def test_sliding_window_gives_each_token_its_context():
 
 def test_sources_accept_a_path_or_a_list_of_shards(tmp_path):
     model = BigramLM([[0.0, 1.0], [1.0, 0.0]])
-    shards = {name: np.array(t, dtype=np.uint16) for name, t in
-              {"a.bin": [0, 1, 0, 1], "b0.bin": [1, 1], "b1.bin": [0, 0, 1]}.items()}
+    shards = {
+        name: np.array(t, dtype=np.uint16)
+        for name, t in {"a.bin": [0, 1, 0, 1], "b0.bin": [1, 1], "b1.bin": [0, 0, 1]}.items()
+    }
     load = lambda p: shards[p.name]  # noqa: E731
-    results = source_perplexities(model, {"a": tmp_path / "a.bin", "b": [tmp_path / "b0.bin", tmp_path / "b1.bin"]},
-                                  load, window=2)
+    results = source_perplexities(
+        model, {"a": tmp_path / "a.bin", "b": [tmp_path / "b0.bin", tmp_path / "b1.bin"]}, load, window=2
+    )
     assert results["a"]["tokens"] == 3 and results["b"]["tokens"] == 1 + 2 and results["all"]["tokens"] == 6
     p_same, p_diff = 1 / (1 + math.e), math.e / (1 + math.e)  # logit 1 on the other token
     assert results["a"]["loss"] == pytest.approx(-math.log(p_diff))
@@ -147,7 +170,7 @@ def test_continuation_logprobs_by_hand():
     for b, p in enumerate(prompts):
         for n, c in enumerate(conts):
             seq = [p[-1]] + c
-            expected = sum(model.logp(a, z) for a, z in zip(seq, seq[1:]))
+            expected = sum(model.logp(a, z) for a, z in zip(seq, seq[1:], strict=False))
             assert float(got[b, n]) == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
@@ -190,19 +213,30 @@ def test_read_questions_and_prompt_format(tmp_path):
     qs = read_questions(path)
     assert [q.answer for q in qs] == ["B", "C", "A"] and qs[2].question == "水的化学式是\n哪一个？"
     zero = build_prompt(qs[0], [], "数学")
-    assert zero == "以下是中国关于数学考试的单项选择题，请选出其中的正确答案。\n\n1+1等于几？\nA. 1\nB. 2\nC. 3\nD. 4\n答案："
+    assert (
+        zero
+        == "以下是中国关于数学考试的单项选择题，请选出其中的正确答案。\n\n1+1等于几？\nA. 1\nB. 2\nC. 3\nD. 4\n答案："
+    )
     one = build_prompt(qs[1], [qs[0]])
-    assert one == ("以下是单项选择题，请选出其中的正确答案。\n\n1+1等于几？\nA. 1\nB. 2\nC. 3\nD. 4\n答案：B\n\n"
-                   "中国的首都是哪里？\nA. 上海\nB. 广州\nC. 北京\nD. 深圳\n答案：")
+    assert one == (
+        "以下是单项选择题，请选出其中的正确答案。\n\n1+1等于几？\nA. 1\nB. 2\nC. 3\nD. 4\n答案：B\n\n"
+        "中国的首都是哪里？\nA. 上海\nB. 广州\nC. 北京\nD. 深圳\n答案："
+    )
 
 
-@pytest.mark.parametrize("text, message", [
-    ("id,question,A,B,C,answer\n0,q,a,b,c,A\n", r"missing column\(s\) D;"),
-    ("id,question,A,B,C,D\n0,q,a,b,c,d\n", r"missing column\(s\) answer;"),
-    ("id,question,A,B,C,D,answer\n0,q,a,b,c,d,A\n1,q,a,b,c,d,E\n", r"val.csv:3: answer 'E' is not one of A, B, C, D"),
-    ("id,question,A,B,C,D,answer\n0,q,a,b,c,d\n", r"val.csv:2: fewer fields"),
-    ("id,question,A,B,C,D,answer\n", "no questions"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("id,question,A,B,C,answer\n0,q,a,b,c,A\n", r"missing column\(s\) D;"),
+        ("id,question,A,B,C,D\n0,q,a,b,c,d\n", r"missing column\(s\) answer;"),
+        (
+            "id,question,A,B,C,D,answer\n0,q,a,b,c,d,A\n1,q,a,b,c,d,E\n",
+            r"val.csv:3: answer 'E' is not one of A, B, C, D",
+        ),
+        ("id,question,A,B,C,D,answer\n0,q,a,b,c,d\n", r"val.csv:2: fewer fields"),
+        ("id,question,A,B,C,D,answer\n", "no questions"),
+    ],
+)
 def test_bad_ceval_files_name_the_problem(tmp_path, text, message):
     path = tmp_path / "val.csv"
     path.write_text(text, encoding="utf-8")
@@ -254,15 +288,19 @@ def test_multiple_choice_batched_equals_one_by_one(tok, tmp_path):
 
 
 def sentiment_records():
-    return [{"instruction": "情感？", "input": text, "output": label} for text, label in
-            [("很好", "正面"), ("太差", "负面"), ("不错", "正面"), ("失望", "负面"), ("推荐", "正面")]]
+    return [
+        {"instruction": "情感？", "input": text, "output": label}
+        for text, label in [("很好", "正面"), ("太差", "负面"), ("不错", "正面"), ("失望", "负面"), ("推荐", "正面")]
+    ]
 
 
 def test_classification_by_label_likelihood_by_hand(tok):
     records = sentiment_records()
     pos, neg = tok.encode("正面", eos=True), tok.encode("负面", eos=True)
     assert pos != neg
-    k = next(i for i, (a, b) in enumerate(zip(pos, neg)) if a != b)  # both may start with the same "▁" piece
+    k = next(
+        i for i, (a, b) in enumerate(zip(pos, neg, strict=False)) if a != b
+    )  # both may start with the same "▁" piece
     assert k > 0 and pos[:k] == neg[:k]
     table = torch.zeros(tok.vocab_size, tok.vocab_size)
     # Where the labels part (正 vs 负 after their shared prefix), 正 scores 2 and 负 1; all else is uniform.
@@ -276,9 +314,11 @@ def test_classification_by_label_likelihood_by_hand(tok):
     # The scores themselves: log P(label + eos | prompt), summed token by token from the table.
     prompt = tok.encode(RAW.format("情感？", "很好"), bos=True)
     scores = continuation_logprobs(model, [prompt], [pos, neg])[0]
-    for label, score in zip((pos, neg), scores):
+    for label, score in zip((pos, neg), scores, strict=False):
         seq = [prompt[-1]] + label
-        assert float(score) == pytest.approx(sum(model.logp(a, z) for a, z in zip(seq, seq[1:])), abs=1e-5)
+        assert float(score) == pytest.approx(
+            sum(model.logp(a, z) for a, z in zip(seq, seq[1:], strict=False)), abs=1e-5
+        )
     flipped = evaluate_classification(model, tok, records, RAW, labels=["负面", "正面"])
     assert flipped["accuracy"] == pytest.approx(0.6)  # the label order does not matter
 
@@ -333,8 +373,14 @@ class FixedAnswerLM(torch.nn.Module):
 def test_generation_metrics_by_hand(tok):
     records = sentiment_records()
     model = FixedAnswerLM(tok.encode("正面"), tok.vocab_size)
-    result = evaluate_generation(model, tok, records + [{"instruction": "x", "output": " "}], RAW,
-                                 SamplingConfig(temperature=0, max_new_tokens=8), batch_size=2)
+    result = evaluate_generation(
+        model,
+        tok,
+        records + [{"instruction": "x", "output": " "}],
+        RAW,
+        SamplingConfig(temperature=0, max_new_tokens=8),
+        batch_size=2,
+    )
     assert result["n"] == 5  # the record without a reference is skipped
     assert result["exact_match"] == pytest.approx(3 / 5)
     assert result["rouge_l"] == pytest.approx((3 * 1.0 + 2 * 0.5) / 5)  # 负面 vs 正面 share 面
@@ -346,13 +392,30 @@ def test_generation_metrics_by_hand(tok):
 
 def test_comparison_table_ratios_to_none():
     jobs = [
-        {"job": 0, "overrides": ["stage=eval", "quant=none"], "others": "stage=eval", "metrics": {"quant": "none", "mc/accuracy": 0.5,
-                                                                       "weight_mib": 100.0, "decode_tokens_per_s": 50.0}},
-        {"job": 1, "overrides": ["stage=eval", "quant=int8"], "others": "stage=eval", "metrics": {"quant": "int8", "mc/accuracy": 0.45,
-                                                                       "weight_mib": 30.0, "decode_tokens_per_s": 10.0}},
+        {
+            "job": 0,
+            "overrides": ["stage=eval", "quant=none"],
+            "others": "stage=eval",
+            "metrics": {"quant": "none", "mc/accuracy": 0.5, "weight_mib": 100.0, "decode_tokens_per_s": 50.0},
+        },
+        {
+            "job": 1,
+            "overrides": ["stage=eval", "quant=int8"],
+            "others": "stage=eval",
+            "metrics": {"quant": "int8", "mc/accuracy": 0.45, "weight_mib": 30.0, "decode_tokens_per_s": 10.0},
+        },
     ]
     columns, rows = comparison_table(jobs)
-    assert columns == ["job", "overrides", "quant", "mc acc", "weight MiB", "weight / none", "decode tok/s", "tok/s / none"]
+    assert columns == [
+        "job",
+        "overrides",
+        "quant",
+        "mc acc",
+        "weight MiB",
+        "weight / none",
+        "decode tok/s",
+        "tok/s / none",
+    ]
     assert rows[1] == [1, "quant=int8", "int8", 0.45, 30.0, 0.3, 10.0, 0.2]
     table = markdown_table(columns, rows)
     assert table.splitlines()[3].startswith("| 1   | quant=int8 | int8  | 0.45") and table.count("\n") == 3
@@ -367,11 +430,23 @@ def test_eval_sweep_over_quant_ends_with_one_comparison_table(tok, tmp_path):
     val = tmp_path / "val.csv"
     val.write_text(CEVAL, encoding="utf-8")
     sweep = tmp_path / "sweep"
-    llama_zh("--multirun", "stage=eval", "quant=none,int8,nf4", f"stage.checkpoint={ckpt}",
-             "stage.tasks=[mc,classification,generation]", f"stage.mc.file={val}", f"stage.mc.dev_file={val}",
-             "stage.mc.shots=1", "stage.classification.max_records=40", "stage.generation.max_records=8",
-             "stage.generation.max_new_tokens=4", "stage.speed_probe_tokens=8", f"paths.data_dir={tmp_path / 'data'}",
-             f"hydra.sweep.dir={sweep}", "logger=csv")
+    llama_zh(
+        "--multirun",
+        "stage=eval",
+        "quant=none,int8,nf4",
+        f"stage.checkpoint={ckpt}",
+        "stage.tasks=[mc,classification,generation]",
+        f"stage.mc.file={val}",
+        f"stage.mc.dev_file={val}",
+        "stage.mc.shots=1",
+        "stage.classification.max_records=40",
+        "stage.generation.max_records=8",
+        "stage.generation.max_new_tokens=4",
+        "stage.speed_probe_tokens=8",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+        "logger=csv",
+    )
     text = (sweep / "comparison.md").read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(lines) == 4, text  # header + none, int8, nf4
@@ -419,7 +494,7 @@ def test_rolling_perplexity_equals_a_token_by_token_reference():
     # over, batched together so that short windows are padded next to full ones.
     docs = [[1] + rng.integers(3, 300, n).tolist() for n in (45, 4, 12, 8, 1)]
     got = document_nlls(model, docs, window, batch_size=3)
-    for doc, (nll, count) in zip(docs, got):
+    for doc, (nll, count) in zip(docs, got, strict=False):
         assert count == len(doc) - 1
         assert nll == pytest.approx(rolling_reference(model, doc, window), rel=1e-5, abs=1e-5)
     # A document scored alone ignores the others: the same as a batch of one.
@@ -470,10 +545,10 @@ def test_option_scoring_acc_and_acc_norm_by_hand():
 
     def by_hand(q, text):  # log P(text | prompt), the chain from the prompt's last character
         chain = [tok.ids["："]] + tok.encode(text)
-        return sum(model.logp(a, z) for a, z in zip(chain, chain[1:]))
+        return sum(model.logp(a, z) for a, z in zip(chain, chain[1:], strict=False))
 
     result = evaluate_multiple_choice(model, tok, [q1, q2], batch_size=2, scoring="option")
-    for q, pred in zip((q1, q2), result["predictions"]):
+    for q, pred in zip((q1, q2), result["predictions"], strict=False):
         assert pred["loglikelihood"] == pytest.approx([by_hand(q, t) for t in q.options], abs=1e-5)
     sums = {q.id: [by_hand(q, t) for t in q.options] for q in (q1, q2)}
     # q1: the one-token 坏 has the highest sum, 好好好好 the highest per character.
@@ -498,7 +573,7 @@ def test_option_scoring_equals_a_plain_forward_pass(tok, tmp_path):
     model = tiny_real_model(vocab=tok.vocab_size, max_seq_len=256)
     result = evaluate_multiple_choice(model, tok, qs[1:], shots=qs[:1], batch_size=4, scoring="option")
     with torch.no_grad():
-        for q, pred in zip(qs[1:], result["predictions"]):
+        for q, pred in zip(qs[1:], result["predictions"], strict=False):
             prompt = build_prompt(q, qs[:1], scoring="option")
             assert prompt.endswith(q.question + "\n答案：") and "A. " not in prompt  # options are not listed
             ids = tok.encode(prompt, bos=True)
@@ -506,7 +581,7 @@ def test_option_scoring_equals_a_plain_forward_pass(tok, tmp_path):
             for text in q.options:
                 whole = tok.encode(prompt + text, bos=True)
                 assert whole[: len(ids)] == ids
-                cont = whole[len(ids):]
+                cont = whole[len(ids) :]
                 logp = model(torch.tensor([ids + cont[:-1]]))[0].log_softmax(-1)
                 expected.append(sum(float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(cont)))
             assert pred["loglikelihood"] == pytest.approx(expected, abs=1e-4)
@@ -522,7 +597,9 @@ def test_row_continuations_of_different_lengths_by_hand():
     for b, p in enumerate(prompts):
         for n, c in enumerate(conts[b]):
             chain = [p[-1]] + c
-            assert float(got[b, n]) == pytest.approx(sum(model.logp(a, z) for a, z in zip(chain, chain[1:])), abs=1e-5)
+            assert float(got[b, n]) == pytest.approx(
+                sum(model.logp(a, z) for a, z in zip(chain, chain[1:], strict=False)), abs=1e-5
+            )
 
 
 def test_an_unknown_mc_scoring_is_refused():
@@ -576,18 +653,29 @@ def test_progress_is_a_bar_on_a_terminal():
 def held_out_only_data(tmp_path, docs=("第一篇文档。", "第二篇文档。", "第三篇文档。", "第四篇文档。")):
     text = tmp_path / "held.txt"
     text.write_text("\n".join(docs) + "\n", encoding="utf-8")
-    return OmegaConf.create({"name": "held", "dir": str(tmp_path / "data"), "holdout_modulus": 1,  # all held out
-                             "sources": {"held": {"files": [str(text)]}}, "packing": {"num_proc": 1}})
+    return OmegaConf.create(
+        {
+            "name": "held",
+            "dir": str(tmp_path / "data"),
+            "holdout_modulus": 1,  # all held out
+            "sources": {"held": {"files": [str(text)]}},
+            "packing": {"num_proc": 1},
+        }
+    )
 
 
 def test_a_held_out_only_source_is_enough_for_eval_but_not_for_training(tok, tmp_path):
     cfg = held_out_only_data(tmp_path)
-    with pytest.raises(DataError, match=r"source 'held' .*: no documents to train on \(read 4, kept 4, train 0, val 4,"):
+    with pytest.raises(
+        DataError, match=r"source 'held' .*: no documents to train on \(read 4, kept 4, train 0, val 4,"
+    ):
         prepare_tokens(cfg, tok)  # the corpus built for training
     shards = prepare_tokens(cfg, tok, splits=["val"])["val"]["held"]  # what eval asks for
     assert sum(len(np.fromfile(s, dtype=np.uint16)) for s in shards) > 4
     # The corpus eval wrote (no training split) is then refused for training, naming the counts.
-    with pytest.raises(DataError, match=r"source 'held' .*: no documents to train on \(train 0, val 4; data.holdout_modulus=1\)"):
+    with pytest.raises(
+        DataError, match=r"source 'held' .*: no documents to train on \(train 0, val 4; data.holdout_modulus=1\)"
+    ):
         prepare_tokens(cfg, tok)
 
 
@@ -595,9 +683,18 @@ def test_a_held_out_only_source_is_enough_for_eval_but_not_for_training(tok, tmp
 
 
 def test_result_metrics_carry_the_new_scores():
-    report = {"rolling_perplexity": {"all": {"bits_per_byte": 1.5, "byte_perplexity": 2.8, "word_perplexity": 9.0,
-                                             "token_perplexity": 7.0, "documents": 3}},
-              "mc": {"accuracy": 0.5, "acc_norm": 0.75, "acc_norm_bytes": 0.25, "n": 4, "scoring": "option"}}
+    report = {
+        "rolling_perplexity": {
+            "all": {
+                "bits_per_byte": 1.5,
+                "byte_perplexity": 2.8,
+                "word_perplexity": 9.0,
+                "token_perplexity": 7.0,
+                "documents": 3,
+            }
+        },
+        "mc": {"accuracy": 0.5, "acc_norm": 0.75, "acc_norm_bytes": 0.25, "n": 4, "scoring": "option"},
+    }
     m = result_metrics(report)
     assert m["rolling_perplexity/all/bits_per_byte"] == 1.5 and m["mc/acc_norm"] == 0.75 and m["mc/scoring"] == "option"
     assert "mc/acc_norm" not in result_metrics({"mc": {"accuracy": 0.5, "n": 4}})
@@ -611,11 +708,25 @@ def test_eval_records_the_protocol_of_every_score(tok, tmp_path):
     docs = tmp_path / "held.txt"
     docs.write_text("这本书的内容很好，值得一读。\n质量太差了，不推荐。\n物流很快，包装完好。\n", encoding="utf-8")
     run = tmp_path / "run"
-    result = llama_zh("stage=eval", f"stage.checkpoint={ckpt}", "stage.tasks=[perplexity,rolling_perplexity,mc]",
-                      f"stage.mc.file={val}", f"stage.mc.dev_file={val}", "stage.mc.shots=1", "stage.mc.scoring=option",
-                      "stage.rolling.window=16", "data.seq_len=16", "stage.speed_probe_tokens=0",
-                      "~data.sources.reviews", f"data.sources.news.files=[{docs}]", "data.sources.news.format=text",
-                      "data.holdout_modulus=1", f"paths.data_dir={tmp_path / 'data'}", "logger=csv", run_dir=run)
+    result = llama_zh(
+        "stage=eval",
+        f"stage.checkpoint={ckpt}",
+        "stage.tasks=[perplexity,rolling_perplexity,mc]",
+        f"stage.mc.file={val}",
+        f"stage.mc.dev_file={val}",
+        "stage.mc.shots=1",
+        "stage.mc.scoring=option",
+        "stage.rolling.window=16",
+        "data.seq_len=16",
+        "stage.speed_probe_tokens=0",
+        "~data.sources.reviews",
+        f"data.sources.news.files=[{docs}]",
+        "data.sources.news.format=text",
+        "data.holdout_modulus=1",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "logger=csv",
+        run_dir=run,
+    )
     report = json.loads((run / "eval_results.json").read_text())
     sha = tok.sha256()
     assert report["tokenizer_sha256"] == sha
@@ -625,8 +736,10 @@ def test_eval_records_the_protocol_of_every_score(tok, tmp_path):
     mc = report["protocol"]["mc"]
     assert (mc["scoring"], mc["shots"]) == ("option", 1) and "答案：" in mc["template"]
     assert report["protocol"]["perplexity"]["scoring"] == "packed-stream"
-    assert (report["protocol"]["rolling_perplexity"]["scoring"], report["protocol"]["rolling_perplexity"]["window"]) == \
-        ("rolling-per-document", 16)
+    assert (
+        report["protocol"]["rolling_perplexity"]["scoring"],
+        report["protocol"]["rolling_perplexity"]["window"],
+    ) == ("rolling-per-document", 16)
     assert report["rolling_perplexity"]["news"]["documents"] == 3 and report["perplexity"]["news"]["tokens"] > 0
     assert report["mc"]["n"] == 3 and 0 <= report["mc"]["acc_norm"] <= 1
     # stderr is a pipe here: one progress line per task at least, with its count.
@@ -635,8 +748,16 @@ def test_eval_records_the_protocol_of_every_score(tok, tmp_path):
 
 
 def test_eval_refuses_an_unknown_scoring_in_one_line(tmp_path):
-    result = llama_zh("stage=eval", "stage.checkpoint=/nonexistent/ckpt", "stage.tasks=mc", "stage.mc.scoring=text",
-                      run_dir=tmp_path / "run", check=False)
+    result = llama_zh(
+        "stage=eval",
+        "stage.checkpoint=/nonexistent/ckpt",
+        "stage.tasks=mc",
+        "stage.mc.scoring=text",
+        run_dir=tmp_path / "run",
+        check=False,
+    )
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == \
-        "llama_zh: error: stage.mc.scoring: 'text'; expected one of letter, option"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "llama_zh: error: stage.mc.scoring: 'text'; expected one of letter, option"
+    )

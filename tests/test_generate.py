@@ -10,8 +10,16 @@ import torch
 
 from llama_zh.config import ModelConfig
 from llama_zh.generate import (
-    PromptTooLong, SamplingConfig, apply_repetition_penalty, generate, generate_batch, sample_next, stream_generate,
-    stream_generate_batch, top_k_filter, top_p_filter,
+    PromptTooLong,
+    SamplingConfig,
+    apply_repetition_penalty,
+    generate,
+    generate_batch,
+    sample_next,
+    stream_generate,
+    stream_generate_batch,
+    top_k_filter,
+    top_p_filter,
 )
 from llama_zh.model import build_model
 
@@ -20,8 +28,12 @@ GREEDY = dict(temperature=0.0)
 
 
 def tiny_model(vocab_size=300, max_seq_len=128, seed=0, sharpen=30.0):
-    model = build_model(ModelConfig(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                                    max_seq_len=max_seq_len), seed=seed).eval()
+    model = build_model(
+        ModelConfig(
+            vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=max_seq_len
+        ),
+        seed=seed,
+    ).eval()
     # A freshly initialised head gives nearly flat logits, where float noise could flip an argmax
     # between two equally right implementations; a sharper head makes greedy comparisons exact.
     with torch.no_grad():
@@ -35,7 +47,13 @@ def tiny_model(vocab_size=300, max_seq_len=128, seed=0, sharpen=30.0):
 def test_top_k_keeps_exactly_k():
     logits = torch.tensor([[1.0, 5.0, 3.0, 3.0, -2.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
     out = top_k_filter(logits, 2)
-    assert out[0].tolist() == [NEG_INF, 5.0, 3.0, NEG_INF, NEG_INF] or out[0].tolist() == [NEG_INF, 5.0, NEG_INF, 3.0, NEG_INF]
+    assert out[0].tolist() == [NEG_INF, 5.0, 3.0, NEG_INF, NEG_INF] or out[0].tolist() == [
+        NEG_INF,
+        5.0,
+        NEG_INF,
+        3.0,
+        NEG_INF,
+    ]
     assert (out.isfinite().sum(dim=-1) == 2).all()  # ties do not let a third token in
     assert top_k_filter(logits, 0) is logits and top_k_filter(logits, 5) is logits  # off / no-op
 
@@ -122,26 +140,35 @@ def test_temperature_sharpens():
 
 def test_reference_preset():
     cfg = SamplingConfig.reference(max_new_tokens=7)
-    assert (cfg.top_k, cfg.top_p, cfg.temperature, cfg.repetition_penalty, cfg.repetition_window) == (10, 1.0, 0.85, 1.15, 1024)
+    assert (cfg.top_k, cfg.top_p, cfg.temperature, cfg.repetition_penalty, cfg.repetition_window) == (
+        10,
+        1.0,
+        0.85,
+        1.15,
+        1024,
+    )
     assert cfg.penalty_after_filters and cfg.max_new_tokens == 7
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("temperature", -0.1, "stage.temperature must be >= 0"),
-    ("temperature", float("nan"), "stage.temperature must be a finite number"),
-    ("top_k", -1, "stage.top_k must be an integer >= 0"),
-    ("top_k", 2.5, "stage.top_k must be an integer"),
-    ("top_p", 0.0, r"stage.top_p must be in \(0, 1\]"),
-    ("top_p", 1.5, r"stage.top_p must be in \(0, 1\]"),
-    ("repetition_penalty", 0.0, "stage.repetition_penalty must be > 0"),
-    ("repetition_window", 0, "stage.repetition_window must be an integer >= 1"),
-    ("max_new_tokens", 0, "stage.max_new_tokens must be an integer >= 1"),
-    ("seed", "7", "stage.seed must be an integer"),
-    ("stop_strings", "User:", "stage.stop_strings must be a list of strings"),
-    ("stop_strings", ["ok", ""], "stage.stop_strings must hold non-empty strings"),
-    ("penalty_after_filters", "yes", "stage.penalty_after_filters must be true or false"),
-    ("long_prompt", "cut", "stage.long_prompt must be one of truncate, fail"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("temperature", -0.1, "stage.temperature must be >= 0"),
+        ("temperature", float("nan"), "stage.temperature must be a finite number"),
+        ("top_k", -1, "stage.top_k must be an integer >= 0"),
+        ("top_k", 2.5, "stage.top_k must be an integer"),
+        ("top_p", 0.0, r"stage.top_p must be in \(0, 1\]"),
+        ("top_p", 1.5, r"stage.top_p must be in \(0, 1\]"),
+        ("repetition_penalty", 0.0, "stage.repetition_penalty must be > 0"),
+        ("repetition_window", 0, "stage.repetition_window must be an integer >= 1"),
+        ("max_new_tokens", 0, "stage.max_new_tokens must be an integer >= 1"),
+        ("seed", "7", "stage.seed must be an integer"),
+        ("stop_strings", "User:", "stage.stop_strings must be a list of strings"),
+        ("stop_strings", ["ok", ""], "stage.stop_strings must hold non-empty strings"),
+        ("penalty_after_filters", "yes", "stage.penalty_after_filters must be true or false"),
+        ("long_prompt", "cut", "stage.long_prompt must be one of truncate, fail"),
+    ],
+)
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**{field: value})
@@ -161,7 +188,7 @@ def naive_greedy(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_greedy_matches_no_cache_loop():
@@ -187,9 +214,18 @@ def test_greedy_matches_transformers(tmp_path):
 
     vocab = 512
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, rms_norm_eps=1e-6, max_position_embeddings=128, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
@@ -204,9 +240,15 @@ def test_greedy_matches_transformers(tmp_path):
     compared = 0
     for prompt in ([1], [1, 300, 7, 2, 45], [1] + list(range(100, 130))):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              do_sample=False, max_new_tokens=20, min_new_tokens=20, pad_token_id=0)
-        ref = out[0, len(prompt):].tolist()
+            out = hf.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=20,
+                min_new_tokens=20,
+                pad_token_id=0,
+            )
+        ref = out[0, len(prompt) :].tolist()
         got = generate(model, prompt, SamplingConfig(max_new_tokens=20, **GREEDY))  # no eos: never stops early
         assert len(ref) == len(got) == 20
         assert got == ref
@@ -314,16 +356,19 @@ def test_eos_stops_and_is_not_returned():
     assert generate(model, [1], SamplingConfig(max_new_tokens=4, **GREEDY)) == [5, 6, 2, 7]  # no eos given
 
 
-@pytest.mark.parametrize("script, stop, expected", [
-    ([3, 4, 5, 6, 7, 8, 8], "\nU:", [3, 4]),  # stop made of three tokens: all three dropped
-    ([3, 9, 7, 8], "\nU:", [3]),  # "b\nU" straddles the stop: its "b" goes with it
-    ([3, 10, 8], ":", [3]),  # stop at the start of a token
-    ([3, 5, 6, 8, 5, 6, 7, 3], "\nU:", [3, 5, 6, 8]),  # a partial match that failed is kept
-    ([3, 5, 6, 8, 3], "\nU:", [3, 5, 6, 8, 3]),  # no stop at all: max_new_tokens ends it
-    ([3, 5, 6], "\nU:", [3, 5, 6]),  # held-back partial match flushed at the end
-    ([3, 4, 5, 3], ["zz", "b"], [3]),  # several stop strings: the first to appear wins
-    ([3, 5, 6, 7, 8], [":", "\nU:"], [3]),  # two complete at once: the one starting earlier cuts
-])
+@pytest.mark.parametrize(
+    "script, stop, expected",
+    [
+        ([3, 4, 5, 6, 7, 8, 8], "\nU:", [3, 4]),  # stop made of three tokens: all three dropped
+        ([3, 9, 7, 8], "\nU:", [3]),  # "b\nU" straddles the stop: its "b" goes with it
+        ([3, 10, 8], ":", [3]),  # stop at the start of a token
+        ([3, 5, 6, 8, 5, 6, 7, 3], "\nU:", [3, 5, 6, 8]),  # a partial match that failed is kept
+        ([3, 5, 6, 8, 3], "\nU:", [3, 5, 6, 8, 3]),  # no stop at all: max_new_tokens ends it
+        ([3, 5, 6], "\nU:", [3, 5, 6]),  # held-back partial match flushed at the end
+        ([3, 4, 5, 3], ["zz", "b"], [3]),  # several stop strings: the first to appear wins
+        ([3, 5, 6, 7, 8], [":", "\nU:"], [3]),  # two complete at once: the one starting earlier cuts
+    ],
+)
 def test_stop_strings(script, stop, expected):
     tok = CharTokenizer()
     cfg = SamplingConfig(max_new_tokens=len(script), stop_strings=[stop] if isinstance(stop, str) else stop, **GREEDY)
@@ -348,21 +393,27 @@ def test_stop_string_with_sentencepiece(tmp_path):
     rng = random.Random(0)
     words = ["你好", "世界", "模型", "中文", "数据", "训练", "hello", "world", "User", "Bot", "。", "，"]
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(
-        "".join(rng.choice(words) for _ in range(rng.randrange(5, 20))) + ("\nUser: 再见" if i % 7 == 0 else "")
-        for i in range(400)
-    ), encoding="utf-8")
+    corpus.write_text(
+        "\n".join(
+            "".join(rng.choice(words) for _ in range(rng.randrange(5, 20))) + ("\nUser: 再见" if i % 7 == 0 else "")
+            for i in range(400)
+        ),
+        encoding="utf-8",
+    )
     tok = Tokenizer(train_sentencepiece(corpus, tmp_path / "sp.model", vocab_size=300))
 
     answer, stop = "你好世界，中文模型。", "\nUser:"
     script = tok.encode(answer + stop + " 训练数据")
     model = ScriptedModel(script, prompt_len=1, vocab_size=tok.vocab_size)
-    got = generate(model, [tok.bos_id], SamplingConfig(max_new_tokens=len(script), stop_strings=[stop], **GREEDY),
-                   tokenizer=tok)
+    got = generate(
+        model, [tok.bos_id], SamplingConfig(max_new_tokens=len(script), stop_strings=[stop], **GREEDY), tokenizer=tok
+    )
     text = tok.decode(got)
-    assert stop not in text and got == script[:len(got)]
+    assert stop not in text and got == script[: len(got)]
     assert answer.startswith(text)
-    assert not answer.startswith(tok.decode(script[:len(got) + 1]))  # the next token reaches into the stop: got is the longest
+    assert not answer.startswith(
+        tok.decode(script[: len(got) + 1])
+    )  # the next token reaches into the stop: got is the longest
     assert model.calls < len(script)  # it stopped early
 
 
@@ -377,14 +428,14 @@ def test_left_padded_prefill_matches_each_prompt_alone():
     model = tiny_model(sharpen=1.0)
     P = max(map(len, BATCH_PROMPTS))
     pad = [P - len(p) for p in BATCH_PROMPTS]
-    ids = torch.tensor([[0] * n + p for n, p in zip(pad, BATCH_PROMPTS)])
+    ids = torch.tensor([[0] * n + p for n, p in zip(pad, BATCH_PROMPTS, strict=False)])
     with torch.no_grad():
         cache = KVCache.allocate(model.config, len(BATCH_PROMPTS), P + 1, left_pad=pad)
         batched = model(ids, cache)  # (B, P, V)
         step = model(torch.tensor([[5], [6], [7], [8]]), cache)[:, 0]  # one cached step on top
         for i, p in enumerate(BATCH_PROMPTS):
             alone = model(torch.tensor([p + [5 + i]]))[0]
-            torch.testing.assert_close(batched[i, pad[i]:], alone[:-1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[i, pad[i] :], alone[:-1], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(step[i], alone[-1], atol=1e-5, rtol=1e-5)
         assert batched.isfinite().all()  # padding queries see themselves: no empty softmax row
 
@@ -395,8 +446,9 @@ def test_batched_greedy_equals_one_by_one(monkeypatch):
     model = tiny_model()
     sizes = []
     allocate = model_module.KVCache.allocate.__func__
-    monkeypatch.setattr(model_module.KVCache, "allocate",
-                        classmethod(lambda cls, *a, **k: sizes.append(a[2]) or allocate(cls, *a, **k)))
+    monkeypatch.setattr(
+        model_module.KVCache, "allocate", classmethod(lambda cls, *a, **k: sizes.append(a[2]) or allocate(cls, *a, **k))
+    )
     cfg = SamplingConfig(max_new_tokens=30, **GREEDY)
     alone = [generate(model, p, cfg) for p in BATCH_PROMPTS]
     sizes.clear()
@@ -451,12 +503,12 @@ def test_batched_seeded_sampling_equals_one_by_one():
 # ------------------------------------------------------------------------------------------ stage=infer
 
 from omegaconf import OmegaConf  # noqa: E402
+from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
 
 from llama_zh.config import ConfigError  # noqa: E402
 from llama_zh.data.corpus import DataError  # noqa: E402
 from llama_zh.data.sft import Template  # noqa: E402
 from llama_zh.stages import infer  # noqa: E402
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
 
 INFER_YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "llama_zh" / "conf" / "stage" / "infer.yaml")
 
@@ -481,8 +533,13 @@ def test_presets_and_overrides():
     ref = infer.sampling_config(stage_cfg(preset="reference", max_new_tokens=9))
     assert ref == SamplingConfig.reference(max_new_tokens=9, seed=5)
     tuned = infer.sampling_config(stage_cfg(preset="reference", temperature=0.5, stop=["User:"], long_prompt="fail"))
-    assert (tuned.temperature, tuned.top_k, tuned.penalty_after_filters, tuned.stop_strings, tuned.long_prompt) == \
-        (0.5, 10, True, ["User:"], "fail")
+    assert (tuned.temperature, tuned.top_k, tuned.penalty_after_filters, tuned.stop_strings, tuned.long_prompt) == (
+        0.5,
+        10,
+        True,
+        ["User:"],
+        "fail",
+    )
     plain = infer.sampling_config(stage_cfg(temperature=0.7, top_p=0.9))
     assert (plain.temperature, plain.top_p, plain.top_k, plain.repetition_penalty) == (0.7, 0.9, 0, 1.0)
     with pytest.raises(ConfigError, match="stage.preset: 'hot'"):
@@ -522,8 +579,10 @@ def test_answers_do_not_depend_on_batch_size(ckpt, tok, tmp_path, preset):
     answers = outputs[0].split("\n\n")[:-1]
     assert len(answers) == len(PROMPTS) and outputs[0].endswith("\n\n")
     seeds = [5 + i for i in range(len(PROMPTS))]
-    expected = [tok.decode(generate(model, tok.encode(p, bos=True), dataclasses.replace(sampling, seed=s), tokenizer=tok))
-                for p, s in zip(PROMPTS, seeds)]
+    expected = [
+        tok.decode(generate(model, tok.encode(p, bos=True), dataclasses.replace(sampling, seed=s), tokenizer=tok))
+        for p, s in zip(PROMPTS, seeds, strict=False)
+    ]
     assert answers == expected
 
 
@@ -532,11 +591,20 @@ def test_long_prompt_policy_names_the_line(ckpt, tok, tmp_path):
     long = "很好" * 200
     prompts = [(1, "短"), (4, long)]
     with pytest.raises(DataError, match=r"prompts:4: prompt of \d+ tokens does not fit the context of 128"):
-        infer.answer_file(model, tok, prompts, infer.sampling_config(stage_cfg(long_prompt="fail", max_new_tokens=4)),
-                          tmp_path / "a.txt", 8, source="prompts")
+        infer.answer_file(
+            model,
+            tok,
+            prompts,
+            infer.sampling_config(stage_cfg(long_prompt="fail", max_new_tokens=4)),
+            tmp_path / "a.txt",
+            8,
+            source="prompts",
+        )
     assert not (tmp_path / "a.txt").exists()
     with pytest.warns(UserWarning, match="keeping its last 124 tokens"):
-        infer.answer_file(model, tok, prompts, infer.sampling_config(stage_cfg(max_new_tokens=4)), tmp_path / "a.txt", 8)
+        infer.answer_file(
+            model, tok, prompts, infer.sampling_config(stage_cfg(max_new_tokens=4)), tmp_path / "a.txt", 8
+        )
     assert (tmp_path / "a.txt").read_text(encoding="utf-8").count("\n\n") == 2
 
 
@@ -551,8 +619,10 @@ class WordTokenizer:
 
 def test_chat_history_is_truncated_by_tokens():
     tok = WordTokenizer()
-    template = Template("{{ bos_token }}S{% for m in messages %}{% if m.role == 'user' %}U{{ m.content }}:"
-                        "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}")
+    template = Template(
+        "{{ bos_token }}S{% for m in messages %}{% if m.role == 'user' %}U{{ m.content }}:"
+        "{% else %}{% generation %}{{ m.content + eos_token }}{% endgeneration %}{% endif %}{% endfor %}"
+    )
     history = [("aaaa", "bb"), ("c", "dddddd")]
     # bos S | Uaaaa: bb </s> | Uc: dddddd </s> | Uxy:  ->  2 + 9 + 10 + 4 = 25 tokens
     ids, dropped = infer.chat_prompt_ids(history, "xy", template, tok, budget=25)
@@ -577,7 +647,9 @@ def test_chat_loop_clear_and_exit(ckpt, tok):
     template = Template.named("chat")
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=6, stop_strings=["User:"])
     out = io.StringIO()
-    history = infer.run_chat(model, tok, template, sampling, io.StringIO("你好\n\n很好\nclear\n再见\nexit\n不会读到\n"), out)
+    history = infer.run_chat(
+        model, tok, template, sampling, io.StringIO("你好\n\n很好\nclear\n再见\nexit\n不会读到\n"), out
+    )
     assert [u for u, _ in history] == ["再见"]  # cleared, then one turn; nothing after exit
     text = out.getvalue()
     assert text.count("> ") == 6 and "(conversation cleared)" in text  # one per line read, the empty one too
@@ -592,18 +664,38 @@ def test_infer_stage_end_to_end(ckpt, tok, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     out = tmp_path / "answers.txt"
-    llama_zh("stage=infer", f"stage.checkpoint={path}", f"stage.prompts={prompts}", f"stage.output={out}",
-             "stage.max_new_tokens=10", "stage.batch_size=3", run_dir=tmp_path / "run")
-    expected = "".join(tok.decode(generate(model, tok.encode(p, bos=True), SamplingConfig(temperature=0, max_new_tokens=10),
-                                           tokenizer=tok)) + "\n\n" for p in PROMPTS)
+    llama_zh(
+        "stage=infer",
+        f"stage.checkpoint={path}",
+        f"stage.prompts={prompts}",
+        f"stage.output={out}",
+        "stage.max_new_tokens=10",
+        "stage.batch_size=3",
+        run_dir=tmp_path / "run",
+    )
+    expected = "".join(
+        tok.decode(
+            generate(model, tok.encode(p, bos=True), SamplingConfig(temperature=0, max_new_tokens=10), tokenizer=tok)
+        )
+        + "\n\n"
+        for p in PROMPTS
+    )
     assert out.read_text(encoding="utf-8") == expected
 
-    chat = llama_zh("stage=infer", "stage.mode=chat", "template=chat", f"stage.checkpoint={path}",
-                    "stage.max_new_tokens=6", run_dir=tmp_path / "chat", stdin="你好\nclear\n再见\nexit\n")
+    chat = llama_zh(
+        "stage=infer",
+        "stage.mode=chat",
+        "template=chat",
+        f"stage.checkpoint={path}",
+        "stage.max_new_tokens=6",
+        run_dir=tmp_path / "chat",
+        stdin="你好\nclear\n再见\nexit\n",
+    )
     assert chat.stdout.count("\n> ") == 4 and "(conversation cleared)" in chat.stdout
 
-    bad = llama_zh("stage=infer", f"stage.checkpoint={tmp_path}", f"stage.prompts={prompts}", run_dir=tmp_path / "r2",
-                   check=False)
+    bad = llama_zh(
+        "stage=infer", f"stage.checkpoint={tmp_path}", f"stage.prompts={prompts}", run_dir=tmp_path / "r2", check=False
+    )
     assert bad.returncode == 1 and "neither a native checkpoint" in bad.stderr and "Traceback" not in bad.stderr
     nofile = llama_zh("stage=infer", f"stage.checkpoint={path}", run_dir=tmp_path / "r3", check=False)
     assert nofile.returncode == 1 and "stage.prompts: a prompts file is needed" in nofile.stderr

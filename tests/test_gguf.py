@@ -3,20 +3,21 @@
 import numpy as np
 import pytest
 import torch
+from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
 
 from llama_zh.checkpoint import read_native, save_checkpoint
 from llama_zh.convert import FormatError, convert
 from llama_zh.convert.gguf import GGUFError, write
 from llama_zh.convert.keys import halves_to_interleaved
 from llama_zh.tensor_io import CheckpointError
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
 # llama.cpp's names for the llama architecture, written out by hand: what its loader looks up.
 EXPECTED_NAMES = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
-    f"blk.{i}.{n}.weight" for i in range(2) for n in
-    ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+    f"blk.{i}.{n}.weight"
+    for i in range(2)
+    for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 }
 
 
@@ -46,11 +47,16 @@ def test_export_reads_back(tok, tmp_path, extra_vocab):
     assert set(tensors) == EXPECTED_NAMES
     native = model.state_dict()
     c = model.config
-    for name, t in tensors.items():
+    for _name, t in tensors.items():
         assert t.tensor_type == (gguf.GGMLQuantizationType.F16 if t.data.ndim == 2 else gguf.GGMLQuantizationType.F32)
-    pairs = {"token_embd.weight": "embed.weight", "output.weight": "head.weight", "output_norm.weight": "norm.weight",
-             "blk.1.attn_v.weight": "layers.1.attn.wv.weight", "blk.0.ffn_down.weight": "layers.0.ffn.w_down.weight",
-             "blk.0.attn_norm.weight": "layers.0.attn_norm.weight"}
+    pairs = {
+        "token_embd.weight": "embed.weight",
+        "output.weight": "head.weight",
+        "output_norm.weight": "norm.weight",
+        "blk.1.attn_v.weight": "layers.1.attn.wv.weight",
+        "blk.0.ffn_down.weight": "layers.0.ffn.w_down.weight",
+        "blk.0.attn_norm.weight": "layers.0.attn_norm.weight",
+    }
     for g, n in pairs.items():
         assert tuple(tensors[g].data.shape) == tuple(native[n].shape)
         np.testing.assert_allclose(tensors[g].data.astype(np.float32), native[n].numpy(), rtol=1e-3, atol=1e-4)
@@ -58,16 +64,24 @@ def test_export_reads_back(tok, tmp_path, extra_vocab):
     q = torch.from_numpy(tensors["blk.0.attn_q.weight"].data.astype(np.float32))
     k = torch.from_numpy(tensors["blk.1.attn_k.weight"].data.astype(np.float32))
     assert tuple(k.shape) == (c.n_kv_heads * c.head_dim, c.dim)
-    torch.testing.assert_close(q, halves_to_interleaved(native["layers.0.attn.wq.weight"], c.n_heads), rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(k, halves_to_interleaved(native["layers.1.attn.wk.weight"], c.n_kv_heads), rtol=1e-3,
-                               atol=1e-4)
+    torch.testing.assert_close(
+        q, halves_to_interleaved(native["layers.0.attn.wq.weight"], c.n_heads), rtol=1e-3, atol=1e-4
+    )
+    torch.testing.assert_close(
+        k, halves_to_interleaved(native["layers.1.attn.wk.weight"], c.n_kv_heads), rtol=1e-3, atol=1e-4
+    )
 
     assert field(reader, "general.architecture") == "llama"
     assert field(reader, "general.file_type") == 1  # MOSTLY_F16
-    assert (field(reader, "llama.block_count"), field(reader, "llama.embedding_length"),
-            field(reader, "llama.feed_forward_length"), field(reader, "llama.attention.head_count"),
-            field(reader, "llama.attention.head_count_kv"), field(reader, "llama.rope.dimension_count"),
-            field(reader, "llama.context_length")) == (2, 64, 128, 4, 2, 16, 128)
+    assert (
+        field(reader, "llama.block_count"),
+        field(reader, "llama.embedding_length"),
+        field(reader, "llama.feed_forward_length"),
+        field(reader, "llama.attention.head_count"),
+        field(reader, "llama.attention.head_count_kv"),
+        field(reader, "llama.rope.dimension_count"),
+        field(reader, "llama.context_length"),
+    ) == (2, 64, 128, 4, 2, 16, 128)
     assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
     assert field(reader, "llama.rope.freq_base") == 10000.0
 
@@ -79,8 +93,11 @@ def test_export_reads_back(tok, tmp_path, extra_vocab):
     assert types[:4] == [2, 3, 3, 6]  # <unk> unknown, <s> </s> control, <0x00> byte
     assert types[tok.sp.PieceToId("答")] == 1
     assert field(reader, "tokenizer.ggml.scores")[300] == pytest.approx(tok.sp.GetScore(300))
-    assert (field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id"),
-            field(reader, "tokenizer.ggml.unknown_token_id")) == (1, 2, 0)
+    assert (
+        field(reader, "tokenizer.ggml.bos_token_id"),
+        field(reader, "tokenizer.ggml.eos_token_id"),
+        field(reader, "tokenizer.ggml.unknown_token_id"),
+    ) == (1, 2, 0)
     assert field(reader, "tokenizer.ggml.add_bos_token") is True
     if extra_vocab:
         assert pieces[-1] == f"[PAD{tok.vocab_size + extra_vocab - 1}]" and types[-extra_vocab:] == [5] * extra_vocab
@@ -92,7 +109,9 @@ def test_transformers_gguf_loader_gives_the_same_logits_and_tokens(tok, tmp_path
     transformers = pytest.importorskip("transformers")
     ckpt, model = make_checkpoint(tmp_path / "ckpt", tok, sharpen=1.0)
     convert(ckpt, "native", tmp_path / "m.gguf", "gguf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="m.gguf", dtype=torch.float32
+    ).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     text = "这本书写得很好，推荐。质量太差了"
     ids = tok.encode(text, bos=True)
@@ -116,23 +135,44 @@ def test_export_refuses_bad_input(tok, tmp_path):
 @pytest.mark.slow
 def test_convert_stage_writes_gguf(tok, tmp_path):
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tok)
-    llama_zh("stage=convert", f"stage.src={ckpt}", "stage.src_format=native", f"stage.dst={tmp_path / 'm.gguf'}",
-             "stage.dst_format=gguf", "logger=csv", run_dir=tmp_path / "run")
+    llama_zh(
+        "stage=convert",
+        f"stage.src={ckpt}",
+        "stage.src_format=native",
+        f"stage.dst={tmp_path / 'm.gguf'}",
+        "stage.dst_format=gguf",
+        "logger=csv",
+        run_dir=tmp_path / "run",
+    )
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert {t.name for t in reader.tensors} == EXPECTED_NAMES
 
 
 # stage.gguf_type -> (matrix type, general.file_type), written out from gguf's LlamaFileType by hand.
-TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q5_1": ("Q5_1", 9),
-         "q5_0": ("Q5_0", 8), "q4_1": ("Q4_1", 3), "q4_0": ("Q4_0", 2)}
+TYPES = {
+    "f32": ("F32", 0),
+    "f16": ("F16", 1),
+    "bf16": ("BF16", 32),
+    "q8_0": ("Q8_0", 7),
+    "q5_1": ("Q5_1", 9),
+    "q5_0": ("Q5_0", 8),
+    "q4_1": ("Q4_1", 3),
+    "q4_0": ("Q4_0", 2),
+}
 # Worst error of a value as a fraction of its block's largest |value| a: half a step d, or a whole one where the
 # format clamps the side opposite a (q4_0: -8..7, q5_0: -16..15), plus the f16 rounding of the scale over
 # the largest level (and of the minimum, for the _1 types); relative rounding for floats.
 F16_EPS = 2**-11
-BLOCK_ERROR = {"F32": 0.0, "F16": F16_EPS, "BF16": 2**-8,
-               "Q8_0": (0.5 + 127 * F16_EPS) / 127,
-               "Q5_0": (1 + 16 * F16_EPS) / 16, "Q4_0": (1 + 8 * F16_EPS) / 8,
-               "Q5_1": 2 / 31 * (0.5 + 31 * F16_EPS) + F16_EPS, "Q4_1": 2 / 15 * (0.5 + 15 * F16_EPS) + F16_EPS}
+BLOCK_ERROR = {
+    "F32": 0.0,
+    "F16": F16_EPS,
+    "BF16": 2**-8,
+    "Q8_0": (0.5 + 127 * F16_EPS) / 127,
+    "Q5_0": (1 + 16 * F16_EPS) / 16,
+    "Q4_0": (1 + 8 * F16_EPS) / 8,
+    "Q5_1": 2 / 31 * (0.5 + 31 * F16_EPS) + F16_EPS,
+    "Q4_1": 2 / 15 * (0.5 + 15 * F16_EPS) + F16_EPS,
+}
 
 
 def expected_type(name, shape, gguf_type):
@@ -150,11 +190,22 @@ def expected_type(name, shape, gguf_type):
 def source_tensors(model):
     """llama.cpp's name -> the native tensor as the file should hold it (q and k in interleaved pairs)."""
     native, c = model.state_dict(), model.config
-    out = {"token_embd.weight": native["embed.weight"], "output.weight": native["head.weight"],
-           "output_norm.weight": native["norm.weight"]}
-    parts = {"attn_norm": "attn_norm", "attn_q": "attn.wq", "attn_k": "attn.wk", "attn_v": "attn.wv",
-             "attn_output": "attn.wo", "ffn_norm": "ffn_norm", "ffn_gate": "ffn.w_gate", "ffn_up": "ffn.w_up",
-             "ffn_down": "ffn.w_down"}
+    out = {
+        "token_embd.weight": native["embed.weight"],
+        "output.weight": native["head.weight"],
+        "output_norm.weight": native["norm.weight"],
+    }
+    parts = {
+        "attn_norm": "attn_norm",
+        "attn_q": "attn.wq",
+        "attn_k": "attn.wk",
+        "attn_v": "attn.wv",
+        "attn_output": "attn.wo",
+        "ffn_norm": "ffn_norm",
+        "ffn_gate": "ffn.w_gate",
+        "ffn_up": "ffn.w_up",
+        "ffn_down": "ffn.w_down",
+    }
     for i in range(c.n_layers):
         for g, n in parts.items():
             t = native[f"layers.{i}.{n}.weight"]
@@ -217,8 +268,14 @@ def test_gguf_type_refused_with_one_line(tok, tmp_path):
 @pytest.mark.slow
 def test_convert_stage_writes_gguf_type(tok, tmp_path):
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tok)
-    common = ("stage=convert", f"stage.src={ckpt}", "stage.src_format=native", f"stage.dst={tmp_path / 'm.gguf'}",
-              "stage.dst_format=gguf", "logger=csv")
+    common = (
+        "stage=convert",
+        f"stage.src={ckpt}",
+        "stage.src_format=native",
+        f"stage.dst={tmp_path / 'm.gguf'}",
+        "stage.dst_format=gguf",
+        "logger=csv",
+    )
     bad = llama_zh(*common, "stage.gguf_type=q4", run_dir=tmp_path / "bad", check=False)
     assert bad.returncode != 0 and "stage.gguf_type: 'q4'; expected one of" in bad.stderr
     llama_zh(*common, "stage.gguf_type=q4_0", run_dir=tmp_path / "run")

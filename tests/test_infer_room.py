@@ -54,8 +54,7 @@ def test_model_py_imports_nothing_of_llama_zh_but_the_config():
 def test_training_model_has_no_inference_paths():
     model = tiny()
     names = {type(m).__name__ for m in model.modules()}
-    assert names == {"Transformer", "Embedding", "ModuleList", "Block", "RMSNorm", "Attention", "Linear",
-                     "FeedForward"}
+    assert names == {"Transformer", "Embedding", "ModuleList", "Block", "RMSNorm", "Attention", "Linear", "FeedForward"}
     assert not any(hasattr(model, a) for a in ("fuse_projections", "head_fused", "wide_column_major"))
 
 
@@ -99,7 +98,7 @@ def test_cached_decoding_with_swaps_equals_the_uncached_forward(backend, small_w
     prompts = [[5, 6, 7, 8, 9], [10, 11]]  # left-padded into one cache
     follow = torch.tensor([[40, 41, 42], [50, 51, 52]])
     pad = [0, 3]
-    ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)])
+    ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=False)])
     with torch.inference_mode():
         cache = KVCache.allocate(model.config, 2, 5 + 3, left_pad=pad)
         steps = [fast(ids, cache, last_only=True)[:, -1]]
@@ -118,8 +117,11 @@ def test_explicit_positions_are_those_the_cache_would_give():
         implicit = model(ids, KVCache.allocate(model.config, 2, 8, left_pad=[0, 2]))
         cache = KVCache.allocate(model.config, 2, 8, left_pad=[0, 2])
         explicit = model(ids, cache, positions=torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]]))
-        shifted = model(ids, KVCache.allocate(model.config, 2, 8, left_pad=[0, 2]),
-                        positions=torch.tensor([[1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4]]))
+        shifted = model(
+            ids,
+            KVCache.allocate(model.config, 2, 8, left_pad=[0, 2]),
+            positions=torch.tensor([[1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4]]),
+        )
     torch.testing.assert_close(explicit, implicit, rtol=0, atol=0)
     assert cache.pos == 6
     assert not torch.allclose(shifted, implicit)  # the positions given are the ones used
@@ -348,7 +350,12 @@ def test_load_for_stage_takes_the_stage_options(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader, "load", spy)
     monkeypatch.setattr(loader.LoadReport, "summary", lambda self: "")
-    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu"}, "quant": {"name": "none"},
-                            "stage": {"checkpoint": "ck", "backend": "torch"}})
+    cfg = OmegaConf.create(
+        {
+            "trainer": {"accelerator": "cpu"},
+            "quant": {"name": "none"},
+            "stage": {"checkpoint": "ck", "backend": "torch"},
+        }
+    )
     assert loader.load_for_stage(cfg, rows=4)[:2] == ("model", "tokenizer")
     assert seen == dict(path="ck", device=torch.device("cpu"), quant="none", backend="torch", rows=4)

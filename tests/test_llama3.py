@@ -8,15 +8,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_checkpoints import make_checkpoint, train_tokenizer
+
 from llama_zh.checkpoint import load_checkpoint, load_model, read_native, save_checkpoint
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.convert import convert
 from llama_zh.errors import LlamaZhError
 from llama_zh.finetune import FinetuneConfig, apply_finetune
-from llama_zh.model import build_model
 from llama_zh.infer import load_stream
+from llama_zh.model import build_model
 from llama_zh.quant import QuantConfig
-from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 # Published config.json values (hidden, ffn, heads, kv, layers, vocab, theta, tied, max positions, rope factor)
 # and parameter counts in billions, as the model cards give them.
@@ -36,20 +37,43 @@ def test_named_configs_have_the_published_shapes(name):
     c = ModelConfig.from_name(name)
     shape, billions = PUBLISHED[name]
     factor = c.rope_scaling["factor"] if c.rope_scaling else None
-    assert (c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.n_layers, c.vocab_size, c.rope_theta,
-            c.tie_word_embeddings, c.max_seq_len, factor) == shape
+    assert (
+        c.dim,
+        c.ffn_dim,
+        c.n_heads,
+        c.n_kv_heads,
+        c.n_layers,
+        c.vocab_size,
+        c.rope_theta,
+        c.tie_word_embeddings,
+        c.max_seq_len,
+        factor,
+    ) == shape
     assert round(c.n_params / 1e9, 2) == billions
     if factor:
-        assert c.rope_scaling == {"type": "llama3", "factor": factor, "original_max_position_embeddings": 8192,
-                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        assert c.rope_scaling == {
+            "type": "llama3",
+            "factor": factor,
+            "original_max_position_embeddings": 8192,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        }
 
 
 # ------------------------------------------------------------------------------ tied embeddings
 
 
 def tiny_tied(**overrides):
-    values = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256,
-                  tie_word_embeddings=True)
+    values = dict(
+        vocab_size=300,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=128,
+        max_seq_len=256,
+        tie_word_embeddings=True,
+    )
     return ModelConfig(**(values | overrides))
 
 
@@ -102,8 +126,10 @@ def test_lora_with_a_trained_tied_embedding_exports_one_tied_matrix(tmp_path):
     from llama_zh.checkpoint import write_native
     from llama_zh.finetune import export_stream
 
-    model = apply_finetune(build_model(tiny_tied(), seed=0),
-                           FinetuneConfig(method="lora", target_modules=["wq", "w_up"], modules_to_save=["embed"]))
+    model = apply_finetune(
+        build_model(tiny_tied(), seed=0),
+        FinetuneConfig(method="lora", target_modules=["wq", "w_up"], modules_to_save=["embed"]),
+    )
     assert model.head.weight.requires_grad
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 300, (2, 16))
@@ -140,8 +166,9 @@ def test_int8_quantized_tied_head_or_embedding_gets_its_own_copy(tmp_path, quant
 
     model = build_model(tiny_tied(), seed=0)
     save_checkpoint(model, tmp_path / "ckpt")
-    quantized, report = load_stream(read_any(tmp_path / "ckpt"), quant=QuantConfig(name="int8", **{quantize: True}),
-                                    backend="torch")  # the backend keeps an unquantized head a torch Linear
+    quantized, report = load_stream(
+        read_any(tmp_path / "ckpt"), quant=QuantConfig(name="int8", **{quantize: True}), backend="torch"
+    )  # the backend keeps an unquantized head a torch Linear
     assert ("head" if quantize == "quantize_head" else "embed") in report.quant.quantized
     assert type(quantized.head if quantize == "quantize_embedding" else quantized.embed).__module__.startswith("torch")
     ids = torch.randint(0, 300, (1, 7))
@@ -151,10 +178,23 @@ def test_int8_quantized_tied_head_or_embedding_gets_its_own_copy(tmp_path, quant
 
 def make_hf_tied(tmp_path, with_lm_head=False):
     cfg = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -211,15 +251,26 @@ def _gguf_fields(path):
     return {k: f.contents() for k, f in reader.fields.items()}, {t.name: t for t in reader.tensors}
 
 
-@pytest.mark.parametrize("rope, expected", [
-    ({"type": "linear", "factor": 4.0, "original_max_position_embeddings": 32},
-     {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}),
-    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-     {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
-      "llama.rope.scaling.original_context_length": 32, "llama.rope.scaling.yarn_beta_fast": 32.0,
-      "llama.rope.scaling.yarn_beta_slow": 1.0}),
-    (None, {}),
-])
+@pytest.mark.parametrize(
+    "rope, expected",
+    [
+        (
+            {"type": "linear", "factor": 4.0, "original_max_position_embeddings": 32},
+            {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
+        ),
+        (
+            {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+            {
+                "llama.rope.scaling.type": "yarn",
+                "llama.rope.scaling.factor": 4.0,
+                "llama.rope.scaling.original_context_length": 32,
+                "llama.rope.scaling.yarn_beta_fast": 32.0,
+                "llama.rope.scaling.yarn_beta_slow": 1.0,
+            },
+        ),
+        (None, {}),
+    ],
+)
 def test_gguf_rope_scaling_keys(tok, tmp_path, rope, expected):
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tok, rope_scaling=rope)
     fields, tensors = _gguf_fields(convert(ckpt, "native", tmp_path / "m", "gguf"))
@@ -230,16 +281,28 @@ def test_gguf_rope_scaling_keys(tok, tmp_path, rope, expected):
 def test_gguf_llama3_writes_rope_freqs_and_tied_has_no_output(tok, tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0}
+    rope = {
+        "type": "llama3",
+        "factor": 8.0,
+        "original_max_position_embeddings": 64,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    }
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tok, rope_scaling=rope, rope_theta=500000.0, tie_word_embeddings=True)
     fields, tensors = _gguf_fields(convert(ckpt, "native", tmp_path / "m", "gguf"))
     assert "output.weight" not in tensors and "token_embd.weight" in tensors
     assert not any(k.startswith("llama.rope.scaling.") for k in fields)
     # the divisors llama.cpp applies: transformers' unscaled over its llama3-scaled frequencies
-    hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
-                                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **{
-                                      k: v for k, v in rope.items() if k != "type"}})
+    hf = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            **{k: v for k, v in rope.items() if k != "type"},
+        },
+    )
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16))
     got = torch.from_numpy(tensors["rope_freqs.weight"].data.copy())
@@ -248,11 +311,16 @@ def test_gguf_llama3_writes_rope_freqs_and_tied_has_no_output(tok, tmp_path):
     assert got.min() == 1.0 and got.max() == 8.0
 
 
-@pytest.mark.parametrize("rope, message", [
-    ({"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 32}, "llama.cpp has no dynamic NTK"),
-    ({"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "attention_factor": 1.3},
-     "YaRN with attention_factor/mscale"),
-])
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 32}, "llama.cpp has no dynamic NTK"),
+        (
+            {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "attention_factor": 1.3},
+            "YaRN with attention_factor/mscale",
+        ),
+    ],
+)
 def test_gguf_refuses_scalings_llama_cpp_cannot_run(tok, tmp_path, rope, message):
     from llama_zh.convert.gguf import GGUFError
 
@@ -279,20 +347,31 @@ def write_meta_llama3(directory, hf_model, params_extra, drop_output=False):
         full["output.weight"] = sd["lm_head.weight"]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        full |= {f"layers.{i}.attention.wq.weight": interleave(sd[p + "self_attn.q_proj.weight"], heads),
-                 f"layers.{i}.attention.wk.weight": interleave(sd[p + "self_attn.k_proj.weight"], kv),
-                 f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
-                 f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
-                 f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
-                 f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
-                 f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
-                 f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
-                 f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"]}
+        full |= {
+            f"layers.{i}.attention.wq.weight": interleave(sd[p + "self_attn.q_proj.weight"], heads),
+            f"layers.{i}.attention.wk.weight": interleave(sd[p + "self_attn.k_proj.weight"], kv),
+            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
+            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+        }
     directory.mkdir(parents=True)
     torch.save({k: v.clone() for k, v in full.items()}, directory / "consolidated.00.pth")
-    params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": heads, "n_kv_heads": kv,
-              "vocab_size": cfg.vocab_size, "multiple_of": 32, "ffn_dim_multiplier": 1.3,
-              "norm_eps": cfg.rms_norm_eps, "rope_theta": 500000.0, **params_extra}
+    params = {
+        "dim": cfg.hidden_size,
+        "n_layers": cfg.num_hidden_layers,
+        "n_heads": heads,
+        "n_kv_heads": kv,
+        "vocab_size": cfg.vocab_size,
+        "multiple_of": 32,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": cfg.rms_norm_eps,
+        "rope_theta": 500000.0,
+        **params_extra,
+    }
     (directory / "params.json").write_text(json.dumps(params))
 
 
@@ -300,8 +379,13 @@ def test_meta_llama3_1_with_scaled_rope(tmp_path):
     hf_model, _ = make_hf_tied(tmp_path)  # its weights only: params.json carries the scaling
     write_meta_llama3(tmp_path / "meta", hf_model, {"use_scaled_rope": True})
     stream_config = read_meta_config(tmp_path / "meta")
-    assert stream_config.rope_scaling == {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    assert stream_config.rope_scaling == {
+        "type": "llama3",
+        "factor": 8.0,
+        "original_max_position_embeddings": 8192,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    }
     assert stream_config.max_seq_len == 131072 and stream_config.rope_theta == 500000.0
     assert stream_config.n_kv_heads == 2 and stream_config.vocab_size == 300
     assert not stream_config.tie_word_embeddings  # output.weight present
@@ -316,9 +400,16 @@ def test_meta_llama3_2_without_output_is_tied_with_factor_32(tmp_path):
 
 def test_meta_llama3_weights_match_transformers(tmp_path):
     """Without use_scaled_rope the converted weights must give transformers' logits (theta 500000, GQA)."""
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=128, rms_norm_eps=1e-5,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
     torch.manual_seed(1)
     hf_model = transformers.LlamaForCausalLM(cfg).eval()
     write_meta_llama3(tmp_path / "meta", hf_model, {})
@@ -348,30 +439,51 @@ def test_meta_llama3_release_tokenizer_model_becomes_a_working_tokenizer(bpe_tok
     """Meta's Llama-3 directory: tokenizer.model is a tiktoken rank file; stage=convert turns it into
     a tokenizer.json with Llama-3's special tokens and chat template, beside the weights."""
     from bpe_fixture import MIXED, write_rank_file
+    from tiny_checkpoints import llama_zh
+
     from llama_zh.data.chat_template import ChatTemplate
     from llama_zh.generate import SamplingConfig, generate
     from llama_zh.tokenizer import Tokenizer
-    from tiny_checkpoints import llama_zh
 
     source = Tokenizer(bpe_tokenizer)
-    cfg = transformers.LlamaConfig(vocab_size=source.vocab_size, hidden_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=source.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(2)
-    write_meta_llama3(tmp_path / "meta", transformers.LlamaForCausalLM(cfg).eval(), {"use_scaled_rope": True},
-                      drop_output=True)
+    write_meta_llama3(
+        tmp_path / "meta", transformers.LlamaForCausalLM(cfg).eval(), {"use_scaled_rope": True}, drop_output=True
+    )
     write_rank_file(bpe_tokenizer, tmp_path / "meta" / "tokenizer.model")
     native = tmp_path / "native"
-    llama_zh("stage=convert", f"stage.src={tmp_path / 'meta'}", "stage.src_format=meta", f"stage.dst={native}",
-             "stage.dst_format=native", run_dir=tmp_path / "run")
+    llama_zh(
+        "stage=convert",
+        f"stage.src={tmp_path / 'meta'}",
+        "stage.src_format=meta",
+        f"stage.dst={native}",
+        "stage.dst_format=native",
+        run_dir=tmp_path / "run",
+    )
     assert (native / "tokenizer.json").is_file() and not (native / "tokenizer.model").exists()
     model, tok = load_checkpoint(native)
     assert tok.kind == "bpe" and model.config.tie_word_embeddings and model.config.rope_scaling["factor"] == 32.0
-    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.eot_id) == (source.vocab_size, source.bos_id,
-                                                                   source.eos_id, source.eot_id)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.eot_id) == (
+        source.vocab_size,
+        source.bos_id,
+        source.eos_id,
+        source.eot_id,
+    )
     assert tok.stop_ids == [source.eos_id, source.eot_id]
     assert tok.chat_template == ChatTemplate.named("llama-3").source
     for text in MIXED:
         assert tok.encode(text, bos=True) == source.encode(text, bos=True)
-    new = generate(model, tok.encode("你好", bos=True), SamplingConfig(temperature=0.0, max_new_tokens=4), tokenizer=tok)
+    new = generate(
+        model, tok.encode("你好", bos=True), SamplingConfig(temperature=0.0, max_new_tokens=4), tokenizer=tok
+    )
     assert 0 < len(new) <= 4 and all(0 <= i < tok.vocab_size for i in new)

@@ -12,8 +12,14 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from llama_zh.data.corpus import DataError, read_documents, resolve_path
-from llama_zh.data.mix import (FeistelPermutation, MixedWindows, MixtureSchedule, apportion, check_source_weights,
-                               mix_weights)
+from llama_zh.data.mix import (
+    FeistelPermutation,
+    MixedWindows,
+    MixtureSchedule,
+    apportion,
+    check_source_weights,
+    mix_weights,
+)
 from llama_zh.data.prepare import sources_of
 
 
@@ -89,11 +95,16 @@ def test_seed_determinism():
     assert [a[g] for g in range(3000)] != [c[g] for g in range(3000)]
 
 
-@pytest.mark.parametrize("weights,message", [
-    ([1, 0, 1], "data.sources.b.weight: 0"), ([1, -2, 1], "data.sources.b.weight: -2"),
-    ([0, 0, 0], "data.sources.a.weight: 0"), ([1, 1], "one weight per source"),
-    ([1, 1e-6, 1], "the weight of b is below 1/1000"),
-])
+@pytest.mark.parametrize(
+    "weights,message",
+    [
+        ([1, 0, 1], "data.sources.b.weight: 0"),
+        ([1, -2, 1], "data.sources.b.weight: -2"),
+        ([0, 0, 0], "data.sources.a.weight: 0"),
+        ([1, 1], "one weight per source"),
+        ([1, 1e-6, 1], "the weight of b is below 1/1000"),
+    ],
+)
 def test_bad_weights(weights, message):
     with pytest.raises(DataError, match=message):
         MixtureSchedule(SIZES, weights, seed=0, names=["a", "b", "c"])
@@ -125,9 +136,16 @@ def test_weights_for_some_sources_only_are_refused():
 
 
 def test_every_stage_reading_the_sources_refuses_a_zero_weight(tmp_path):
-    cfg = OmegaConf.create({"name": "x", "dir": str(tmp_path / "built"), "sources": {
-        "news": {"files": [str(tmp_path / "missing.txt")], "weight": 1},
-        "reviews": {"files": [str(tmp_path / "missing.txt")], "weight": 0}}})
+    cfg = OmegaConf.create(
+        {
+            "name": "x",
+            "dir": str(tmp_path / "built"),
+            "sources": {
+                "news": {"files": [str(tmp_path / "missing.txt")], "weight": 1},
+                "reviews": {"files": [str(tmp_path / "missing.txt")], "weight": 0},
+            },
+        }
+    )
     with pytest.raises(DataError, match="data.sources.reviews.weight: 0"):
         sources_of(cfg)  # before the files are looked at or anything is written
     assert not (tmp_path / "built").exists()
@@ -150,8 +168,9 @@ def test_ranks_and_workers_are_disjoint_and_complete():
 def test_resume_continues_with_the_next_batch():
     batch = 3
     full = drawn(DataLoader(MixedWindows(sources(), [1, 1, 1], 4, batch), batch_size=batch, num_workers=2), 10)
-    resumed = drawn(DataLoader(MixedWindows(sources(), [1, 1, 1], 4, batch, start_batch=6), batch_size=batch,
-                               num_workers=2), 4)
+    resumed = drawn(
+        DataLoader(MixedWindows(sources(), [1, 1, 1], 4, batch, start_batch=6), batch_size=batch, num_workers=2), 4
+    )
     assert resumed == full[6 * batch :]
 
 
@@ -166,12 +185,20 @@ def mix_cfg(tmp_path_factory):
     (d / "reviews.txt").write_text("\n".join(reviews), encoding="utf-8")
     (d / "all.txt").write_text("\n".join(news + reviews), encoding="utf-8")
     tok = train_sentencepiece(d / "all.txt", d / "tok" / "tokenizer.model", vocab_size=5000)
-    cfg = OmegaConf.create({
-        "name": "mini", "dir": str(d / "built"), "seq_len": 64, "batch_size": 4, "num_workers": 0,
-        "holdout_modulus": 10,
-        "sources": {"news": {"files": [str(d / "news.txt")], "format": "text", "weight": 0.25},
-                    "reviews": {"files": [str(d / "reviews.txt")], "format": "text", "weight": 0.75}},
-    })
+    cfg = OmegaConf.create(
+        {
+            "name": "mini",
+            "dir": str(d / "built"),
+            "seq_len": 64,
+            "batch_size": 4,
+            "num_workers": 0,
+            "holdout_modulus": 10,
+            "sources": {
+                "news": {"files": [str(d / "news.txt")], "format": "text", "weight": 0.25},
+                "reviews": {"files": [str(d / "reviews.txt")], "format": "text", "weight": 0.75},
+            },
+        }
+    )
     return cfg, tok
 
 
@@ -190,7 +217,7 @@ def test_pretrain_data_mixes_and_resumes(mix_cfg):
     resumed = PretrainData(cfg, tokenizer, seed=3)
     resumed.setup("fit")
     resumed.load_state_dict({"batches_consumed": 250})
-    for a, b in zip(batches[250:], itertools.islice(resumed.train_dataloader(), 50)):
+    for a, b in zip(batches[250:], itertools.islice(resumed.train_dataloader(), 50), strict=False):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
@@ -210,7 +237,9 @@ def test_train_sources_selects_what_training_draws_but_validates_on_all(mix_cfg)
         assert all(tuple(row.tolist()) in reviews_windows for row in batch["input_ids"])
     assert len(only.val) == len(both.val)  # validation still covers news and reviews
     for bad in (["wiki"], []):
-        with pytest.raises(DataError, match=r"data.train_sources: .*expected a non-empty list of \['news', 'reviews'\]"):
+        with pytest.raises(
+            DataError, match=r"data.train_sources: .*expected a non-empty list of \['news', 'reviews'\]"
+        ):
             PretrainData(OmegaConf.merge(cfg, {"train_sources": bad}), tokenizer, seed=3).setup("fit")
 
 
@@ -227,11 +256,24 @@ def test_pretrain_data_refuses_a_zero_weight(mix_cfg):
 
 
 def test_command_line_zero_weight_fails_naming_the_source(tmp_path):
-    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"),
-               LLAMA_ZH_RAW=str(tmp_path / "raw"))
-    result = subprocess.run([sys.executable, "-m", "llama_zh", "data=zh_mix", "data.sources.wiki.weight=0",
-                             "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    env = dict(
+        os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"), LLAMA_ZH_RAW=str(tmp_path / "raw")
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_zh",
+            "data=zh_mix",
+            "data.sources.wiki.weight=0",
+            "logger=csv",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "data.sources.wiki.weight: 0" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "data" / "zh_mix").exists()  # refused before any corpus was built

@@ -19,8 +19,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # Run data and build products of the checkout, at its root only: llama_zh/data and llama_zh/conf/data are sources.
 ROOT_NOT_SOURCES = {".git", "outputs", "data", "build", "dist", "wandb", "multirun", ".pytest_cache"}
-SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-         "trainer.enable_progress_bar=false", "logger=csv"]
+SMOKE = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
 
 
 def run(args, cwd, env=None, timeout=900):
@@ -50,8 +55,10 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(REPO, source, ignore=not_sources)
     out = tmp_path_factory.mktemp("wheel")
     # No build isolation: the build backend (setuptools) is already installed, and no index is reachable.
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", out,
-         source], cwd=out)
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", out, source],
+        cwd=out,
+    )
     (path,) = out.glob("llama_zh-*.whl")
     return path
 
@@ -62,19 +69,29 @@ def venv_python(wheel, tmp_path_factory) -> Path:
     # The system's pip installs into the venv: no ensurepip, no index.
     run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=venv)
     python = venv / "bin" / "python"
-    run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel], cwd=venv,
-        env=outside_env())
+    run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", wheel],
+        cwd=venv,
+        env=outside_env(),
+    )
     return python
 
 
 def test_wheel_holds_configs_and_chat_page(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("llama_zh/conf/config.yaml", "llama_zh/conf/model/tiny.yaml",
-                 "llama_zh/conf/experiment/zh_sentiment/pretrain.yaml", "llama_zh/infer/static/index.html"):
+    for name in (
+        "llama_zh/conf/config.yaml",
+        "llama_zh/conf/model/tiny.yaml",
+        "llama_zh/conf/experiment/zh_sentiment/pretrain.yaml",
+        "llama_zh/infer/static/index.html",
+    ):
         assert name in names, name
     shipped = {n for n in names if n.startswith("llama_zh/conf/")}
-    checkout = {f"llama_zh/conf/{p.relative_to(REPO / 'llama_zh' / 'conf').as_posix()}"
-                for p in (REPO / "llama_zh" / "conf").rglob("*") if p.is_file()}
+    checkout = {
+        f"llama_zh/conf/{p.relative_to(REPO / 'llama_zh' / 'conf').as_posix()}"
+        for p in (REPO / "llama_zh" / "conf").rglob("*")
+        if p.is_file()
+    }
     assert shipped == checkout
 
 
@@ -98,8 +115,12 @@ def test_installed_package_runs_default_job_from_empty_dir(venv_python, tmp_path
 def test_user_config_dir_adds_options(venv_python, tmp_path):
     user = tmp_path / "my_conf"
     (user / "model").mkdir(parents=True)
-    (user / "model" / "mine.yaml").write_text((REPO / "llama_zh" / "conf" / "model" / "tiny.yaml").read_text()
-                                              .replace("name: tiny", "name: mine"))
-    shown = run([venv_python, "-m", "llama_zh", "--config-dir", user, "model=mine", "--cfg", "job",
-                 "--package", "model"], cwd=tmp_path, env=outside_env()).stdout
+    (user / "model" / "mine.yaml").write_text(
+        (REPO / "llama_zh" / "conf" / "model" / "tiny.yaml").read_text().replace("name: tiny", "name: mine")
+    )
+    shown = run(
+        [venv_python, "-m", "llama_zh", "--config-dir", user, "model=mine", "--cfg", "job", "--package", "model"],
+        cwd=tmp_path,
+        env=outside_env(),
+    ).stdout
     assert "name: mine" in shown

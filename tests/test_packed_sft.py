@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_checkpoints import llama_zh, make_checkpoint, tiny_config, train_tokenizer
 
 from llama_zh.data.datasets import IGNORE_INDEX, PackedSFTDataset, SFTDataset, pad_collate
 from llama_zh.data.sft import pack_examples
 from llama_zh.model import KVCache, build_model, segment_runs
 from llama_zh.module import CausalLM, OptimConfig
-from tiny_checkpoints import llama_zh, make_checkpoint, tiny_config, train_tokenizer
 
 VOCAB = 300
 MAX_LEN = 48
@@ -130,8 +130,9 @@ def test_default_path_is_plain_causal_attention(model, monkeypatch):
         plain = model(ids)
         assert calls and all(mask is None and causal for mask, causal in calls)
         calls.clear()
-        one_example = model(ids, positions=torch.arange(20).expand(2, 20),
-                            segment_ids=torch.ones(2, 20, dtype=torch.long))
+        one_example = model(
+            ids, positions=torch.arange(20).expand(2, 20), segment_ids=torch.ones(2, 20, dtype=torch.long)
+        )
         assert calls and all(mask is not None and not causal for mask, causal in calls)
     torch.testing.assert_close(one_example, plain, atol=1e-6, rtol=0)
 
@@ -155,18 +156,37 @@ def test_sft_cli_with_pack_validates_as_unpacked(tmp_path):
     validation examples (split before packing) must give the same token-weighted val/loss."""
     tokenizer = train_tokenizer(tmp_path / "tok")
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer)
-    records = [{"instruction": "判断情感", "input": f"第{i}本书{'很好' if i % 2 else '太差'}" * (1 + i % 3),
-                "output": "正面" if i % 2 else "负面"} for i in range(40)]
+    records = [
+        {
+            "instruction": "判断情感",
+            "input": f"第{i}本书{'很好' if i % 2 else '太差'}" * (1 + i % 3),
+            "output": "正面" if i % 2 else "负面",
+        }
+        for i in range(40)
+    ]
     data = tmp_path / "sft.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
     losses = {}
     for pack in ("true", "false"):
         run = tmp_path / f"pack_{pack}"
-        llama_zh("stage=sft", f"stage.checkpoint={ckpt}", f"stage.data={data}", f"stage.pack={pack}",
-                 "template=raw", "stage.seq_len=64", "stage.batch_size=2", "stage.val_fraction=0.25", "optim.lr=1e-30",
-                 "optim.weight_decay=0", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                 "logger=csv", "trainer.enable_progress_bar=false",
-                 run_dir=run, env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")})
+        llama_zh(
+            "stage=sft",
+            f"stage.checkpoint={ckpt}",
+            f"stage.data={data}",
+            f"stage.pack={pack}",
+            "template=raw",
+            "stage.seq_len=64",
+            "stage.batch_size=2",
+            "stage.val_fraction=0.25",
+            "optim.lr=1e-30",
+            "optim.weight_decay=0",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            run_dir=run,
+            env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")},
+        )
         assert (run / "checkpoints" / "final" / "model.safetensors").is_file()
         losses[pack] = _val_loss(run)
     assert math.isfinite(losses["true"])

@@ -38,8 +38,9 @@ def corpus(tmp_path_factory, news_docs):
 
 def pack(corpus, tokenizer, out_dir, num_proc=1, corpus_sha1="corpus-v1", shard_tokens=SHARD_TOKENS):
     with BlockEncoder(tokenizer, num_proc) as encoder:
-        return pack_corpus_file(corpus, corpus_sha1, tokenizer, encoder, out_dir, "news", "train", shard_tokens,
-                                block_bytes=BLOCK_BYTES)
+        return pack_corpus_file(
+            corpus, corpus_sha1, tokenizer, encoder, out_dir, "news", "train", shard_tokens, block_bytes=BLOCK_BYTES
+        )
 
 
 def shard_bytes(out_dir) -> dict[str, bytes]:
@@ -211,8 +212,17 @@ def test_stage_prepare_end_to_end(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
 
     def prepare(*overrides, run="run"):
-        args = [sys.executable, "-m", "llama_zh", "stage=prepare", "data=sample_zh", f"hydra.run.dir={tmp_path / run}",
-                "data.packing.num_proc=2", "data.packing.shard_tokens=400000", *overrides]
+        args = [
+            sys.executable,
+            "-m",
+            "llama_zh",
+            "stage=prepare",
+            "data=sample_zh",
+            f"hydra.run.dir={tmp_path / run}",
+            "data.packing.num_proc=2",
+            "data.packing.shard_tokens=400000",
+            *overrides,
+        ]
         return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
 
     first = prepare()

@@ -73,8 +73,14 @@ def make_lora_run(tmp_path, tokenizer, modules_to_save=("embed", "head", "norm")
 def test_export_loads_in_peft_with_our_logits(tmp_path, tokenizer):
     base, run, tuned = make_lora_run(tmp_path, tokenizer)
     base_hf = convert(base, "native", tmp_path / "base_hf", "hf")
-    llama_zh("stage=convert", f"stage.src={run}", "stage.src_format=native", "stage.dst_format=peft",
-             f"stage.dst={tmp_path / 'adapter'}", run_dir=tmp_path / "hydra")
+    llama_zh(
+        "stage=convert",
+        f"stage.src={run}",
+        "stage.src_format=native",
+        "stage.dst_format=peft",
+        f"stage.dst={tmp_path / 'adapter'}",
+        run_dir=tmp_path / "hydra",
+    )
     adapter = tmp_path / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["embed_tokens", "lm_head", "model.norm"]
@@ -102,7 +108,8 @@ def test_export_of_q_k_adapters_alone_matches(tmp_path, tokenizer):
     save_adapter(adapter_state(model, ft), run, ft)
     out = peft_io.export(run, tmp_path / "adapter")
     hf_model = peft.PeftModel.from_pretrained(
-        transformers.AutoModelForCausalLM.from_pretrained(convert(base, "native", tmp_path / "hf", "hf")), out).eval()
+        transformers.AutoModelForCausalLM.from_pretrained(convert(base, "native", tmp_path / "hf", "hf")), out
+    ).eval()
     ids = torch.randint(0, tokenizer.vocab_size, (1, 23))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(ids).logits, model(ids), atol=1e-5, rtol=0)
@@ -128,11 +135,19 @@ def test_export_refuses_a_module_both_adapted_and_saved(tmp_path):
 
 def test_cli_export_needs_a_native_source(tmp_path, tokenizer):
     _, run, _ = make_lora_run(tmp_path, tokenizer)
-    result = llama_zh("stage=convert", f"stage.src={run}", "stage.dst_format=peft", f"stage.dst={tmp_path / 'adapter'}",
-                      run_dir=tmp_path / "hydra", check=False)
+    result = llama_zh(
+        "stage=convert",
+        f"stage.src={run}",
+        "stage.dst_format=peft",
+        f"stage.dst={tmp_path / 'adapter'}",
+        run_dir=tmp_path / "hydra",
+        check=False,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "llama_zh: error: stage.dst_format=peft exports the adapter of a finetune=lora checkpoint: " \
-           "set stage.src_format=native (got 'hf')" in result.stderr
+    assert (
+        "llama_zh: error: stage.dst_format=peft exports the adapter of a finetune=lora checkpoint: "
+        "set stage.src_format=native (got 'hf')" in result.stderr
+    )
     assert not (tmp_path / "adapter").exists()
 
 
@@ -143,16 +158,30 @@ def make_peft_adapter(tmp_path, tokenizer, rslora=False, safe=True, **lora):
     """(base HF dir, adapter dir, merge_and_unload's HF dir): a random HF LLaMA (GQA) with BASE_VOCAB rows,
     extended to the tokenizer's EXTENDED_VOCAB, LoRA on every projection with random non-zero B, and
     embed_tokens/lm_head in modules_to_save, as Chinese-LLaMA-Alpaca ships its adapters."""
-    cfg = transformers.LlamaConfig(vocab_size=BASE_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=BASE_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     _randomize(p for p in model.parameters() if p.ndim == 1)
     model.save_pretrained(tmp_path / "base_hf")
     model.resize_token_embeddings(EXTENDED_VOCAB, mean_resizing=False)
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS, modules_to_save=["embed_tokens", "lm_head"],
-                             use_rslora=rslora, task_type="CAUSAL_LM", **lora)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=TARGETS,
+        modules_to_save=["embed_tokens", "lm_head"],
+        use_rslora=rslora,
+        task_type="CAUSAL_LM",
+        **lora,
+    )
     tuned = peft.get_peft_model(model, config)
     _randomize((p for p in tuned.parameters() if p.requires_grad), std=0.1)  # B, A and the saved embed/head
     tuned.save_pretrained(tmp_path / "adapter", safe_serialization=safe)
@@ -171,8 +200,14 @@ def assert_same_weights(got_stream, ref_stream):
 
 def test_import_merges_like_peft_merge_and_unload(tmp_path, tokenizer):
     base_hf, adapter, merged_hf = make_peft_adapter(tmp_path, tokenizer)
-    llama_zh("stage=convert", f"stage.src={base_hf}", "stage.src_format=hf", f"stage.adapter={adapter}",
-             f"stage.dst={tmp_path / 'merged'}", run_dir=tmp_path / "hydra")
+    llama_zh(
+        "stage=convert",
+        f"stage.src={base_hf}",
+        "stage.src_format=hf",
+        f"stage.adapter={adapter}",
+        f"stage.dst={tmp_path / 'merged'}",
+        run_dir=tmp_path / "hydra",
+    )
     got = read_native(tmp_path / "merged")
     assert got.config.vocab_size == EXTENDED_VOCAB
     assert got.tokenizer is not None and got.tokenizer.read_bytes() == tokenizer.path.read_bytes()
@@ -185,11 +220,25 @@ def test_import_onto_native_base(tmp_path, tokenizer, safe, rslora):
     and rsLoRA's scaling."""
     base_hf, adapter, merged_hf = make_peft_adapter(tmp_path, tokenizer, rslora=rslora, safe=safe)
     if not safe:
-        (adapter / "adapter_config.json").write_text(json.dumps({
-            "base_model_name_or_path": "decapoda-research/llama-7b-hf", "bias": "none", "enable_lora": None,
-            "fan_in_fan_out": False, "inference_mode": True, "lora_alpha": 16.0, "lora_dropout": 0.05,
-            "merge_weights": False, "modules_to_save": ["embed_tokens", "lm_head"], "peft_type": "LORA", "r": 4,
-            "target_modules": TARGETS, "task_type": "CAUSAL_LM"}))
+        (adapter / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "base_model_name_or_path": "decapoda-research/llama-7b-hf",
+                    "bias": "none",
+                    "enable_lora": None,
+                    "fan_in_fan_out": False,
+                    "inference_mode": True,
+                    "lora_alpha": 16.0,
+                    "lora_dropout": 0.05,
+                    "merge_weights": False,
+                    "modules_to_save": ["embed_tokens", "lm_head"],
+                    "peft_type": "LORA",
+                    "r": 4,
+                    "target_modules": TARGETS,
+                    "task_type": "CAUSAL_LM",
+                }
+            )
+        )
     assert (adapter / ("adapter_model.safetensors" if safe else "adapter_model.bin")).is_file()
     base = convert(base_hf, "hf", tmp_path / "base", "native")
     out = peft_io.convert_merged(base, "native", adapter, tmp_path / "merged", "native")
@@ -208,15 +257,18 @@ def _edit_config(adapter, **changes):
     path.write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"peft_type": "IA3"}, r"adapter_config\.json: peft_type 'IA3'; only LORA"),
-    ({"use_dora": True}, r"adapter_config\.json: use_dora=true"),
-    ({"bias": "all"}, r"adapter_config\.json: bias 'all'"),
-    ({"fan_in_fan_out": True}, r"adapter_config\.json: fan_in_fan_out=true"),
-    ({"target_modules": ["q_proj", "embed_tokens"]}, r"adapter_config\.json: target_modules 'embed_tokens' cannot"),
-    ({"rank_pattern": {"q_proj": 8}}, r"adapter_config\.json: rank_pattern"),
-    ({"r": 8}, r"q_proj\.lora_A\.weight has shape \(4, 64\); the base's layers\.0\.attn\.wq\.weight"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"peft_type": "IA3"}, r"adapter_config\.json: peft_type 'IA3'; only LORA"),
+        ({"use_dora": True}, r"adapter_config\.json: use_dora=true"),
+        ({"bias": "all"}, r"adapter_config\.json: bias 'all'"),
+        ({"fan_in_fan_out": True}, r"adapter_config\.json: fan_in_fan_out=true"),
+        ({"target_modules": ["q_proj", "embed_tokens"]}, r"adapter_config\.json: target_modules 'embed_tokens' cannot"),
+        ({"rank_pattern": {"q_proj": 8}}, r"adapter_config\.json: rank_pattern"),
+        ({"r": 8}, r"q_proj\.lora_A\.weight has shape \(4, 64\); the base's layers\.0\.attn\.wq\.weight"),
+    ],
+)
 def test_import_refusals(tmp_path, peft_adapter, changes, message):
     base_hf, adapter, _ = peft_adapter
     _edit_config(adapter, **changes)
@@ -230,8 +282,11 @@ def test_import_refuses_an_adapter_of_another_model(tmp_path, peft_adapter):
     _, adapter, _ = peft_adapter
     other = build_model(tiny_config(vocab_size=BASE_VOCAB, ffn_dim=96), seed=0)
     base = save_checkpoint(other, tmp_path / "other")
-    with pytest.raises(LlamaZhError, match=r"gate_proj\.lora_B\.weight has shape \(128, 4\); the base's "
-                                           r"layers\.0\.ffn\.w_gate\.weight \(96, 64\) with r=4 needs \(96, 4\)"):
+    with pytest.raises(
+        LlamaZhError,
+        match=r"gate_proj\.lora_B\.weight has shape \(128, 4\); the base's "
+        r"layers\.0\.ffn\.w_gate\.weight \(96, 64\) with r=4 needs \(96, 4\)",
+    ):
         peft_io.convert_merged(base, "native", adapter, tmp_path / "merged", "native")
 
 
@@ -245,8 +300,11 @@ def test_import_refuses_unknown_tensors_and_lone_vocab_extension(tmp_path, peft_
     with pytest.raises(LlamaZhError, match=r"'base_model\.model\.score\.weight' is no weight of a LLaMA model"):
         peft_io.read_peft(adapter)
     save_file({k: v for k, v in state.items() if "lm_head" not in k}, weights)
-    with pytest.raises(LlamaZhError, match=r"a vocabulary of 400 rows, the base has 350, and lm_head is not in "
-                                           r"modules_to_save"):
+    with pytest.raises(
+        LlamaZhError,
+        match=r"a vocabulary of 400 rows, the base has 350, and lm_head is not in "
+        r"modules_to_save",
+    ):
         peft_io.convert_merged(base_hf, "hf", adapter, tmp_path / "merged", "native")
     save_file(state, weights)
     (adapter / "tokenizer.model").unlink()

@@ -15,8 +15,18 @@ from llama_zh.dpo import adapters_only
 from llama_zh.errors import LlamaZhError
 from llama_zh.finetune import FinetuneConfig, adapters_disabled, apply_finetune, count_trainable
 from llama_zh.model import apply_rope, build_model
-from llama_zh.prefix import (PREFIX_CONFIG, PREFIX_FILE, FrozenPrefix, allocate_cache, attach_prefix, fold,
-                             load_prefix, model_fingerprint, read_prefix, save_prefix)
+from llama_zh.prefix import (
+    PREFIX_CONFIG,
+    PREFIX_FILE,
+    FrozenPrefix,
+    allocate_cache,
+    attach_prefix,
+    fold,
+    load_prefix,
+    model_fingerprint,
+    read_prefix,
+    save_prefix,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_checkpoints import REPO, llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
@@ -28,8 +38,9 @@ P = 5
 def prefixed(hidden=0, seed=0, scale=1.0):
     """A random base with a prefix whose keys and values are of the scale of real ones (`scale`), so
     that it visibly changes the output."""
-    model = apply_finetune(build_model(CONFIG, seed=seed), FinetuneConfig(method="prefix", prefix_len=P,
-                                                                          prefix_hidden=hidden))
+    model = apply_finetune(
+        build_model(CONFIG, seed=seed), FinetuneConfig(method="prefix", prefix_len=P, prefix_hidden=hidden)
+    )
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.prefix.parameters():
@@ -47,7 +58,7 @@ def reference_logits(model, keys, values, ids):
     B, T = ids.shape
     cfg = model.config
     cos, sin = model._rope(P + T, ids.device, torch.float32)
-    cos, sin = cos[P:P + T, None], sin[P:P + T, None]
+    cos, sin = cos[P : P + T, None], sin[P : P + T, None]
     visible = torch.cat((torch.ones(T, P, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()), dim=1)
     x = model.embed(ids)
     for i, block in enumerate(model.layers):
@@ -79,7 +90,9 @@ def test_only_the_prefix_gets_gradients(hidden):
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in prefix_params)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == prefix_params
     trainable, total = count_trainable(model)
-    assert trainable == sum(model.get_parameter(n).numel() for n in prefix_params) and total - trainable == CONFIG.n_params
+    assert (
+        trainable == sum(model.get_parameter(n).numel() for n in prefix_params) and total - trainable == CONFIG.n_params
+    )
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
 
@@ -103,7 +116,7 @@ def test_incremental_decoding_with_the_prefix_equals_one_forward():
         full = model(ids)  # (B, T, V)
         cache = allocate_cache(model, 2, 9)
         steps = [model(ids[:, :4], cache)]  # a prefill, then one token at a time
-        steps += [model(ids[:, t:t + 1], cache) for t in range(4, 9)]
+        steps += [model(ids[:, t : t + 1], cache) for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
     assert cache.pos == P + 9
 
@@ -198,11 +211,14 @@ def test_attaching_a_prefix_of_another_shape_is_refused():
         attach_prefix(build_model(CONFIG, seed=0), FrozenPrefix(keys, keys))
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"prefix_len": 0}, "finetune.prefix_len must be an integer > 0, got 0"),
-    ({"prefix_len": -3}, "finetune.prefix_len must be an integer > 0, got -3"),
-    ({"prefix_hidden": -1}, "finetune.prefix_hidden must be an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"prefix_len": 0}, "finetune.prefix_len must be an integer > 0, got 0"),
+        ({"prefix_len": -3}, "finetune.prefix_len must be an integer > 0, got -3"),
+        ({"prefix_hidden": -1}, "finetune.prefix_hidden must be an integer >= 0"),
+    ],
+)
 def test_bad_prefix_settings(values, message):
     with pytest.raises(ConfigError, match=message):
         FinetuneConfig(method="prefix", **values)
@@ -214,8 +230,16 @@ def test_memory_plan_counts_the_prefix():
 
     per_row, per_step = prefix_saved_bytes(CONFIG, P, 0)
     assert per_row == 2 * CONFIG.n_layers * CONFIG.n_kv_heads * CONFIG.head_dim * P * 4 and per_step == 0
-    inputs = dict(model=CONFIG, trainable_params=100, micro_batch=4, seq_len=32, world_size=1, local_processes=1,
-                  precision="32", on_gpu=False)
+    inputs = dict(
+        model=CONFIG,
+        trainable_params=100,
+        micro_batch=4,
+        seq_len=32,
+        world_size=1,
+        local_processes=1,
+        precision="32",
+        on_gpu=False,
+    )
     without = plan_memory(PlanInputs(**inputs), runtime_bytes=0)
     with_prefix = plan_memory(PlanInputs(**inputs, adapter_params=100, prefix_saved_per_row=per_row), runtime_bytes=0)
     assert with_prefix.device["activations"] - without.device["activations"] == 4 * per_row
@@ -235,11 +259,24 @@ def tuned(tmp_path_factory, tokenizer):
     """(base checkpoint, its model, prefix-tuned run's final checkpoint): a few SFT steps on the tiny model."""
     root = tmp_path_factory.mktemp("prefix")
     base, model = make_checkpoint(root / "base", tokenizer, sharpen=1.0)
-    llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=prefix", "finetune.prefix_len=4",
-             "finetune.prefix_hidden=16", "stage.seq_len=64", "stage.batch_size=2", "trainer.max_steps=3",
-             "trainer.limit_val_batches=1", "trainer.val_check_interval=3", "logger=csv",
-             "trainer.enable_progress_bar=false", "optim.lr=5e-2", "optim.warmup_steps=0",
-             run_dir=root / "sft", env_extra={"LLAMA_ZH_DATA": str(root / "data")})
+    llama_zh(
+        "stage=sft",
+        f"stage.checkpoint={base}",
+        "finetune=prefix",
+        "finetune.prefix_len=4",
+        "finetune.prefix_hidden=16",
+        "stage.seq_len=64",
+        "stage.batch_size=2",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=1",
+        "trainer.val_check_interval=3",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "optim.lr=5e-2",
+        "optim.warmup_steps=0",
+        run_dir=root / "sft",
+        env_extra={"LLAMA_ZH_DATA": str(root / "data")},
+    )
     return base, model, root / "sft" / "checkpoints" / "final"
 
 
@@ -263,12 +300,20 @@ def test_prefix_tuning_leaves_the_base_bit_for_bit(tuned):
 
 def test_prefix_len_zero_is_one_line_on_the_command_line(tmp_path, tokenizer):
     base, _ = make_checkpoint(tmp_path / "base", tokenizer)
-    result = llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=prefix", "finetune.prefix_len=0",
-                      "stage.seq_len=64", run_dir=tmp_path / "run", check=False,
-                      env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")})
+    result = llama_zh(
+        "stage=sft",
+        f"stage.checkpoint={base}",
+        "finetune=prefix",
+        "finetune.prefix_len=0",
+        "stage.seq_len=64",
+        run_dir=tmp_path / "run",
+        check=False,
+        env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")},
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("llama_zh: error:")]
-    assert result.returncode == 1 and errors == ["llama_zh: error: finetune.prefix_len must be an integer > 0, got 0"], \
-        result.stderr[-2000:]
+    assert result.returncode == 1 and errors == [
+        "llama_zh: error: finetune.prefix_len must be an integer > 0, got 0"
+    ], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -281,7 +326,7 @@ def greedy_uncached(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def greedy(n):
@@ -329,11 +374,11 @@ def test_the_serving_engine_decodes_after_the_prefix(tokenizer, tmp_path):
     budgets = [6, 4, 5]
     engine = Engine(model, tokenizer, max_concurrent=2, max_queue=4)
     seqs = []
-    for p, n in zip(ids, budgets):  # staggered: rows at different positions, one waiting for a slot
+    for p, n in zip(ids, budgets, strict=False):  # staggered: rows at different positions, one waiting for a slot
         seqs.append(engine.submit(p, greedy(n), Completion().add))
         engine.step()
     engine.run_until_idle()
-    solo = [generate(model, p, greedy(n), eos_id=tokenizer.eos_id) for p, n in zip(ids, budgets)]
+    solo = [generate(model, p, greedy(n), eos_id=tokenizer.eos_id) for p, n in zip(ids, budgets, strict=False)]
     assert [s.row.new_ids for s in seqs] == solo
     assert solo[1] == greedy_uncached(model, ids[1], len(solo[1]))
 
@@ -349,38 +394,58 @@ def test_infer_and_eval_use_the_saved_prefix(tuned, tmp_path):
     prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def infer(*extra, run):
-        result = llama_zh("stage=infer", f"stage.checkpoint={final}", f"stage.prompts={prompts}",
-                          f"stage.output={tmp_path / run}.txt", "stage.max_new_tokens=8", *extra, run_dir=tmp_path / run)
+        result = llama_zh(
+            "stage=infer",
+            f"stage.checkpoint={final}",
+            f"stage.prompts={prompts}",
+            f"stage.output={tmp_path / run}.txt",
+            "stage.max_new_tokens=8",
+            *extra,
+            run_dir=tmp_path / run,
+        )
         return (tmp_path / f"{run}.txt").read_text(encoding="utf-8"), result.stdout + result.stderr
 
     answers, log = infer(run="auto")
     assert f"prefix: {final / PREFIX_FILE}" in log
     model, tokenizer = load_checkpoint(final)
     load_prefix(model, final)
-    expected = "".join(tokenizer.decode(generate(model, tokenizer.encode(line, bos=True), greedy(8), tokenizer=tokenizer))
-                       + "\n\n" for line in lines)
+    expected = "".join(
+        tokenizer.decode(generate(model, tokenizer.encode(line, bos=True), greedy(8), tokenizer=tokenizer)) + "\n\n"
+        for line in lines
+    )
     assert answers == expected
     assert infer(f"stage.prefix={final / PREFIX_FILE}", run="explicit")[0] == answers
     plain, log = infer("stage.prefix=none", run="none")
     assert plain != answers and "prefix:" not in log
 
     def evaluate(*extra, run):
-        llama_zh("stage=eval", f"stage.checkpoint={final}", "stage.tasks=[generation]", "stage.generation.max_records=4",
-                 "stage.generation.max_new_tokens=8", "stage.speed_probe_tokens=0", "logger=csv", *extra,
-                 run_dir=tmp_path / run, env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")})
+        llama_zh(
+            "stage=eval",
+            f"stage.checkpoint={final}",
+            "stage.tasks=[generation]",
+            "stage.generation.max_records=4",
+            "stage.generation.max_new_tokens=8",
+            "stage.speed_probe_tokens=0",
+            "logger=csv",
+            *extra,
+            run_dir=tmp_path / run,
+            env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")},
+        )
         return json.loads((tmp_path / run / "eval_results.json").read_text())["generation"]
+
+    from omegaconf import OmegaConf
 
     from llama_zh.data.chat_template import ChatTemplate
     from llama_zh.eval.instructions import evaluate_generation, read_instruction_records
     from llama_zh.generate import SamplingConfig
-    from omegaconf import OmegaConf
 
     with_prefix, without = evaluate(run="eval_auto"), evaluate("stage.prefix=none", run="eval_none")
     records = read_instruction_records(Path(with_prefix["file"]))
     # eval's default template
     template = ChatTemplate.from_config(OmegaConf.load(REPO / "llama_zh" / "conf" / "template" / "alpaca.yaml"))
-    in_memory = evaluate_generation(model, tokenizer, records, template,
-                                    SamplingConfig(temperature=0.0, max_new_tokens=8), 8, 4)
+    in_memory = evaluate_generation(
+        model, tokenizer, records, template, SamplingConfig(temperature=0.0, max_new_tokens=8), 8, 4
+    )
     assert with_prefix["examples"] == in_memory["examples"] and with_prefix["rouge_l"] == in_memory["rouge_l"]
     assert [e["answer"] for e in without["examples"]] != [e["answer"] for e in with_prefix["examples"]]
 
@@ -388,21 +453,41 @@ def test_infer_and_eval_use_the_saved_prefix(tuned, tmp_path):
 def test_resuming_a_prefix_run_with_another_prefix_shape_is_refused(tmp_path):
     from llama_zh.callbacks import STATE_META, check_resumable
 
-    expected = {"model": CONFIG.to_dict(), "tokenizer_sha256": "abc", "stage": "sft", "strategy": "auto",
-                "deepspeed": False, "finetune": "prefix", "global_batch": 2, "world_size": 1, "optimizer": "adamw",
-                "base_quant": None, "prefix_len": 8, "prefix_hidden": 0}
+    expected = {
+        "model": CONFIG.to_dict(),
+        "tokenizer_sha256": "abc",
+        "stage": "sft",
+        "strategy": "auto",
+        "deepspeed": False,
+        "finetune": "prefix",
+        "global_batch": 2,
+        "world_size": 1,
+        "optimizer": "adamw",
+        "base_quant": None,
+        "prefix_len": 8,
+        "prefix_hidden": 0,
+    }
     (tmp_path / STATE_META).write_text(json.dumps({**expected, "prefix_len": 4}))
-    with pytest.raises(LlamaZhError, match="it trained with finetune.prefix_len=4, this run with finetune.prefix_len=8"):
+    with pytest.raises(
+        LlamaZhError, match="it trained with finetune.prefix_len=4, this run with finetune.prefix_len=8"
+    ):
         check_resumable(tmp_path, expected)
     (tmp_path / STATE_META).write_text(json.dumps(expected))
     assert check_resumable(tmp_path, expected)["prefix_len"] == 8
 
 
-@pytest.mark.parametrize("stage,strategy,message", [
-    ({"pack": True}, {"name": "auto"}, "set stage.pack=false"),
-    ({"pack": False}, {"name": "auto", "activation_checkpointing": True}, "set strategy.activation_checkpointing=false"),
-    ({"pack": False}, {"name": "zero3", "deepspeed": {"stage": 3}}, "not supported with strategy=zero3"),
-])
+@pytest.mark.parametrize(
+    "stage,strategy,message",
+    [
+        ({"pack": True}, {"name": "auto"}, "set stage.pack=false"),
+        (
+            {"pack": False},
+            {"name": "auto", "activation_checkpointing": True},
+            "set strategy.activation_checkpointing=false",
+        ),
+        ({"pack": False}, {"name": "zero3", "deepspeed": {"stage": 3}}, "not supported with strategy=zero3"),
+    ],
+)
 def test_runs_that_cannot_carry_a_prefix_are_refused_before_they_start(stage, strategy, message):
     from omegaconf import OmegaConf
 

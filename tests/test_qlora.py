@@ -12,30 +12,47 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
 
 from llama_zh.callbacks import STATE_META, NativeCheckpoint, check_resumable
 from llama_zh.checkpoint import read_native, save_checkpoint
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import (ADAPTER_FILE, PROJECTIONS, FinetuneConfig, LoRALinear, apply_finetune,
-                               count_trainable, load_quantized_base, merge_lora)
+from llama_zh.finetune import (
+    ADAPTER_FILE,
+    PROJECTIONS,
+    FinetuneConfig,
+    LoRALinear,
+    apply_finetune,
+    count_trainable,
+    load_quantized_base,
+    merge_lora,
+)
 from llama_zh.memory_plan import PlanInputs, plan_memory
 from llama_zh.model import build_model
 from llama_zh.module import CausalLM, OptimConfig, check_optimizer
 from llama_zh.quant import weight_bytes
 from llama_zh.stages.common import ModelSource, check_base_quant, plan_details
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
 
 bnb = pytest.importorskip("bitsandbytes")
 
-CONFIG = ModelConfig(name="t", vocab_size=300, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=64)
+CONFIG = ModelConfig(
+    name="t", vocab_size=300, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=64
+)
 LAYER = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}
 GAP_TOLERANCE = {"nf4": 0.5, "int8": 0.1}
 
 
 def qlora_ft(base_quant, **overrides):
-    values = dict(method="lora", rank=4, alpha=8, dropout=0.0, target_modules=list(PROJECTIONS),
-                  modules_to_save=["embed", "head"], base_quant=base_quant)
+    values = dict(
+        method="lora",
+        rank=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=list(PROJECTIONS),
+        modules_to_save=["embed", "head"],
+        base_quant=base_quant,
+    )
     return FinetuneConfig(**{**values, **overrides})
 
 
@@ -148,7 +165,9 @@ def test_merge_uses_the_source_full_precision_weights(source, method, tmp_path):
     if method == "nf4":  # and not the dequantized base + delta
         dequantized = bnb.functional.dequantize_4bit(layer.base.weight.data, layer.base.weight.quant_state).float()
         assert not torch.allclose(merged["layers.1.attn.wk.weight"], dequantized + delta, atol=1e-4)
-    assert torch.equal(merged["head.weight"], model.head.weight) and torch.equal(merged["norm.weight"], original["norm.weight"])
+    assert torch.equal(merged["head.weight"], model.head.weight) and torch.equal(
+        merged["norm.weight"], original["norm.weight"]
+    )
 
     gap = native.logit_gap
     assert gap["batch"] == "random" and gap["tokens"] == 2 * 64
@@ -162,29 +181,50 @@ def test_memory_plan_counts_the_quantized_base_and_eight_bit_state(source):
     probe = apply_finetune(build_model(CONFIG, device="meta"), ft)
     trainable, _ = count_trainable(probe)
     details = plan_details(CONFIG, probe, ft, optim, on_gpu=False)
-    common = dict(model=CONFIG, trainable_params=trainable, micro_batch=1, seq_len=16, world_size=1, local_processes=1,
-                  precision="32-true", on_gpu=False)
+    common = dict(
+        model=CONFIG,
+        trainable_params=trainable,
+        micro_batch=1,
+        seq_len=16,
+        world_size=1,
+        local_processes=1,
+        precision="32-true",
+        on_gpu=False,
+    )
     plan = plan_memory(PlanInputs(**common, **details), runtime_bytes=0)
     assert plan.device["params"] == weight_bytes(model)  # packed nf4 + absmax + code, fp32 rest and adapters
 
     optimizer = causal_lm(model).configure_optimizers()["optimizer"]
     model(tokens(1, 16)).sum().backward()
     optimizer.step()
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
-                and t.dim() > 0)
+    state = sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
     assert plan.device["optimizer"] == state
     fp32 = plan_memory(PlanInputs(**common, adapter_params=details["adapter_params"]), runtime_bytes=0)
     assert fp32.device["optimizer"] == 8 * trainable
     # Adapters of this tiny model are under bitsandbytes' min_8bit_size: they keep 32-bit moments.
-    assert plan.device["params"] < 0.5 * fp32.device["params"] and plan.device["optimizer"] < 0.45 * fp32.device["optimizer"]
+    assert (
+        plan.device["params"] < 0.5 * fp32.device["params"]
+        and plan.device["optimizer"] < 0.45 * fp32.device["optimizer"]
+    )
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"method": "full", "base_quant": "nf4"}, r"finetune.base_quant=nf4 quantizes the frozen base under LoRA adapters, "
-                                              r"but finetune.method=full"),
-    ({"method": "freeze", "train_modules": ["head"], "base_quant": "int8"}, "finetune.method=freeze"),
-    ({"method": "lora", "base_quant": "nf8"}, r"finetune.base_quant='nf8'; expected one of nf4, int8 or null"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (
+            {"method": "full", "base_quant": "nf4"},
+            r"finetune.base_quant=nf4 quantizes the frozen base under LoRA adapters, "
+            r"but finetune.method=full",
+        ),
+        ({"method": "freeze", "train_modules": ["head"], "base_quant": "int8"}, "finetune.method=freeze"),
+        ({"method": "lora", "base_quant": "nf8"}, r"finetune.base_quant='nf8'; expected one of nf4, int8 or null"),
+    ],
+)
 def test_bad_base_quant(values, message):
     with pytest.raises(LlamaZhError, match=message) as caught:
         FinetuneConfig(**values)
@@ -206,12 +246,21 @@ def test_refusals_before_the_run():
 
 
 def test_resume_refuses_another_optimizer_or_base(tmp_path):
-    meta = {"model": {}, "tokenizer_sha256": "x", "deepspeed": False, "finetune": "lora", "global_batch": 1,
-            "world_size": 1}
+    meta = {
+        "model": {},
+        "tokenizer_sha256": "x",
+        "deepspeed": False,
+        "finetune": "lora",
+        "global_batch": 1,
+        "world_size": 1,
+    }
     (tmp_path / STATE_META).write_text(json.dumps(meta))  # a state written before the keys existed
     check_resumable(tmp_path, {**meta, "strategy": "auto", "optimizer": "adamw", "base_quant": None})
-    with pytest.raises(LlamaZhError, match="optim=adamw, this run with optim=adamw8bit.*finetune.base_quant=None, "
-                                           "this run with finetune.base_quant=nf4"):
+    with pytest.raises(
+        LlamaZhError,
+        match="optim=adamw, this run with optim=adamw8bit.*finetune.base_quant=None, "
+        "this run with finetune.base_quant=nf4",
+    ):
         check_resumable(tmp_path, {**meta, "strategy": "auto", "optimizer": "adamw8bit", "base_quant": "nf4"})
 
 
@@ -220,11 +269,26 @@ def test_cli_sft_qlora_nf4_with_eight_bit_adamw_then_eval(tmp_path):
     tokenizer = train_tokenizer(tmp_path / "tok")
     base, _ = make_checkpoint(tmp_path / "base", tokenizer, sharpen=1.0)  # dim 64, ffn 128: nf4 takes every projection
     env = {"LLAMA_ZH_DATA": str(tmp_path / "data")}
-    common = ["logger=csv", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1", "stage.seq_len=64",
-              "stage.batch_size=2"]
-    result = llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=lora", "finetune.base_quant=nf4",
-                      "finetune.rank=4", "optim=adamw8bit", "trainer.max_steps=4", "trainer.val_check_interval=2", *common,
-                      run_dir=tmp_path / "sft", env_extra=env)
+    common = [
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=1",
+        "stage.seq_len=64",
+        "stage.batch_size=2",
+    ]
+    result = llama_zh(
+        "stage=sft",
+        f"stage.checkpoint={base}",
+        "finetune=lora",
+        "finetune.base_quant=nf4",
+        "finetune.rank=4",
+        "optim=adamw8bit",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        *common,
+        run_dir=tmp_path / "sft",
+        env_extra=env,
+    )
     log = result.stdout + result.stderr
     assert "finetune.base_quant: quant=nf4 on cpu" in log and "14 layers quantized" in log  # 2 blocks x 7
     assert "left unquantized" not in log
@@ -234,18 +298,41 @@ def test_cli_sft_qlora_nf4_with_eight_bit_adamw_then_eval(tmp_path):
     metrics = (tmp_path / "sft" / "metrics.csv").read_text()
     assert "qlora/logit_gap_max" in metrics and "qlora/logit_gap_mean" in metrics
 
-    evaluated = llama_zh("stage=eval", f"stage.checkpoint={final}", "data.seq_len=32", "stage.max_batches=1",
-                         "stage.speed_probe_tokens=0", run_dir=tmp_path / "eval", env_extra=env)
+    evaluated = llama_zh(
+        "stage=eval",
+        f"stage.checkpoint={final}",
+        "data.seq_len=32",
+        "stage.max_batches=1",
+        "stage.speed_probe_tokens=0",
+        run_dir=tmp_path / "eval",
+        env_extra=env,
+    )
     assert evaluated.returncode == 0
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert results  # the merged checkpoint is an ordinary native one
 
-    refused = llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=full", "finetune.base_quant=nf4", *common,
-                       run_dir=tmp_path / "bad", env_extra=env, check=False)
+    refused = llama_zh(
+        "stage=sft",
+        f"stage.checkpoint={base}",
+        "finetune=full",
+        "finetune.base_quant=nf4",
+        *common,
+        run_dir=tmp_path / "bad",
+        env_extra=env,
+        check=False,
+    )
     assert refused.returncode != 0
     assert refused.stderr.strip().splitlines()[-1].count("finetune.base_quant=nf4 quantizes the frozen base") == 1
-    paged = llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=lora", "optim=paged_adamw8bit", *common,
-                     run_dir=tmp_path / "paged", env_extra=env, check=False)
+    paged = llama_zh(
+        "stage=sft",
+        f"stage.checkpoint={base}",
+        "finetune=lora",
+        "optim=paged_adamw8bit",
+        *common,
+        run_dir=tmp_path / "paged",
+        env_extra=env,
+        check=False,
+    )
     assert paged.returncode != 0 and "optim=paged_adamw8bit" in paged.stderr.strip().splitlines()[-1]
 
 

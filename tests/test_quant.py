@@ -37,13 +37,16 @@ def load_for_inference(path, quant, device="cpu", dtype=None):
 
 
 def random_model(ffn_dim=256, vocab_size=512, seed=0):
-    config = ModelConfig(vocab_size=vocab_size, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=ffn_dim,
-                         max_seq_len=128)
+    config = ModelConfig(
+        vocab_size=vocab_size, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=ffn_dim, max_seq_len=128
+    )
     return build_model(config, seed=seed).eval()
 
 
 def projections(model):
-    return {f"layers.{i}.{p}": model.get_submodule(f"layers.{i}.{p}") for i in range(len(model.layers)) for p in PROJECTIONS}
+    return {
+        f"layers.{i}.{p}": model.get_submodule(f"layers.{i}.{p}") for i in range(len(model.layers)) for p in PROJECTIONS
+    }
 
 
 def test_config_validation():
@@ -124,7 +127,9 @@ def test_memory_report_counts_scales():
 def test_nf4_on_cpu_leaves_layers_it_cannot_take_and_counts_them():
     model = random_model(ffn_dim=200)  # gate/up out 200 (not a multiple of 32), down in 200 (not of 64)
     quantized, report = load_quantized(model_stream(model), QuantConfig(name="nf4"))
-    assert sorted(report.skipped) == sorted(f"layers.{i}.ffn.{p}" for i in range(2) for p in ("w_gate", "w_up", "w_down"))
+    assert sorted(report.skipped) == sorted(
+        f"layers.{i}.ffn.{p}" for i in range(2) for p in ("w_gate", "w_up", "w_down")
+    )
     assert len(report.quantized) == 8 and "6 left unquantized" in report.summary()
     assert type(quantized.layers[0].ffn.w_gate) is torch.nn.Linear
     x = torch.randint(0, 512, (2, 16))
@@ -137,13 +142,18 @@ def test_nf4_on_cpu_leaves_layers_it_cannot_take_and_counts_them():
     assert len(int8.quantized) == 14 and not int8.skipped
 
 
-@pytest.mark.parametrize("method, linear, embedding", [
-    ("int8", "Linear8bitLt", "Embedding8bit"), ("nf4", "Linear4bit", "EmbeddingNF4"),
-])
+@pytest.mark.parametrize(
+    "method, linear, embedding",
+    [
+        ("int8", "Linear8bitLt", "Embedding8bit"),
+        ("nf4", "Linear4bit", "EmbeddingNF4"),
+    ],
+)
 def test_head_and_embedding_on_request(method, linear, embedding):
     model = random_model()
-    quantized, report = load_quantized(model_stream(model), QuantConfig(name=method, quantize_head=True,
-                                                                         quantize_embedding=True))
+    quantized, report = load_quantized(
+        model_stream(model), QuantConfig(name=method, quantize_head=True, quantize_embedding=True)
+    )
     assert type(quantized.head).__name__ == linear and type(quantized.embed).__name__ == embedding
     assert len(report.quantized) == 16
     x = torch.randint(0, 512, (2, 16))
@@ -216,9 +226,16 @@ def test_gpu_load_never_holds_the_full_precision_model(method, tmp_path):
 
 def test_hf_directory_loads_quantized(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=256, max_position_embeddings=128,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")

@@ -11,23 +11,39 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.__main__ import EXTRA_OVERRIDES_ENV, extra_overrides
 from llama_zh.errors import LlamaZhError
 from llama_zh.stages.rundir import link_latest, written_checkpoint
-from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SKIP = re.compile(r"<!--\s*not run in tests:\s*\S.*-->")
 # What a skipped block may need that a test machine lacks: LLaMA's files, your own data, GPUs, a
 # terminal, a package index, DeepSpeed's compiler run, or it is the test suite itself.
-OUTSIDE = ("/llama/", "LLaMA/", "hf_llama", "/corpora/", "my_alpaca", "my_prefs", "ceval_", "a800x8", "stage.mode=chat",
-           "pip install", "apt-get install", "pytest", "strategy=zero3_offload",
-           "stage=serve", "127.0.0.1:8000")
+OUTSIDE = (
+    "/llama/",
+    "LLaMA/",
+    "hf_llama",
+    "/corpora/",
+    "my_alpaca",
+    "my_prefs",
+    "ceval_",
+    "a800x8",
+    "stage.mode=chat",
+    "pip install",
+    "apt-get install",
+    "pytest",
+    "strategy=zero3_offload",
+    "stage=serve",
+    "127.0.0.1:8000",
+)
 # Enough steps to train, validate and checkpoint; the commands' own step counts are for real use.
-SMOKE = ("trainer.max_steps=2 trainer.val_check_interval=2 trainer.limit_val_batches=1 trainer.enable_progress_bar=false "
-         "data.batch_size=2")
+SMOKE = (
+    "trainer.max_steps=2 trainer.val_check_interval=2 trainer.limit_val_batches=1 trainer.enable_progress_bar=false "
+    "data.batch_size=2"
+)
 
 
 def code_blocks(text: str) -> tuple[list[str], list[str]]:
@@ -43,7 +59,7 @@ def code_blocks(text: str) -> tuple[list[str], list[str]]:
             continue
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), None)
         assert end is not None, f"README.md:{i + 1}: ```{language} block never closed"
-        body = "\n".join(lines[i + 1:end])
+        body = "\n".join(lines[i + 1 : end])
         if language == "python":
             body = f"python - <<'README_PY'\n{body}\nREADME_PY"
         previous = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
@@ -54,8 +70,9 @@ def code_blocks(text: str) -> tuple[list[str], list[str]]:
 
 def readme_script(blocks: list[str]) -> str:
     # pipefail: `cmd | tail` fails with cmd; the trap names the failing command last in the log.
-    return ("set -euxo pipefail\ntrap 'echo \"README command failed: $BASH_COMMAND\" >&2' ERR\n"
-            + "\n".join(blocks) + "\n")
+    return (
+        "set -euxo pipefail\ntrap 'echo \"README command failed: $BASH_COMMAND\" >&2' ERR\n" + "\n".join(blocks) + "\n"
+    )
 
 
 def user_env() -> dict:
@@ -70,8 +87,10 @@ def user_env() -> dict:
 
 
 def test_blocks_split_on_the_marker():
-    text = ("```bash\necho a\n```\n<!-- not run in tests: needs real LLaMA weights -->\n\n```bash\necho b\n```\n"
-            "<!-- some other comment -->\n```bash\necho c\n```\n```python\nx = 1\n```\n```\nlayout\n```\n")
+    text = (
+        "```bash\necho a\n```\n<!-- not run in tests: needs real LLaMA weights -->\n\n```bash\necho b\n```\n"
+        "<!-- some other comment -->\n```bash\necho c\n```\n```python\nx = 1\n```\n```\nlayout\n```\n"
+    )
     run, skipped = code_blocks(text)
     assert run == ["echo a", "echo c", "python - <<'README_PY'\nx = 1\nREADME_PY"] and skipped == ["echo b"]
 
@@ -93,10 +112,12 @@ def test_readme_commands_run_as_written(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     env = dict(user_env(), **{EXTRA_OVERRIDES_ENV: SMOKE})
-    result = subprocess.run(["bash", str(script)], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, f"a README command failed (exit {result.returncode}):\n" + \
-        (result.stdout[-3000:] + "\n--- stderr ---\n" + result.stderr[-6000:])
+    result = subprocess.run(
+        ["bash", str(script)], cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1500
+    )
+    assert result.returncode == 0, f"a README command failed (exit {result.returncode}):\n" + (
+        result.stdout[-3000:] + "\n--- stderr ---\n" + result.stderr[-6000:]
+    )
     # The chain really ran: each stage left its run, and the links name the newest.
     for stage in ("pretrain", "tokenizer", "sft", "eval", "infer", "convert"):
         assert (work / "outputs" / stage / "latest").is_symlink(), stage
@@ -135,10 +156,20 @@ def test_extra_overrides_are_added_once_after_the_commands_own():
     assert once == argv + ["trainer.max_steps=6", "stage.pad_token=<pad>"]
     assert extra_overrides(once, "trainer.max_steps=6 'stage.pad_token=<pad>'") == once  # a DDP rank re-running it
     # After the last override, not after a flag that follows it (Hydra would refuse the split run).
-    assert extra_overrides(["llama_zh", "stage=eval", "--multirun", "quant=none,int8"], "stage.max_batches=1") == \
-        ["llama_zh", "stage=eval", "--multirun", "quant=none,int8", "stage.max_batches=1"]
-    assert extra_overrides(["llama_zh", "stage=eval", "quant=none,int8", "--multirun"], "stage.max_batches=1") == \
-        ["llama_zh", "stage=eval", "quant=none,int8", "stage.max_batches=1", "--multirun"]
+    assert extra_overrides(["llama_zh", "stage=eval", "--multirun", "quant=none,int8"], "stage.max_batches=1") == [
+        "llama_zh",
+        "stage=eval",
+        "--multirun",
+        "quant=none,int8",
+        "stage.max_batches=1",
+    ]
+    assert extra_overrides(["llama_zh", "stage=eval", "quant=none,int8", "--multirun"], "stage.max_batches=1") == [
+        "llama_zh",
+        "stage=eval",
+        "quant=none,int8",
+        "stage.max_batches=1",
+        "--multirun",
+    ]
     assert extra_overrides(["llama_zh", "--multirun"], "a=1") == ["llama_zh", "--multirun", "a=1"]
     with pytest.raises(LlamaZhError, match=EXTRA_OVERRIDES_ENV):
         extra_overrides(argv, "trainer.max_steps='6")
@@ -162,22 +193,34 @@ def test_entry_point_links_latest_and_prints_the_checkpoint_last(tmp_path):
     work.mkdir()
     args = [sys.executable, "-m", "llama_zh", "stage=convert", f"stage.src={ckpt}", "stage.src_format=native"]
     env = user_env()
-    single = subprocess.run([*args, "stage.dst_format=hf"], cwd=work, env=env, capture_output=True, text=True,
-                            timeout=600)
+    single = subprocess.run(
+        [*args, "stage.dst_format=hf"], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     link = work / "outputs" / "convert" / "latest"
     assert link.is_symlink() and not os.path.isabs(os.readlink(link))
     assert single.stdout.splitlines()[-1] == str(link.resolve() / "converted")
 
-    named = subprocess.run([*args, "stage.dst_format=hf", "hydra.run.dir=runs/mine"], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=600)
+    named = subprocess.run(
+        [*args, "stage.dst_format=hf", "hydra.run.dir=runs/mine"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert named.returncode == 0, named.stderr[-3000:]
     assert not (work / "runs" / "latest").exists()  # a directory the user named is found by that name
     assert named.stdout.splitlines()[-1] == str(work / "runs" / "mine" / "converted")
 
-    sweep = subprocess.run([sys.executable, "-m", "llama_zh", "--multirun", *args[3:], "stage.dst_format=hf,native"],
-                           cwd=work, env=env,
-                           capture_output=True, text=True, timeout=600)
+    sweep = subprocess.run(
+        [sys.executable, "-m", "llama_zh", "--multirun", *args[3:], "stage.dst_format=hf,native"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     link = work / "outputs" / "multirun" / "convert" / "latest"
     assert link.is_symlink() and (link / "0" / "converted" / "config.json").is_file()

@@ -35,7 +35,9 @@ def make_job(sweep: Path, num: int, lr: str, rows: list[str], finished: bool = T
 
 
 ROWS_0 = [  # epoch,lr,measured,planned,step,train/loss,tokens/s,val/loss,val/ppl
-    "0,0.001,,,0,9.0,100.0,,", "0,0.001,,,1,8.0,400.0,,", "0,0.001,,,2,7.0,300.0,,",
+    "0,0.001,,,0,9.0,100.0,,",
+    "0,0.001,,,1,8.0,400.0,,",
+    "0,0.001,,,2,7.0,300.0,,",
     "0,,,,2,,,6.5,665.1",
     "0,0.001,,,5,6.0,1000.0,,",
     "0,,,,5,,,5.5,244.7",
@@ -51,8 +53,9 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def run_report(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llama_zh.report", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_zh.report", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def in_process(capsys, *args) -> subprocess.CompletedProcess:
@@ -122,8 +125,10 @@ def test_a_key_one_job_did_not_override_shows_its_config_value(tmp_path):
     # Both run directories are named 0: the rows are told apart by their paths.
     assert [r["job"] for r in rows] == [str(a), str(b)]
     # a's seed from its config.yaml, its model from the group choices in hydra.yaml; b's lr from its config.yaml.
-    assert [(r["optim.lr"], r["seed"], r["model"]) for r in rows] == [("1e-3", "1234", "tiny"),
-                                                                      ("0.001", "7", "llama_7b")]
+    assert [(r["optim.lr"], r["seed"], r["model"]) for r in rows] == [
+        ("1e-3", "1234", "tiny"),
+        ("0.001", "7", "llama_7b"),
+    ]
     assert "trainer.max_steps" not in rows[0]
 
 
@@ -145,18 +150,21 @@ def test_without_matplotlib_the_table_is_written_and_one_line_says_so(sweep, mon
     assert "needs matplotlib" in (sweep / "report.md").read_text()
 
 
-@pytest.mark.parametrize("body,expected", [
-    (b"", ": empty; expected a header line"),
-    (b"\n\n", ": empty; expected a header line"),
-    (b"epoch,train/loss\n0,5.0\n", ":1: no 'step' column in the header (columns: epoch, train/loss)"),
-    (f"{HEADER}\n0,,,,0,oops,,,\n".encode(), ":2: column 'train/loss': 'oops' is not a number"),
-    (f"{HEADER}\n0,,,,0,5.0,,,\n0,,,,1,5.0\n".encode(), ":3: 6 fields, the header has 9"),
-    (f"{HEADER}\n0,,,,1.5,5.0,,,\n".encode(), ":2: step '1.5' is not a step number"),
-    (f"{HEADER}\n0,,,,-1,5.0,,,\n".encode(), ":2: step '-1' is not a step number"),
-    (f"{HEADER}\n0,,,,,5.0,,,\n".encode(), ":2: step '' is not a step number"),
-    (f'{HEADER}\n0,,,,0,"5.0,,,\n'.encode(), ":2: not CSV (unexpected end of data)"),
-    (HEADER.encode() + b"\n0,,,,0,\xff,,,\n", f": not UTF-8 text (byte {len(HEADER) + 8})"),
-])
+@pytest.mark.parametrize(
+    "body,expected",
+    [
+        (b"", ": empty; expected a header line"),
+        (b"\n\n", ": empty; expected a header line"),
+        (b"epoch,train/loss\n0,5.0\n", ":1: no 'step' column in the header (columns: epoch, train/loss)"),
+        (f"{HEADER}\n0,,,,0,oops,,,\n".encode(), ":2: column 'train/loss': 'oops' is not a number"),
+        (f"{HEADER}\n0,,,,0,5.0,,,\n0,,,,1,5.0\n".encode(), ":3: 6 fields, the header has 9"),
+        (f"{HEADER}\n0,,,,1.5,5.0,,,\n".encode(), ":2: step '1.5' is not a step number"),
+        (f"{HEADER}\n0,,,,-1,5.0,,,\n".encode(), ":2: step '-1' is not a step number"),
+        (f"{HEADER}\n0,,,,,5.0,,,\n".encode(), ":2: step '' is not a step number"),
+        (f'{HEADER}\n0,,,,0,"5.0,,,\n'.encode(), ":2: not CSV (unexpected end of data)"),
+        (HEADER.encode() + b"\n0,,,,0,\xff,,,\n", f": not UTF-8 text (byte {len(HEADER) + 8})"),
+    ],
+)
 def test_malformed_metrics_is_one_line_naming_the_file(sweep, body, expected, capsys):
     assert report.main([str(sweep)]) == 0
     before = (sweep / "report.md").read_bytes()
@@ -173,9 +181,11 @@ def test_malformed_metrics_is_one_line_naming_the_file(sweep, body, expected, ca
 def test_no_jobs(tmp_path):
     result = run_report(tmp_path)  # through the command line: the exit status
     assert result.returncode != 0
-    assert result.stderr.strip() == f"llama_zh.report: error: {tmp_path}: no jobs (no subdirectory with a " \
-                                    "metrics.csv or a .hydra/); expected a sweep directory such as " \
-                                    "outputs/multirun/pretrain/<date_time>"
+    assert (
+        result.stderr.strip() == f"llama_zh.report: error: {tmp_path}: no jobs (no subdirectory with a "
+        "metrics.csv or a .hydra/); expected a sweep directory such as "
+        "outputs/multirun/pretrain/<date_time>"
+    )
 
 
 def test_jobs_without_any_metrics(tmp_path, capsys):
@@ -185,7 +195,8 @@ def test_jobs_without_any_metrics(tmp_path, capsys):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         f"llama_zh.report: error: {tmp_path / '0' / 'metrics.csv'}: missing, and so is every other job's: "
-        "nothing to compare"]
+        "nothing to compare"
+    ]
 
 
 def test_a_job_that_never_logged_is_listed_as_incomplete(sweep, capsys):
@@ -203,14 +214,18 @@ def test_a_run_dir_without_metrics_is_refused(tmp_path, sweep, capsys):
     (other / ".hydra").mkdir(parents=True)
     result = in_process(capsys, sweep / "0", other)
     assert result.returncode != 0
-    assert result.stderr.strip() == f"llama_zh.report: error: {other / 'metrics.csv'}: missing; expected a run " \
-                                    "directory of llama_zh"
+    assert (
+        result.stderr.strip() == f"llama_zh.report: error: {other / 'metrics.csv'}: missing; expected a run "
+        "directory of llama_zh"
+    )
 
 
 def test_not_a_directory(tmp_path, capsys):
     result = in_process(capsys, tmp_path / "nope")
-    assert (result.returncode, result.stderr.strip()) == (1, f"llama_zh.report: error: {tmp_path / 'nope'}: no such "
-                                                              "directory")
+    assert (result.returncode, result.stderr.strip()) == (
+        1,
+        f"llama_zh.report: error: {tmp_path / 'nope'}: no such directory",
+    )
 
 
 # ------------------------------------------------------------------------------------------- W&B group
@@ -291,8 +306,8 @@ def _run_record(run_dir: Path):
         if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk  # 1 full, 2 first, 3 middle, 4 last
         if kind in (1, 4):
             record = pb.Record()
@@ -314,27 +329,45 @@ def expected_from_metrics(path: Path) -> dict:
 
     val, train = series("val/loss"), series("train/loss")
     best = min(val, key=lambda p: p[1])
-    return {"final_val_loss": val[-1][1], "best_val_loss": best[1], "best_val_step": best[0],
-            "final_train_loss": train[-1][1], "train": train, "val": val,
-            "tokens_per_s": statistics.median(v for _, v in series("train/tokens_per_s")),
-            "peak_memory_gib": max(v for _, v in series("memory/measured_gib")),
-            "steps": max(int(r["step"]) for r in rows) + 1}
+    return {
+        "final_val_loss": val[-1][1],
+        "best_val_loss": best[1],
+        "best_val_step": best[0],
+        "final_train_loss": train[-1][1],
+        "train": train,
+        "val": val,
+        "tokens_per_s": statistics.median(v for _, v in series("train/tokens_per_s")),
+        "peak_memory_gib": max(v for _, v in series("memory/measured_gib")),
+        "steps": max(int(r["step"]) for r in rows) + 1,
+    }
 
 
 @pytest.mark.slow
 def test_report_of_a_real_lr_sweep(tmp_path):
     sweep = tmp_path / "lr-sweep"
     env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"), PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "llama_zh", "--multirun", "optim.lr=1e-3,3e-3", "debug=fast", "data.seq_len=32",
-            "data.batch_size=2", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"]
+    args = [
+        sys.executable,
+        "-m",
+        "llama_zh",
+        "--multirun",
+        "optim.lr=1e-3,3e-3",
+        "debug=fast",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
 
     result = run_report(sweep)
     assert result.returncode == 0, result.stderr
     rows = read_csv(sweep / "report.csv")
-    assert [(r["job"], r["optim.lr"], r["status"]) for r in rows] == [("0", "0.001", "finished"),
-                                                                      ("1", "0.003", "finished")]
+    assert [(r["job"], r["optim.lr"], r["status"]) for r in rows] == [
+        ("0", "0.001", "finished"),
+        ("1", "0.003", "finished"),
+    ]
     md = (sweep / "report.md").read_text()
     assert "| optim.lr |" in md and "| 0.001 " in md and "| 0.003 " in md
     for row in rows:
@@ -346,12 +379,12 @@ def test_report_of_a_real_lr_sweep(tmp_path):
 
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = report.plot_losses(report.Report.of(report.load_jobs(report.find_runs([sweep]))))
-    for ax, column in zip(fig.axes, ("train", "val")):
+    for ax, column in zip(fig.axes, ("train", "val"), strict=False):
         assert len(ax.lines) == 2
-        for line, row in zip(ax.lines, rows):
+        for line, row in zip(ax.lines, rows, strict=False):
             assert line.get_label() == f"{row['job']}: optim.lr={row['optim.lr']}"
             expected = expected_from_metrics(sweep / row["job"] / "metrics.csv")[column]
-            assert list(zip(line.get_xdata(), line.get_ydata())) == expected
+            assert list(zip(line.get_xdata(), line.get_ydata(), strict=False)) == expected
 
     # Both jobs ran in one process: each has its own W&B run, both in the sweep's group.
     ids = []

@@ -22,10 +22,22 @@ SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     "dynamic": {"rope_type": "dynamic", "factor": 3.0},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL},
-    "yarn_mscale": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIGINAL,
-                    "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16.0, "beta_slow": 2.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": ORIGINAL},
+    "yarn_mscale": {
+        "rope_type": "yarn",
+        "factor": 8.0,
+        "original_max_position_embeddings": ORIGINAL,
+        "mscale": 0.707,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 16.0,
+        "beta_slow": 2.0,
+    },
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": ORIGINAL,
+    },
 }
 LENGTHS = (40, 150)  # inside and beyond ORIGINAL
 
@@ -33,9 +45,16 @@ LENGTHS = (40, 150)  # inside and beyond ORIGINAL
 def make_hf(tmp_path, scaling, tied=False, theta=10000.0, name="hf"):
     max_positions = ORIGINAL if scaling["rope_type"] == "dynamic" else 4 * ORIGINAL
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, rms_norm_eps=1e-5, max_position_embeddings=max_positions,
-        rope_parameters={**scaling, "rope_theta": theta}, tie_word_embeddings=tied,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=max_positions,
+        rope_parameters={**scaling, "rope_theta": theta},
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -118,17 +137,27 @@ def _config(**rope):
     return dict(vocab_size=10, dim=32, n_layers=1, n_heads=2, ffn_dim=64, rope_scaling=rope)
 
 
-@pytest.mark.parametrize("rope, field", [
-    ({"type": "ntk", "factor": 2.0, "original_max_position_embeddings": 64}, "model.rope_scaling.type"),
-    ({"type": "linear", "factor": 0.0, "original_max_position_embeddings": 64}, "model.rope_scaling.factor"),
-    ({"type": "linear", "factor": -2, "original_max_position_embeddings": 64}, "model.rope_scaling.factor"),
-    ({"type": "yarn", "factor": 4.0}, "model.rope_scaling.original_max_position_embeddings"),
-    ({"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64, "low_freq_factor": 1.0},
-     "model.rope_scaling.high_freq_factor"),
-    ({"type": "linear", "factor": 2.0, "original_max_position_embeddings": 64, "fator": 2}, "model.rope_scaling.fator"),
-    ({"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64.5},
-     "model.rope_scaling.original_max_position_embeddings"),
-])
+@pytest.mark.parametrize(
+    "rope, field",
+    [
+        ({"type": "ntk", "factor": 2.0, "original_max_position_embeddings": 64}, "model.rope_scaling.type"),
+        ({"type": "linear", "factor": 0.0, "original_max_position_embeddings": 64}, "model.rope_scaling.factor"),
+        ({"type": "linear", "factor": -2, "original_max_position_embeddings": 64}, "model.rope_scaling.factor"),
+        ({"type": "yarn", "factor": 4.0}, "model.rope_scaling.original_max_position_embeddings"),
+        (
+            {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64, "low_freq_factor": 1.0},
+            "model.rope_scaling.high_freq_factor",
+        ),
+        (
+            {"type": "linear", "factor": 2.0, "original_max_position_embeddings": 64, "fator": 2},
+            "model.rope_scaling.fator",
+        ),
+        (
+            {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64.5},
+            "model.rope_scaling.original_max_position_embeddings",
+        ),
+    ],
+)
 def test_bad_rope_scaling_names_the_field(rope, field):
     with pytest.raises(ConfigError) as e:
         ModelConfig(**_config(**rope))
@@ -159,38 +188,67 @@ def test_continued_pretraining_with_scaling_then_perplexity_at_lengths(tmp_path)
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", train_tokenizer(tmp_path / "tok"))  # max_seq_len 128
     env = {"LLAMA_ZH_DATA": str(tmp_path / "data")}
     rope = "model.rope_scaling={type:linear,factor:2.0,original_max_position_embeddings:128}"
-    llama_zh(f"stage.init_from={ckpt}", rope, "data.seq_len=256", "data.batch_size=2", "debug=fast",
-             "trainer.max_steps=2", "logger=csv", run_dir=tmp_path / "run", env_extra=env)
+    llama_zh(
+        f"stage.init_from={ckpt}",
+        rope,
+        "data.seq_len=256",
+        "data.batch_size=2",
+        "debug=fast",
+        "trainer.max_steps=2",
+        "logger=csv",
+        run_dir=tmp_path / "run",
+        env_extra=env,
+    )
     final = tmp_path / "run" / "checkpoints" / "final"
     config = read_native(final).config
     assert config.max_seq_len == 256 and config.rope_scaling == {
-        "type": "linear", "factor": 2.0, "original_max_position_embeddings": 128}
+        "type": "linear",
+        "factor": 2.0,
+        "original_max_position_embeddings": 128,
+    }
     out = tmp_path / "eval.json"
-    llama_zh("stage=eval", f"stage.checkpoint={final}", "stage.lengths=[64,512]", "stage.max_batches=1",
-             "stage.batch_size=2", "stage.speed_probe_tokens=0", f"stage.output={out}", "logger=csv",
-             run_dir=tmp_path / "eval", env_extra=env)
+    llama_zh(
+        "stage=eval",
+        f"stage.checkpoint={final}",
+        "stage.lengths=[64,512]",
+        "stage.max_batches=1",
+        "stage.batch_size=2",
+        "stage.speed_probe_tokens=0",
+        f"stage.output={out}",
+        "logger=csv",
+        run_dir=tmp_path / "eval",
+        env_extra=env,
+    )
     report = json.loads(out.read_text())
     # one batch of 2 windows of 512 from each of 2 sources, and the same tokens in windows of 64
     assert {k: v["tokens"] for k, v in report["perplexity"].items() if k.startswith("all@")} == {
-        "all@64": 2 * 2 * 512, "all@512": 2 * 2 * 512}
+        "all@64": 2 * 2 * 512,
+        "all@512": 2 * 2 * 512,
+    }
     assert report["protocol"]["perplexity"]["window"] == [64, 512]
 
 
 def test_bad_eval_lengths_are_refused_before_loading(tmp_path):
     from tiny_checkpoints import llama_zh
 
-    result = llama_zh("stage=eval", f"stage.checkpoint={tmp_path / 'missing'}", "stage.lengths=[256,0]",
-                      "logger=csv", run_dir=tmp_path / "eval", check=False,
-                      env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")})
+    result = llama_zh(
+        "stage=eval",
+        f"stage.checkpoint={tmp_path / 'missing'}",
+        "stage.lengths=[256,0]",
+        "logger=csv",
+        run_dir=tmp_path / "eval",
+        check=False,
+        env_extra={"LLAMA_ZH_DATA": str(tmp_path / "data")},
+    )
     assert result.returncode == 1
     assert "llama_zh: error: stage.lengths: [256, 0]; expected a list of window lengths" in result.stderr
 
 
 def test_init_from_applies_context_overrides_and_checks_the_rest(tmp_path):
     from omegaconf import OmegaConf
+    from tiny_checkpoints import make_checkpoint, train_tokenizer
 
     from llama_zh.stages.pretrain import check_init_shape, split_context, with_context
-    from tiny_checkpoints import make_checkpoint, train_tokenizer
 
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", train_tokenizer(tmp_path / "tok"))  # max_seq_len 128
     stream = read_native(ckpt)
@@ -203,7 +261,11 @@ def test_init_from_applies_context_overrides_and_checks_the_rest(tmp_path):
     check_init_shape(cfg, stream, shape, context)  # same shape: the scaling alone differs, and is asked for
     config = with_context(cfg, stream, context).config
     assert config.rope_scaling["type"] == "yarn" and config.max_seq_len == 512  # 128 x 4
-    assert with_context(OmegaConf.merge(cfg, {"model": {"max_seq_len": 300}}), stream,
-                        context + ["model.max_seq_len=300"]).config.max_seq_len == 300
+    assert (
+        with_context(
+            OmegaConf.merge(cfg, {"model": {"max_seq_len": 300}}), stream, context + ["model.max_seq_len=300"]
+        ).config.max_seq_len
+        == 300
+    )
     with pytest.raises(ConfigError, match=r"max_seq_len 300 \(checkpoint 128\)"):  # not asked for as context
         check_init_shape(OmegaConf.merge(cfg, {"model": {"max_seq_len": 300}}), stream, shape, context)

@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 from omegaconf import OmegaConf
+from serve_models import SPLIT_TEXT, InProcessServer, chain_model, slow_steps
+from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
 
 from llama_zh.checkpoint import save_checkpoint
 from llama_zh.config import ConfigError
@@ -26,8 +28,6 @@ from llama_zh.infer import load
 from llama_zh.infer.engine import Engine
 from llama_zh.infer.server import ServeOptions, create_app
 from llama_zh.stages import serve
-from serve_models import SPLIT_TEXT, InProcessServer, chain_model, slow_steps
-from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
 
 KEY = "test-key"
 MAX_CONCURRENT, MAX_QUEUE = 4, 8
@@ -109,13 +109,25 @@ def test_completion_streamed_equals_whole_equals_own_greedy_answer(client, refer
     ids = tok.encode(PROMPTS[1], bos=True)
     own = generate(reference, ids, greedy(16), tokenizer=tok)
     whole = client.completions.create(model="tiny-zh", prompt=PROMPTS[1], max_tokens=16, temperature=0)
-    chunks = list(client.completions.create(model="tiny-zh", prompt=PROMPTS[1], max_tokens=16, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny-zh",
+            prompt=PROMPTS[1],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     assert whole.choices[0].text == streamed == tok.decode(own)
     assert whole.choices[0].finish_reason == "length" and whole.object == "text_completion"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (len(ids), 16, len(ids) + 16)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (
+        len(ids),
+        16,
+        len(ids) + 16,
+    )
     assert chunks[-1].usage.model_dump() == whole.usage.model_dump() and not chunks[-1].choices
 
 
@@ -124,8 +136,9 @@ def test_chat_streamed_equals_whole_equals_own_greedy_answer(client, reference, 
     ids = template.prompt_ids(MESSAGES, tok)
     own = generate(reference, ids, greedy(12, stop_strings=[template.user_header()]), tokenizer=tok)
     whole = client.chat.completions.create(model="tiny-zh", messages=MESSAGES, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(model="tiny-zh", messages=MESSAGES, max_tokens=12, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="tiny-zh", messages=MESSAGES, max_tokens=12, temperature=0, stream=True)
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert whole.choices[0].message.content == streamed == tok.decode(own)
     assert whole.choices[0].message.role == "assistant" and chunks[0].choices[0].delta.role == "assistant"
@@ -137,27 +150,38 @@ def test_chat_streamed_equals_whole_equals_own_greedy_answer(client, reference, 
 def test_stop_strings(client, reference, tok):
     full = tok.decode(own_answer(reference, tok, PROMPTS[0], 16))
     stop = full[5:7]
-    whole = client.completions.create(model="tiny-zh", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop, "不会出现"])
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny-zh", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=stop, stream=True))
+    whole = client.completions.create(
+        model="tiny-zh", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop, "不会出现"]
+    )
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny-zh", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=stop, stream=True
+        )
+    )
     assert whole.choices[0].text == streamed == full[: full.index(stop)]
     assert whole.choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_is_reproducible(client):
-    ask = dict(model="tiny-zh", prompt=PROMPTS[2], max_tokens=12, temperature=1.2, top_p=0.9, seed=3,
-               extra_body={"top_k": 40})
+    ask = dict(
+        model="tiny-zh", prompt=PROMPTS[2], max_tokens=12, temperature=1.2, top_p=0.9, seed=3, extra_body={"top_k": 40}
+    )
     assert client.completions.create(**ask).choices[0].text == client.completions.create(**ask).choices[0].text
 
 
 def test_concurrent_requests_each_get_their_solo_answer(url, engine, reference, tok):
     budgets = [8 + i for i in range(len(PROMPTS))]  # 8 at once: 4 run, 4 wait, rows leave at different steps
-    expected = [tok.decode(own_answer(reference, tok, p, n)) for p, n in zip(PROMPTS, budgets)]
+    expected = [tok.decode(own_answer(reference, tok, p, n)) for p, n in zip(PROMPTS, budgets, strict=False)]
 
     async def main():
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-        answers = await asyncio.gather(*(client.completions.create(model="tiny-zh", prompt=p, max_tokens=n, temperature=0)
-                                         for p, n in zip(PROMPTS, budgets)))
+        answers = await asyncio.gather(
+            *(
+                client.completions.create(model="tiny-zh", prompt=p, max_tokens=n, temperature=0)
+                for p, n in zip(PROMPTS, budgets, strict=False)
+            )
+        )
         await client.close()
         return [a.choices[0].text for a in answers]
 
@@ -173,8 +197,10 @@ def test_streamed_chinese_never_splits_a_character(tok):
     server = InProcessServer(create_app(engine, tok, ServeOptions(model_name="chain")))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        chunks = [c.choices[0].text for c in client.completions.create(model="chain", prompt=prompt, max_tokens=40,
-                                                                        temperature=0, stream=True)]
+        chunks = [
+            c.choices[0].text
+            for c in client.completions.create(model="chain", prompt=prompt, max_tokens=40, temperature=0, stream=True)
+        ]
         whole = client.completions.create(model="chain", prompt=prompt, max_tokens=40, temperature=0)
     finally:
         server.close()
@@ -207,11 +233,21 @@ BAD = [
     ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 404, "model", "model_not_found"),
     ("/v1/chat/completions", {"model": "tiny-zh"}, 400, "messages", None),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", None),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, 400,
-     "messages[0].tool_calls", "unknown_field"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        400,
+        "messages[0].tool_calls",
+        "unknown_field",
+    ),
     ("/v1/chat/completions", {**CHAT, "tools": []}, 400, "tools", "unknown_field"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "好" * 300}]}, 400, "messages",
-     "context_length_exceeded"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": "好" * 300}]},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
 ]
 
 
@@ -236,8 +272,17 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(url, client
 
 
 def test_documented_no_op_fields_are_accepted(client):
-    client.completions.create(**COMPLETION, user="u", n=1, logprobs=None, echo=False, best_of=1, presence_penalty=0,
-                              frequency_penalty=0.0, logit_bias={})
+    client.completions.create(
+        **COMPLETION,
+        user="u",
+        n=1,
+        logprobs=None,
+        echo=False,
+        best_of=1,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logit_bias={},
+    )
     client.chat.completions.create(**CHAT, user="u", n=1, logprobs=False, response_format={"type": "text"})
 
 
@@ -263,8 +308,13 @@ def test_a_hundred_requests_past_the_cap_are_queued_or_refused(url, engine, refe
     expected = {p: tok.decode(own_answer(reference, tok, p, 6)) for p in PROMPTS}
 
     async def main():
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=100),
-                                     headers={"Authorization": f"Bearer {KEY}"}) as http:
+        async with httpx.AsyncClient(
+            base_url=url,
+            timeout=120,
+            limits=httpx.Limits(max_connections=100),
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as http:
+
             async def one(i):
                 prompt = PROMPTS[i % len(PROMPTS)]
                 r = await http.post("/v1/completions", json={**COMPLETION, "prompt": prompt, "max_tokens": 6})
@@ -350,8 +400,17 @@ def test_stage_serve_answers_with_the_checkpoint_template_and_exits_0_on_sigterm
     path = tmp_path / "sft"
     save_checkpoint(reference, path, tokenizer=tok.path, extra=template_record(chat))
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", LLAMA_ZH_API_KEY=KEY)
-    args = [sys.executable, "-m", "llama_zh", "stage=serve", f"stage.checkpoint={path}", "stage.port=0",
-            "stage.api_key_env=LLAMA_ZH_API_KEY", "stage.model_name=served", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "llama_zh",
+        "stage=serve",
+        f"stage.checkpoint={path}",
+        "stage.port=0",
+        "stage.api_key_env=LLAMA_ZH_API_KEY",
+        "stage.model_name=served",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -369,8 +428,9 @@ def test_stage_serve_answers_with_the_checkpoint_template_and_exits_0_on_sigterm
         page = httpx.get(m.group(1).removesuffix("/v1") + "/", timeout=60)  # stage.web defaults to true
         assert page.status_code == 200 and "<title>llama_zh chat</title>" in page.text
         answer = client.chat.completions.create(model="served", messages=MESSAGES, max_tokens=8, temperature=0)
-        own = generate(reference, chat.prompt_ids(MESSAGES, tok), greedy(8, stop_strings=[chat.user_header()]),
-                       tokenizer=tok)
+        own = generate(
+            reference, chat.prompt_ids(MESSAGES, tok), greedy(8, stop_strings=[chat.user_header()]), tokenizer=tok
+        )
         assert answer.choices[0].message.content == tok.decode(own)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0

@@ -35,8 +35,14 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("runs") / "pretrain"
-    llama_zh("trainer.max_steps=60", "trainer.val_check_interval=30", "trainer.limit_val_batches=4",
-             "trainer.enable_progress_bar=false", run_dir=run, data_dir=data_dir)
+    llama_zh(
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=30",
+        "trainer.limit_val_batches=4",
+        "trainer.enable_progress_bar=false",
+        run_dir=run,
+        data_dir=data_dir,
+    )
     return run
 
 
@@ -63,7 +69,9 @@ def test_pretrain_learns_and_leaves_checkpoint_and_logs(pretrained):
 
 def test_eval_reports_perplexity_per_source(pretrained, data_dir, tmp_path):
     ckpt = pretrained / "checkpoints" / "final"
-    llama_zh("stage=eval", f"stage.checkpoint={ckpt}", "stage.max_batches=3", run_dir=tmp_path / "eval", data_dir=data_dir)
+    llama_zh(
+        "stage=eval", f"stage.checkpoint={ckpt}", "stage.max_batches=3", run_dir=tmp_path / "eval", data_dir=data_dir
+    )
     report = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     ppl = report["perplexity"]
     assert set(ppl) == {"news", "reviews", "all"}
@@ -74,11 +82,20 @@ def test_eval_reports_perplexity_per_source(pretrained, data_dir, tmp_path):
 
 def test_sft_then_infer_with_template(pretrained, data_dir, tmp_path):
     ckpt = pretrained / "checkpoints" / "final"
-    llama_zh("stage=sft", f"stage.checkpoint={ckpt}", "trainer.max_steps=8", "trainer.val_check_interval=4",
-             "trainer.limit_val_batches=2", "stage.batch_size=4", run_dir=tmp_path / "sft", data_dir=data_dir)
+    llama_zh(
+        "stage=sft",
+        f"stage.checkpoint={ckpt}",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=2",
+        "stage.batch_size=4",
+        run_dir=tmp_path / "sft",
+        data_dir=data_dir,
+    )
     sft_ckpt = tmp_path / "sft" / "checkpoints" / "final"
     # The template it trained with travels with the weights (the default template=alpaca).
     from llama_zh.data.chat_template import ChatTemplate, checkpoint_template
+
     assert checkpoint_template(sft_ckpt) == ChatTemplate.named("alpaca").source
     rows = read_metrics(tmp_path / "sft")
     assert any(r.get("val/loss") for r in rows)
@@ -86,8 +103,15 @@ def test_sft_then_infer_with_template(pretrained, data_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("这本书写得很好，推荐。\n\n质量太差了，不会再买。\n", encoding="utf-8")
     out = tmp_path / "answers.txt"
-    llama_zh("stage=infer", f"stage.checkpoint={sft_ckpt}", f"stage.prompts={prompts}", f"stage.output={out}",
-             "stage.max_new_tokens=5", "stage.apply_template=true", run_dir=tmp_path / "infer")
+    llama_zh(
+        "stage=infer",
+        f"stage.checkpoint={sft_ckpt}",
+        f"stage.prompts={prompts}",
+        f"stage.output={out}",
+        "stage.max_new_tokens=5",
+        "stage.apply_template=true",
+        run_dir=tmp_path / "infer",
+    )
     text = out.read_text(encoding="utf-8")
     assert text.endswith("\n\n") and text.count("\n\n") >= 2
 
@@ -100,11 +124,20 @@ def test_infer_greedy_matches_the_python_api(pretrained, tmp_path):
     prompts = ["中国人民", "今天的天气"]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     out = tmp_path / "a.txt"
-    llama_zh("stage=infer", f"stage.checkpoint={ckpt}", f"stage.prompts={tmp_path / 'p.txt'}", f"stage.output={out}",
-             "stage.max_new_tokens=12", run_dir=tmp_path / "infer")
+    llama_zh(
+        "stage=infer",
+        f"stage.checkpoint={ckpt}",
+        f"stage.prompts={tmp_path / 'p.txt'}",
+        f"stage.output={out}",
+        "stage.max_new_tokens=12",
+        run_dir=tmp_path / "infer",
+    )
     model, tok = load_checkpoint(ckpt)
     expected = "".join(
-        tok.decode(generate(model, tok.encode(p, bos=True), SamplingConfig(temperature=0, max_new_tokens=12), tokenizer=tok)) + "\n\n"
+        tok.decode(
+            generate(model, tok.encode(p, bos=True), SamplingConfig(temperature=0, max_new_tokens=12), tokenizer=tok)
+        )
+        + "\n\n"
         for p in prompts
     )
     assert out.read_text(encoding="utf-8") == expected
@@ -115,8 +148,14 @@ def test_export_to_hf_loads_in_transformers(pretrained, tmp_path):
     from llama_zh import load_checkpoint
 
     ckpt = pretrained / "checkpoints" / "final"
-    llama_zh("stage=convert", f"stage.src={ckpt}", "stage.src_format=native", f"stage.dst={tmp_path / 'hf'}",
-             "stage.dst_format=hf", run_dir=tmp_path / "convert")
+    llama_zh(
+        "stage=convert",
+        f"stage.src={ckpt}",
+        "stage.src_format=native",
+        f"stage.dst={tmp_path / 'hf'}",
+        "stage.dst_format=hf",
+        run_dir=tmp_path / "convert",
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     model, tok = load_checkpoint(ckpt)
@@ -129,8 +168,14 @@ def test_export_to_hf_loads_in_transformers(pretrained, tmp_path):
 
 
 def test_multirun_gives_one_job_per_value(data_dir, tmp_path):
-    llama_zh("--multirun", "debug=fast", "optim.lr=1e-4,3e-3", "trainer.enable_progress_bar=false",
-             f"hydra.sweep.dir={tmp_path / 'sweep'}", data_dir=data_dir)
+    llama_zh(
+        "--multirun",
+        "debug=fast",
+        "optim.lr=1e-4,3e-3",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        data_dir=data_dir,
+    )
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
     assert [j.name for j in jobs] == ["0", "1"]
     import yaml
@@ -148,8 +193,13 @@ EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "llama_zh" / "conf" 
 @pytest.mark.parametrize("experiment", [p.stem for p in EXPERIMENTS])
 def test_every_experiment_file_runs(experiment, data_dir, tmp_path):
     # A stale experiment file (a renamed key, a removed group) fails here rather than in a user's hands.
-    llama_zh(f"experiment={experiment}", "debug=fast", "trainer.enable_progress_bar=false", run_dir=tmp_path / "run",
-             data_dir=data_dir)
+    llama_zh(
+        f"experiment={experiment}",
+        "debug=fast",
+        "trainer.enable_progress_bar=false",
+        run_dir=tmp_path / "run",
+        data_dir=data_dir,
+    )
     assert (tmp_path / "run" / "checkpoints" / "final" / "model.safetensors").is_file()
 
 
@@ -162,7 +212,10 @@ def test_experiment_files_were_found():
     [
         (["stage=eval", "stage.checkpoint=/nonexistent/ckpt"], "/nonexistent/ckpt: no such checkpoint directory"),
         (["stage=eval"], "stage.checkpoint"),
-        (["stage=convert", "stage.src=/nonexistent", "stage.src_format=gguf"], "stage.src_format: unknown format 'gguf'"),
+        (
+            ["stage=convert", "stage.src=/nonexistent", "stage.src_format=gguf"],
+            "stage.src_format: unknown format 'gguf'",
+        ),
         (["optim.lr=0", "debug=fast"], "optim.lr must be > 0"),
         (["model.vocab_size=100", "debug=fast"], "model.vocab_size=100 but the tokenizer"),
     ],
@@ -183,8 +236,14 @@ def test_bad_prompts_file_names_the_line(pretrained, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_bytes("好的\n".encode() + b"\xc3\x28 bad\n")
     out = tmp_path / "answers.txt"
-    result = llama_zh("stage=infer", f"stage.checkpoint={pretrained / 'checkpoints' / 'final'}",
-                      f"stage.prompts={prompts}", f"stage.output={out}", run_dir=tmp_path / "run", check=False)
+    result = llama_zh(
+        "stage=infer",
+        f"stage.checkpoint={pretrained / 'checkpoints' / 'final'}",
+        f"stage.prompts={prompts}",
+        f"stage.output={out}",
+        run_dir=tmp_path / "run",
+        check=False,
+    )
     assert result.returncode == 1 and f"{prompts}:2: not valid UTF-8" in result.stderr
     assert not out.exists() and not list(tmp_path.glob("answers.txt*"))
 
@@ -192,7 +251,12 @@ def test_bad_prompts_file_names_the_line(pretrained, tmp_path):
 def test_sft_record_without_output_is_refused(pretrained, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "你好", "output": "你好"}, {"instruction": "再见"}], ensure_ascii=False))
-    result = llama_zh("stage=sft", f"stage.checkpoint={pretrained / 'checkpoints' / 'final'}", f"stage.data={bad}",
-                      run_dir=tmp_path / "run", check=False)
+    result = llama_zh(
+        "stage=sft",
+        f"stage.checkpoint={pretrained / 'checkpoints' / 'final'}",
+        f"stage.data={bad}",
+        run_dir=tmp_path / "run",
+        check=False,
+    )
     assert result.returncode == 1 and f"{bad}: record 1: missing or non-string field 'output'" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

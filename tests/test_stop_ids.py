@@ -3,12 +3,12 @@
 
 import openai
 import pytest
+from serve_models import InProcessServer, chain_model
 
 from llama_zh.generate import SamplingConfig, generate, stream_generate
 from llama_zh.infer.engine import Completion, Engine
 from llama_zh.infer.server import ServeOptions, create_app
 from llama_zh.tokenizer import Tokenizer
-from serve_models import InProcessServer, chain_model
 
 PROMPT, ANSWER = "价格", "很便宜"
 

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from bpe_fixture import CODE, ENGLISH, MIXED, news_split, write_rank_file
+
 from llama_zh.convert.tiktoken import convert_rank_file, last_merge
 from llama_zh.tokenizer import Tokenizer, TokenizerError
 
@@ -20,6 +20,7 @@ def test_ids_equal_the_bpe_the_ranks_came_from(bpe_tokenizer, converted):
     assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.eot_id) == (3256, 3000, 3001, 3009)
     for text in news_split(True, 300) + ENGLISH + CODE + MIXED:
         assert ours.encode(text, bos=True) == source.encode(text, bos=True), text
+
     # the derived merges are the trained ones, rank for rank
     def merges(path):
         return json.loads(path.read_text(encoding="utf-8"))["model"]["merges"]
@@ -34,12 +35,15 @@ def test_last_merge_follows_ranks():
     assert last_merge(b"cab", ranks) == (b"c", b"ab")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("YQ== 0\nYg== x\n", "line 2: not a tiktoken rank entry"),
-    ("YQ== 0\nYQ== 1\n", "line 2: token b'a' repeated"),
-    ("YQ== 0\n", "byte 0x00 has no token"),
-    ("YQ== 5\n", "ranks are not 0..0"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("YQ== 0\nYg== x\n", "line 2: not a tiktoken rank entry"),
+        ("YQ== 0\nYQ== 1\n", "line 2: token b'a' repeated"),
+        ("YQ== 0\n", "byte 0x00 has no token"),
+        ("YQ== 5\n", "ranks are not 0..0"),
+    ],
+)
 def test_a_bad_rank_file_is_one_line(tmp_path, content, message):
     path = tmp_path / "tokenizer.model"
     path.write_text(content)

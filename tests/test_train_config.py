@@ -28,10 +28,16 @@ def test_groups_were_found():
     assert {"auto", "ddp", "zero2", "zero3", "zero3_offload"} <= set(STRATEGIES)
 
 
-@pytest.mark.parametrize("trainer,strategy,precision", [
-    ("cpu", "auto", "32-true"), ("cpu_ddp2", "ddp", "32-true"), ("gpu1", "auto", "bf16-mixed"),
-    ("a800x8", "zero2", "bf16-mixed"), ("multinode", "zero2", "bf16-mixed"),
-])
+@pytest.mark.parametrize(
+    "trainer,strategy,precision",
+    [
+        ("cpu", "auto", "32-true"),
+        ("cpu_ddp2", "ddp", "32-true"),
+        ("gpu1", "auto", "bf16-mixed"),
+        ("a800x8", "zero2", "bf16-mixed"),
+        ("multinode", "zero2", "bf16-mixed"),
+    ],
+)
 def test_each_trainer_names_its_default_strategy_and_precision(trainer, strategy, precision):
     cfg = config(f"trainer={trainer}")
     assert (cfg.trainer.name, cfg.strategy.name, cfg.trainer.precision) == (trainer, strategy, precision)
@@ -87,11 +93,17 @@ def test_global_batch_arithmetic():
     assert derived.accumulation == 8 and derived.global_batch == 64
 
 
-@pytest.mark.parametrize("global_batch,message", [
-    (60, "global_batch_size=60 is not a positive multiple of micro batch 4 x devices 2 x nodes 1 = 8; use 56 or 64"),
-    (4, "use 8 or 16"),
-    (0, "global_batch_size=0 is not a positive multiple"),
-])
+@pytest.mark.parametrize(
+    "global_batch,message",
+    [
+        (
+            60,
+            "global_batch_size=60 is not a positive multiple of micro batch 4 x devices 2 x nodes 1 = 8; use 56 or 64",
+        ),
+        (4, "use 8 or 16"),
+        (0, "global_batch_size=0 is not a positive multiple"),
+    ],
+)
 def test_global_batch_that_does_not_divide_is_refused(global_batch, message):
     with pytest.raises(LlamaZhError, match=message.replace("(", r"\(").replace(")", r"\)")):
         batch_plan(4, 256, trainer_cfg(devices=2), global_batch)
@@ -110,15 +122,26 @@ def test_gpu_trainer_without_gpu_suggests_cpu_trainer():
 
 def llama_zh(*overrides, tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
-    return subprocess.run([sys.executable, "-m", "llama_zh", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_zh", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["trainer=a800x8"], "use trainer=cpu"),
-    (["global_batch_size=12", "data.batch_size=8"], "global_batch_size=12 is not a positive multiple of micro batch 8"),
-    (["strategy=zero2", "strategy.deepspeed.offload_parameters=true"], "offload_parameters needs stage 3"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer=a800x8"], "use trainer=cpu"),
+        (
+            ["global_batch_size=12", "data.batch_size=8"],
+            "global_batch_size=12 is not a positive multiple of micro batch 8",
+        ),
+        (["strategy=zero2", "strategy.deepspeed.offload_parameters=true"], "offload_parameters needs stage 3"),
+    ],
+)
 def test_bad_training_setup_fails_before_launch(overrides, message, tmp_path):
     if overrides == ["trainer=a800x8"] and __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -129,10 +152,13 @@ def test_bad_training_setup_fails_before_launch(overrides, message, tmp_path):
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("option,plugin,target", [
-    ("+sweep=optuna_lr", "hydra_plugins.hydra_optuna_sweeper", "sweeper"),
-    ("+launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "launcher"),
-])
+@pytest.mark.parametrize(
+    "option,plugin,target",
+    [
+        ("+sweep=optuna_lr", "hydra_plugins.hydra_optuna_sweeper", "sweeper"),
+        ("+launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "launcher"),
+    ],
+)
 def test_optional_sweeper_and_launcher_configs_compose(option, plugin, target):
     pytest.importorskip(plugin, reason="optional extra (pip install llama_zh[sweep] / [slurm])")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -152,28 +178,52 @@ def test_training_stages_return_a_float_objective_with_the_checkpoint():
 # ------------------------------------------------------------------------------ options that would be ignored
 
 
-@pytest.mark.parametrize("overrides", [
-    [f"stage={stage}"] for stage in ("prepare", "tokenizer", "convert", "pretrain", "sft", "eval", "infer")
-] + [["experiment=zh_sentiment/pretrain", "debug=fast"], ["experiment=zh_sentiment/sft"],
-     ["experiment=zh_sentiment/eval"], ["experiment=tiny_lr_sweep"], ["data=zh_mix"], ["stage=sft", "finetune=lora"],
-     ["stage=infer", "quant=nf4"], ["+data.sources.more={files: [x.txt]}"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [[f"stage={stage}"] for stage in ("prepare", "tokenizer", "convert", "pretrain", "sft", "eval", "infer")]
+    + [
+        ["experiment=zh_sentiment/pretrain", "debug=fast"],
+        ["experiment=zh_sentiment/sft"],
+        ["experiment=zh_sentiment/eval"],
+        ["experiment=tiny_lr_sweep"],
+        ["data=zh_mix"],
+        ["stage=sft", "finetune=lora"],
+        ["stage=infer", "quant=nf4"],
+        ["+data.sources.more={files: [x.txt]}"],
+    ],
+)
 def test_shipped_configs_pass_the_key_check(overrides):
     from llama_zh.stages import check_options
 
     check_options(config(*overrides))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["stage=infer", "stage.checkpoint=x", "+stage.temprature=0.5"], "stage.temprature: unknown key (did you mean stage.temperature?)"),
-    (["stage=eval", "stage.checkpoint=x", "+stage.mc.shot=3"], "stage.mc.shot: unknown key (did you mean stage.mc.shots?)"),
-    (["+stage.zzz=1"], "stage.zzz: unknown key (expected one of init_from, name, save_every_n_steps)"),
-    (["+optim.lrr=1e-3"], "optim.lrr: unknown key (did you mean optim.lr?)"),
-    (["+data.packing.num_procs=2"], "data.packing.num_procs: unknown key (did you mean data.packing.num_proc?)"),
-    (["+model.n_layer=2"], "model.n_layer: unknown field (did you mean model.n_layers?)"),
-    (["stage=sft", "stage.checkpoint=x", "+finetune.rnak=4"], "finetune.rnak: unknown key (did you mean finetune.rank?)"),
-    (["stage=infer", "stage.checkpoint=x", "+quant.blocksize_=64"], "quant.blocksize_: unknown key (did you mean quant.blocksize?)"),
-    (["stage=eval", "stage.checkpoint=x", "model=llama_7b"], "model=llama_7b: stage=eval does not read model="),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["stage=infer", "stage.checkpoint=x", "+stage.temprature=0.5"],
+            "stage.temprature: unknown key (did you mean stage.temperature?)",
+        ),
+        (
+            ["stage=eval", "stage.checkpoint=x", "+stage.mc.shot=3"],
+            "stage.mc.shot: unknown key (did you mean stage.mc.shots?)",
+        ),
+        (["+stage.zzz=1"], "stage.zzz: unknown key (expected one of init_from, name, save_every_n_steps)"),
+        (["+optim.lrr=1e-3"], "optim.lrr: unknown key (did you mean optim.lr?)"),
+        (["+data.packing.num_procs=2"], "data.packing.num_procs: unknown key (did you mean data.packing.num_proc?)"),
+        (["+model.n_layer=2"], "model.n_layer: unknown field (did you mean model.n_layers?)"),
+        (
+            ["stage=sft", "stage.checkpoint=x", "+finetune.rnak=4"],
+            "finetune.rnak: unknown key (did you mean finetune.rank?)",
+        ),
+        (
+            ["stage=infer", "stage.checkpoint=x", "+quant.blocksize_=64"],
+            "quant.blocksize_: unknown key (did you mean quant.blocksize?)",
+        ),
+        (["stage=eval", "stage.checkpoint=x", "model=llama_7b"], "model=llama_7b: stage=eval does not read model="),
+    ],
+)
 def test_unknown_keys_and_unread_groups_are_refused(overrides, message, tmp_path):
     result = llama_zh(*overrides, tmp_path=tmp_path)
     assert result.returncode == 1 and f"llama_zh: error: {message}" in result.stderr, result.stderr[-2000:]
@@ -193,8 +243,10 @@ def small_checkpoint(tmp_path_factory):
 def test_init_from_refuses_an_explicit_model_of_another_shape(small_checkpoint, tmp_path):
     result = llama_zh(f"stage.init_from={small_checkpoint}", "model=tiny", tmp_path=tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert (f"llama_zh: error: model=tiny differs from the checkpoint of stage.init_from={small_checkpoint}: "
-            "dim 128 (checkpoint 64), n_layers 4 (checkpoint 2)") in result.stderr
+    assert (
+        f"llama_zh: error: model=tiny differs from the checkpoint of stage.init_from={small_checkpoint}: "
+        "dim 128 (checkpoint 64), n_layers 4 (checkpoint 2)"
+    ) in result.stderr
     assert not (tmp_path / "data").exists()
 
 
@@ -202,8 +254,12 @@ def test_init_from_refuses_an_explicit_tokenizer(small_checkpoint, tmp_path):
     from tiny_checkpoints import train_tokenizer
 
     other = train_tokenizer(tmp_path / "tok", 2000, reviews=1000).path
-    result = llama_zh(f"stage.init_from={small_checkpoint}", "tokenizer=file", f"tokenizer.path={other}", tmp_path=tmp_path)
-    assert result.returncode == 1 and "llama_zh: error: tokenizer=file tokenizer.path=" in result.stderr, result.stderr[-2000:]
+    result = llama_zh(
+        f"stage.init_from={small_checkpoint}", "tokenizer=file", f"tokenizer.path={other}", tmp_path=tmp_path
+    )
+    assert result.returncode == 1 and "llama_zh: error: tokenizer=file tokenizer.path=" in result.stderr, result.stderr[
+        -2000:
+    ]
     assert "trains with the checkpoint's own tokenizer" in result.stderr
 
 

@@ -16,9 +16,18 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["debug=fast", "logger=csv", "trainer.enable_progress_bar=false", "data.seq_len=32", "trainer.max_steps=4",
-        "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "state_every_n_steps=2", "state_keep_last=2",
-        "optim.warmup_steps=1"]
+ARGS = [
+    "debug=fast",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "data.seq_len=32",
+    "trainer.max_steps=4",
+    "trainer.limit_val_batches=0",
+    "trainer.log_every_n_steps=1",
+    "state_every_n_steps=2",
+    "state_keep_last=2",
+    "optim.warmup_steps=1",
+]
 
 
 def llama_zh(run_dir, data_dir, *overrides):
@@ -54,7 +63,10 @@ def data_dir(tmp_path_factory):
 def plain(tmp_path_factory, data_dir):
     """The plain strategy at one process: micro batch 2 (for 1-process runs) and 4 (= 2 processes x 2)."""
     root = tmp_path_factory.mktemp("plain")
-    return {1: llama_zh(root / "b2", data_dir, "data.batch_size=2"), 2: llama_zh(root / "b4", data_dir, "data.batch_size=4")}
+    return {
+        1: llama_zh(root / "b2", data_dir, "data.batch_size=2"),
+        2: llama_zh(root / "b4", data_dir, "data.batch_size=4"),
+    }
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3_offload"])
@@ -92,9 +104,20 @@ def test_consolidation_command_writes_a_native_checkpoint(plain, data_dir, tmp_p
 
     run = llama_zh(tmp_path / "run", data_dir, "strategy=zero3", "data.batch_size=2", "trainer.max_steps=2")
     out = tmp_path / "native"
-    result = subprocess.run([sys.executable, "-m", "llama_zh.zero_checkpoint",
-                             str(run / "checkpoints" / "state" / "step-000002"), str(out), "--dtype", "bfloat16"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_zh.zero_checkpoint",
+            str(run / "checkpoints" / "state" / "step-000002"),
+            str(out),
+            "--dtype",
+            "bfloat16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     model, tokenizer = load_checkpoint(out)
     assert tokenizer is not None and next(model.parameters()).dtype == torch.bfloat16

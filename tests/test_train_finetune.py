@@ -13,13 +13,30 @@ from llama_zh.callbacks import NativeCheckpoint
 from llama_zh.checkpoint import load_checkpoint, write_native
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import (ADAPTER_CONFIG, ADAPTER_FILE, FinetuneConfig, LoRALinear, adapter_state, apply_finetune,
-                               count_trainable, export_stream, load_adapter, merge_lora, save_adapter)
+from llama_zh.finetune import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    FinetuneConfig,
+    LoRALinear,
+    adapter_state,
+    apply_finetune,
+    count_trainable,
+    export_stream,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
 from llama_zh.model import build_model
 
 CONFIG = ModelConfig(name="t", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
-LORA = FinetuneConfig(method="lora", rank=4, alpha=8, dropout=0.1, target_modules=["wq", "wk", "wv", "wo", "w_gate",
-                      "w_up", "w_down"], modules_to_save=["embed", "head"])
+LORA = FinetuneConfig(
+    method="lora",
+    rank=4,
+    alpha=8,
+    dropout=0.1,
+    target_modules=["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"],
+    modules_to_save=["embed", "head"],
+)
 
 
 def lora_model(seed=0):
@@ -65,10 +82,24 @@ def test_lora_forward_matches_peft_on_the_same_weights(tmp_path):
     base = build_model(CONFIG, seed=0).eval()
     hf.write(export_stream(base), tmp_path / "hf")
     reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-             "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
-    reference = peft.get_peft_model(reference, peft.LoraConfig(
-        r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0, target_modules=[n.split(".")[1] for n in names.values()]))
+    names = {
+        "wq": "self_attn.q_proj",
+        "wk": "self_attn.k_proj",
+        "wv": "self_attn.v_proj",
+        "wo": "self_attn.o_proj",
+        "w_gate": "mlp.gate_proj",
+        "w_up": "mlp.up_proj",
+        "w_down": "mlp.down_proj",
+    }
+    reference = peft.get_peft_model(
+        reference,
+        peft.LoraConfig(
+            r=LORA.rank,
+            lora_alpha=LORA.alpha,
+            lora_dropout=0.0,
+            target_modules=[n.split(".")[1] for n in names.values()],
+        ),
+    )
 
     ours = lora_model()  # same base (seed 0), random adapters
     peft_modules = dict(reference.named_modules())
@@ -85,7 +116,9 @@ def test_lora_forward_matches_peft_on_the_same_weights(tmp_path):
 
 
 def test_freeze_embeddings_and_head_is_stage_one_of_the_vocab_recipe():
-    model = apply_finetune(build_model(CONFIG, seed=0), FinetuneConfig(method="freeze", train_modules=["embed_tokens", "lm_head"]))
+    model = apply_finetune(
+        build_model(CONFIG, seed=0), FinetuneConfig(method="freeze", train_modules=["embed_tokens", "lm_head"])
+    )
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"embed.weight", "head.weight"}
 
 
@@ -113,17 +146,21 @@ def save_as_training_does(model, ft, directory):
     return NativeCheckpoint(directory, None, finetune=ft).save(trainer, SimpleNamespace(model=model), "final")
 
 
-@pytest.mark.parametrize("targets,saved", [
-    (list(LORA.target_modules), ["embed", "head"]),  # the default recipe (llama_zh/conf/finetune/lora.yaml)
-    (list(LORA.target_modules), []),
-    (["wq", "wv", "head"], ["head", "norm"]),  # head both adapted and trained: its base weight is saved unmerged
-])
+@pytest.mark.parametrize(
+    "targets,saved",
+    [
+        (list(LORA.target_modules), ["embed", "head"]),  # the default recipe (llama_zh/conf/finetune/lora.yaml)
+        (list(LORA.target_modules), []),
+        (["wq", "wv", "head"], ["head", "norm"]),  # head both adapted and trained: its base weight is saved unmerged
+    ],
+)
 def test_base_plus_adapter_equals_the_merged_checkpoint(tmp_path, targets, saved):
     ft = FinetuneConfig(method="lora", rank=4, alpha=8, target_modules=targets, modules_to_save=saved)
     path = save_as_training_does(trained(ft), ft, tmp_path)
     stored = json.loads((path / ADAPTER_CONFIG).read_text())
     assert stored["modules_to_save"] == saved and stored["target_modules"] == targets
     from safetensors.torch import load_file
+
     tensors = set(load_file(str(path / ADAPTER_FILE)))
     assert {n for n in tensors if not n.endswith((".lora_a", ".lora_b"))} == {f"{m}.weight" for m in saved}
 
@@ -144,11 +181,16 @@ def test_full_finetune_writes_no_adapter(tmp_path):
 def test_load_adapter_refuses_an_adapter_that_does_not_fit(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    ft = FinetuneConfig(method="lora", rank=4, alpha=8, target_modules=["wq", "w_up"], modules_to_save=["embed", "head"])
+    ft = FinetuneConfig(
+        method="lora", rank=4, alpha=8, target_modules=["wq", "w_up"], modules_to_save=["embed", "head"]
+    )
     save_adapter(adapter_state(trained(ft), ft), tmp_path, ft)
     other = CONFIG.__class__(**{**CONFIG.to_dict(), "ffn_dim": 96})
-    with pytest.raises(LlamaZhError, match=r"adapter\.safetensors: layers\.0\.ffn\.w_up\.lora_b has shape \(160, 4\), "
-                                           r"the model expects \(96, 4\)") as caught:
+    with pytest.raises(
+        LlamaZhError,
+        match=r"adapter\.safetensors: layers\.0\.ffn\.w_up\.lora_b has shape \(160, 4\), "
+        r"the model expects \(96, 4\)",
+    ) as caught:
         load_adapter(build_model(other, seed=0), tmp_path)
     assert "\n" not in str(caught.value)
     bigger_vocab = CONFIG.__class__(**{**CONFIG.to_dict(), "vocab_size": 320})
@@ -168,12 +210,15 @@ def test_load_adapter_refuses_an_adapter_that_does_not_fit(tmp_path):
         load_adapter(build_model(CONFIG, seed=0), tmp_path)
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"method": "adapter"}, "finetune.method='adapter'"),
-    ({"method": "lora", "target_modules": ["qkv"]}, "finetune.target_modules: unknown module 'qkv'"),
-    ({"method": "lora", "rank": 0}, "rank > 0"),
-    ({"method": "freeze", "train_modules": []}, "leave no weight to train"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"method": "adapter"}, "finetune.method='adapter'"),
+        ({"method": "lora", "target_modules": ["qkv"]}, "finetune.target_modules: unknown module 'qkv'"),
+        ({"method": "lora", "rank": 0}, "rank > 0"),
+        ({"method": "freeze", "train_modules": []}, "leave no weight to train"),
+    ],
+)
 def test_bad_finetune_settings(values, message):
     with pytest.raises(LlamaZhError, match=message):
         apply_finetune(build_model(CONFIG, seed=0), FinetuneConfig(**values))
@@ -182,18 +227,38 @@ def test_bad_finetune_settings(values, message):
 @pytest.mark.slow
 def test_sft_with_lora_end_to_end(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
-    common = ["logger=csv", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1",
-              "trainer.val_check_interval=2", "trainer.max_steps=2"]
+    common = [
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=1",
+        "trainer.val_check_interval=2",
+        "trainer.max_steps=2",
+    ]
 
     def llama_zh(*overrides, run):
-        result = subprocess.run([sys.executable, "-m", "llama_zh", *common, *overrides, f"hydra.run.dir={tmp_path / run}"],
-                                capture_output=True, text=True, env=env, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "llama_zh", *common, *overrides, f"hydra.run.dir={tmp_path / run}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
 
     llama_zh("data.seq_len=32", "data.batch_size=2", run="pt")
     base = tmp_path / "pt" / "checkpoints" / "final"
-    llama_zh("stage=sft", f"stage.checkpoint={base}", "finetune=lora", "stage.seq_len=64", "stage.batch_size=2",
-             "finetune.rank=4", "finetune.dropout=0.0", "optim.lr=1e-2", "optim.warmup_steps=0", run="sft")
+    llama_zh(
+        "stage=sft",
+        f"stage.checkpoint={base}",
+        "finetune=lora",
+        "stage.seq_len=64",
+        "stage.batch_size=2",
+        "finetune.rank=4",
+        "finetune.dropout=0.0",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        run="sft",
+    )
     tuned = tmp_path / "sft" / "checkpoints" / "final"
     assert json.loads((tuned / "adapter_config.json").read_text())["rank"] == 4
 

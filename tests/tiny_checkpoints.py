@@ -42,8 +42,9 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**values)
 
 
-def make_checkpoint(directory: Path, tokenizer: Tokenizer, seed: int = 0, sharpen: float = 30.0,
-                    **overrides) -> tuple[Path, Transformer]:
+def make_checkpoint(
+    directory: Path, tokenizer: Tokenizer, seed: int = 0, sharpen: float = 30.0, **overrides
+) -> tuple[Path, Transformer]:
     """A random model (head scaled by `sharpen`: clear argmax margins) saved with the tokenizer."""
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
     model = build_model(tiny_config(**overrides), seed=seed).eval()

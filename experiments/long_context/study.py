@@ -56,8 +56,9 @@ def llama_zh(args: list[str], workdir: Path, log: Path) -> float:
     print("$ python -m llama_zh " + " ".join(args), flush=True)
     start = time.perf_counter()
     with open(log, "w") as out:
-        result = subprocess.run([sys.executable, "-m", "llama_zh", *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        result = subprocess.run(
+            [sys.executable, "-m", "llama_zh", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     if result.returncode != 0:
         sys.exit(f"failed ({result.returncode}); see {log}:\n" + log.read_text()[-3000:])
     return time.perf_counter() - start
@@ -65,26 +66,61 @@ def llama_zh(args: list[str], workdir: Path, log: Path) -> float:
 
 def train(workdir: Path, base_steps: int, steps: int) -> dict[str, Path]:
     """The base checkpoint and one continuation per variant; existing final checkpoints are reused."""
-    common = ["logger=csv", "trainer.enable_progress_bar=false", "state_every_n_steps=0", "resume=null",
-              "trainer.limit_val_batches=4"]
+    common = [
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "state_every_n_steps=0",
+        "resume=null",
+        "trainer.limit_val_batches=4",
+    ]
     checkpoints = {}
     base = workdir / "base"
     if not (base / "checkpoints" / "final").is_dir():
-        seconds = llama_zh(["stage=pretrain", "model=tiny", f"model.max_seq_len={ORIGINAL}", f"data.seq_len={ORIGINAL}",
-                            "data.batch_size=8", f"trainer.max_steps={base_steps}", f"trainer.val_check_interval={base_steps}",
-                            *common, f"hydra.run.dir={base}"], workdir, workdir / "base.log")
+        seconds = llama_zh(
+            [
+                "stage=pretrain",
+                "model=tiny",
+                f"model.max_seq_len={ORIGINAL}",
+                f"data.seq_len={ORIGINAL}",
+                "data.batch_size=8",
+                f"trainer.max_steps={base_steps}",
+                f"trainer.val_check_interval={base_steps}",
+                *common,
+                f"hydra.run.dir={base}",
+            ],
+            workdir,
+            workdir / "base.log",
+        )
         print(f"  base: {seconds:.0f} s", flush=True)
     checkpoints["base"] = base / "checkpoints" / "final"
     for name, kind in VARIANTS.items():
         run = workdir / name
         if not (run / "checkpoints" / "final").is_dir():
-            rope = ([f"model.rope_scaling={{type:{kind},factor:{float(FACTOR)},original_max_position_embeddings:{ORIGINAL}}}"]
-                    if kind else [])
+            rope = (
+                [
+                    f"model.rope_scaling={{type:{kind},factor:{float(FACTOR)},original_max_position_embeddings:{ORIGINAL}}}"
+                ]
+                if kind
+                else []
+            )
             # batch 2 x 1024 = 8 x 256: the continuation sees as many tokens per step as the base did
-            seconds = llama_zh(["stage=pretrain", f"stage.init_from={checkpoints['base']}", *rope,
-                                f"model.max_seq_len={LONG}", f"data.seq_len={LONG}", "data.batch_size=2",
-                                f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-                                "optim.warmup_steps=10", *common, f"hydra.run.dir={run}"], workdir, workdir / f"{name}.log")
+            seconds = llama_zh(
+                [
+                    "stage=pretrain",
+                    f"stage.init_from={checkpoints['base']}",
+                    *rope,
+                    f"model.max_seq_len={LONG}",
+                    f"data.seq_len={LONG}",
+                    "data.batch_size=2",
+                    f"trainer.max_steps={steps}",
+                    f"trainer.val_check_interval={steps}",
+                    "optim.warmup_steps=10",
+                    *common,
+                    f"hydra.run.dir={run}",
+                ],
+                workdir,
+                workdir / f"{name}.log",
+            )
             print(f"  {name}: {seconds:.0f} s", flush=True)
         checkpoints[name] = run / "checkpoints" / "final"
     return checkpoints
@@ -99,20 +135,31 @@ def evaluate(workdir: Path, checkpoints: dict[str, Path], eval_tokens: int) -> d
     for name, ckpt in checkpoints.items():
         out = workdir / "eval" / f"{name}.json"
         if not out.is_file():
-            llama_zh(["stage=eval", f"stage.checkpoint={ckpt}", f"stage.lengths=[{lengths}]",
-                      f"stage.max_batches={batches}", f"stage.batch_size={EVAL_BATCH}", "stage.speed_probe_tokens=0",
-                      f"stage.output={out}", "logger=csv", f"hydra.run.dir={workdir / 'eval' / name}"],
-                     workdir, workdir / "eval" / f"{name}.log")
+            llama_zh(
+                [
+                    "stage=eval",
+                    f"stage.checkpoint={ckpt}",
+                    f"stage.lengths=[{lengths}]",
+                    f"stage.max_batches={batches}",
+                    f"stage.batch_size={EVAL_BATCH}",
+                    "stage.speed_probe_tokens=0",
+                    f"stage.output={out}",
+                    "logger=csv",
+                    f"hydra.run.dir={workdir / 'eval' / name}",
+                ],
+                workdir,
+                workdir / "eval" / f"{name}.log",
+            )
         report = json.loads(out.read_text())
-        results[name] = {n: {k.split("@")[0]: v for k, v in report["perplexity"].items() if k.endswith(f"@{n}")}
-                         for n in LENGTHS}
+        results[name] = {
+            n: {k.split("@")[0]: v for k, v in report["perplexity"].items() if k.endswith(f"@{n}")} for n in LENGTHS
+        }
         print(f"  {name}: " + ", ".join(f"ppl@{n} {results[name][n]['all']['ppl']:.2f}" for n in LENGTHS), flush=True)
     return results
 
 
 def table(results: dict[str, dict[int, dict]], source: str = "all") -> str:
-    lines = ["| model | " + " | ".join(f"ppl @ {n}" for n in LENGTHS) + " |",
-             "|---|" + "---:|" * len(LENGTHS)]
+    lines = ["| model | " + " | ".join(f"ppl @ {n}" for n in LENGTHS) + " |", "|---|" + "---:|" * len(LENGTHS)]
     for name, by_length in results.items():
         label = "base (256, no scaling)" if name == "base" else f"{name} (continued at {LONG})"
         lines.append(f"| {label} | " + " | ".join(f"{by_length[n][source]['ppl']:.2f}" for n in LENGTHS) + " |")
@@ -127,8 +174,13 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, by_length in results.items():
-        ax.plot(LENGTHS, [by_length[n]["all"]["ppl"] for n in LENGTHS], marker="o",
-                linestyle="--" if name == "base" else "-", label=name)
+        ax.plot(
+            LENGTHS,
+            [by_length[n]["all"]["ppl"] for n in LENGTHS],
+            marker="o",
+            linestyle="--" if name == "base" else "-",
+            label=name,
+        )
     ax.axvline(ORIGINAL, color="grey", linewidth=0.8)
     ax.axvline(LONG, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xscale("log", base=2)
@@ -152,16 +204,25 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     (args.workdir / "eval").mkdir(exist_ok=True)
-    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
-          f"{platform.python_version()}; {os.cpu_count()} CPUs; workdir {args.workdir}", flush=True)
-    print(f"base {args.base_steps} steps x 8 x {ORIGINAL} tokens; continuations {args.steps} steps x 2 x {LONG} tokens; "
-          f"eval {args.eval_tokens} tokens per source per length", flush=True)
+    print(
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python "
+        f"{platform.python_version()}; {os.cpu_count()} CPUs; workdir {args.workdir}",
+        flush=True,
+    )
+    print(
+        f"base {args.base_steps} steps x 8 x {ORIGINAL} tokens; continuations {args.steps} steps x 2 x {LONG} tokens; "
+        f"eval {args.eval_tokens} tokens per source per length",
+        flush=True,
+    )
     checkpoints = train(args.workdir, args.base_steps, args.steps)
     results = evaluate(args.workdir, checkpoints, args.eval_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(
-        {"base_steps": args.base_steps, "steps": args.steps, "eval_tokens": args.eval_tokens, "results": results},
-        indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"base_steps": args.base_steps, "steps": args.steps, "eval_tokens": args.eval_tokens, "results": results},
+            indent=2,
+        )
+    )
     text = table(results)
     (args.out / "results.md").write_text(text + "\n")
     plot(results, args.out / "results.png")

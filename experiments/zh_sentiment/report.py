@@ -56,7 +56,9 @@ def snownlp_accuracy(data_dir: Path) -> float:
     held = [json.loads(line) for line in files["heldout"].read_text(encoding="utf-8").splitlines() if line]
     positive = SENTIMENT_LABELS["pos"]
     classifier = sentiment.Sentiment()
-    classifier.train([r["input"] for r in train if r["output"] != positive], [r["input"] for r in train if r["output"] == positive])
+    classifier.train(
+        [r["input"] for r in train if r["output"] != positive], [r["input"] for r in train if r["output"] == positive]
+    )
     correct = sum((classifier.classify(r["input"]) > 0.5) == (r["output"] == positive) for r in held)
     return correct / len(held)
 
@@ -72,7 +74,9 @@ def main() -> None:
     parser.add_argument("--study-dir", type=Path, default=Path("outputs/zh_sentiment"))
     parser.add_argument("--out-dir", type=Path, default=HERE)
     parser.add_argument("--snownlp", action="store_true", help="retrain SnowNLP's naive Bayes for the baseline row")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="paths.data_dir of the runs (for --snownlp)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path("data"), help="paths.data_dir of the runs (for --snownlp)"
+    )
     args = parser.parse_args()
     study = args.study_dir
     if not (study / "pretrain").is_dir():
@@ -82,30 +86,52 @@ def main() -> None:
 
     tokens = read_json(study / "tokenizer" / "tokens.json")
     if tokens:
-        lines += ["## 1. Tokenizers: tokens per character on held-out text", "",
-                  "| text | tokenizer | pieces | tokens/char | tokens/byte | byte-fallback tokens % |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['text']} | {r['tokenizer']} | {r['pieces']} | {r['tokens_per_char']:.3f} | {r['tokens_per_byte']:.3f} | "
-                  f"{100 * r['byte_token_share']:.1f} |" for r in tokens]
+        lines += [
+            "## 1. Tokenizers: tokens per character on held-out text",
+            "",
+            "| text | tokenizer | pieces | tokens/char | tokens/byte | byte-fallback tokens % |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['text']} | {r['tokenizer']} | {r['pieces']} | {r['tokens_per_char']:.3f} | {r['tokens_per_byte']:.3f} | "
+            f"{100 * r['byte_token_share']:.1f} |"
+            for r in tokens
+        ]
         lines.append("")
 
-    curves = {arm: read_metrics(study / "pretrain" / arm / "metrics.csv") for arm in ARMS
-              if (study / "pretrain" / arm / "metrics.csv").is_file()}
+    curves = {
+        arm: read_metrics(study / "pretrain" / arm / "metrics.csv")
+        for arm in ARMS
+        if (study / "pretrain" / arm / "metrics.csv").is_file()
+    }
     pre_eval = {arm: read_json(study / "pretrain_eval" / arm / "eval_results.json") for arm in ARMS}
     sources = sorted({s for r in pre_eval.values() if r for s in r["perplexity"]})
-    lines += ["## 2. Pretraining: held-out perplexity per source", "",
-              "| arm (pretraining data) | steps | final train loss | final val loss | " + " | ".join(f"ppl {s}" for s in sources) + " |",
-              "|---|---|---|---|" + "---|" * len(sources)]
+    lines += [
+        "## 2. Pretraining: held-out perplexity per source",
+        "",
+        "| arm (pretraining data) | steps | final train loss | final val loss | "
+        + " | ".join(f"ppl {s}" for s in sources)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(sources),
+    ]
     for arm, series in curves.items():
         train, val = series.get("train/loss", []), series.get("val/loss", [])
         ppl = [pre_eval[arm]["perplexity"][s]["ppl"] if pre_eval.get(arm) else None for s in sources]
-        lines.append(f"| {arm} | {train[-1][0] + 1 if train else '-'} | {fmt(train[-1][1] if train else None, 3)} | "
-                     f"{fmt(val[-1][1] if val else None, 3)} | " + " | ".join(fmt(p, 1) for p in ppl) + " |")
+        lines.append(
+            f"| {arm} | {train[-1][0] + 1 if train else '-'} | {fmt(train[-1][1] if train else None, 3)} | "
+            f"{fmt(val[-1][1] if val else None, 3)} | " + " | ".join(fmt(p, 1) for p in ppl) + " |"
+        )
     lines.append("")
 
     baseline = snownlp_accuracy(args.data_dir) if args.snownlp else SNOWNLP_QUOTED
-    lines += ["## 3-4. Instruction-tuned on review sentiment: held-out accuracy (3,522 reviews) and perplexity", "",
-              "| arm | quant | acc. label likelihood | acc. greedy generation | ppl " + " | ppl ".join(sources) +
-              " | weight MiB | decode tok/s |", "|---|---|---|---|" + "---|" * len(sources) + "---|---|"]
+    lines += [
+        "## 3-4. Instruction-tuned on review sentiment: held-out accuracy (3,522 reviews) and perplexity",
+        "",
+        "| arm | quant | acc. label likelihood | acc. greedy generation | ppl "
+        + " | ppl ".join(sources)
+        + " | weight MiB | decode tok/s |",
+        "|---|---|---|---|" + "---|" * len(sources) + "---|---|",
+    ]
     accuracy: dict[tuple[str, str], float] = {}
     for arm in ARMS:
         for quant in QUANTS:
@@ -115,10 +141,16 @@ def main() -> None:
             acc = r["classification"]["accuracy"]
             accuracy[arm, quant] = acc
             ppl = [r.get("perplexity", {}).get(s, {}).get("ppl") for s in sources]
-            lines.append(f"| {arm} | {quant} | {100 * acc:.1f}% | {100 * r['generation']['exact_match']:.1f}% | "
-                         + " | ".join(fmt(p, 1) for p in ppl)
-                         + f" | {r['quant']['weight_mib']:.2f} | {fmt(r.get('speed', {}).get('decode_tokens_per_s'), 0)} |")
-    how = "retrained now on the same split" if args.snownlp else "quoted from docs/reference.md#data, measured the same way"
+            lines.append(
+                f"| {arm} | {quant} | {100 * acc:.1f}% | {100 * r['generation']['exact_match']:.1f}% | "
+                + " | ".join(fmt(p, 1) for p in ppl)
+                + f" | {r['quant']['weight_mib']:.2f} | {fmt(r.get('speed', {}).get('decode_tokens_per_s'), 0)} |"
+            )
+    how = (
+        "retrained now on the same split"
+        if args.snownlp
+        else "quoted from docs/reference.md#data, measured the same way"
+    )
     lines += [f"| SnowNLP naive Bayes ({how}) | - | {100 * baseline:.1f}% | | " + " | " * len(sources) + " | |", ""]
 
     write_plot(curves, accuracy, baseline, args.out_dir / "results.png")
@@ -139,10 +171,10 @@ def write_plot(curves, accuracy, baseline: float, path: Path) -> None:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm, series in curves.items():
-        steps, values = zip(*series["train/loss"]) if series.get("train/loss") else ((), ())
-        line, = ax_loss.plot(steps, values, alpha=0.5, label=f"{arm} train")
+        steps, values = zip(*series["train/loss"], strict=False) if series.get("train/loss") else ((), ())
+        (line,) = ax_loss.plot(steps, values, alpha=0.5, label=f"{arm} train")
         if series.get("val/loss"):
-            vs, vv = zip(*series["val/loss"])
+            vs, vv = zip(*series["val/loss"], strict=False)
             ax_loss.plot(vs, vv, "o-", color=line.get_color(), label=f"{arm} val (first 40 held-out batches: news)")
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="Pretraining loss by data choice")
     ax_loss.legend(fontsize=8)

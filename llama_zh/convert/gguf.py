@@ -82,20 +82,22 @@ def key_map() -> KeyMap:
     def name(tensor) -> str:
         return names[tensor].replace("{bid}", "{i}") + ".weight"
 
-    return KeyMap({
-        "embed.weight": name(T.TOKEN_EMBD),
-        "layers.{i}.attn_norm.weight": name(T.ATTN_NORM),
-        "layers.{i}.attn.wq.weight": name(T.ATTN_Q),
-        "layers.{i}.attn.wk.weight": name(T.ATTN_K),
-        "layers.{i}.attn.wv.weight": name(T.ATTN_V),
-        "layers.{i}.attn.wo.weight": name(T.ATTN_OUT),
-        "layers.{i}.ffn_norm.weight": name(T.FFN_NORM),
-        "layers.{i}.ffn.w_gate.weight": name(T.FFN_GATE),
-        "layers.{i}.ffn.w_up.weight": name(T.FFN_UP),
-        "layers.{i}.ffn.w_down.weight": name(T.FFN_DOWN),
-        "norm.weight": name(T.OUTPUT_NORM),
-        "head.weight": name(T.OUTPUT),
-    })
+    return KeyMap(
+        {
+            "embed.weight": name(T.TOKEN_EMBD),
+            "layers.{i}.attn_norm.weight": name(T.ATTN_NORM),
+            "layers.{i}.attn.wq.weight": name(T.ATTN_Q),
+            "layers.{i}.attn.wk.weight": name(T.ATTN_K),
+            "layers.{i}.attn.wv.weight": name(T.ATTN_V),
+            "layers.{i}.attn.wo.weight": name(T.ATTN_OUT),
+            "layers.{i}.ffn_norm.weight": name(T.FFN_NORM),
+            "layers.{i}.ffn.w_gate.weight": name(T.FFN_GATE),
+            "layers.{i}.ffn.w_up.weight": name(T.FFN_UP),
+            "layers.{i}.ffn.w_down.weight": name(T.FFN_DOWN),
+            "norm.weight": name(T.OUTPUT_NORM),
+            "head.weight": name(T.OUTPUT),
+        }
+    )
 
 
 def file_types(gguf_type: str | None):
@@ -111,8 +113,10 @@ def file_types(gguf_type: str | None):
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         gguf.quants.quantize(np.zeros((1, block), np.float32), qtype)
     except (AttributeError, NotImplementedError) as e:
-        raise GGUFError(f"stage.gguf_type={gguf_type}: the installed gguf package cannot write {qtype_name} ({e}); "
-                        f"upgrade it (pip install -U gguf)") from None
+        raise GGUFError(
+            f"stage.gguf_type={gguf_type}: the installed gguf package cannot write {qtype_name} ({e}); "
+            f"upgrade it (pip install -U gguf)"
+        ) from None
     return qtype, gguf.LlamaFileType[ftype_name]
 
 
@@ -143,8 +147,9 @@ def plan_types(stream: WeightStream, keys: KeyMap, gguf_type: str | None) -> dic
             why = "fallback"
         types[name] = qtype
         counts[qtype.name if why is None else f"{qtype.name} ({why})"] += 1
-    log.info("gguf %s: %s", gguf_type or DEFAULT_GGUF_TYPE,
-             ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())))
+    log.info(
+        "gguf %s: %s", gguf_type or DEFAULT_GGUF_TYPE, ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    )
     return types
 
 
@@ -167,7 +172,7 @@ def encode(t: torch.Tensor, qtype) -> np.ndarray:
     out = np.empty(byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
     step = max(1, QUANTIZE_SLAB // rows.shape[1])
     for i in range(0, rows.shape[0], step):
-        out[i:i + step] = gguf.quants.quantize(rows[i:i + step].to(torch.float32).numpy(), qtype)
+        out[i : i + step] = gguf.quants.quantize(rows[i : i + step].to(torch.float32).numpy(), qtype)
     return out.reshape(byte_shape(tuple(t.shape), qtype))
 
 
@@ -259,11 +264,15 @@ def bpe_vocab(path: Path, vocab_size: int) -> GGUFVocab:
         raise CheckpointError(f"{path}: {tok.vocab_size} tokens, more than the model's vocab_size {vocab_size}")
     split = _split_regex(tok.spec.get("pre_tokenizer"))
     if split != LLAMA3_SPLIT:
-        raise GGUFError(f"{path}: pre_tokenizer splits with {split!r}; the GGUF export names Llama-3's split only "
-                        f"(llama.cpp's \"llama-bpe\"), another would tokenize differently in llama.cpp")
+        raise GGUFError(
+            f"{path}: pre_tokenizer splits with {split!r}; the GGUF export names Llama-3's split only "
+            f'(llama.cpp\'s "llama-bpe"), another would tokenize differently in llama.cpp'
+        )
     if not tok.spec["model"].get("ignore_merges"):
-        raise GGUFError(f"{path}: model.ignore_merges is false; llama.cpp's \"llama-bpe\" takes a word that is a token "
-                        f"whole (Llama-3's tokenizer.json sets it true), so the two would tokenize differently")
+        raise GGUFError(
+            f'{path}: model.ignore_merges is false; llama.cpp\'s "llama-bpe" takes a word that is a token '
+            f"whole (Llama-3's tokenizer.json sets it true), so the two would tokenize differently"
+        )
     added = {t["id"]: t for t in tok.spec.get("added_tokens", [])}
     by_id = {i: t for t, i in tok.spec["model"]["vocab"].items()}
     pieces, types = [], []
@@ -298,15 +307,22 @@ def gguf_path(dst: Path) -> Path:
     return dst if dst.suffix == ".gguf" else dst.with_name(dst.name + ".gguf")
 
 
-def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_template: str | None = None,
-          gguf_type: str | None = None) -> Path:
+def write(
+    stream: WeightStream,
+    dst: Path,
+    overwrite: bool = False,
+    chat_template: str | None = None,
+    gguf_type: str | None = None,
+) -> Path:
     """Write `stream` as a GGUF file of `gguf_type` (None: f16) at dst (`.gguf` appended if missing).
 
     Returns its path."""
     gguf = _gguf()
     _, file_type = file_types(gguf_type)
     if stream.tokenizer is None:
-        raise GGUFError(f"{stream.source}: no tokenizer.model or tokenizer.json to embed in the GGUF file (pass stage.tokenizer)")
+        raise GGUFError(
+            f"{stream.source}: no tokenizer.model or tokenizer.json to embed in the GGUF file (pass stage.tokenizer)"
+        )
     check_specs(stream)
     path = gguf_path(dst)
     if path.exists() and not overwrite:
@@ -331,8 +347,16 @@ def write(stream: WeightStream, dst: Path, overwrite: bool = False, chat_templat
     return path
 
 
-def _write_gguf(writer, stream: WeightStream, keys: KeyMap, vocab: GGUFVocab, qtypes: dict, file_type,
-                chat_template: str | None = None, rope_extra: dict[str, np.ndarray] | None = None) -> None:
+def _write_gguf(
+    writer,
+    stream: WeightStream,
+    keys: KeyMap,
+    vocab: GGUFVocab,
+    qtypes: dict,
+    file_type,
+    chat_template: str | None = None,
+    rope_extra: dict[str, np.ndarray] | None = None,
+) -> None:
     gguf, config = _gguf(), stream.config
     rope_extra = rope_extra or {}
     writer.add_name(config.name)
@@ -392,11 +416,15 @@ def rope_tensors(config: ModelConfig) -> dict[str, np.ndarray]:
     dynamic NTK, and YaRN with its own attention factor (llama.cpp derives it from the factor)."""
     kind, scaling = config.rope_type, config.rope_scaling
     if kind == "dynamic":
-        raise GGUFError("model.rope_scaling.type=dynamic: llama.cpp has no dynamic NTK scaling, so a GGUF file "
-                        "cannot run this model as llama_zh does; export to HF instead")
+        raise GGUFError(
+            "model.rope_scaling.type=dynamic: llama.cpp has no dynamic NTK scaling, so a GGUF file "
+            "cannot run this model as llama_zh does; export to HF instead"
+        )
     if kind == "yarn" and any(scaling[k] is not None for k in ("attention_factor", "mscale", "mscale_all_dim")):
-        raise GGUFError("model.rope_scaling: YaRN with attention_factor/mscale set is not written to GGUF "
-                        "(llama.cpp derives the attention factor from the factor alone)")
+        raise GGUFError(
+            "model.rope_scaling: YaRN with attention_factor/mscale set is not written to GGUF "
+            "(llama.cpp derives the attention factor from the factor alone)"
+        )
     if kind != "llama3":
         return {}
     gguf = _gguf()
@@ -433,16 +461,19 @@ def check_file(path: Path, expected: dict[str, tuple[tuple[int, ...], object]], 
     reader = gguf.GGUFReader(path)
     got = {t.name: t for t in reader.tensors}
     if set(got) != set(expected):
-        raise GGUFError(f"{path}: read back {len(got)} tensors, wrote {len(expected)}: "
-                        f"{sorted(set(got) ^ set(expected))[:4]} differ")
+        raise GGUFError(
+            f"{path}: read back {len(got)} tensors, wrote {len(expected)}: "
+            f"{sorted(set(got) ^ set(expected))[:4]} differ"
+        )
     for name, (shape, qtype) in expected.items():
         t = got[name]
         shape_read = tuple(t.data.shape)
         if t.data.dtype == np.uint8:  # quantized: the reader gives the bytes of each row
             shape_read = tuple(gguf.quants.quant_shape_from_byte_shape(shape_read, t.tensor_type))
         if shape_read != shape or t.tensor_type != qtype:
-            raise GGUFError(f"{path}: {name} reads back as {shape_read} {t.tensor_type.name}, "
-                            f"wrote {shape} {qtype.name}")
+            raise GGUFError(
+                f"{path}: {name} reads back as {shape_read} {t.tensor_type.name}, wrote {shape} {qtype.name}"
+            )
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None or [tokens.parts[i].tobytes() for i in tokens.data] != pieces:
         raise GGUFError(f"{path}: the tokenizer pieces do not read back as written")

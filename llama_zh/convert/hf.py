@@ -9,8 +9,14 @@ import json
 from pathlib import Path
 
 from llama_zh.checkpoint import (
-    DEFAULT_SHARD_BYTES, WeightStream, _AtomicDir, _safetensors_files, check_specs, safetensors_stream,
-    stream_bytes, write_safetensors_shards,
+    DEFAULT_SHARD_BYTES,
+    WeightStream,
+    _AtomicDir,
+    _safetensors_files,
+    check_specs,
+    safetensors_stream,
+    stream_bytes,
+    write_safetensors_shards,
 )
 from llama_zh.config import ROPE_SCALING, ConfigError, ModelConfig, check_rope_scaling
 from llama_zh.convert.hf_tokenizer import SpecialPieces, bpe_tokenizer_files, build_hf_tokenizer
@@ -39,8 +45,9 @@ KEYS = KeyMap(
 )
 
 # LLaMA's special pieces, for an export without a tokenizer to read them from.
-LLAMA_SPECIAL = SpecialPieces({"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None},
-                              {"bos": 1, "eos": 2, "unk": 0, "pad": None})
+LLAMA_SPECIAL = SpecialPieces(
+    {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None}, {"bos": 1, "eos": 2, "unk": 0, "pad": None}
+)
 
 
 def config_from_hf(config_file: Path) -> ModelConfig:
@@ -50,7 +57,9 @@ def config_from_hf(config_file: Path) -> ModelConfig:
         raise CheckpointError(f"{config_file}: not a readable JSON config ({e})") from e
     archs = hf.get("architectures") or []
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-        raise ConfigError(f"{config_file}: model_type {hf.get('model_type')!r} is not a LLaMA model (expected model_type 'llama')")
+        raise ConfigError(
+            f"{config_file}: model_type {hf.get('model_type')!r} is not a LLaMA model (expected model_type 'llama')"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ConfigError(f"{config_file}: {flag}=true is not a LLaMA architecture this converter supports")
@@ -75,7 +84,9 @@ def config_from_hf(config_file: Path) -> ModelConfig:
     except KeyError as e:
         raise ConfigError(f"{config_file}: missing field {e.args[0]}") from e
     if hf.get("head_dim") not in (None, config.head_dim):
-        raise ConfigError(f"{config_file}: head_dim {hf['head_dim']} differs from hidden_size/num_attention_heads = {config.head_dim}")
+        raise ConfigError(
+            f"{config_file}: head_dim {hf['head_dim']} differs from hidden_size/num_attention_heads = {config.head_dim}"
+        )
     return config
 
 
@@ -224,15 +235,28 @@ def hf_config(config: ModelConfig, dtype: str, special: SpecialPieces | None = N
     }
 
 
-def write(stream: WeightStream, path: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-          chat_template: str | None = None) -> Path:
+def write(
+    stream: WeightStream,
+    path: Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    chat_template: str | None = None,
+) -> Path:
     check_specs(stream)
     dtype = str(next(iter(stream.specs.values()))[0]).removeprefix("torch.")
-    files = metadata_files(stream, dtype, chat_template)  # a tokenizer that cannot be exported is refused before any weight is written
+    files = metadata_files(
+        stream, dtype, chat_template
+    )  # a tokenizer that cannot be exported is refused before any weight is written
     target = _AtomicDir(path, overwrite, stream_bytes(stream.specs))
     with target:
-        write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes,
-                                 rename=KEYS.to_outside, metadata={"format": "pt"})
+        write_safetensors_shards(
+            target.tmp,
+            stream.specs,
+            stream.tensors(),
+            max_shard_bytes,
+            rename=KEYS.to_outside,
+            metadata={"format": "pt"},
+        )
         for name, data in files.items():
             (target.tmp / name).write_bytes(data)
         return target.commit()
@@ -247,8 +271,10 @@ def metadata_files(stream: WeightStream, dtype: str, chat_template: str | None =
     elif stream.tokenizer is not None:
         proto = load_model_proto(stream.tokenizer)
         if len(proto.pieces) > stream.config.vocab_size:
-            raise CheckpointError(f"{stream.tokenizer}: {len(proto.pieces)} pieces, more than the model's vocab_size "
-                                  f"{stream.config.vocab_size} (ids past it have no embedding row)")
+            raise CheckpointError(
+                f"{stream.tokenizer}: {len(proto.pieces)} pieces, more than the model's vocab_size "
+                f"{stream.config.vocab_size} (ids past it have no embedding row)"
+            )
         special = SpecialPieces.from_proto(proto, stream.tokenizer)
         files |= tokenizer_files(stream.tokenizer, stream.config, special, chat_template)
     ids = (special or LLAMA_SPECIAL).ids
@@ -262,8 +288,9 @@ def metadata_files(stream: WeightStream, dtype: str, chat_template: str | None =
     return files
 
 
-def tokenizer_files(model: Path, config: ModelConfig, special: SpecialPieces,
-                    chat_template: str | None = None) -> dict[str, bytes]:
+def tokenizer_files(
+    model: Path, config: ModelConfig, special: SpecialPieces, chat_template: str | None = None
+) -> dict[str, bytes]:
     """tokenizer.model as it is, the tokenizer.json that reproduces it, and the files naming its special pieces.
 
     tokenizer_class PreTrainedTokenizerFast: transformers (4 and 5) then runs tokenizer.json as

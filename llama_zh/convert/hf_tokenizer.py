@@ -51,8 +51,9 @@ class SpecialPieces:
         for kind in SPECIAL_KINDS:
             i = getattr(spec, f"{kind}_id")
             if i >= len(proto.pieces):
-                raise TokenizerError(f"{source}: trainer_spec.{kind}_id {i} is past the last piece "
-                                     f"({len(proto.pieces) - 1})")
+                raise TokenizerError(
+                    f"{source}: trainer_spec.{kind}_id {i} is past the last piece ({len(proto.pieces) - 1})"
+                )
             # The piece at the id, not trainer_spec.<kind>_piece: the id is what sentencepiece uses.
             ids[kind] = i if i >= 0 else None
             pieces[kind] = proto.pieces[i].piece if i >= 0 else None
@@ -70,8 +71,10 @@ def _refuse_unsupported(proto: sp_model.ModelProto, source: Path | str) -> None:
     if trainer.model_type != sp_model.TrainerSpec.BPE:
         why = f"trainer_spec.model_type is {sp_model.TrainerSpec.ModelType.Name(trainer.model_type)}, only BPE is converted"
     elif norm.precompiled_charsmap:
-        why = (f"normalizer_spec.name {norm.name!r} maps characters (precompiled_charsmap); "
-               f"only an identity normalization is converted exactly")
+        why = (
+            f"normalizer_spec.name {norm.name!r} maps characters (precompiled_charsmap); "
+            f"only an identity normalization is converted exactly"
+        )
     elif denorm.precompiled_charsmap:
         why = f"denormalizer_spec.name {denorm.name!r} maps characters on decoding"
     elif not norm.escape_whitespaces:
@@ -85,7 +88,9 @@ def _refuse_unsupported(proto: sp_model.ModelProto, source: Path | str) -> None:
         if odd is not None:
             why = f"piece {odd.piece!r} is {Piece.Type.Name(odd.type)} (sentencepiece matches it outside BPE)"
     if why:
-        raise TokenizerError(f"{source}: cannot write a tokenizer.json that tokenizes as this sentencepiece model: {why}")
+        raise TokenizerError(
+            f"{source}: cannot write a tokenizer.json that tokenizes as this sentencepiece model: {why}"
+        )
 
 
 def _normalizer(norm: sp_model.NormalizerSpec) -> normalizers.Normalizer:
@@ -126,12 +131,21 @@ def _warn_inexact(proto: sp_model.ModelProto, source: Path | str) -> None:
     scores = [p.score for p in text if len(p.piece) > 1]
     tied = len(scores) - len(set(scores))
     if tied:
-        log.warning("%s: %d multi-character pieces share their score with another; where two such merges overlap, "
-                    "sentencepiece takes the leftmost and tokenizer.json the lower id", source, tied)
+        log.warning(
+            "%s: %d multi-character pieces share their score with another; where two such merges overlap, "
+            "sentencepiece takes the leftmost and tokenizer.json the lower id",
+            source,
+            tied,
+        )
     orphans = [p.piece for p in text if any(c not in chars for c in p.piece)]
     if orphans:
-        log.warning("%s: %d pieces (e.g. %r) hold a character that is not a piece itself; tokenizer.json spells that "
-                    "character in bytes where sentencepiece may still merge it", source, len(orphans), orphans[0])
+        log.warning(
+            "%s: %d pieces (e.g. %r) hold a character that is not a piece itself; tokenizer.json spells that "
+            "character in bytes where sentencepiece may still merge it",
+            source,
+            len(orphans),
+            orphans[0],
+        )
 
 
 def build_hf_tokenizer(model: Path | str, add_bos: bool = True) -> Tokenizer:
@@ -141,13 +155,21 @@ def build_hf_tokenizer(model: Path | str, add_bos: bool = True) -> Tokenizer:
     _warn_inexact(proto, model)
     special = SpecialPieces.from_proto(proto, model)
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=_merges(proto), unk_token=special.pieces["unk"],
-                                     fuse_unk=True, byte_fallback=True))
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=_merges(proto), unk_token=special.pieces["unk"], fuse_unk=True, byte_fallback=True
+        )
+    )
     tokenizer.normalizer = _normalizer(proto.normalizer_spec)
     # Control and unknown pieces never come out of sentencepiece's encoding of text; as special added
     # tokens transformers can skip them when decoding.
-    tokenizer.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
-                                  for p in proto.pieces if p.type in (Piece.CONTROL, Piece.UNKNOWN)])
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(p.piece, special=True, normalized=False)
+            for p in proto.pieces
+            if p.type in (Piece.CONTROL, Piece.UNKNOWN)
+        ]
+    )
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if proto.normalizer_spec.add_dummy_prefix or proto.normalizer_spec.remove_extra_whitespaces:
         # sentencepiece drops the first piece's leading space in either case; after Fuse the text is
@@ -157,12 +179,14 @@ def build_hf_tokenizer(model: Path | str, add_bos: bool = True) -> Tokenizer:
     bos = special.pieces["bos"]
     if add_bos and bos is not None:
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, special.ids["bos"])])
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, special.ids["bos"])]
+        )
     return tokenizer
 
 
-def bpe_tokenizer_files(path: Path, config: ModelConfig, chat_template: str | None = None
-                        ) -> tuple[dict[str, bytes], SpecialPieces, list[int]]:
+def bpe_tokenizer_files(
+    path: Path, config: ModelConfig, chat_template: str | None = None
+) -> tuple[dict[str, bytes], SpecialPieces, list[int]]:
     """A byte-level BPE tokenizer's export: tokenizer.json as it is, and a tokenizer_config.json (the
     source's fields kept) naming bos/eos/pad and the chat template, under which transformers'
     AutoTokenizer loads tokenizer.json as a fast tokenizer and gives llama_zh's ids (bos from the file's
@@ -171,21 +195,29 @@ def bpe_tokenizer_files(path: Path, config: ModelConfig, chat_template: str | No
 
     tok = BPETokenizer(path)
     if tok.vocab_size > config.vocab_size:
-        raise TokenizerError(f"{path}: {tok.vocab_size} tokens, more than the model's vocab_size {config.vocab_size} "
-                             f"(ids past it have no embedding row)")
+        raise TokenizerError(
+            f"{path}: {tok.vocab_size} tokens, more than the model's vocab_size {config.vocab_size} "
+            f"(ids past it have no embedding row)"
+        )
     ids = {"bos": tok.bos_id, "eos": tok.eos_id, "unk": -1, "pad": tok.pad_id}
     ids = {k: (i if i >= 0 else None) for k, i in ids.items()}
     special = SpecialPieces({k: tok.token(i) if i is not None else None for k, i in ids.items()}, ids)
-    tokenizer_config = {**tok.config, "tokenizer_class": "PreTrainedTokenizerFast",
-                        **{f"{k}_token": special.pieces[k] for k in ("bos", "eos", "pad") if special.pieces[k]},
-                        "clean_up_tokenization_spaces": False, "model_max_length": config.max_seq_len}
+    tokenizer_config = {
+        **tok.config,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{f"{k}_token": special.pieces[k] for k in ("bos", "eos", "pad") if special.pieces[k]},
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.max_seq_len,
+    }
     template = chat_template or tok.chat_template
     if template:
         tokenizer_config["chat_template"] = template
     named = {f"{k}_token": v for k, v in special.pieces.items() if v is not None}
-    files = {"tokenizer.json": Path(path).read_bytes(),
-             "tokenizer_config.json": _json_bytes(tokenizer_config),
-             "special_tokens_map.json": _json_bytes(named)}
+    files = {
+        "tokenizer.json": Path(path).read_bytes(),
+        "tokenizer_config.json": _json_bytes(tokenizer_config),
+        "special_tokens_map.json": _json_bytes(named),
+    }
     return files, special, tok.stop_ids
 
 

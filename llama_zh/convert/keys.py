@@ -6,7 +6,7 @@ A key map is a plain dict: native template -> outside template, `{i}` standing f
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -63,7 +63,9 @@ class KeyMap:
             try:
                 return self.to_native(key)
             except KeyError:
-                raise CheckpointError(f"{source}: unexpected tensor {key!r}, not part of a LLaMA model in this format") from None
+                raise CheckpointError(
+                    f"{source}: unexpected tensor {key!r}, not part of a LLaMA model in this format"
+                ) from None
 
         return rename
 

@@ -42,9 +42,16 @@ KEYS = KeyMap(
 # Dimension along which model-parallel shards split each tensor; None: replicated (norms).
 SHARD_DIM = {
     "embed.weight": 1,
-    "attn.wq.weight": 0, "attn.wk.weight": 0, "attn.wv.weight": 0, "attn.wo.weight": 1,
-    "ffn.w_gate.weight": 0, "ffn.w_up.weight": 0, "ffn.w_down.weight": 1,
-    "attn_norm.weight": None, "ffn_norm.weight": None, "norm.weight": None,
+    "attn.wq.weight": 0,
+    "attn.wk.weight": 0,
+    "attn.wv.weight": 0,
+    "attn.wo.weight": 1,
+    "ffn.w_gate.weight": 0,
+    "ffn.w_up.weight": 0,
+    "ffn.w_down.weight": 1,
+    "attn_norm.weight": None,
+    "ffn_norm.weight": None,
+    "norm.weight": None,
     "head.weight": 0,
 }
 
@@ -52,12 +59,28 @@ SHARD_DIM = {
 # Every key of the params.json files of Meta's LLaMA-1/2/3.x releases. The shapes are read from the weights
 # (ffn_dim_multiplier and multiple_of only fixed the hidden size they have); unknown keys are refused
 # so that a new field that changes the model (as use_scaled_rope did) is never silently dropped.
-PARAMS_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-               "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "max_seq_len")
+PARAMS_KEYS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "use_scaled_rope",
+    "rope_scaling_factor",
+    "max_seq_len",
+)
 # Llama-3.1's scaling (use_scaled_rope): low/high frequency factors 1 and 4 over 8,192 original positions;
 # the factor is 8, except for the tied Llama-3.2 1B/3B, whose factor 32 params.json does not record.
-LLAMA3_ROPE = {"type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 LLAMA3_CONTEXT = 131072  # positions a use_scaled_rope model serves
 LLAMA3_THETA = 500000.0  # rope_theta of the Llama-3 family, whose unscaled models serve 8,192 positions
 
@@ -72,8 +95,10 @@ def _context(params: dict, tied: bool, max_seq_len: int | None) -> dict:
     and with use_scaled_rope the llama3 scaling of LLAMA3_ROPE up to 131,072."""
     if params.get("use_scaled_rope"):
         factor = params.get("rope_scaling_factor") or (32.0 if tied else 8.0)
-        return {"max_seq_len": max_seq_len or params.get("max_seq_len") or LLAMA3_CONTEXT,
-                "rope_scaling": {**LLAMA3_ROPE, "factor": float(factor)}}
+        return {
+            "max_seq_len": max_seq_len or params.get("max_seq_len") or LLAMA3_CONTEXT,
+            "rope_scaling": {**LLAMA3_ROPE, "factor": float(factor)},
+        }
     llama3 = float(params.get("rope_theta", 10000.0)) == LLAMA3_THETA
     return {"max_seq_len": max_seq_len or params.get("max_seq_len") or (8192 if llama3 else 2048)}
 
@@ -107,8 +132,10 @@ def read(path: Path, tokenizer: Path | None = None, max_seq_len: int | None = No
         raise ConfigError(f"{params_file}: not a LLaMA params.json ({e})") from e
     unknown = sorted(set(params) - set(PARAMS_KEYS))
     if unknown:
-        raise ConfigError(f"{params_file}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                          f"(known: {', '.join(PARAMS_KEYS)})")
+        raise ConfigError(
+            f"{params_file}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"(known: {', '.join(PARAMS_KEYS)})"
+        )
     rename = KEYS.renamer(str(shards[0]))
     states = [torch_load_weights(f) for f in shards]  # memory-mapped: nothing read yet
     keys = {key: rename(key) for key in states[0]}

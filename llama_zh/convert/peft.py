@@ -106,20 +106,25 @@ def export(src: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bo
     src = Path(src)
     stream = read_native(src)
     if not (src / "adapter_config.json").is_file() or not (src / "adapter.safetensors").is_file():
-        raise PeftError(f"stage.src: {src} has no adapter.safetensors + adapter_config.json "
-                        f"(dst_format=peft exports the adapter of a finetune=lora checkpoint)")
+        raise PeftError(
+            f"stage.src: {src} has no adapter.safetensors + adapter_config.json "
+            f"(dst_format=peft exports the adapter of a finetune=lora checkpoint)"
+        )
     ft, state = read_adapter(src, build_model(stream.config, device="meta"))
     both = sorted(set(ft.target_modules) & set(ft.modules_to_save))
     if both:
-        raise PeftError(f"{src / 'adapter_config.json'}: {both[0]} is both a LoRA target and in modules_to_save, "
-                        f"which peft cannot load as trained")
+        raise PeftError(
+            f"{src / 'adapter_config.json'}: {both[0]} is both a LoRA target and in modules_to_save, "
+            f"which peft cannot load as trained"
+        )
     tensors = {}
     for name, t in state.items():
         t = t.to(dtype) if dtype is not None else t
         tensors[_peft_key(name)] = t.contiguous()
     hf_names = {native: name for name, native in HF_ALIASES.items()}
-    config = peft_config(ft.rank, ft.alpha, [hf_names[m] for m in ft.target_modules],
-                         [HF_SAVED[m] for m in ft.modules_to_save])
+    config = peft_config(
+        ft.rank, ft.alpha, [hf_names[m] for m in ft.target_modules], [HF_SAVED[m] for m in ft.modules_to_save]
+    )
     target = _AtomicDir(dst, overwrite, sum(t.numel() * t.element_size() for t in tensors.values()))
     with target:
         save_file(tensors, str(target.tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
@@ -226,8 +231,10 @@ def read_peft(directory: Path) -> PeftAdapter:
             module = name.removesuffix(suffix)
             weight = _native_weight(module + ".weight")
             if weight is None or not (weight == "head.weight" or weight.split(".")[-2] in PROJECTIONS):
-                raise PeftError(f"{file}: LoRA tensor {key!r} targets {module}, which cannot be merged here; "
-                                f"supported: {', '.join(HF_TARGETS)}")
+                raise PeftError(
+                    f"{file}: LoRA tensor {key!r} targets {module}, which cannot be merged here; "
+                    f"supported: {', '.join(HF_TARGETS)}"
+                )
             pairs.setdefault(weight, {})[LORA_SUFFIXES[suffix]] = key
         else:
             weight = _native_weight(name)
@@ -262,8 +269,10 @@ def _merged_shapes(adapter: PeftAdapter, base: WeightStream) -> tuple[ModelConfi
         for key, expected in ((a_key, (adapter.rank, in_features)), (b_key, (out_features, adapter.rank))):
             got = adapter.specs[key][1]
             if got != expected:
-                raise PeftError(f"{adapter.file}: {key} has shape {got}; the base's {weight} {shapes[weight]} with "
-                                f"r={adapter.rank} needs {expected} (an adapter of another model?)")
+                raise PeftError(
+                    f"{adapter.file}: {key} has shape {got}; the base's {weight} {shapes[weight]} with "
+                    f"r={adapter.rank} needs {expected} (an adapter of another model?)"
+                )
     vocab = {}
     for weight, key in adapter.saved.items():
         if weight not in shapes:
@@ -275,14 +284,17 @@ def _merged_shapes(adapter: PeftAdapter, base: WeightStream) -> tuple[ModelConfi
             raise PeftError(f"{adapter.file}: {key} has shape {got}, the base's {weight} is {expected}")
     rows = set(vocab.values())
     if len(rows) > 1:
-        raise PeftError(f"{adapter.file}: embed_tokens has {vocab['embed.weight']} rows, "
-                        f"lm_head {vocab['head.weight']}")
+        raise PeftError(
+            f"{adapter.file}: embed_tokens has {vocab['embed.weight']} rows, lm_head {vocab['head.weight']}"
+        )
     if rows and (new := rows.pop()) != config.vocab_size:
         for weight in VOCAB_TENSORS:
             if weight not in vocab:
                 module = _hf_module(weight.removesuffix(".weight"))
-                raise PeftError(f"{adapter.file}: a vocabulary of {new} rows, the base has {config.vocab_size}, and "
-                                f"{module} is not in modules_to_save to give the rest")
+                raise PeftError(
+                    f"{adapter.file}: a vocabulary of {new} rows, the base has {config.vocab_size}, and "
+                    f"{module} is not in modules_to_save to give the rest"
+                )
         config = config.with_vocab(new)
         for weight in VOCAB_TENSORS:
             shapes[weight] = (new, shapes[weight][1])
@@ -299,8 +311,10 @@ def merge(base: WeightStream, directory: Path, tokenizer: Path | None = None) ->
         tokenizer = find_tokenizer(adapter.directory)
     if tokenizer is None:
         if config.vocab_size != base.config.vocab_size:
-            raise PeftError(f"{adapter.directory}: the adapter extends the vocabulary to {config.vocab_size} "
-                            f"and has no tokenizer.model: pass its tokenizer as stage.tokenizer")
+            raise PeftError(
+                f"{adapter.directory}: the adapter extends the vocabulary to {config.vocab_size} "
+                f"and has no tokenizer.model: pass its tokenizer as stage.tokenizer"
+            )
         tokenizer = base.tokenizer
     specs = {n: (dtype, shapes[n]) for n, (dtype, _) in base.specs.items()}
 
@@ -316,20 +330,37 @@ def merge(base: WeightStream, directory: Path, tokenizer: Path | None = None) ->
             yield name, t
             del t  # before the next read: one tensor alive at a time
 
-    log.info("merging %s: %d LoRA weights (r=%d, scale %g), %d whole weights", adapter.directory, len(adapter.lora),
-             adapter.rank, adapter.scale, len(adapter.saved))
-    return WeightStream(config, specs, tensors, tokenizer, source=f"{base.source} + {adapter.directory}",
-                        notes=base.notes)
+    log.info(
+        "merging %s: %d LoRA weights (r=%d, scale %g), %d whole weights",
+        adapter.directory,
+        len(adapter.lora),
+        adapter.rank,
+        adapter.scale,
+        len(adapter.saved),
+    )
+    return WeightStream(
+        config, specs, tensors, tokenizer, source=f"{base.source} + {adapter.directory}", notes=base.notes
+    )
 
 
-def convert_merged(src: Path, src_format: str, adapter: Path, dst: Path, dst_format: str,
-                   model: ModelConfig | None = None, tokenizer: Path | None = None, dtype: torch.dtype | None = None,
-                   overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def convert_merged(
+    src: Path,
+    src_format: str,
+    adapter: Path,
+    dst: Path,
+    dst_format: str,
+    model: ModelConfig | None = None,
+    tokenizer: Path | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """stage=convert with stage.adapter: read the base, merge the adapter, write any destination format."""
     from llama_zh.convert import DESTINATION_FORMATS, FormatError, read, write
 
     if dst_format not in DESTINATION_FORMATS:
-        raise FormatError(f"stage.dst_format: unknown format {dst_format!r}; "
-                          f"expected one of {', '.join(DESTINATION_FORMATS)}")
+        raise FormatError(
+            f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}"
+        )
     stream = merge(read(src, src_format, model, tokenizer), adapter, tokenizer).cast(dtype)
     return write(stream, dst, dst_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

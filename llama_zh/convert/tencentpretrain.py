@@ -42,7 +42,9 @@ def read(path: Path, config: ModelConfig, tokenizer: Path | None = None) -> Weig
     names = {key: rename(key) for key in state}
     specs = {names[k]: (t.dtype, tuple(t.shape)) for k, t in state.items() if names[k] is not None}
     if config.vocab_size is None and "embed.weight" in specs:
-        raise CheckpointError(f"{path}: the vocab size is unknown: pass the tokenizer (stage.tokenizer) or set model.vocab_size")
+        raise CheckpointError(
+            f"{path}: the vocab size is unknown: pass the tokenizer (stage.tokenizer) or set model.vocab_size"
+        )
     del state
     permute = rope_permuter(config.n_heads, config.n_kv_heads, interleaved_to_halves)
 
@@ -65,8 +67,9 @@ def write(stream: WeightStream, path: Path, overwrite: bool = False, **_) -> Pat
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists (set overwrite to replace it)")
     permute = rope_permuter(stream.config.n_heads, stream.config.n_kv_heads, halves_to_interleaved)
-    with AtomicOutput(path, mode="wb", overwrite=overwrite, need_bytes=stream_bytes(stream.specs),
-                      exists_error=CheckpointError) as out:
+    with AtomicOutput(
+        path, mode="wb", overwrite=overwrite, need_bytes=stream_bytes(stream.specs), exists_error=CheckpointError
+    ) as out:
         state = {KEYS.to_outside(name): permute(name, t).contiguous() for name, t in stream.tensors()}
         # A file object, not a path: torch's own file writer reports a full disk as "unexpected pos".
         torch.save(state, out.file)

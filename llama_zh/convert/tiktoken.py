@@ -43,15 +43,16 @@ def read_ranks(path: Path) -> dict[bytes, int]:
         raise TokenizerError(f"{path}: ranks are not 0..{len(ranks) - 1} each once")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise TokenizerError(f"{path}: byte 0x{missing[0]:02X} has no token ({len(missing)} bytes missing): "
-                             f"not a byte-level BPE")
+        raise TokenizerError(
+            f"{path}: byte 0x{missing[0]:02X} has no token ({len(missing)} bytes missing): not a byte-level BPE"
+        )
     return ranks
 
 
 def last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     """The two parts tiktoken's merge rules leave of `token` when only ranks below its own may merge."""
     limit = ranks[token]
-    parts = [token[i:i + 1] for i in range(len(token))]
+    parts = [token[i : i + 1] for i in range(len(token))]
     while len(parts) > 2:
         best, at = limit, -1
         for i in range(len(parts) - 1):
@@ -60,7 +61,7 @@ def last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
                 best, at = rank, i
         if at < 0:
             break
-        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        parts[at : at + 2] = [parts[at] + parts[at + 1]]
     if len(parts) != 2:
         raise TokenizerError(f"token {token!r} (rank {limit}) cannot be made from two lower-ranked tokens")
     return parts[0], parts[1]

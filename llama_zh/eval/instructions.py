@@ -13,8 +13,8 @@ characters, whitespace removed; no tokenizer, so any language scores alike).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from llama_zh.data.corpus import DataError
 from llama_zh.data.sft import Template, load_records
@@ -50,9 +50,16 @@ def generation_records(records: list[dict], max_records: int | None) -> list[dic
     return spread([r for r in records if r["output"].strip()], max_records)
 
 
-def evaluate_classification(model: Transformer, tokenizer: Tokenizer, records: list[dict], template: Template,
-                            labels: list[str] | None = None, batch_size: int = 8, max_records: int | None = None,
-                            progress: Callable[[int], None] | None = None) -> dict:
+def evaluate_classification(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    template: Template,
+    labels: list[str] | None = None,
+    batch_size: int = 8,
+    max_records: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """{'accuracy', 'correct', 'n', 'labels', 'confusion': {gold: {predicted: count}}}; labels None: the
     distinct outputs of all records, scored on `spread(records, max_records)`. `progress` is called
     with the number of records each batch finished."""
@@ -62,8 +69,10 @@ def evaluate_classification(model: Transformer, tokenizer: Tokenizer, records: l
     if len(labels) < 2:
         raise DataError(f"classification needs at least 2 labels, got {labels}")
     if len(labels) > MAX_LABELS:
-        raise DataError(f"{len(labels)} distinct outputs: not a classification set (at most {MAX_LABELS} labels); "
-                        f"use the generation task, or list the labels")
+        raise DataError(
+            f"{len(labels)} distinct outputs: not a classification set (at most {MAX_LABELS} labels); "
+            f"use the generation task, or list the labels"
+        )
     unknown = sorted(set(gold) - set(labels))
     if unknown:
         raise DataError(f"outputs {unknown[:5]} are not among the labels {labels}")
@@ -76,10 +85,15 @@ def evaluate_classification(model: Transformer, tokenizer: Tokenizer, records: l
             predicted[i] = labels[int(scores[row].argmax())]
         if progress:
             progress(len(batch))
-    correct = sum(p == g for p, g in zip(predicted, gold))
-    confusion = {g: dict(Counter(p for p, gg in zip(predicted, gold) if gg == g)) for g in labels}
-    return {"accuracy": correct / len(records), "correct": correct, "n": len(records), "labels": labels,
-            "confusion": confusion}
+    correct = sum(p == g for p, g in zip(predicted, gold, strict=False))
+    confusion = {g: dict(Counter(p for p, gg in zip(predicted, gold, strict=False) if gg == g)) for g in labels}
+    return {
+        "accuracy": correct / len(records),
+        "correct": correct,
+        "n": len(records),
+        "labels": labels,
+        "confusion": confusion,
+    }
 
 
 def lcs_length(a: str, b: str) -> int:
@@ -111,9 +125,16 @@ def exact_match(prediction: str, reference: str) -> bool:
     return prediction.strip() == reference.strip()
 
 
-def evaluate_generation(model: Transformer, tokenizer: Tokenizer, records: list[dict], template: Template,
-                        sampling: SamplingConfig, batch_size: int = 8, max_records: int | None = None,
-                        progress: Callable[[int], None] | None = None) -> dict:
+def evaluate_generation(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    template: Template,
+    sampling: SamplingConfig,
+    batch_size: int = 8,
+    max_records: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """{'exact_match', 'rouge_l', 'n', 'new_tokens', 'examples': first few (prompt, reference, answer)}.
 
     Records with an empty reference output are skipped (nothing to compare with); then at most
@@ -126,14 +147,21 @@ def evaluate_generation(model: Transformer, tokenizer: Tokenizer, records: list[
     new_tokens = 0
     for batch in batches_by_length([len(p) for p in prompts], batch_size):
         out = generate_batch(model, [prompts[i] for i in batch], sampling, tokenizer=tokenizer)
-        for i, ids in zip(batch, out):
+        for i, ids in zip(batch, out, strict=False):
             answers[i] = tokenizer.decode(ids)
             new_tokens += len(ids)
         if progress:
             progress(len(batch))
-    em = [exact_match(a, r["output"]) for a, r in zip(answers, records)]
-    rouge = [rouge_l_chars(a, r["output"]) for a, r in zip(answers, records)]
-    examples = [{"input": r.get("input", "")[:100], "reference": r["output"], "answer": a}
-                for r, a in zip(records[:5], answers[:5])]
-    return {"exact_match": sum(em) / len(records), "rouge_l": sum(rouge) / len(records), "n": len(records),
-            "new_tokens": new_tokens, "examples": examples}
+    em = [exact_match(a, r["output"]) for a, r in zip(answers, records, strict=False)]
+    rouge = [rouge_l_chars(a, r["output"]) for a, r in zip(answers, records, strict=False)]
+    examples = [
+        {"input": r.get("input", "")[:100], "reference": r["output"], "answer": a}
+        for r, a in zip(records[:5], answers[:5], strict=False)
+    ]
+    return {
+        "exact_match": sum(em) / len(records),
+        "rouge_l": sum(rouge) / len(records),
+        "n": len(records),
+        "new_tokens": new_tokens,
+        "examples": examples,
+    }

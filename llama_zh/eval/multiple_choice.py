@@ -17,9 +17,9 @@ option  the cloze form lm-eval's multiple-choice tasks use: the question alone e
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from llama_zh.config import ConfigError
 from llama_zh.data.corpus import DataError
@@ -46,7 +46,7 @@ class Question:
     where: str  # file:line, for messages
 
     def format(self, with_answer: bool) -> str:
-        lines = [self.question] + [f"{letter}. {text}" for letter, text in zip(LETTERS, self.options)]
+        lines = [self.question] + [f"{letter}. {text}" for letter, text in zip(LETTERS, self.options, strict=False)]
         return "\n".join(lines) + "\n答案：" + (self.answer + "\n\n" if with_answer else "")
 
     def cloze(self, with_answer: bool) -> str:
@@ -76,7 +76,9 @@ def read_questions(path: Path) -> list[Question]:
         answer = row["answer"].strip().upper()
         if answer not in LETTERS:
             raise DataError(f"{where}: answer {row['answer']!r} is not one of A, B, C, D")
-        questions.append(Question(row["id"], row["question"].strip(), tuple(row[c].strip() for c in LETTERS), answer, where))
+        questions.append(
+            Question(row["id"], row["question"].strip(), tuple(row[c].strip() for c in LETTERS), answer, where)
+        )
     if not questions:
         raise DataError(f"{path}: no questions")
     return questions
@@ -88,8 +90,7 @@ def header(subject: str | None) -> str:
     return "以下是单项选择题，请选出其中的正确答案。\n\n"
 
 
-def build_prompt(question: Question, shots: list[Question], subject: str | None = None,
-                 scoring: str = "letter") -> str:
+def build_prompt(question: Question, shots: list[Question], subject: str | None = None, scoring: str = "letter") -> str:
     if scoring == "option":
         return header(subject) + "".join(s.cloze(True) for s in shots) + question.cloze(False)
     return header(subject) + "".join(s.format(True) for s in shots) + question.format(False)
@@ -124,9 +125,16 @@ def check_scoring(scoring: str) -> str:
     return scoring
 
 
-def evaluate_multiple_choice(model: Transformer, tokenizer: Tokenizer, questions: list[Question],
-                             shots: list[Question] = (), subject: str | None = None, batch_size: int = 8,
-                             scoring: str = "letter", progress: Callable[[int], None] | None = None) -> dict:
+def evaluate_multiple_choice(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    questions: list[Question],
+    shots: list[Question] = (),
+    subject: str | None = None,
+    batch_size: int = 8,
+    scoring: str = "letter",
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """{'accuracy', 'correct', 'n', 'scoring', 'predictions': [{'id', 'answer', 'predicted', ...}]}; with
     scoring 'option' also 'acc', 'acc_norm', 'acc_norm_bytes' ('accuracy' is 'acc'). `progress` is
     called with the number of questions each batch finished."""
@@ -134,7 +142,7 @@ def evaluate_multiple_choice(model: Transformer, tokenizer: Tokenizer, questions
         return _evaluate_options(model, tokenizer, questions, list(shots), subject, batch_size, progress)
     prompts = [build_prompt(q, list(shots), subject) for q in questions]
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
-    letters = [letter_ids(tokenizer, p, i) for p, i in zip(prompts, ids)]
+    letters = [letter_ids(tokenizer, p, i) for p, i in zip(prompts, ids, strict=False)]
     predicted: list[str] = [""] * len(questions)
     for batch in batches_by_length([len(i) for i in ids], batch_size):
         # All four letters as single-token continuations; rows whose letter ids differ are rare (a
@@ -147,24 +155,41 @@ def evaluate_multiple_choice(model: Transformer, tokenizer: Tokenizer, questions
             predicted[i] = LETTERS[max(range(4), key=option_scores.__getitem__)]
         if progress:
             progress(len(batch))
-    correct = sum(p == q.answer for p, q in zip(predicted, questions))
-    return {"accuracy": correct / len(questions), "correct": correct, "n": len(questions), "scoring": "letter",
-            "predictions": [{"id": q.id, "answer": q.answer, "predicted": p} for q, p in zip(questions, predicted)]}
+    correct = sum(p == q.answer for p, q in zip(predicted, questions, strict=False))
+    return {
+        "accuracy": correct / len(questions),
+        "correct": correct,
+        "n": len(questions),
+        "scoring": "letter",
+        "predictions": [
+            {"id": q.id, "answer": q.answer, "predicted": p} for q, p in zip(questions, predicted, strict=False)
+        ],
+    }
 
 
 def _best(scores: list[float]) -> str:
     return LETTERS[max(range(len(scores)), key=scores.__getitem__)]
 
 
-def _evaluate_options(model: Transformer, tokenizer: Tokenizer, questions: list[Question], shots: list[Question],
-                      subject: str | None, batch_size: int, progress: Callable[[int], None] | None) -> dict:
+def _evaluate_options(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    questions: list[Question],
+    shots: list[Question],
+    subject: str | None,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> dict:
     for q in questions:
-        empty = [letter for letter, text in zip(LETTERS, q.options) if not text]
+        empty = [letter for letter, text in zip(LETTERS, q.options, strict=False) if not text]
         if empty:
             raise DataError(f"{q.where}: option {empty[0]} is empty; stage.mc.scoring=option scores the option texts")
     prompts = [build_prompt(q, shots, subject, "option") for q in questions]
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
-    options = [[option_ids(tokenizer, p, i, text) for text in q.options] for p, i, q in zip(prompts, ids, questions)]
+    options = [
+        [option_ids(tokenizer, p, i, text) for text in q.options]
+        for p, i, q in zip(prompts, ids, questions, strict=False)
+    ]
     loglik: list[list[float]] = [[] for _ in questions]
     for batch in batches_by_length([len(i) for i in ids], batch_size):
         scores = row_continuation_logprobs(model, [ids[i] for i in batch], [options[i] for i in batch])
@@ -173,15 +198,32 @@ def _evaluate_options(model: Transformer, tokenizer: Tokenizer, questions: list[
         if progress:
             progress(len(batch))
     predictions = []
-    for q, ll in zip(questions, loglik):
-        per_char = [x / len(text) for x, text in zip(ll, q.options)]
-        per_byte = [x / len(text.encode("utf-8")) for x, text in zip(ll, q.options)]
-        predictions.append({"id": q.id, "answer": q.answer, "predicted": _best(ll), "predicted_norm": _best(per_char),
-                            "predicted_norm_bytes": _best(per_byte), "loglikelihood": ll})
+    for q, ll in zip(questions, loglik, strict=False):
+        per_char = [x / len(text) for x, text in zip(ll, q.options, strict=False)]
+        per_byte = [x / len(text.encode("utf-8")) for x, text in zip(ll, q.options, strict=False)]
+        predictions.append(
+            {
+                "id": q.id,
+                "answer": q.answer,
+                "predicted": _best(ll),
+                "predicted_norm": _best(per_char),
+                "predicted_norm_bytes": _best(per_byte),
+                "loglikelihood": ll,
+            }
+        )
     n = len(questions)
-    correct = {k: sum(p[k] == p["answer"] for p in predictions)
-               for k in ("predicted", "predicted_norm", "predicted_norm_bytes")}
-    return {"accuracy": correct["predicted"] / n, "acc": correct["predicted"] / n,
-            "acc_norm": correct["predicted_norm"] / n, "acc_norm_bytes": correct["predicted_norm_bytes"] / n,
-            "correct": correct["predicted"], "correct_norm": correct["predicted_norm"], "n": n, "scoring": "option",
-            "predictions": predictions}
+    correct = {
+        k: sum(p[k] == p["answer"] for p in predictions)
+        for k in ("predicted", "predicted_norm", "predicted_norm_bytes")
+    }
+    return {
+        "accuracy": correct["predicted"] / n,
+        "acc": correct["predicted"] / n,
+        "acc_norm": correct["predicted_norm"] / n,
+        "acc_norm_bytes": correct["predicted_norm_bytes"] / n,
+        "correct": correct["predicted"],
+        "correct_norm": correct["predicted_norm"],
+        "n": n,
+        "scoring": "option",
+        "predictions": predictions,
+    }

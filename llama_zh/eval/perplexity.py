@@ -20,9 +20,9 @@ token perplexity.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,8 +52,15 @@ def window_spans(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
 
 
 @torch.inference_mode()
-def stream_nll(model: Transformer, tokens: np.ndarray, window: int, stride: int, batch_size: int,
-               max_windows: int | None = None, progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+def stream_nll(
+    model: Transformer,
+    tokens: np.ndarray,
+    window: int,
+    stride: int,
+    batch_size: int,
+    max_windows: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[float, int]:
     """(summed negative log-likelihood, scored tokens) of one token stream; `progress` is called with
     the number of windows each batch read."""
     device = model.norm.weight.device
@@ -62,9 +69,13 @@ def stream_nll(model: Transformer, tokens: np.ndarray, window: int, stride: int,
     total, count = 0.0, 0
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
-        x = torch.stack([torch.from_numpy(np.asarray(tokens[b : b + width + 1], dtype=np.int64)) for b, _ in chunk]).to(device)
+        x = torch.stack([torch.from_numpy(np.asarray(tokens[b : b + width + 1], dtype=np.int64)) for b, _ in chunk]).to(
+            device
+        )
         logits = model(x[:, :-1])  # (b, width, V)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(len(chunk), width)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(
+            len(chunk), width
+        )
         skip = torch.tensor([s for _, s in chunk], device=device)
         scored = torch.arange(width, device=device)[None, :] >= skip[:, None]  # (b, width)
         total += float(nll[scored].sum())
@@ -74,16 +85,23 @@ def stream_nll(model: Transformer, tokens: np.ndarray, window: int, stride: int,
     return total, count
 
 
-def planned_windows(lengths: Sequence[int], window: int, stride: int | None = None, batch_size: int = 8,
-                    max_batches: int | None = None) -> int:
+def planned_windows(
+    lengths: Sequence[int], window: int, stride: int | None = None, batch_size: int = 8, max_batches: int | None = None
+) -> int:
     """How many windows `perplexity` reads over streams of these lengths (a progress total)."""
     spans = [len(window_spans(n, window, stride or window)) for n in lengths]
     return sum(spans) if max_batches is None else min(sum(spans), max_batches * batch_size)
 
 
-def perplexity(model: Transformer, streams: Sequence[np.ndarray], window: int, stride: int | None = None,
-               batch_size: int = 8, max_batches: int | None = None,
-               progress: Callable[[int], None] | None = None) -> dict:
+def perplexity(
+    model: Transformer,
+    streams: Sequence[np.ndarray],
+    window: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """{'loss', 'ppl', 'tokens'} over several streams (e.g. the shards of one source), token-weighted;
     at most `max_batches` batches of windows in all."""
     stride = stride or window
@@ -107,14 +125,22 @@ def as_paths(files: Path | str | Sequence[Path | str]) -> list[Path]:
     return [Path(f) for f in files]
 
 
-def source_perplexities(model: Transformer, sources: dict[str, Path | list[Path]], load: Callable[[Path], np.ndarray],
-                        window: int, stride: int | None = None, batch_size: int = 8,
-                        max_batches: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, dict]:
+def source_perplexities(
+    model: Transformer,
+    sources: dict[str, Path | list[Path]],
+    load: Callable[[Path], np.ndarray],
+    window: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict]:
     """Per source (each a token file or a list of shard files) and 'all' (token-weighted)."""
     results = {}
     for source, files in sources.items():
-        results[source] = perplexity(model, [load(p) for p in as_paths(files)], window, stride, batch_size, max_batches,
-                                     progress)
+        results[source] = perplexity(
+            model, [load(p) for p in as_paths(files)], window, stride, batch_size, max_batches, progress
+        )
     tokens = sum(r["tokens"] for r in results.values())
     loss = sum(r["loss"] * r["tokens"] for r in results.values() if r["tokens"]) / tokens if tokens else float("nan")
     results["all"] = {"loss": loss, "ppl": math.exp(loss) if tokens else float("nan"), "tokens": tokens}
@@ -122,8 +148,13 @@ def source_perplexities(model: Transformer, sources: dict[str, Path | list[Path]
 
 
 @torch.inference_mode()
-def document_nlls(model: Transformer, documents: Sequence[Sequence[int]], window: int, batch_size: int = 8,
-                  progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+def document_nlls(
+    model: Transformer,
+    documents: Sequence[Sequence[int]],
+    window: int,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, scored tokens) per token document (bos included: it is the
     first window's first input, never a target), each read alone in back-to-back windows of `window`.
 
@@ -150,7 +181,9 @@ def document_nlls(model: Transformer, documents: Sequence[Sequence[int]], window
             x[row, : w + 1] = torch.as_tensor(np.asarray(documents[d][begin : begin + w + 1], dtype=np.int64))
         x = x.to(device)
         logits = model(x[:, :-1])
-        nll = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(len(chunk), width)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(
+            len(chunk), width
+        )
         position = torch.arange(width, device=device)[None, :]
         skip = torch.tensor([w[2] for w in chunk], device=device)[:, None]
         end = torch.tensor([w[3] for w in chunk], device=device)[:, None]
@@ -158,7 +191,7 @@ def document_nlls(model: Transformer, documents: Sequence[Sequence[int]], window
         per_row = torch.where(scored, nll, 0.0).sum(dim=1).tolist()
         counts = scored.sum(dim=1).tolist()
         finished = 0
-        for (d, *_), total, count in zip(chunk, per_row, counts):
+        for (d, *_), total, count in zip(chunk, per_row, counts, strict=False):
             totals[d] = (totals[d][0] + total, totals[d][1] + count)
             left[d] -= 1
             finished += left[d] == 0
@@ -173,23 +206,44 @@ def count_words(text: str) -> int:
 
 def rolling_summary(nll: float, tokens: int, n_bytes: int, words: int, documents: int) -> dict:
     """The per-document figures from summed negative log-likelihood (nats) and the text's counts."""
+
     def ppl(count):  # a Chinese "word" is a whole line: its perplexity can pass the float range
         if not count:
             return float("nan")
         return math.exp(nll / count) if nll / count < 709 else float("inf")
-    return {"bits_per_byte": nll / n_bytes / math.log(2) if n_bytes else float("nan"), "byte_perplexity": ppl(n_bytes),
-            "word_perplexity": ppl(words), "token_perplexity": ppl(tokens), "loss": nll / tokens if tokens else float("nan"),
-            "documents": documents, "tokens": tokens, "bytes": n_bytes, "words": words}
+
+    return {
+        "bits_per_byte": nll / n_bytes / math.log(2) if n_bytes else float("nan"),
+        "byte_perplexity": ppl(n_bytes),
+        "word_perplexity": ppl(words),
+        "token_perplexity": ppl(tokens),
+        "loss": nll / tokens if tokens else float("nan"),
+        "documents": documents,
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "words": words,
+    }
 
 
-def rolling_perplexity(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], window: int,
-                       batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict:
+def rolling_perplexity(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    window: int,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """`rolling_summary` of documents given as text (empty ones skipped), each scored alone."""
     texts = [t for t in texts if t.strip()]
     documents = [tokenizer.encode(t, bos=True) for t in texts]
     nlls = document_nlls(model, documents, window, batch_size, progress)
-    return rolling_summary(sum(n for n, _ in nlls), sum(c for _, c in nlls), sum(len(t.encode("utf-8")) for t in texts),
-                           sum(count_words(t) for t in texts), len(texts))
+    return rolling_summary(
+        sum(n for n, _ in nlls),
+        sum(c for _, c in nlls),
+        sum(len(t.encode("utf-8")) for t in texts),
+        sum(count_words(t) for t in texts),
+        len(texts),
+    )
 
 
 def combine_rolling(results: dict[str, dict]) -> dict:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -17,15 +18,24 @@ from tqdm import tqdm
 class Progress:
     """`update(n)` after each batch: n documents / questions / windows finished."""
 
-    def __init__(self, desc: str, total: int, unit: str, every_s: float = 30.0, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        desc: str,
+        total: int,
+        unit: str,
+        every_s: float = 30.0,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
         self.done = 0
         self.start = self.last = clock()
         interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", file=self.stream, dynamic_ncols=True) if interactive else None
+        self.bar = (
+            tqdm(total=total, desc=desc, unit=f" {unit}", file=self.stream, dynamic_ncols=True) if interactive else None
+        )
 
     def update(self, n: int) -> None:
         self.done += n
@@ -41,8 +51,11 @@ class Progress:
         elapsed = now - self.start
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         rate = f", {self.done / elapsed:.1f} {self.unit}/s" if elapsed > 0 else ""
-        print(f"{self.desc}: {self.done}/{self.total} {self.unit}{share}, {elapsed:.0f} s{rate}",
-              file=self.stream, flush=True)
+        print(
+            f"{self.desc}: {self.done}/{self.total} {self.unit}{share}, {elapsed:.0f} s{rate}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -50,7 +63,7 @@ class Progress:
         else:
             self._line(self.clock())
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -38,8 +38,11 @@ def result_metrics(report: dict) -> dict:
     for source, r in report.get("rolling_perplexity", {}).items():
         for k in ("bits_per_byte", "byte_perplexity", "word_perplexity", "token_perplexity", "documents"):
             m[f"rolling_perplexity/{source}/{k}"] = r[k]
-    for task, keys in (("mc", ("accuracy", "acc_norm", "acc_norm_bytes", "n")), ("classification", ("accuracy", "n")),
-                       ("generation", ("exact_match", "rouge_l", "n"))):
+    for task, keys in (
+        ("mc", ("accuracy", "acc_norm", "acc_norm_bytes", "n")),
+        ("classification", ("accuracy", "n")),
+        ("generation", ("exact_match", "rouge_l", "n")),
+    ):
         for k in keys:
             if k in report.get(task, {}):
                 m[f"{task}/{k}"] = report[task][k]
@@ -68,9 +71,11 @@ def _fmt(v) -> str:
 def markdown_table(columns: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in columns]] + [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=False)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in cells[1:]]
     return "\n".join(lines)
 
 
@@ -86,17 +91,34 @@ def comparison_table(jobs: list[dict]) -> tuple[list[str], list[list]]:
     metrics, weight memory and decode speed, with ratios to the quant=none job of the same other overrides."""
     common = set(common_overrides(jobs))
     metrics = [k for k in HEADLINE if any(k in j["metrics"] for j in jobs)]
-    columns = ["job", "overrides", "quant", *[HEADLINE[k] for k in metrics], "weight MiB", "weight / none",
-               "decode tok/s", "tok/s / none"]
+    columns = [
+        "job",
+        "overrides",
+        "quant",
+        *[HEADLINE[k] for k in metrics],
+        "weight MiB",
+        "weight / none",
+        "decode tok/s",
+        "tok/s / none",
+    ]
     baseline = {j["others"]: j["metrics"] for j in jobs if j["metrics"].get("quant") == "none"}
     rows = []
     for j in jobs:
         m, base = j["metrics"], baseline.get(j["others"], {})
         ratio = lambda k: m[k] / base[k] if k in m and base.get(k) else float("nan")  # noqa: E731
         own = " ".join(o for o in j["overrides"] if o not in common)
-        rows.append([j["job"], own or "-", m.get("quant", "?"), *[m.get(k, float("nan")) for k in metrics],
-                     m.get("weight_mib", float("nan")), ratio("weight_mib"), m.get("decode_tokens_per_s", float("nan")),
-                     ratio("decode_tokens_per_s")])
+        rows.append(
+            [
+                j["job"],
+                own or "-",
+                m.get("quant", "?"),
+                *[m.get(k, float("nan")) for k in metrics],
+                m.get("weight_mib", float("nan")),
+                ratio("weight_mib"),
+                m.get("decode_tokens_per_s", float("nan")),
+                ratio("decode_tokens_per_s"),
+            ]
+        )
     return columns, rows
 
 
@@ -114,8 +136,13 @@ def write_comparison(results_file: Path, report: dict, cfg) -> Path | None:
     sweep = Path(hc.sweep.dir)
     overrides = [o for o in hc.overrides.task]
     others = " ".join(o for o in overrides if not o.startswith(("quant=", "quant.")))
-    job = {"job": hc.job.num, "overrides": overrides, "others": others, "results": str(results_file),
-           "metrics": result_metrics(report)}
+    job = {
+        "job": hc.job.num,
+        "overrides": overrides,
+        "others": others,
+        "results": str(results_file),
+        "metrics": result_metrics(report),
+    }
     jobs_dir = sweep / "eval_jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
     tmp = jobs_dir / f".{hc.job.num}.json.tmp"
@@ -127,9 +154,11 @@ def write_comparison(results_file: Path, report: dict, cfg) -> Path | None:
     table = markdown_table(columns, rows)
     out = sweep / "comparison.md"
     shared = " ".join(common_overrides(jobs)) or "-"
-    text = (f"# stage=eval sweep: {len(jobs)} job(s)\n\nOverrides of every job: `{shared}`\n\n{table}\n\n"
-            "weight MiB: weights as loaded (quantized layers with their scales); ratios are to the quant=none job "
-            "with the same other overrides; decode tok/s: greedy, batch 1 (stage.speed_probe_tokens).\n")
+    text = (
+        f"# stage=eval sweep: {len(jobs)} job(s)\n\nOverrides of every job: `{shared}`\n\n{table}\n\n"
+        "weight MiB: weights as loaded (quantized layers with their scales); ratios are to the quant=none job "
+        "with the same other overrides; decode tok/s: greedy, batch 1 (stage.speed_probe_tokens).\n"
+    )
     data = json.dumps({"common_overrides": shared, "columns": columns, "rows": rows}, ensure_ascii=False, indent=2)
     for path, content in ((out, text), (sweep / "comparison.json", data)):
         tmp = path.with_name(f".{path.name}.{hc.job.num}.tmp")

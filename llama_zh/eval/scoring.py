@@ -21,7 +21,7 @@ def _left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, list[i
     pad = [P - len(p) for p in prompts]
     ids = torch.zeros(len(prompts), P, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, pad[i]:] = torch.tensor(p)
+        ids[i, pad[i] :] = torch.tensor(p)
     return ids.to(device), pad
 
 
@@ -43,8 +43,9 @@ def continuation_logprobs(model: Transformer, prompts: list[list[int]], continua
 
 
 @torch.inference_mode()
-def row_continuation_logprobs(model: Transformer, prompts: list[list[int]],
-                              continuations: list[list[list[int]]]) -> torch.Tensor:
+def row_continuation_logprobs(
+    model: Transformer, prompts: list[list[int]], continuations: list[list[list[int]]]
+) -> torch.Tensor:
     """(B, N) float: log P(continuations[b][n] | prompts[b]), summed over the continuation's tokens.
 
     Each prompt has its own N candidates (the option texts of its question). Candidate n of every
@@ -62,8 +63,14 @@ def row_continuation_logprobs(model: Transformer, prompts: list[list[int]],
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
     ids, pad = _left_padded(prompts, device)
     B, P = ids.shape
-    cache = allocate_cache(model, B, P + longest - 1, device=device, dtype=dtype,  # + a prefix's slots, if any
-                           left_pad=pad if any(pad) else None)
+    cache = allocate_cache(
+        model,
+        B,
+        P + longest - 1,
+        device=device,
+        dtype=dtype,  # + a prefix's slots, if any
+        left_pad=pad if any(pad) else None,
+    )
     chunk = max(1, LOGIT_BUDGET // B)
     for start in range(0, P, chunk):
         last = model(ids[:, start : start + chunk], cache, last_only=True)[:, -1]  # (B, V) after the last chunk

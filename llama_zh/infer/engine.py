@@ -29,8 +29,8 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -54,8 +54,10 @@ class QueueFull(EngineError):
 
 class ContextExceeded(EngineError, ValueError):
     def __init__(self, length: int, context_length: int):
-        super().__init__(f"the prompt has {length} tokens; the context holds {context_length} "
-                         f"(prompt and completion together), so no token is left to generate")
+        super().__init__(
+            f"the prompt has {length} tokens; the context holds {context_length} "
+            f"(prompt and completion together), so no token is left to generate"
+        )
         self.length, self.context_length = length, context_length
 
 
@@ -97,13 +99,13 @@ class TextDeltas:
         text = self.tokenizer.decode(self.ids)
         if text.endswith(REPLACEMENT) or not text.startswith(self.sent):
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent) :], text
         return delta
 
     def finish(self) -> str:
         """What is still held back (the ids are complete: nothing more will join the last character)."""
         text = self.tokenizer.decode(self.ids)
-        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
         self.sent += delta
         return delta
 
@@ -117,7 +119,7 @@ class SlotCache:
     start: int = 0  # positions of every slot before its sequence: a prefix's (llama_zh.prefix.fill_prefix)
 
     @classmethod
-    def allocate(cls, config: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32) -> "SlotCache":
+    def allocate(cls, config: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32) -> SlotCache:
         shape = (config.n_layers, slots, config.n_kv_heads, max_len, config.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
@@ -137,8 +139,7 @@ class SlotCache:
         """Slot `index` as a one-row KVCache from position `start`: the model's own forward fills it (prefill)."""
         return KVCache(self.k[:, index : index + 1], self.v[:, index : index + 1], pos=self.start)
 
-
-    def rows(self, slots: list[int], positions: list[int]) -> "SlotRows":
+    def rows(self, slots: list[int], positions: list[int]) -> SlotRows:
         """The cache of one decoding step: row i's next token at positions[i] of slot slots[i]."""
         return SlotRows(self, slots, positions)
 
@@ -188,8 +189,9 @@ class SlotRows:
         pass  # the engine keeps each sequence's length
 
 
-def decode_step(model: Transformer, cache: SlotCache, slots: list[int], tokens: torch.Tensor,
-                positions: list[int]) -> torch.Tensor:
+def decode_step(
+    model: Transformer, cache: SlotCache, slots: list[int], tokens: torch.Tensor, positions: list[int]
+) -> torch.Tensor:
     """Logits (B, V) of the next token of B sequences: row i feeds tokens[i] at positions[i] of cache
     slot slots[i] (which holds that sequence's positions before it) and sees only those keys."""
     rows = cache.rows(slots, positions)
@@ -199,8 +201,16 @@ def decode_step(model: Transformer, cache: SlotCache, slots: list[int], tokens: 
 class Sequence:
     """One request's state in the engine. Callers keep it to cancel the request."""
 
-    def __init__(self, id: int, prompt_ids: list[int], sampling: SamplingConfig, budget: int,
-                 deliver: Callable[[Event], None], tokenizer, device: torch.device):
+    def __init__(
+        self,
+        id: int,
+        prompt_ids: list[int],
+        sampling: SamplingConfig,
+        budget: int,
+        deliver: Callable[[Event], None],
+        tokenizer,
+        device: torch.device,
+    ):
         self.id = id
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
@@ -212,7 +222,7 @@ class Sequence:
         self.generator = torch.Generator(device=device).manual_seed(int(seed)) if sampling.temperature > 0 else None
         self.history = None  # (1, <= window): what the repetition penalty looks back on
         if sampling.repetition_penalty != 1.0:
-            self.history = torch.tensor([self.prompt_ids[-sampling.repetition_window:]], device=device)
+            self.history = torch.tensor([self.prompt_ids[-sampling.repetition_window :]], device=device)
         self.slot: int | None = None
         self.length = 0  # positions of its slot filled
         self.logits: torch.Tensor | None = None  # (1, V): the next token's
@@ -238,8 +248,14 @@ class Sequence:
 class Engine:
     """Continuous batching over one model; see the module docstring."""
 
-    def __init__(self, model: Transformer, tokenizer, max_concurrent: int = 8, max_queue: int = 64,
-                 context_length: int | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        max_concurrent: int = 8,
+        max_queue: int = 64,
+        context_length: int | None = None,
+    ):
         max_len = model.config.max_seq_len
         if not isinstance(max_concurrent, int) or max_concurrent < 1:
             raise ValueError(f"max_concurrent must be an integer >= 1, got {max_concurrent!r}")
@@ -247,15 +263,17 @@ class Engine:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         context_length = max_len if context_length is None else context_length
         if not isinstance(context_length, int) or not 2 <= context_length <= max_len:
-            raise ValueError(f"context_length must be an integer in [2, {max_len}] (the model's max_seq_len), "
-                             f"got {context_length!r}")
+            raise ValueError(
+                f"context_length must be an integer in [2, {max_len}] (the model's max_seq_len), got {context_length!r}"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.max_concurrent, self.max_queue, self.context_length = max_concurrent, max_queue, context_length
         # Norms are never quantized: their weight gives the activations' device and dtype.
         self.device, dtype = model.norm.weight.device, model.norm.weight.dtype
         with torch.inference_mode():  # written only by `step`, which runs in inference mode
-            self.cache = SlotCache.allocate(model.config, max_concurrent, prefix_len(model) + context_length, self.device,
-                                            dtype)
+            self.cache = SlotCache.allocate(
+                model.config, max_concurrent, prefix_len(model) + context_length, self.device, dtype
+            )
             self.cache.start = fill_prefix(model, self.cache.k, self.cache.v)
         self.stop_ids = stop_ids_of(tokenizer)
         self._slots: list[Sequence | None] = [None] * max_concurrent
@@ -282,13 +300,15 @@ class Engine:
                 raise EngineStopped("the engine is stopping")
             if self._running() + len(self._waiting) >= self.max_concurrent + self.max_queue:
                 self.counts["refused"] += 1
-                raise QueueFull(f"{self.max_concurrent} sequences are running and {len(self._waiting)} wait "
-                                f"(stage.max_concurrent, stage.max_queue): retry later")
+                raise QueueFull(
+                    f"{self.max_concurrent} sequences are running and {len(self._waiting)} wait "
+                    f"(stage.max_concurrent, stage.max_queue): retry later"
+                )
             self._waiting.append(seq)
             self._cond.notify_all()
         return seq
 
-    def submit_async(self, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[Sequence, "asyncio.Queue[Event]"]:
+    def submit_async(self, prompt_ids: list[int], sampling: SamplingConfig) -> tuple[Sequence, asyncio.Queue[Event]]:
         """`submit` from a running asyncio loop: the events arrive in the returned queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -312,13 +332,19 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             running = self._running()
-            return dict(running=running, queued=len(self._waiting), free_slots=self.max_concurrent - running,
-                        max_concurrent=self.max_concurrent, max_queue=self.max_queue,
-                        context_length=self.context_length, **self.counts)
+            return dict(
+                running=running,
+                queued=len(self._waiting),
+                free_slots=self.max_concurrent - running,
+                max_concurrent=self.max_concurrent,
+                max_queue=self.max_queue,
+                context_length=self.context_length,
+                **self.counts,
+            )
 
     # ------------------------------------------------------------------------------------- thread
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="llama_zh-engine", daemon=True)
             self._thread.start()
@@ -464,7 +490,9 @@ class Engine:
             seq.emit(Event(text=text))
         seq.next_token = token
         if seq.history is not None:
-            seq.history = torch.cat((seq.history, seq.history.new_tensor([[token]])), dim=1)[:, -cfg.repetition_window:]
+            seq.history = torch.cat((seq.history, seq.history.new_tensor([[token]])), dim=1)[
+                :, -cfg.repetition_window :
+            ]
 
     def _finish_reason(self, seq: Sequence, last_token: int) -> str:
         """stop: a stop id (eos, end of turn) or a stop string ended it; length: the budget (max

@@ -68,20 +68,29 @@ def resolve_backend(backend: str, device: str | torch.device, dtype: torch.dtype
     usable = torch.device(device).type == "cpu" and dtype in (None, torch.float32)
     if backend == "kernel":
         if not usable:
-            raise ConfigError(f"stage.backend=kernel runs fp32 on CPU only (device {device}, dtype {dtype}); "
-                              "use stage.backend=torch or auto")
+            raise ConfigError(
+                f"stage.backend=kernel runs fp32 on CPU only (device {device}, dtype {dtype}); "
+                "use stage.backend=torch or auto"
+            )
         if kernels.load() is None:
-            raise ConfigError("stage.backend=kernel: the small-batch CPU kernel is unavailable here (needs an x86-64 "
-                              "CPU with AVX2 and a C compiler; see the log); use stage.backend=torch or auto")
+            raise ConfigError(
+                "stage.backend=kernel: the small-batch CPU kernel is unavailable here (needs an x86-64 "
+                "CPU with AVX2 and a C compiler; see the log); use stage.backend=torch or auto"
+            )
         return backend
     if not usable or kernels.load() is None or (rows == 1 and torch.get_num_threads() == 1):
         return "torch"
     return "kernel"
 
 
-def load_stream(stream: WeightStream, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                quant: QuantConfig | None = None, backend: str = "auto",
-                rows: int = 1) -> tuple[Transformer, LoadReport]:
+def load_stream(
+    stream: WeightStream,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    quant: QuantConfig | None = None,
+    backend: str = "auto",
+    rows: int = 1,
+) -> tuple[Transformer, LoadReport]:
     """The model of `stream` on `device`, quantized by `quant`, the rest in `dtype` (None: as stored),
     swapped for `backend`, in eval mode, every weight frozen."""
     chosen = resolve_backend(backend, device, dtype, rows)
@@ -90,9 +99,14 @@ def load_stream(stream: WeightStream, device: str | torch.device = "cpu", dtype:
     return model.eval(), LoadReport(quant_report, chosen, swapped)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         quant: QuantConfig | None = None, backend: str = "auto",
-         rows: int = 1) -> tuple[Transformer, Tokenizer | None, LoadReport]:
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    quant: QuantConfig | None = None,
+    backend: str = "auto",
+    rows: int = 1,
+) -> tuple[Transformer, Tokenizer | None, LoadReport]:
     """(model, tokenizer, report) from a native or Hugging Face directory; see `load_stream`. The
     tokenizer is None if the directory has none."""
     stream = read_any(Path(path))
@@ -101,8 +115,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     return model, tokenizer, report
 
 
-PRECISIONS = {"32": torch.float32, "32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
-              "bf16": torch.bfloat16, "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16}
+PRECISIONS = {
+    "32": torch.float32,
+    "32-true": torch.float32,
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16-true": torch.float16,
+    "16": torch.float16,
+}
 
 
 def inference_target(cfg) -> tuple[torch.device, torch.dtype | None]:

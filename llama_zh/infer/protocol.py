@@ -13,8 +13,9 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 MAX_STOP_STRINGS = 16  # each is searched in the text after every token, in the engine's thread
 SEED_LIMIT = 2**63
@@ -23,8 +24,14 @@ SEED_LIMIT = 2**63
 class ApiError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -52,20 +59,38 @@ NO_OP: dict[str, tuple[Callable[[Any], bool], str]] = {
     "top_logprobs": (lambda v: v is None or (_is_int(v) and v == 0), "null or 0 (not implemented)"),
     "echo": (lambda v: v is None or v is False, "false (not implemented)"),
     "best_of": (lambda v: v is None or (_is_int(v) and v == 1), "1 (not implemented)"),
-    "presence_penalty": (lambda v: v is None or (_is_number(v) and v == 0), "0 (not implemented; see repetition_penalty)"),
-    "frequency_penalty": (lambda v: v is None or (_is_number(v) and v == 0), "0 (not implemented; see repetition_penalty)"),
+    "presence_penalty": (
+        lambda v: v is None or (_is_number(v) and v == 0),
+        "0 (not implemented; see repetition_penalty)",
+    ),
+    "frequency_penalty": (
+        lambda v: v is None or (_is_number(v) and v == 0),
+        "0 (not implemented; see repetition_penalty)",
+    ),
     "logit_bias": (lambda v: v is None or v == {}, "null or {} (not implemented)"),
     "suffix": (lambda v: v is None or v == "", "null (not implemented)"),
     "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"} (not implemented)'),
 }
-SAMPLING_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed",
-                   "stream", "stream_options")
+SAMPLING_FIELDS = (
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+)
 COMPLETION_FIELDS = frozenset(SAMPLING_FIELDS + ("prompt",))
-COMPLETION_NO_OP = frozenset(("user", "n", "logprobs", "echo", "best_of", "presence_penalty", "frequency_penalty",
-                              "logit_bias", "suffix"))
+COMPLETION_NO_OP = frozenset(
+    ("user", "n", "logprobs", "echo", "best_of", "presence_penalty", "frequency_penalty", "logit_bias", "suffix")
+)
 CHAT_FIELDS = frozenset(SAMPLING_FIELDS + ("messages", "max_completion_tokens"))
-CHAT_NO_OP = frozenset(("user", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-                        "logit_bias", "response_format"))
+CHAT_NO_OP = frozenset(
+    ("user", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "response_format")
+)
 ROLES = ("system", "user", "assistant")
 MESSAGE_FIELDS = ("role", "content", "name")  # name: accepted and ignored (templates do not use it)
 
@@ -139,7 +164,9 @@ def _sampling(body: dict, request: GenerationRequest, max_tokens_field: str = "m
     penalty = body.get("repetition_penalty")
     if penalty is not None:
         if not _is_number(penalty) or penalty <= 0:
-            raise bad("repetition_penalty", f"repetition_penalty must be a number > 0 (1: off), got {json.dumps(penalty)}")
+            raise bad(
+                "repetition_penalty", f"repetition_penalty must be a number > 0 (1: off), got {json.dumps(penalty)}"
+            )
         request.repetition_penalty = float(penalty)
 
     stop = body.get("stop")
@@ -162,7 +189,9 @@ def _sampling(body: dict, request: GenerationRequest, max_tokens_field: str = "m
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise bad("stream_options", f'stream_options must be {{"include_usage": true|false}}, got {json.dumps(options)}')
+            raise bad(
+                "stream_options", f'stream_options must be {{"include_usage": true|false}}, got {json.dumps(options)}'
+            )
         if not request.stream:
             raise bad("stream_options", "stream_options is only allowed with stream=true")
         usage = options.get("include_usage", False)
@@ -184,8 +213,11 @@ def parse_completion(body: dict, vocab_size: int) -> GenerationRequest:
         if not prompt:
             raise bad("prompt", "prompt is an empty list of token ids")
         if not all(_is_int(t) and 0 <= t < vocab_size for t in prompt):
-            raise bad("prompt", f"prompt must be a string or a list of token ids in [0, {vocab_size}); "
-                                "several prompts per request are not supported")
+            raise bad(
+                "prompt",
+                f"prompt must be a string or a list of token ids in [0, {vocab_size}); "
+                "several prompts per request are not supported",
+            )
     elif not isinstance(prompt, str):
         raise bad("prompt", f"prompt must be a string or a list of token ids, got {json.dumps(prompt)[:80]}")
     return _sampling(body, GenerationRequest(prompt=prompt))
@@ -198,8 +230,10 @@ def _message_text(content, where: str) -> str:
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad(f"{where}.content[{j}]", f"{where}.content[{j}]: only text parts "
-                                                  f'({{"type": "text", "text": ...}}) are supported')
+                raise bad(
+                    f"{where}.content[{j}]",
+                    f'{where}.content[{j}]: only text parts ({{"type": "text", "text": ...}}) are supported',
+                )
             parts.append(part["text"])
         return "".join(parts)
     raise bad(f"{where}.content", f"{where}.content must be a string or a list of text parts")
@@ -239,8 +273,11 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 @dataclass
@@ -260,15 +297,23 @@ class Answer:
 
     def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": usage(prompt_tokens, completion_tokens)}
+        return {
+            **self._head("chat.completion" if self.chat else "text_completion"),
+            "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False,
-              with_usage: bool = False) -> dict:
+    def chunk(
+        self, text: str | None, finish_reason: str | None = None, first: bool = False, with_usage: bool = False
+    ) -> dict:
         """One streamed chunk: text (chat: a delta, the first one with the role), or the end."""
         if self.chat:
             delta = {} if text is None else {"content": text}
@@ -284,8 +329,11 @@ class Answer:
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         """The last chunk with stream_options.include_usage: no choices, the counts."""
-        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
-                "usage": usage(prompt_tokens, completion_tokens)}
+        return {
+            **self._head("chat.completion.chunk" if self.chat else "text_completion"),
+            "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
 
 
 def sse(data: dict | str) -> str:

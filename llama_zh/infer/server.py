@@ -15,9 +15,9 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -26,8 +26,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llama_zh.data.chat_template import ChatTemplate, TemplateError
 from llama_zh.generate import SamplingConfig
 from llama_zh.infer.engine import Completion, ContextExceeded, Engine, EngineStopped, Event, QueueFull, Sequence
-from llama_zh.infer.protocol import (Answer, ApiError, GenerationRequest, bad, parse_body, parse_chat,
-                                     parse_completion, sse)
+from llama_zh.infer.protocol import (
+    Answer,
+    ApiError,
+    GenerationRequest,
+    bad,
+    parse_body,
+    parse_chat,
+    parse_completion,
+    sse,
+)
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 2**20
@@ -50,8 +58,9 @@ class _EngineStream(StreamingResponse):
     gone, server stopping), even before the body was first iterated."""
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -72,14 +81,18 @@ def create_app(engine: Engine, tokenizer, options: ServeOptions) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind).body(),
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+        return JSONResponse(
+            ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind).body(),
+            status_code=e.status_code,
+            headers=getattr(e, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
         log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body(), status_code=500
+        )
 
     def authorize(request: Request) -> None:
         if options.api_key is None:
@@ -92,13 +105,22 @@ def create_app(engine: Engine, tokenizer, options: ServeOptions) -> FastAPI:
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
     def model_card() -> dict:
-        return {"id": options.model_name, "object": "model", "created": options.created, "owned_by": "llama_zh",
-                "max_model_len": engine.context_length}
+        return {
+            "id": options.model_name,
+            "object": "model",
+            "created": options.created,
+            "owned_by": "llama_zh",
+            "max_model_len": engine.context_length,
+        }
 
     def check_model(name: str | None) -> None:
         if name is not None and name != options.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {options.model_name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server serves {options.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     @app.get("/health")
     async def health():
@@ -128,7 +150,9 @@ def create_app(engine: Engine, tokenizer, options: ServeOptions) -> FastAPI:
         req = parse_completion(await _read_body(request), tokenizer.vocab_size)
         check_model(req.model)
         ids = req.prompt if isinstance(req.prompt, list) else tokenizer.encode(req.prompt, bos=True)
-        return await _answer(request, req, ids, _sampling(req, ids, "prompt", []), Answer(options.model_name, chat=False))
+        return await _answer(
+            request, req, ids, _sampling(req, ids, "prompt", []), Answer(options.model_name, chat=False)
+        )
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -147,27 +171,45 @@ def create_app(engine: Engine, tokenizer, options: ServeOptions) -> FastAPI:
             header = template.user_header()
             if header:
                 stops.append(header)
-        return await _answer(request, req, ids, _sampling(req, ids, "messages", stops), Answer(options.model_name, chat=True))
+        return await _answer(
+            request, req, ids, _sampling(req, ids, "messages", stops), Answer(options.model_name, chat=True)
+        )
 
     def _sampling(req: GenerationRequest, ids: list[int], prompt_field: str, extra_stops: list[str]) -> SamplingConfig:
         context = engine.context_length
         if len(ids) >= context:
-            raise bad(prompt_field, f"the prompt has {len(ids)} tokens; this model's context holds {context} "
-                                    f"(prompt and completion together)", "context_length_exceeded")
+            raise bad(
+                prompt_field,
+                f"the prompt has {len(ids)} tokens; this model's context holds {context} "
+                f"(prompt and completion together)",
+                "context_length_exceeded",
+            )
         room = context - len(ids)
         max_tokens = req.max_tokens
         if max_tokens is None:
             max_tokens = min(options.default_max_tokens, room)
         elif max_tokens > room:
-            raise bad("max_tokens", f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}; this model's "
-                                    f"context holds {context} (prompt and completion together)", "context_length_exceeded")
+            raise bad(
+                "max_tokens",
+                f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}; this model's "
+                f"context holds {context} (prompt and completion together)",
+                "context_length_exceeded",
+            )
         stops = req.stop + [s for s in extra_stops if s not in req.stop]
-        return SamplingConfig(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                              repetition_penalty=req.repetition_penalty, max_new_tokens=max_tokens, seed=req.seed,
-                              stop_strings=stops, long_prompt="fail")
+        return SamplingConfig(
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            repetition_penalty=req.repetition_penalty,
+            max_new_tokens=max_tokens,
+            seed=req.seed,
+            stop_strings=stops,
+            long_prompt="fail",
+        )
 
-    async def _answer(request: Request, req: GenerationRequest, ids: list[int], sampling: SamplingConfig,
-                      answer: Answer):
+    async def _answer(
+        request: Request, req: GenerationRequest, ids: list[int], sampling: SamplingConfig, answer: Answer
+    ):
         try:
             seq, events = engine.submit_async(ids, sampling)
         except QueueFull as e:
@@ -185,11 +227,14 @@ def create_app(engine: Engine, tokenizer, options: ServeOptions) -> FastAPI:
         if done is None:  # the client left; nobody reads this
             return JSONResponse({}, status_code=499)
         if done.finish_reason not in ("stop", "length"):
-            raise ApiError(503 if done.finish_reason == "error" and "shutting down" in (done.error or "") else 500,
-                           f"generation failed: {done.error or done.finish_reason}", "server_error")
+            raise ApiError(
+                503 if done.finish_reason == "error" and "shutting down" in (done.error or "") else 500,
+                f"generation failed: {done.error or done.finish_reason}",
+                "server_error",
+            )
         return answer.whole(done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens)
 
-    async def _collect(request: Request, seq: Sequence, events: "asyncio.Queue[Event]") -> Completion | None:
+    async def _collect(request: Request, seq: Sequence, events: asyncio.Queue[Event]) -> Completion | None:
         done = Completion()
         loop = asyncio.get_running_loop()
         check_at = loop.time() + DISCONNECT_POLL_S
@@ -205,8 +250,9 @@ def create_app(engine: Engine, tokenizer, options: ServeOptions) -> FastAPI:
                     return None
         return done
 
-    async def _stream(seq: Sequence, events: "asyncio.Queue[Event]", answer: Answer,
-                      include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(
+        seq: Sequence, events: asyncio.Queue[Event], answer: Answer, include_usage: bool
+    ) -> AsyncIterator[str]:
         if answer.chat:
             yield sse(answer.chunk("", first=True, with_usage=include_usage))
         while True:
@@ -220,7 +266,9 @@ def create_app(engine: Engine, tokenizer, options: ServeOptions) -> FastAPI:
                 if include_usage:
                     yield sse(answer.usage_chunk(event.prompt_tokens, event.completion_tokens))
             else:
-                yield sse(ApiError(500, f"generation failed: {event.error or event.finish_reason}", "server_error").body())
+                yield sse(
+                    ApiError(500, f"generation failed: {event.error or event.finish_reason}", "server_error").body()
+                )
             yield sse("[DONE]")
             return
 

@@ -82,8 +82,9 @@ def _linear(module: nn.Module, backend: str) -> nn.Module:
     weight = _layout(module.weight.detach(), backend)
     if backend == "torch" and weight.stride() == module.weight.stride():
         return module  # F.linear on the same layout: nothing to swap
-    new = (KernelLinear if backend == "kernel" else nn.Linear)(module.in_features, module.out_features, bias=False,
-                                                                device="meta")
+    new = (KernelLinear if backend == "kernel" else nn.Linear)(
+        module.in_features, module.out_features, bias=False, device="meta"
+    )
     new.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
     return new
 
@@ -98,7 +99,7 @@ def _fuse(linears: list[nn.Linear], backend: str) -> FusedLinear | None:
         return None
     fused = _layout(torch.cat([w.detach() for w in weights]), backend)
     row = 0
-    for m, w in zip(linears, weights):
+    for m, w in zip(linears, weights, strict=False):
         m.weight = nn.Parameter(fused[row : row + w.shape[0]], requires_grad=w.requires_grad)
         row += w.shape[0]
     return FusedLinear(fused, backend)

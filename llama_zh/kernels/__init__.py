@@ -80,7 +80,9 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("LLAMA_ZH_CPU_KERNELS", "1") == "0":
         return None
     if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in (
-            "AVX2", "AVX512"):
+        "AVX2",
+        "AVX512",
+    ):
         log.info("small-batch CPU kernel not used: needs an x86-64 CPU with AVX2")
         return None
     compiler = _compiler()
@@ -104,11 +106,19 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether linear(x, weight) takes the kernel."""
     if not _tried:
         load()
-    return (_lib is not None and weight.dim() == 2 and weight.stride(1) == 1 and weight.numel() >= MIN_WEIGHT
-            and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.device.type == "cpu" and x.shape[-1] == weight.shape[1]
-            and 0 < x.numel() <= MAX_ROWS * weight.shape[1]
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+    return (
+        _lib is not None
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and weight.numel() >= MIN_WEIGHT
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.shape[-1] == weight.shape[1]
+        and 0 < x.numel() <= MAX_ROWS * weight.shape[1]
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -120,6 +130,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
-    _lib.llama_zh_sgemm_nt(rows, N, K, x.data_ptr(), K, weight.data_ptr(), weight.stride(0), y.data_ptr(), N,
-                           torch.get_num_threads())
+    _lib.llama_zh_sgemm_nt(
+        rows, N, K, x.data_ptr(), K, weight.data_ptr(), weight.stride(0), y.data_ptr(), N, torch.get_num_threads()
+    )
     return y

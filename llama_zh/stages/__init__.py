@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -79,8 +80,10 @@ def check_options(cfg: DictConfig) -> None:
     if "model" not in READS.get(name, ("model",)):
         given = chosen("model")
         if given:
-            raise ConfigError(f"{' '.join(given)}: stage={name} does not read model= (a checkpoint brings its own "
-                              "shape), so it would be ignored; drop it")
+            raise ConfigError(
+                f"{' '.join(given)}: stage={name} does not read model= (a checkpoint brings its own "
+                "shape), so it would be ignored; drop it"
+            )
     defaults = group_defaults("stage", name)
     if defaults is not None:
         check_keys(OmegaConf.to_container(cfg.stage, resolve=False), defaults, "stage")
@@ -88,8 +91,13 @@ def check_options(cfg: DictConfig) -> None:
         node = cfg.get(group)
         known = KNOWN[group](node) if node is not None else None
         if known is not None:
-            check_keys(OmegaConf.to_container(node, resolve=False), known, group,
-                       what="field" if group == "model" else "key", free=FREE)
+            check_keys(
+                OmegaConf.to_container(node, resolve=False),
+                known,
+                group,
+                what="field" if group == "model" else "key",
+                free=FREE,
+            )
 
 
 def run_stage(cfg):

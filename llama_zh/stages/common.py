@@ -8,28 +8,52 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llama_zh.atomic import claim_run_dir, release_run_dir
-from llama_zh.callbacks import (MemoryReport, NativeCheckpoint, ProgressLog, TrainingState, check_resumable, resolve_resume,
-                                state_checkpoint, step_progress_bar)
+from llama_zh.callbacks import (
+    MemoryReport,
+    NativeCheckpoint,
+    ProgressLog,
+    TrainingState,
+    check_resumable,
+    resolve_resume,
+    state_checkpoint,
+    step_progress_bar,
+)
 from llama_zh.checkpoint import WeightStream, load_model
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.errors import LlamaZhError
 from llama_zh.finetune import FinetuneConfig, apply_finetune, base_quant_config, count_trainable, load_quantized_base
-from llama_zh.hardware import (BatchPlan, batch_plan, check_hardware, device_memory_bytes, host_memory_bytes,
-                               lightning_args, model_flops_per_token, peak_flops, uses_gpu)
+from llama_zh.hardware import (
+    BatchPlan,
+    batch_plan,
+    check_hardware,
+    device_memory_bytes,
+    host_memory_bytes,
+    lightning_args,
+    model_flops_per_token,
+    peak_flops,
+    uses_gpu,
+)
 from llama_zh.memory_plan import MemoryPlan, PlanInputs, fits, peak_rss, plan_memory, reset_peak_rss
 from llama_zh.model import Transformer, build_model
 from llama_zh.module import MIN_8BIT_SIZE, CausalLM, OptimConfig, check_optimizer, enable_activation_checkpointing
-from llama_zh.strategies import (announce_jit_builds, build_strategy, check_strategy, gathered, is_deepspeed,
-                                 offloads_optimizer, zero_stage)
+from llama_zh.strategies import (
+    announce_jit_builds,
+    build_strategy,
+    check_strategy,
+    gathered,
+    is_deepspeed,
+    offloads_optimizer,
+    zero_stage,
+)
 from llama_zh.tokenizer import Tokenizer
 from llama_zh.tracking import build_loggers
 
@@ -61,8 +85,10 @@ def checkpoint_tokenizer(stream: WeightStream, field: str) -> Tokenizer:
         raise LlamaZhError(f"{field}: {stream.source} has no tokenizer.model")
     tokenizer = Tokenizer(stream.tokenizer)
     if tokenizer.vocab_size > stream.config.vocab_size:
-        raise LlamaZhError(f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size "
-                           f"is {stream.config.vocab_size}")
+        raise LlamaZhError(
+            f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size "
+            f"is {stream.config.vocab_size}"
+        )
     return tokenizer
 
 
@@ -104,8 +130,10 @@ def load_partitioned(model: Transformer, stream: WeightStream) -> None:
     params = dict(model.named_parameters())
     for name, (_, shape) in stream.specs.items():
         if name not in params or tuple(getattr(params[name], "ds_shape", params[name].shape)) != tuple(shape):
-            raise LlamaZhError(f"{stream.source}: tensor {name} {tuple(shape)} does not fit the model "
-                               f"({tuple(params[name].ds_shape) if name in params else 'no such parameter'})")
+            raise LlamaZhError(
+                f"{stream.source}: tensor {name} {tuple(shape)} does not fit the model "
+                f"({tuple(params[name].ds_shape) if name in params else 'no such parameter'})"
+            )
     if set(params) != set(stream.specs):
         raise LlamaZhError(f"{stream.source}: missing tensors {', '.join(sorted(set(params) - set(stream.specs))[:4])}")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -124,8 +152,9 @@ def quant_device(on_gpu: bool) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
 
 
-def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpointing: bool,
-                  on_gpu: bool = False) -> Callable[[], Transformer]:
+def model_builder(
+    source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpointing: bool, on_gpu: bool = False
+) -> Callable[[], Transformer]:
     """The callable CausalLM.configure_model runs: under ZeRO-3 it runs inside deepspeed.zero.Init,
     so every weight is partitioned as it is created and never exists whole on one process.
     With finetune.base_quant the projections are quantized as the checkpoint streams in, so the
@@ -138,8 +167,12 @@ def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpoi
         if measured:
             full = source.config.n_params * 4
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            log.info("rank %d: model built, peak RSS growth %.1f MiB (the whole model in fp32: %.1f MiB)", rank,
-                     (peak_rss() - before) / 2**20, full / 2**20)
+            log.info(
+                "rank %d: model built, peak RSS growth %.1f MiB (the whole model in fp32: %.1f MiB)",
+                rank,
+                (peak_rss() - before) / 2**20,
+                full / 2**20,
+            )
         return model
 
     def _build() -> Transformer:
@@ -175,16 +208,18 @@ def model_builder(source: ModelSource, ft: FinetuneConfig, zero3: bool, checkpoi
 # -------------------------------------------------------------------------------------- training
 
 
-def plan_details(config: ModelConfig, probe: Transformer, ft: FinetuneConfig, optim: OptimConfig,
-                 on_gpu: bool) -> dict:
+def plan_details(config: ModelConfig, probe: Transformer, ft: FinetuneConfig, optim: OptimConfig, on_gpu: bool) -> dict:
     """The memory plan's inputs that depend on the finetune method and the optimizer, from the
     meta-device `probe` (the model as `ft` wraps it): adapter parameters, the QLoRA base's quantized
     projections, the tensors an 8-bit optimizer keeps in 8 bits."""
     from llama_zh.quant import planned_layers
 
     trainable = [p for p in probe.parameters() if p.requires_grad]
-    details = {"adapter_params": sum(p.numel() for p in probe.parameters()) - config.n_params, "optimizer": optim.name,
-               "adapter_saved_per_token": adapter_saved_per_token(probe, ft)}
+    details = {
+        "adapter_params": sum(p.numel() for p in probe.parameters()) - config.n_params,
+        "optimizer": optim.name,
+        "adapter_saved_per_token": adapter_saved_per_token(probe, ft),
+    }
     if ft.method == "prefix":
         from llama_zh.prefix import prefix_saved_bytes
 
@@ -196,11 +231,18 @@ def plan_details(config: ModelConfig, probe: Transformer, ft: FinetuneConfig, op
     if ft.base_quant is not None:
         qcfg = base_quant_config(ft)
         base = build_model(config, device="meta")
-        taken = [base.get_submodule(name) for name, why in planned_layers(base, qcfg, quant_device(on_gpu)).items()
-                 if why is None]
-        details.update(base_quant=ft.base_quant, quant_blocksize=qcfg.blocksize, quantized_layers=len(taken),
-                       quantized_params=sum(m.out_features * m.in_features for m in taken),
-                       quantized_rows=sum(m.out_features for m in taken))
+        taken = [
+            base.get_submodule(name)
+            for name, why in planned_layers(base, qcfg, quant_device(on_gpu)).items()
+            if why is None
+        ]
+        details.update(
+            base_quant=ft.base_quant,
+            quant_blocksize=qcfg.blocksize,
+            quantized_layers=len(taken),
+            quantized_params=sum(m.out_features * m.in_features for m in taken),
+            quantized_rows=sum(m.out_features for m in taken),
+        )
     return details
 
 
@@ -219,30 +261,52 @@ def adapter_saved_per_token(probe: Transformer, ft: FinetuneConfig) -> int:
     return total
 
 
-def memory_plan_check(cfg: DictConfig, config: ModelConfig, trainable: int, plan: BatchPlan,
-                      details: dict | None = None) -> MemoryPlan:
+def memory_plan_check(
+    cfg: DictConfig, config: ModelConfig, trainable: int, plan: BatchPlan, details: dict | None = None
+) -> MemoryPlan:
     strategy = cfg.strategy
     ds = strategy.get("deepspeed")
     inputs = PlanInputs(
-        model=config, trainable_params=trainable, micro_batch=plan.micro_batch, seq_len=plan.seq_len,
-        world_size=plan.devices * plan.nodes, local_processes=plan.devices, precision=str(cfg.trainer.precision),
-        on_gpu=uses_gpu(cfg.trainer), zero_stage=zero_stage(strategy),
+        model=config,
+        trainable_params=trainable,
+        micro_batch=plan.micro_batch,
+        seq_len=plan.seq_len,
+        world_size=plan.devices * plan.nodes,
+        local_processes=plan.devices,
+        precision=str(cfg.trainer.precision),
+        on_gpu=uses_gpu(cfg.trainer),
+        zero_stage=zero_stage(strategy),
         ddp=strategy.name == "ddp" or (strategy.name == "auto" and plan.devices * plan.nodes > 1),
-        offload_optimizer=bool(ds and ds.offload_optimizer), offload_parameters=bool(ds and ds.offload_parameters),
+        offload_optimizer=bool(ds and ds.offload_optimizer),
+        offload_parameters=bool(ds and ds.offload_parameters),
         reduce_bucket_size=int(ds.reduce_bucket_size) if ds else 0,
         activation_checkpointing=bool(strategy.get("activation_checkpointing")),
         **(details or {}),
     )
     memory = plan_memory(inputs)
     available = device_memory_bytes(cfg.trainer)
-    notes = "".join([f", base {inputs.base_quant} ({inputs.quantized_layers} projections)" if inputs.base_quant else "",
-                     f", optim={inputs.optimizer}" if inputs.optimizer != "adamw" else ""])
-    log.info("memory plan per device (model %s, trainer=%s, strategy=%s, micro batch %d x %d tokens%s):\n%s",
-             config.name, cfg.trainer.name, strategy.name, plan.micro_batch, plan.seq_len, notes, memory.table(available))
+    notes = "".join(
+        [
+            f", base {inputs.base_quant} ({inputs.quantized_layers} projections)" if inputs.base_quant else "",
+            f", optim={inputs.optimizer}" if inputs.optimizer != "adamw" else "",
+        ]
+    )
+    log.info(
+        "memory plan per device (model %s, trainer=%s, strategy=%s, micro batch %d x %d tokens%s):\n%s",
+        config.name,
+        cfg.trainer.name,
+        strategy.name,
+        plan.micro_batch,
+        plan.seq_len,
+        notes,
+        memory.table(available),
+    )
     ok, why = fits(memory, available, host_memory_bytes(), inputs.on_gpu)
     if not ok:
-        message = (f"memory plan: {why}. Lower the micro batch, use strategy=zero3 / zero3_offload or "
-                   "strategy.activation_checkpointing=true, or set memory_check=false to run anyway")
+        message = (
+            f"memory plan: {why}. Lower the micro batch, use strategy=zero3 / zero3_offload or "
+            "strategy.activation_checkpointing=true, or set memory_check=false to run anyway"
+        )
         if cfg.get("memory_check", True):
             raise LlamaZhError(message)
         log.warning("%s (memory_check=false: running anyway)", message)
@@ -255,14 +319,20 @@ def check_prefix(ft: FinetuneConfig, cfg: DictConfig) -> None:
     if ft.method != "prefix":
         return
     if cfg.stage.get("pack"):
-        raise LlamaZhError("finetune=prefix runs the tokens after the prefix in the KV cache, which packed sequences "
-                           "(stage.pack=true) cannot use; set stage.pack=false")
+        raise LlamaZhError(
+            "finetune=prefix runs the tokens after the prefix in the KV cache, which packed sequences "
+            "(stage.pack=true) cannot use; set stage.pack=false"
+        )
     if cfg.strategy.get("activation_checkpointing"):
-        raise LlamaZhError("finetune=prefix runs every block with the KV cache, which activation checkpointing skips; "
-                           "set strategy.activation_checkpointing=false")
+        raise LlamaZhError(
+            "finetune=prefix runs every block with the KV cache, which activation checkpointing skips; "
+            "set strategy.activation_checkpointing=false"
+        )
     if zero_stage(cfg.strategy) == 3:
-        raise LlamaZhError("finetune=prefix is not supported with strategy=zero3* (its prefix is computed outside the "
-                           "blocks ZeRO-3 gathers); use strategy=auto, ddp, zero1 or zero2")
+        raise LlamaZhError(
+            "finetune=prefix is not supported with strategy=zero3* (its prefix is computed outside the "
+            "blocks ZeRO-3 gathers); use strategy=auto, ddp, zero1 or zero2"
+        )
 
 
 def check_base_quant(ft: FinetuneConfig, source: ModelSource, deepspeed: bool) -> None:
@@ -270,12 +340,16 @@ def check_base_quant(ft: FinetuneConfig, source: ModelSource, deepspeed: bool) -
     if ft.base_quant is None:
         return
     if source.stream is None:
-        raise LlamaZhError(f"finetune.base_quant={ft.base_quant} quantizes a checkpoint's weights and merges the adapters "
-                           "back into them: give one (stage=sft stage.checkpoint=..., or stage.init_from=...), "
-                           "or set finetune.base_quant=null")
+        raise LlamaZhError(
+            f"finetune.base_quant={ft.base_quant} quantizes a checkpoint's weights and merges the adapters "
+            "back into them: give one (stage=sft stage.checkpoint=..., or stage.init_from=...), "
+            "or set finetune.base_quant=null"
+        )
     if deepspeed:
-        raise LlamaZhError(f"finetune.base_quant={ft.base_quant} is not supported with DeepSpeed strategies (ZeRO would "
-                           "partition or re-cast the bitsandbytes weights); use strategy=auto or ddp")
+        raise LlamaZhError(
+            f"finetune.base_quant={ft.base_quant} is not supported with DeepSpeed strategies (ZeRO would "
+            "partition or re-cast the bitsandbytes weights); use strategy=auto or ddp"
+        )
 
 
 class TrainResult(float):
@@ -284,7 +358,7 @@ class TrainResult(float):
 
     checkpoint: Path
 
-    def __new__(cls, val_loss: float, checkpoint: Path | None = None) -> "TrainResult":
+    def __new__(cls, val_loss: float, checkpoint: Path | None = None) -> TrainResult:
         result = super().__new__(cls, val_loss)
         result.checkpoint = checkpoint
         return result
@@ -334,14 +408,25 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     # Trainable count from a meta-device copy: no memory, and before any process is launched.
     probe = apply_finetune(build_model(config, device="meta"), ft)
     trainable, total = count_trainable(probe)
-    log.info("model %s: %.2fM parameters, %.2fM trainable (finetune=%s%s)", config.name, total / 1e6, trainable / 1e6,
-             ft.method, f", base {ft.base_quant}" if ft.base_quant else "")
+    log.info(
+        "model %s: %.2fM parameters, %.2fM trainable (finetune=%s%s)",
+        config.name,
+        total / 1e6,
+        trainable / 1e6,
+        ft.method,
+        f", base {ft.base_quant}" if ft.base_quant else "",
+    )
     memory = memory_plan_check(cfg, config, trainable, job.plan, plan_details(config, probe, ft, optim, on_gpu))
 
     expected = {
-        "model": config.to_dict(), "tokenizer_sha256": job.tokenizer.sha256(), "stage": job.stage,
-        "strategy": strategy_cfg.name, "deepspeed": deepspeed, "finetune": ft.method,
-        "global_batch": job.plan.global_batch, "world_size": job.plan.devices * job.plan.nodes,
+        "model": config.to_dict(),
+        "tokenizer_sha256": job.tokenizer.sha256(),
+        "stage": job.stage,
+        "strategy": strategy_cfg.name,
+        "deepspeed": deepspeed,
+        "finetune": ft.method,
+        "global_batch": job.plan.global_batch,
+        "world_size": job.plan.devices * job.plan.nodes,
     }
     if ft.method == "lora":
         expected["lora"] = {"rank": ft.rank, "alpha": ft.alpha}  # to merge adapters when consolidating
@@ -359,21 +444,46 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
 
     trainable_fraction = trainable / max(total, 1)
     module = job.make_module(
-        model_builder(job.source, ft, zero3=zero_stage(strategy_cfg) == 3,
-                      checkpointing=bool(strategy_cfg.get("activation_checkpointing")), on_gpu=on_gpu),
-        optim, total_steps=cfg.trainer.max_steps, source_names=job.source_names, seed=cfg.seed,
+        model_builder(
+            job.source,
+            ft,
+            zero3=zero_stage(strategy_cfg) == 3,
+            checkpointing=bool(strategy_cfg.get("activation_checkpointing")),
+            on_gpu=on_gpu,
+        ),
+        optim,
+        total_steps=cfg.trainer.max_steps,
+        source_names=job.source_names,
+        seed=cfg.seed,
         cpu_adam=offloads_optimizer(strategy_cfg),
         flops_per_token=model_flops_per_token(total, config.n_layers, config.dim, job.plan.seq_len, trainable_fraction),
         peak_flops=peak_flops(cfg.trainer),
     )
     extra = {"stage": job.stage, "finetune": ft.method, **(job.extra or {})}
-    native = NativeCheckpoint(out / "checkpoints", job.tokenizer.path, cfg.stage.get("save_every_n_steps", 0), extra=extra,
-                              finetune=ft, source=job.source.stream)
-    state = TrainingState(state_dir, int(cfg.get("state_every_n_steps", 0)), int(cfg.get("state_keep_last", 2)),
-                          meta=expected, deepspeed=deepspeed, tokenizer=job.tokenizer.path)
-    hparams = {"n_params": total, "n_trainable": trainable, "tokenizer_sha256": expected["tokenizer_sha256"],
-               "global_batch": job.plan.global_batch, "tokens_per_step": job.plan.tokens_per_step,
-               "resumed_from": str(resume_dir) if resume_dir else None}
+    native = NativeCheckpoint(
+        out / "checkpoints",
+        job.tokenizer.path,
+        cfg.stage.get("save_every_n_steps", 0),
+        extra=extra,
+        finetune=ft,
+        source=job.source.stream,
+    )
+    state = TrainingState(
+        state_dir,
+        int(cfg.get("state_every_n_steps", 0)),
+        int(cfg.get("state_keep_last", 2)),
+        meta=expected,
+        deepspeed=deepspeed,
+        tokenizer=job.tokenizer.path,
+    )
+    hparams = {
+        "n_params": total,
+        "n_trainable": trainable,
+        "tokenizer_sha256": expected["tokenizer_sha256"],
+        "global_batch": job.plan.global_batch,
+        "tokens_per_step": job.plan.tokens_per_step,
+        "resumed_from": str(resume_dir) if resume_dir else None,
+    }
     resume_step = int(meta["global_step"]) if resume_dir is not None else None
     trainer = build_trainer(cfg, [state, native, MemoryReport(memory)], hparams, job.plan, resume_step)
     trainer.fit(module, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=True)  # no pickled code
@@ -393,10 +503,18 @@ def quiet_library_warnings() -> None:
     - torch.distributed's deprecation of all_gather_into_tensor / reduce_scatter_tensor, which
       DeepSpeed calls at every step, and which shows again at every call (1,200+ lines in a run);
     - torch's pytree deprecation of LeafSpec, which Lightning's CombinedLoader constructs."""
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning,
-                            module=r"torch\.distributed\.c10d_logger")
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.\w+` is deprecated",
+        category=FutureWarning,
+        module=r"torch\.distributed\.c10d_logger",
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"pytorch_lightning\.utilities\._pytree",
+    )
 
 
 def progress_callbacks(cfg: DictConfig, enable_bar: bool) -> list[pl.Callback]:
@@ -409,8 +527,13 @@ def progress_callbacks(cfg: DictConfig, enable_bar: bool) -> list[pl.Callback]:
     return callbacks
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], extra_hparams: dict | None = None,
-                  plan: BatchPlan | None = None, resume_step: int | None = None) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig,
+    callbacks: list[pl.Callback],
+    extra_hparams: dict | None = None,
+    plan: BatchPlan | None = None,
+    resume_step: int | None = None,
+) -> pl.Trainer:
     out = output_dir(cfg)
     quiet_library_warnings()
     args = lightning_args(cfg.trainer)
@@ -423,4 +546,6 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], extra_hparams: 
             announce_jit_builds(strategy_cfg, uses_gpu(cfg.trainer))
     callbacks = callbacks + progress_callbacks(cfg, bool(args.get("enable_progress_bar", True)))
     loggers = build_loggers(cfg, out, extra_hparams, resume_step)
-    return pl.Trainer(**args, logger=loggers, callbacks=callbacks, default_root_dir=str(out), enable_checkpointing=False)
+    return pl.Trainer(
+        **args, logger=loggers, callbacks=callbacks, default_root_dir=str(out), enable_checkpointing=False
+    )

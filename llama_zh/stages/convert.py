@@ -27,14 +27,18 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError(f"stage.dtype: {stage.dtype!r}; expected null or one of {', '.join(DTYPES)}")
     given = chosen("model")
     if given and stage.src_format != "tencentpretrain":
-        raise ConfigError(f"{' '.join(given)}: only stage.src_format=tencentpretrain reads model= (a {stage.src_format} "
-                          "checkpoint brings its own shape), so it would be ignored; drop it")
+        raise ConfigError(
+            f"{' '.join(given)}: only stage.src_format=tencentpretrain reads model= (a {stage.src_format} "
+            "checkpoint brings its own shape), so it would be ignored; drop it"
+        )
     shard_gb = stage.max_shard_gb
     if isinstance(shard_gb, bool) or not isinstance(shard_gb, (int, float)) or not shard_gb > 0:
         raise ConfigError(f"stage.max_shard_gb must be a number > 0, got {shard_gb!r}")
     if stage.dst_format in ONE_FILE and shard_gb != group_defaults("stage", "convert")["max_shard_gb"]:
-        raise ConfigError(f"stage.max_shard_gb={shard_gb}: dst_format={stage.dst_format} is written as one file, "
-                          "never sharded; drop it")
+        raise ConfigError(
+            f"stage.max_shard_gb={shard_gb}: dst_format={stage.dst_format} is written as one file, "
+            "never sharded; drop it"
+        )
 
 
 def run(cfg: DictConfig):
@@ -44,9 +48,16 @@ def run(cfg: DictConfig):
         return _run_peft(stage, cfg)
     model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
     dst = convert(
-        Path(stage.src), stage.src_format, Path(stage.dst), stage.dst_format, model=model,
-        tokenizer=Path(stage.tokenizer) if stage.tokenizer else None, dtype=DTYPES.get(stage.dtype),
-        overwrite=stage.overwrite, max_shard_bytes=int(stage.max_shard_gb * 1024**3), template=stage.get("template"),
+        Path(stage.src),
+        stage.src_format,
+        Path(stage.dst),
+        stage.dst_format,
+        model=model,
+        tokenizer=Path(stage.tokenizer) if stage.tokenizer else None,
+        dtype=DTYPES.get(stage.dtype),
+        overwrite=stage.overwrite,
+        max_shard_bytes=int(stage.max_shard_gb * 1024**3),
+        template=stage.get("template"),
         gguf_type=stage.get("gguf_type"),
     )
     log.info("wrote %s (%s)", dst, stage.dst_format)
@@ -61,15 +72,24 @@ def _run_peft(stage: DictConfig, cfg: DictConfig):
         if stage.get("adapter"):
             raise ConfigError("stage.adapter merges an adapter, dst_format=peft exports one: set only one of them")
         if stage.src_format != "native":
-            raise ConfigError(f"stage.dst_format=peft exports the adapter of a finetune=lora checkpoint: "
-                              f"set stage.src_format=native (got {stage.src_format!r})")
+            raise ConfigError(
+                f"stage.dst_format=peft exports the adapter of a finetune=lora checkpoint: "
+                f"set stage.src_format=native (got {stage.src_format!r})"
+            )
         dst = peft.export(Path(stage.src), Path(stage.dst), dtype=DTYPES.get(stage.dtype), overwrite=stage.overwrite)
     else:
         model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
         dst = peft.convert_merged(
-            Path(stage.src), stage.src_format, Path(stage.adapter), Path(stage.dst), stage.dst_format, model=model,
-            tokenizer=Path(stage.tokenizer) if stage.tokenizer else None, dtype=DTYPES.get(stage.dtype),
-            overwrite=stage.overwrite, max_shard_bytes=int(stage.max_shard_gb * 1024**3),
+            Path(stage.src),
+            stage.src_format,
+            Path(stage.adapter),
+            Path(stage.dst),
+            stage.dst_format,
+            model=model,
+            tokenizer=Path(stage.tokenizer) if stage.tokenizer else None,
+            dtype=DTYPES.get(stage.dtype),
+            overwrite=stage.overwrite,
+            max_shard_bytes=int(stage.max_shard_gb * 1024**3),
         )
     log.info("wrote %s (%s)", dst, stage.dst_format)
     return {"checkpoint": str(dst), "format": stage.dst_format}

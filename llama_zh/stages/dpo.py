@@ -13,7 +13,7 @@ from llama_zh.checkpoint import read_any
 from llama_zh.data.chat_template import ChatTemplate, template_record
 from llama_zh.data.preference import PreferenceData, build_review_preferences
 from llama_zh.dpo import PreferenceLM, PreferenceObjective
-from llama_zh.stages.common import checkpoint_tokenizer, ModelSource, TrainJob, check_seq_len, fit, prepare_batch
+from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, checkpoint_tokenizer, fit, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,33 @@ def run(cfg: DictConfig):
     check_seq_len(stage.seq_len, stream.config, "stage.seq_len")
     data_file = Path(stage.data) if stage.data else build_review_preferences(Path(cfg.paths.data_dir))
     template = ChatTemplate.from_config(cfg.template)
-    log.info("preference data: %s, chat template %s, loss %s (beta %s, gamma %s, lambda %s)", data_file,
-             template.name, objective.loss, objective.beta, objective.gamma, objective.lam)
-    data = PreferenceData(data_file, template, tokenizer, stage.seq_len, stage.batch_size, stage.val_fraction,
-                          cfg.seed, max_records=stage.max_records)
+    log.info(
+        "preference data: %s, chat template %s, loss %s (beta %s, gamma %s, lambda %s)",
+        data_file,
+        template.name,
+        objective.loss,
+        objective.beta,
+        objective.gamma,
+        objective.lam,
+    )
+    data = PreferenceData(
+        data_file,
+        template,
+        tokenizer,
+        stage.seq_len,
+        stage.batch_size,
+        stage.val_fraction,
+        cfg.seed,
+        max_records=stage.max_records,
+    )
     data.setup("fit")  # bad records are refused before the model is built
-    job = TrainJob("dpo", ModelSource(stream.config, stream, cfg.seed), tokenizer, data, plan,
-                   extra={"data": str(data_file), "loss": objective.loss, **template_record(template)},
-                   make_module=functools.partial(PreferenceLM, objective=objective))
+    job = TrainJob(
+        "dpo",
+        ModelSource(stream.config, stream, cfg.seed),
+        tokenizer,
+        data,
+        plan,
+        extra={"data": str(data_file), "loss": objective.loss, **template_record(template)},
+        make_module=functools.partial(PreferenceLM, objective=objective),
+    )
     return fit(cfg, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint

@@ -39,11 +39,19 @@ from llama_zh.data.prepare import build_corpus, corpus_dir, prepare_tokens
 from llama_zh.data.sft import Template, build_review_sentiment
 from llama_zh.errors import LlamaZhError
 from llama_zh.eval.instructions import (
-    classification_records, evaluate_classification, evaluate_generation, generation_records, read_instruction_records,
+    classification_records,
+    evaluate_classification,
+    evaluate_generation,
+    generation_records,
+    read_instruction_records,
 )
 from llama_zh.eval.multiple_choice import TEMPLATES, check_scoring, evaluate_multiple_choice, read_questions
 from llama_zh.eval.perplexity import (
-    as_paths, combine_rolling, planned_windows, rolling_perplexity, source_perplexities,
+    as_paths,
+    combine_rolling,
+    planned_windows,
+    rolling_perplexity,
+    source_perplexities,
 )
 from llama_zh.eval.progress import Progress
 from llama_zh.eval.report import markdown_table, result_metrics, write_comparison
@@ -103,26 +111,60 @@ def protocol(cfg, task: str, tokenizer, model, result: dict) -> dict:
     stage = cfg.stage
     common = {"tokenizer_sha256": tokenizer.sha256()}
     if task == "perplexity" and eval_lengths(stage):
-        return {"scoring": "packed-stream", "split": stage.split, "window": eval_lengths(stage),
-                "stride": eval_lengths(stage), "max_batches": stage.max_batches,
-                "template": None, "shots": 0, **common}
+        return {
+            "scoring": "packed-stream",
+            "split": stage.split,
+            "window": eval_lengths(stage),
+            "stride": eval_lengths(stage),
+            "max_batches": stage.max_batches,
+            "template": None,
+            "shots": 0,
+            **common,
+        }
     if task == "perplexity":
-        return {"scoring": "packed-stream", "split": stage.split, "window": cfg.data.seq_len,
-                "stride": stage.get("stride") or cfg.data.seq_len, "max_batches": stage.max_batches,
-                "template": None, "shots": 0, **common}
+        return {
+            "scoring": "packed-stream",
+            "split": stage.split,
+            "window": cfg.data.seq_len,
+            "stride": stage.get("stride") or cfg.data.seq_len,
+            "max_batches": stage.max_batches,
+            "template": None,
+            "shots": 0,
+            **common,
+        }
     if task == "rolling_perplexity":
-        return {"scoring": "rolling-per-document", "split": stage.split,
-                "window": stage.rolling.window or model.config.max_seq_len, "prefix": "bos",
-                "max_documents": stage.rolling.max_documents, "template": None, "shots": 0, **common}
+        return {
+            "scoring": "rolling-per-document",
+            "split": stage.split,
+            "window": stage.rolling.window or model.config.max_seq_len,
+            "prefix": "bos",
+            "max_documents": stage.rolling.max_documents,
+            "template": None,
+            "shots": 0,
+            **common,
+        }
     if task == "mc":
         scoring = stage.mc.get("scoring", "letter")
-        return {"scoring": scoring, "template": TEMPLATES[scoring], "subject": stage.mc.subject,
-                "shots": result["shots"], "dev_file": stage.mc.dev_file, "file": stage.mc.file,
-                "option_delimiter": "" if scoring == "option" else None, **common}
+        return {
+            "scoring": scoring,
+            "template": TEMPLATES[scoring],
+            "subject": stage.mc.subject,
+            "shots": result["shots"],
+            "dev_file": stage.mc.dev_file,
+            "file": stage.mc.file,
+            "option_delimiter": "" if scoring == "option" else None,
+            **common,
+        }
     if task == "classification":
         return {"scoring": "label-loglikelihood-sum", "template": template_record(cfg), "shots": 0, **common}
-    return {"scoring": "greedy-exact-match-rouge-l", "template": template_record(cfg), "shots": 0,
-            "max_new_tokens": stage.generation.max_new_tokens, "stop": list(stage.generation.stop), **common}
+    return {
+        "scoring": "greedy-exact-match-rouge-l",
+        "template": template_record(cfg),
+        "shots": 0,
+        "max_new_tokens": stage.generation.max_new_tokens,
+        "stop": list(stage.generation.stop),
+        **common,
+    }
 
 
 def eval_lengths(stage: DictConfig) -> list[int]:
@@ -161,10 +203,12 @@ def run_perplexity(cfg, model, tokenizer) -> dict:
     # (window, stride, batches); with stage.lengths, max_batches counts batches of the longest window and
     # the shorter ones take as many batches as cover the same tokens: every length scores the same text
     longest = max(lengths, default=0)
-    windows = ([(n, n, limit and max(1, limit * longest // n)) for n in lengths]
-               or [(cfg.data.seq_len, stride, limit)])
-    total = sum(planned_windows([len(load(p)) for p in as_paths(f)], window, step, batch, batches)
-                for f in sources.values() for window, step, batches in windows)
+    windows = [(n, n, limit and max(1, limit * longest // n)) for n in lengths] or [(cfg.data.seq_len, stride, limit)]
+    total = sum(
+        planned_windows([len(load(p)) for p in as_paths(f)], window, step, batch, batches)
+        for f in sources.values()
+        for window, step, batches in windows
+    )
     results = {}
     with _progress(cfg, "perplexity", total, "windows") as bar:
         for window, step, batches in windows:
@@ -173,7 +217,14 @@ def run_perplexity(cfg, model, tokenizer) -> dict:
             # one entry per source and length: `all@1024`; without stage.lengths the sources alone
             results |= {f"{source}@{window}" if lengths else source: r for source, r in found.items()}
     for source, r in results.items():
-        log.info("perplexity %s/%s: loss %.4f  ppl %.2f  (%d tokens)", cfg.stage.split, source, r["loss"], r["ppl"], r["tokens"])
+        log.info(
+            "perplexity %s/%s: loss %.4f  ppl %.2f  (%d tokens)",
+            cfg.stage.split,
+            source,
+            r["loss"],
+            r["ppl"],
+            r["tokens"],
+        )
     return results
 
 
@@ -201,9 +252,16 @@ def run_rolling_perplexity(cfg, model, tokenizer) -> dict:
             results[source] = rolling_perplexity(model, tokenizer, texts, window, cfg.stage.batch_size, bar.update)
     results["all"] = combine_rolling(results)
     for source, r in results.items():
-        log.info("rolling perplexity %s/%s: %.4f bits/byte, word ppl %.2f, token ppl %.2f (%d documents, %d tokens)",
-                 cfg.stage.split, source, r["bits_per_byte"], r["word_perplexity"], r["token_perplexity"],
-                 r["documents"], r["tokens"])
+        log.info(
+            "rolling perplexity %s/%s: %.4f bits/byte, word ppl %.2f, token ppl %.2f (%d documents, %d tokens)",
+            cfg.stage.split,
+            source,
+            r["bits_per_byte"],
+            r["word_perplexity"],
+            r["token_perplexity"],
+            r["documents"],
+            r["tokens"],
+        )
     return results
 
 
@@ -219,15 +277,28 @@ def run_mc(cfg, model, tokenizer) -> dict:
         shots = read_questions(Path(mc.dev_file))[: mc.shots]
     scoring = mc.get("scoring", "letter")
     with _progress(cfg, "mc", len(questions), "questions") as bar:
-        result = evaluate_multiple_choice(model, tokenizer, questions, shots, mc.subject, cfg.stage.batch_size,
-                                          scoring, bar.update)
+        result = evaluate_multiple_choice(
+            model, tokenizer, questions, shots, mc.subject, cfg.stage.batch_size, scoring, bar.update
+        )
     result["shots"] = len(shots)
     if scoring == "option":
-        log.info("mc %s (%d-shot, option texts): acc %.4f, acc_norm %.4f (%d questions)", mc.file, len(shots),
-                 result["acc"], result["acc_norm"], result["n"])
+        log.info(
+            "mc %s (%d-shot, option texts): acc %.4f, acc_norm %.4f (%d questions)",
+            mc.file,
+            len(shots),
+            result["acc"],
+            result["acc_norm"],
+            result["n"],
+        )
     else:
-        log.info("mc %s (%d-shot, letters): accuracy %.4f (%d/%d)", mc.file, len(shots), result["accuracy"],
-                 result["correct"], result["n"])
+        log.info(
+            "mc %s (%d-shot, letters): accuracy %.4f (%d/%d)",
+            mc.file,
+            len(shots),
+            result["accuracy"],
+            result["correct"],
+            result["n"],
+        )
     return result
 
 
@@ -237,11 +308,25 @@ def run_classification(cfg, model, tokenizer) -> dict:
     records = read_instruction_records(path)
     labels = list(c.labels) if c.labels else None
     with _progress(cfg, "classification", len(classification_records(records, c.max_records)), "records") as bar:
-        result = evaluate_classification(model, tokenizer, records, Template.from_config(cfg.template), labels,
-                                         cfg.stage.batch_size, c.max_records, bar.update)
+        result = evaluate_classification(
+            model,
+            tokenizer,
+            records,
+            Template.from_config(cfg.template),
+            labels,
+            cfg.stage.batch_size,
+            c.max_records,
+            bar.update,
+        )
     result["file"] = str(path)
-    log.info("classification %s: accuracy %.4f (%d/%d), labels %s", path, result["accuracy"], result["correct"],
-             result["n"], result["labels"])
+    log.info(
+        "classification %s: accuracy %.4f (%d/%d), labels %s",
+        path,
+        result["accuracy"],
+        result["correct"],
+        result["n"],
+        result["labels"],
+    )
     return result
 
 
@@ -251,16 +336,34 @@ def run_generation(cfg, model, tokenizer) -> dict:
     records = read_instruction_records(path)
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=g.max_new_tokens, stop_strings=list(g.stop))
     with _progress(cfg, "generation", len(generation_records(records, g.max_records)), "records") as bar:
-        result = evaluate_generation(model, tokenizer, records, Template.from_config(cfg.template), sampling,
-                                     cfg.stage.batch_size, g.max_records, bar.update)
+        result = evaluate_generation(
+            model,
+            tokenizer,
+            records,
+            Template.from_config(cfg.template),
+            sampling,
+            cfg.stage.batch_size,
+            g.max_records,
+            bar.update,
+        )
     result["file"] = str(path)
-    log.info("generation %s: exact match %.4f, ROUGE-L %.4f (%d records)", path, result["exact_match"],
-             result["rouge_l"], result["n"])
+    log.info(
+        "generation %s: exact match %.4f, ROUGE-L %.4f (%d records)",
+        path,
+        result["exact_match"],
+        result["rouge_l"],
+        result["n"],
+    )
     return result
 
 
-RUNNERS = {"perplexity": run_perplexity, "rolling_perplexity": run_rolling_perplexity, "mc": run_mc,
-           "classification": run_classification, "generation": run_generation}
+RUNNERS = {
+    "perplexity": run_perplexity,
+    "rolling_perplexity": run_rolling_perplexity,
+    "mc": run_mc,
+    "classification": run_classification,
+    "generation": run_generation,
+}
 
 
 def decode_speed(model, tokenizer, new_tokens: int) -> dict:
@@ -282,9 +385,15 @@ def run(cfg: DictConfig):
     torch.manual_seed(cfg.seed)
     tasks = check_stage(cfg.stage)
     model, tokenizer, load_report = load_for_stage(cfg, rows=int(cfg.stage.batch_size))
-    report = {"checkpoint": str(cfg.stage.checkpoint), "quant": load_report.quant.to_dict(),
-              "backend": load_report.backend, "tasks": tasks,
-              "tokenizer_sha256": tokenizer.sha256(), "protocol": {}, "seconds": {}}
+    report = {
+        "checkpoint": str(cfg.stage.checkpoint),
+        "quant": load_report.quant.to_dict(),
+        "backend": load_report.backend,
+        "tasks": tasks,
+        "tokenizer_sha256": tokenizer.sha256(),
+        "protocol": {},
+        "seconds": {},
+    }
     for task in tasks:
         start = time.perf_counter()
         report[task] = RUNNERS[task](cfg, model, tokenizer)
@@ -304,10 +413,14 @@ def run(cfg: DictConfig):
     log.info("results: %s\n%s", out, table)
 
     for logger in build_loggers(cfg, output_dir(cfg)):
-        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        logger.log_metrics(
+            {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        )
         if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
             logger.experiment.summary.update({f"eval/{k}": v for k, v in metrics.items()})
-            logger.log_table("eval/results", columns=["metric", "value"], data=[[k, str(v)] for k, v in metrics.items()])
+            logger.log_table(
+                "eval/results", columns=["metric", "value"], data=[[k, str(v)] for k, v in metrics.items()]
+            )
         logger.finalize("success")
 
     comparison = write_comparison(out, report, cfg)

@@ -47,10 +47,18 @@ def sampling_config(stage: DictConfig) -> SamplingConfig:
     if preset not in PRESETS:
         raise ConfigError(f"stage.preset: {preset!r}; expected one of {', '.join(PRESETS)}")
     values = {k: stage[k] for k in SAMPLING_KEYS if stage.get(k) is not None}
-    values.update(max_new_tokens=stage.max_new_tokens, seed=stage.seed, stop_strings=list(stage.stop),
-                  long_prompt=stage.get("long_prompt", "truncate"))
+    values.update(
+        max_new_tokens=stage.max_new_tokens,
+        seed=stage.seed,
+        stop_strings=list(stage.stop),
+        long_prompt=stage.get("long_prompt", "truncate"),
+    )
     try:
-        return SamplingConfig.reference(**values) if preset == "reference" else SamplingConfig(**{"temperature": 0.0, **values})
+        return (
+            SamplingConfig.reference(**values)
+            if preset == "reference"
+            else SamplingConfig(**{"temperature": 0.0, **values})
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -95,23 +103,34 @@ def run(cfg: DictConfig):
                 sampling.stop_strings.append(header)
         return run_chat(model, tokenizer, template, sampling, sys.stdin, sys.stdout)
     template = Template.from_config(cfg.template) if stage.apply_template else None
-    return answer_file(model, tokenizer, prompts, sampling, Path(stage.output), int(stage.batch_size), template,
-                       str(stage.prompts))
+    return answer_file(
+        model, tokenizer, prompts, sampling, Path(stage.output), int(stage.batch_size), template, str(stage.prompts)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- file mode
 
 
-def answer_file(model: Transformer, tokenizer: Tokenizer, prompts: list[tuple[int, str]], sampling: SamplingConfig,
-                out: Path, batch_size: int, template: Template | None = None, source: str = "prompts") -> str:
+def answer_file(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[tuple[int, str]],
+    sampling: SamplingConfig,
+    out: Path,
+    batch_size: int,
+    template: Template | None = None,
+    source: str = "prompts",
+) -> str:
     texts = [template.format(p) if template else p for _, p in prompts]
     ids = [tokenizer.encode(t, bos=True) for t in texts]
     max_len = model.config.max_seq_len
     if sampling.long_prompt == "fail":
-        for (lineno, _), p in zip(prompts, ids):
+        for (lineno, _), p in zip(prompts, ids, strict=False):
             if len(p) >= max_len:
-                raise DataError(f"{source}:{lineno}: prompt of {len(p)} tokens does not fit the context of "
-                                f"{max_len} (stage.long_prompt=fail; truncate keeps its end)")
+                raise DataError(
+                    f"{source}:{lineno}: prompt of {len(p)} tokens does not fit the context of "
+                    f"{max_len} (stage.long_prompt=fail; truncate keeps its end)"
+                )
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: padding stays small
     answers: list[list[int]] = [[] for _ in ids]
     seed = sampling.seed
@@ -123,19 +142,26 @@ def answer_file(model: Transformer, tokenizer: Tokenizer, prompts: list[tuple[in
             out_ids = generate_batch(model, [ids[i] for i in batch], sampling, tokenizer=tokenizer, seeds=seeds)
         except PromptTooLong as e:  # only if the check above was bypassed
             raise DataError(f"{source}:{prompts[batch[e.row]][0]}: {e}") from None
-        for i, new in zip(batch, out_ids):
+        for i, new in zip(batch, out_ids, strict=False):
             answers[i] = new
         log.info("[%d/%d] prompts answered", min(b + batch_size, len(order)), len(order))
     elapsed = time.perf_counter() - start
     new_tokens = sum(map(len, answers))
 
     with AtomicOutput(out, mode="w", encoding="utf-8", lock=False) as written:
-        for (lineno, prompt), new in zip(prompts, answers):
+        for (lineno, prompt), new in zip(prompts, answers, strict=False):
             answer = tokenizer.decode(new)
             written.file.write(answer + "\n\n")
             log.debug("line %d: %s -> %s", lineno, prompt[:40], answer[:80].replace("\n", " "))
-    log.info("%d answers, %d new tokens in %.1f s (%.1f tokens/s, batch size %d): %s", len(prompts), new_tokens,
-             elapsed, new_tokens / max(elapsed, 1e-9), batch_size, out)
+    log.info(
+        "%d answers, %d new tokens in %.1f s (%.1f tokens/s, batch size %d): %s",
+        len(prompts),
+        new_tokens,
+        elapsed,
+        new_tokens / max(elapsed, 1e-9),
+        batch_size,
+        out,
+    )
     return str(out)
 
 
@@ -147,8 +173,9 @@ def user_header(template: Template) -> str:
     return template.user_header()
 
 
-def chat_prompt_ids(history: list[tuple[str, str]], user_text: str, template: Template, tokenizer: Tokenizer,
-                    budget: int) -> tuple[list[int], int]:
+def chat_prompt_ids(
+    history: list[tuple[str, str]], user_text: str, template: Template, tokenizer: Tokenizer, budget: int
+) -> tuple[list[int], int]:
     """The conversation's ids for the next answer and how many of the oldest exchanges were dropped.
 
     Laid out as SFT lays out conversations: the chat template rendered over the history and the new
@@ -164,12 +191,20 @@ def chat_prompt_ids(history: list[tuple[str, str]], user_text: str, template: Te
     return ids[:1] + ids[len(ids) - budget + 1 :], len(exchanges)  # bos stays
 
 
-def run_chat(model: Transformer, tokenizer: Tokenizer, template: Template, sampling: SamplingConfig,
-             stdin: TextIO, stdout: TextIO) -> list[tuple[str, str]]:
+def run_chat(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    template: Template,
+    sampling: SamplingConfig,
+    stdin: TextIO,
+    stdout: TextIO,
+) -> list[tuple[str, str]]:
     """The interactive loop; returns the conversation since the last `clear`."""
     history: list[tuple[str, str]] = []
-    stdout.write("chat: type a message; `clear` forgets the conversation, `exit` or Ctrl-C quits; "
-                 "Ctrl-C during an answer stops it\n")
+    stdout.write(
+        "chat: type a message; `clear` forgets the conversation, `exit` or Ctrl-C quits; "
+        "Ctrl-C during an answer stops it\n"
+    )
     try:
         _chat_turns(model, tokenizer, template, sampling, stdin, stdout, history)
     except KeyboardInterrupt:  # Ctrl-C anywhere but in an answer: the user is leaving, not a failure
@@ -178,8 +213,15 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, template: Template, sampl
     return history
 
 
-def _chat_turns(model: Transformer, tokenizer: Tokenizer, template: Template, sampling: SamplingConfig,
-                stdin: TextIO, stdout: TextIO, history: list[tuple[str, str]]) -> None:
+def _chat_turns(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    template: Template,
+    sampling: SamplingConfig,
+    stdin: TextIO,
+    stdout: TextIO,
+    history: list[tuple[str, str]],
+) -> None:
     max_len = model.config.max_seq_len
     budget = max(max_len - sampling.max_new_tokens, max_len // 2)
     while True:
@@ -209,8 +251,9 @@ def _chat_turns(model: Transformer, tokenizer: Tokenizer, template: Template, sa
         history.append((text, answer.strip()))
 
 
-def stream_answer(model: Transformer, tokenizer: Tokenizer, ids: list[int], sampling: SamplingConfig,
-                  stdout: TextIO) -> str:
+def stream_answer(
+    model: Transformer, tokenizer: Tokenizer, ids: list[int], sampling: SamplingConfig, stdout: TextIO
+) -> str:
     """Generate one answer, writing its text to `stdout` as it comes; returns the whole answer."""
     new: list[int] = []
     shown = ""
@@ -219,10 +262,10 @@ def stream_answer(model: Transformer, tokenizer: Tokenizer, ids: list[int], samp
         text_so_far = tokenizer.decode(new)
         # A character split across byte tokens decodes as U+FFFD until its last byte: wait for it.
         if not text_so_far.endswith("\ufffd") and text_so_far.startswith(shown):
-            stdout.write(text_so_far[len(shown):])
+            stdout.write(text_so_far[len(shown) :])
             stdout.flush()
             shown = text_so_far
     answer = tokenizer.decode(new)
-    stdout.write(answer[len(shown):] + "\n")
+    stdout.write(answer[len(shown) :] + "\n")
     stdout.flush()
     return answer

@@ -30,17 +30,26 @@ def check_init_shape(cfg: DictConfig, stream: WeightStream, given: list[str], co
     (overrides of CONTEXT_FIELDS) sets; the default model= is replaced."""
     init_from = cfg.stage.init_from
     if not given:
-        log.info("stage.init_from: the model's shape is the checkpoint's (%s), not model=%s", _shape(stream.config),
-                 cfg.model.get("name"))
+        log.info(
+            "stage.init_from: the model's shape is the checkpoint's (%s), not model=%s",
+            _shape(stream.config),
+            cfg.model.get("name"),
+        )
         return
     wanted = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
     skip = {_model_field(o) for o in context}
-    differ = [f"{f} {getattr(wanted, f)} (checkpoint {getattr(stream.config, f)})" for f in SHAPE_FIELDS
-              if getattr(wanted, f) != getattr(stream.config, f) and f not in skip
-              and not (f == "vocab_size" and wanted.vocab_size is None)]
+    differ = [
+        f"{f} {getattr(wanted, f)} (checkpoint {getattr(stream.config, f)})"
+        for f in SHAPE_FIELDS
+        if getattr(wanted, f) != getattr(stream.config, f)
+        and f not in skip
+        and not (f == "vocab_size" and wanted.vocab_size is None)
+    ]
     if differ:
-        raise ConfigError(f"{' '.join(given)} differs from the checkpoint of stage.init_from={init_from}: "
-                          f"{', '.join(differ)}; drop model= to continue with the checkpoint's shape")
+        raise ConfigError(
+            f"{' '.join(given)} differs from the checkpoint of stage.init_from={init_from}: "
+            f"{', '.join(differ)}; drop model= to continue with the checkpoint's shape"
+        )
 
 
 def _model_field(override: str) -> str | None:
@@ -71,8 +80,12 @@ def with_context(cfg: DictConfig, stream: WeightStream, context: list[str]) -> W
         scaling = config.rope_scaling
         extended = int(scaling["original_max_position_embeddings"] * scaling["factor"])
         config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, extended))
-    log.info("stage.init_from: %s on the checkpoint's shape: max_seq_len=%d, rope_scaling=%s",
-             " ".join(context), config.max_seq_len, config.rope_scaling)
+    log.info(
+        "stage.init_from: %s on the checkpoint's shape: max_seq_len=%d, rope_scaling=%s",
+        " ".join(context),
+        config.max_seq_len,
+        config.rope_scaling,
+    )
     return dataclasses.replace(stream, config=config)
 
 
@@ -83,9 +96,11 @@ def check_init_tokenizer(cfg: DictConfig, stream: WeightStream, given: list[str]
     path = OmegaConf.select(cfg, "tokenizer.path", default=None, throw_on_missing=False)
     if path is not None and Path(path).is_file() and file_sha256(path) == file_sha256(stream.tokenizer):
         return
-    raise ConfigError(f"{' '.join(given)}: stage.init_from={cfg.stage.init_from} trains with the checkpoint's own "
-                      f"tokenizer ({stream.tokenizer}), not this one; drop tokenizer= (or resize the checkpoint to "
-                      "it with stage=tokenizer)")
+    raise ConfigError(
+        f"{' '.join(given)}: stage.init_from={cfg.stage.init_from} trains with the checkpoint's own "
+        f"tokenizer ({stream.tokenizer}), not this one; drop tokenizer= (or resize the checkpoint to "
+        "it with stage=tokenizer)"
+    )
 
 
 def _shape(config: ModelConfig) -> str:
@@ -113,6 +128,7 @@ def run(cfg: DictConfig):
 
     data = PretrainData(cfg.data, tokenizer, seed=cfg.seed)
     data.setup("fit")
-    job = TrainJob("pretrain", source, tokenizer, data, plan, source_names=data.source_names,
-                   extra={"data": cfg.data.name})
+    job = TrainJob(
+        "pretrain", source, tokenizer, data, plan, source_names=data.source_names, extra={"data": cfg.data.name}
+    )
     return fit(cfg, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint

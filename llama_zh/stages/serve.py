@@ -46,8 +46,10 @@ def api_key(stage: DictConfig) -> str | None:
         return None
     key = os.environ.get(str(name), "").strip()
     if not key:
-        raise ConfigError(f"stage.api_key_env={name}: the environment variable {name} is unset or empty "
-                          f"(set it to the key clients must send, or set stage.api_key_env=null for no key)")
+        raise ConfigError(
+            f"stage.api_key_env={name}: the environment variable {name} is unset or empty "
+            f"(set it to the key clients must send, or set stage.api_key_env=null for no key)"
+        )
     return key
 
 
@@ -60,8 +62,10 @@ def page_dir(stage: DictConfig) -> Path | None:
         return None
     if not stage.get("static_dir"):
         if not (PAGE_DIR / "index.html").is_file():
-            raise ConfigError(f"stage.web=true: the chat page is missing from the installed package ({PAGE_DIR}); "
-                              f"reinstall llama_zh, or set stage.web=false to serve the API only")
+            raise ConfigError(
+                f"stage.web=true: the chat page is missing from the installed package ({PAGE_DIR}); "
+                f"reinstall llama_zh, or set stage.web=false to serve the API only"
+            )
         return PAGE_DIR
     static = Path(str(stage.static_dir))
     if not static.is_dir():
@@ -140,23 +144,42 @@ def run(cfg: DictConfig):
     try:
         model, tokenizer, _ = load_for_stage(cfg, rows=max_concurrent)
         if context_length is not None and context_length > model.config.max_seq_len:
-            raise ConfigError(f"stage.context_length={context_length} exceeds the model's max_seq_len="
-                              f"{model.config.max_seq_len}")
-        engine = Engine(model, tokenizer, max_concurrent=max_concurrent, max_queue=max_queue,
-                        context_length=context_length)
-        log.info("engine: %d slots of %d tokens, KV cache %.1f MiB; queue up to %d", max_concurrent,
-                 engine.context_length, engine.cache.nbytes / 2**20, max_queue)
+            raise ConfigError(
+                f"stage.context_length={context_length} exceeds the model's max_seq_len={model.config.max_seq_len}"
+            )
+        engine = Engine(
+            model, tokenizer, max_concurrent=max_concurrent, max_queue=max_queue, context_length=context_length
+        )
+        log.info(
+            "engine: %d slots of %d tokens, KV cache %.1f MiB; queue up to %d",
+            max_concurrent,
+            engine.context_length,
+            engine.cache.nbytes / 2**20,
+            max_queue,
+        )
         name = stage.get("model_name") or Path(str(stage.checkpoint)).resolve().name
-        options = ServeOptions(model_name=name, api_key=key, default_max_tokens=default_max_tokens, template=template,
-                               stop_at_user_turn=bool(stage.stop_at_user_turn), static_dir=static)
+        options = ServeOptions(
+            model_name=name,
+            api_key=key,
+            default_max_tokens=default_max_tokens,
+            template=template,
+            stop_at_user_turn=bool(stage.stop_at_user_turn),
+            static_dir=static,
+        )
         app = create_app(engine, tokenizer, options)
-        config = uvicorn.Config(app, log_config=None, access_log=bool(stage.access_log),
-                                timeout_graceful_shutdown=shutdown_timeout)
+        config = uvicorn.Config(
+            app, log_config=None, access_log=bool(stage.access_log), timeout_graceful_shutdown=shutdown_timeout
+        )
         server = uvicorn.Server(config)
         bound_host, bound_port = sock.getsockname()[:2]
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        log.info("serving %s at http://%s:%d/v1 (API key: %s); SIGTERM or Ctrl-C stops", name, url_host, bound_port,
-                 f"${stage.api_key_env}" if key else "none")
+        log.info(
+            "serving %s at http://%s:%d/v1 (API key: %s); SIGTERM or Ctrl-C stops",
+            name,
+            url_host,
+            bound_port,
+            f"${stage.api_key_env}" if key else "none",
+        )
         if static is not None:
             log.info("web page at http://%s:%d/", url_host, bound_port)
         engine.start()

@@ -9,10 +9,10 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from llama_zh.checkpoint import read_any
-from llama_zh.data.datamodule import InstructionData
 from llama_zh.data.chat_template import template_record
+from llama_zh.data.datamodule import InstructionData
 from llama_zh.data.sft import Template, build_review_sentiment
-from llama_zh.stages.common import checkpoint_tokenizer, ModelSource, TrainJob, check_seq_len, fit, prepare_batch
+from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, checkpoint_tokenizer, fit, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +23,30 @@ def run(cfg: DictConfig):
     stream = read_any(cfg.stage.checkpoint)
     tokenizer = checkpoint_tokenizer(stream, "stage.checkpoint")
     check_seq_len(cfg.stage.seq_len, stream.config, "stage.seq_len")
-    train_file = Path(cfg.stage.data) if cfg.stage.data else build_review_sentiment(Path(cfg.paths.data_dir) / "sft_review_sentiment")["train"]
+    train_file = (
+        Path(cfg.stage.data)
+        if cfg.stage.data
+        else build_review_sentiment(Path(cfg.paths.data_dir) / "sft_review_sentiment")["train"]
+    )
     log.info("instruction data: %s", train_file)
     template = Template.from_config(cfg.template)
     log.info("chat template: %s (recorded in the checkpoints, exported by stage=convert)", template.name)
-    data = InstructionData(train_file, template, tokenizer, cfg.stage.seq_len,
-                           cfg.stage.batch_size, cfg.stage.val_fraction, cfg.seed, pack=cfg.stage.pack)
-    job = TrainJob("sft", ModelSource(stream.config, stream, cfg.seed), tokenizer, data, plan,
-                   extra={"data": str(train_file), **template_record(template)})
+    data = InstructionData(
+        train_file,
+        template,
+        tokenizer,
+        cfg.stage.seq_len,
+        cfg.stage.batch_size,
+        cfg.stage.val_fraction,
+        cfg.seed,
+        pack=cfg.stage.pack,
+    )
+    job = TrainJob(
+        "sft",
+        ModelSource(stream.config, stream, cfg.seed),
+        tokenizer,
+        data,
+        plan,
+        extra={"data": str(train_file), **template_record(template)},
+    )
     return fit(cfg, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint

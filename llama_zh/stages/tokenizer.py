@@ -45,8 +45,10 @@ def extend_bpe(cfg: DictConfig, base: Path, out: Path):
     """A byte-level BPE base (tokenizer.json) extended with merges learned on data='s training split."""
     stage = cfg.stage
     if stage.extra or stage.pad_token:
-        raise ConfigError(f"stage.extra / stage.pad_token: sentencepiece only; {base} is a tokenizer.json (byte-level "
-                          f"BPE), extended with merges learned on data=")
+        raise ConfigError(
+            f"stage.extra / stage.pad_token: sentencepiece only; {base} is a tokenizer.json (byte-level "
+            f"BPE), extended with merges learned on data="
+        )
     corpus = prepare_corpus(cfg.data)
     texts = (doc for s in sources_of(cfg.data) for doc in read_documents(corpus / f"{s.name}.train.txt"))
     log.info("learning %d-token byte-level BPE merges on %s to extend %s", stage.vocab_size, cfg.data.name, base)
@@ -82,7 +84,9 @@ def run(cfg: DictConfig):
     if stage.init not in INITS:
         raise ConfigError(f"stage.init: {stage.init!r}; expected one of {', '.join(INITS)}")
     if stage.tokenizer_model and (stage.extra or stage.pad_token):
-        raise ConfigError("stage.tokenizer_model is used as it is, stage.extra and stage.pad_token build a new one: set one or the other")
+        raise ConfigError(
+            "stage.tokenizer_model is used as it is, stage.extra and stage.pad_token build a new one: set one or the other"
+        )
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_tok = checkpoint_tokenizer(stage.resize_checkpoint) if stage.resize_checkpoint else None
@@ -102,29 +106,54 @@ def run(cfg: DictConfig):
     else:
         tokenizer = out / "tokenizer.model"
         extends = base is not None or stage.pad_token is not None
-        pieces = Path(stage.extra) if stage.extra else train_pieces(cfg, out / "trained.model" if extends else tokenizer)
+        pieces = (
+            Path(stage.extra) if stage.extra else train_pieces(cfg, out / "trained.model" if extends else tokenizer)
+        )
         if extends:
             extension = extend_tokenizer(base or pieces, pieces, tokenizer, stage.pad_token)
             log.info("extended %s: %s", base or pieces, extension.to_dict())
 
     sources = held_out_report(cfg, tokenizer, base)
     for name, r in sources.items():
-        log.info("held-out %s: %s%s", name, describe(r["tokenizer"]), f" (base: {describe(r['base'])})" if "base" in r else "")
-    report = {"tokenizer": str(tokenizer), "vocab_size": Tokenizer(tokenizer).vocab_size,
-              "base": str(base) if base else None, "extension": extension.to_dict() if extension else None,
-              "data": cfg.data.name, "split": "val", "sources": sources}
+        log.info(
+            "held-out %s: %s%s",
+            name,
+            describe(r["tokenizer"]),
+            f" (base: {describe(r['base'])})" if "base" in r else "",
+        )
+    report = {
+        "tokenizer": str(tokenizer),
+        "vocab_size": Tokenizer(tokenizer).vocab_size,
+        "base": str(base) if base else None,
+        "extension": extension.to_dict() if extension else None,
+        "data": cfg.data.name,
+        "split": "val",
+        "sources": sources,
+    }
     path = out / "report.json"
     write_text(path, json.dumps(report, indent=2, ensure_ascii=False))
-    metrics = {f"tokenizer/{source}/{which}/{k}": v for source, r in sources.items() for which, m in r.items()
-               for k, v in m.items()}
+    metrics = {
+        f"tokenizer/{source}/{which}/{k}": v
+        for source, r in sources.items()
+        for which, m in r.items()
+        for k, v in m.items()
+    }
     for logger in build_loggers(cfg, output_dir(cfg)):
         logger.log_metrics(metrics)
         logger.finalize("success")
     log.info("tokenizer %s (%d pieces), report %s", tokenizer, report["vocab_size"], path)
 
     if stage.resize_checkpoint:
-        dst = resize_checkpoint(Path(stage.resize_checkpoint), tokenizer, Path(stage.resize_output), stage.init,
-                                seed=cfg.seed, overwrite=stage.overwrite)
-        log.info("resized %s to %d pieces (%s init): %s", stage.resize_checkpoint, report["vocab_size"], stage.init, dst)
+        dst = resize_checkpoint(
+            Path(stage.resize_checkpoint),
+            tokenizer,
+            Path(stage.resize_output),
+            stage.init,
+            seed=cfg.seed,
+            overwrite=stage.overwrite,
+        )
+        log.info(
+            "resized %s to %d pieces (%s init): %s", stage.resize_checkpoint, report["vocab_size"], stage.init, dst
+        )
         return {**report, "checkpoint": str(dst)}
     return report
