@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from llama_zh.errors import LlamaZhError
 
 # Package data, so that a non-editable install composes the same groups as a checkout.
+T = TypeVar("T")
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
@@ -168,6 +171,33 @@ def check_rope_scaling(values: Any, where: str = "model.rope_scaling") -> dict[s
 
 def available_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any] | None, where: str, error: type[Exception] = ConfigError) -> T:
+    """The dataclass `cls` from a config slice (a plain mapping: stages turn their DictConfig into one).
+
+    Every stage builds its typed objects through this one door, so an unknown key is refused the same
+    way everywhere (named, with the closest field), a missing required field is named, and defaults
+    live only in the dataclass. A field whose type is itself a dataclass is built from its sub-mapping.
+    """
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    check_keys(values, list(fields), where, error, what="key")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints.get(name)
+        if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
+            value = from_mapping(kind, value, f"{where}.{name}", error)
+        kwargs[name] = value
+    missing = [
+        n
+        for n, f in fields.items()
+        if f.init and n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise error(f"{where}.{missing[0]}: missing (required)")
+    return cls(**kwargs)
 
 
 def check_keys(
