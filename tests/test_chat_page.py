@@ -103,6 +103,9 @@ class ChatPage:
         self.requests = []
         self.page.on("request", lambda request: self.requests.append(request))
         self.page.goto(url + "/")
+        # The page asks for the model name on load and opens Settings itself when the server wants a key;
+        # interacting before that answer would race it (a click on Settings could close what it opened).
+        self.page.wait_for_function("() => document.getElementById('model-name').textContent !== '\u2026'")
 
     def chat_bodies(self) -> list[dict]:
         return [r.post_data_json for r in self.requests if r.url.endswith("/v1/chat/completions")]
