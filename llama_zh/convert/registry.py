@@ -63,7 +63,7 @@ def read_any(path: Path) -> WeightStream:
         raise CheckpointError(f"{path}: no such checkpoint directory or file")
     fmt = detect(path)
     if fmt is None:
-        raise CheckpointError(f"{path}: not a checkpoint of a known format ({known_layouts()})")
+        raise CheckpointError(f"{path}: neither a native checkpoint nor any other known format ({known_layouts()})")
     if fmt.read is None:
         raise CheckpointError(f"{path}: {fmt.unreadable}")
     return fmt.read(path, None, None)

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from llama_zh.atomic import AtomicOutput
-from llama_zh.checkpoint import WeightStream, check_specs, stream_bytes
+from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.config import ModelConfig
 from llama_zh.convert.format import Format, FormatError, WriteOptions, starts_with
 from llama_zh.convert.keys import KeyMap, halves_to_interleaved, interleaved_to_halves, rope_permuter
-from llama_zh.tensor_io import CheckpointError, torch_load_weights
+from llama_zh.tensor_io import CheckpointError, stream_bytes, torch_load_weights
 from llama_zh.tokenizer import Tokenizer
 
 KEYS = KeyMap(
@@ -78,7 +78,7 @@ def write(stream: WeightStream, path: Path, overwrite: bool = False, **_) -> Pat
     return path
 
 
-# torch.save writes a zip archive; older torch (and TencentPretrain's own saves before it) a bare pickle.
+# torch.save writes a zip archive, torch before 1.6 a bare pickle (docs/reference.md#formats).
 TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
