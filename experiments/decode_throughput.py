@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_zh.checkpoint import read_any  # noqa: E402
+from llama_zh.convert import read_any  # noqa: E402
 from llama_zh.generate import SamplingConfig, generate_batch  # noqa: E402
 from llama_zh.infer import load_stream  # noqa: E402
 from llama_zh.quant import QuantConfig  # noqa: E402

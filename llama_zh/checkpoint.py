@@ -12,7 +12,6 @@ held whole in memory.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,10 +20,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from llama_zh.atomic import AtomicOutput, write_text
 from llama_zh.config import ModelConfig
 from llama_zh.model import Transformer, build_model
-from llama_zh.tensor_io import DTYPES, CheckpointError, SafetensorsWriter, iter_safetensors, safetensors_header
+from llama_zh.tensor_io import (
+    CheckpointDir,
+    CheckpointError,
+    Spec,
+    safetensors_files,
+    safetensors_stream,
+    stream_bytes,
+    write_safetensors_shards,
+)
 from llama_zh.tokenizer import Tokenizer, copy_tokenizer, file_sha256, find_tokenizer
 
 log = logging.getLogger(__name__)
@@ -33,8 +39,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "model_config.yaml"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-
-Spec = tuple[torch.dtype, tuple[int, ...]]
 
 
 @dataclass
@@ -101,77 +105,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-class _AtomicDir(AtomicOutput):
-    """A checkpoint directory built under a temporary name beside `path`, entered with `with`:
-    locked, checked against `overwrite` (again before the rename), renamed into place by `commit()`
-    and removed on any failure (llama_zh.atomic)."""
-
-    def __init__(self, path: Path, overwrite: bool, need_bytes: int | None = None):
-        super().__init__(
-            Path(path), directory=True, overwrite=overwrite, need_bytes=need_bytes, exists_error=CheckpointError
-        )
-
-
-def stream_bytes(specs: dict[str, Spec]) -> int:
-    """The bytes of the tensors of `specs`: what writing them needs on disk (headers aside)."""
-    return sum(
-        torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for dtype, shape in specs.values()
-    )
-
-
-def _plan_shards(specs: dict[str, Spec], max_shard_bytes: int) -> list[list[str]]:
-    shards, current, size = [], [], 0
-    for name, (dtype, shape) in specs.items():
-        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current or not shards:
-        shards.append(current)
-    return shards
-
-
-def write_safetensors_shards(
-    directory: Path,
-    specs: dict[str, Spec],
-    tensors: Iterator[tuple[str, torch.Tensor]],
-    max_shard_bytes: int,
-    prefix: str = "model",
-    rename: Callable[[str], str] = lambda n: n,
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Stream tensors into one or more safetensors files (+ an index when sharded), HF naming."""
-    shards = _plan_shards(specs, max_shard_bytes)
-    files = (
-        [f"{prefix}.safetensors"]
-        if len(shards) == 1
-        else [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map, total = {}, 0
-    tensors = iter(tensors)
-    for filename, names in zip(files, shards, strict=False):
-        plan = [(rename(n), specs[n][0], specs[n][1]) for n in names]
-        writer = SafetensorsWriter(directory / filename, plan, metadata)
-        try:
-            for expected in names:
-                name, t = next(tensors)
-                if name != expected:
-                    raise CheckpointError(f"weight stream out of order: got {name}, expected {expected}")
-                writer.write(rename(name), t)
-                total += t.numel() * t.element_size()
-                weight_map[rename(name)] = filename
-                del t
-            writer.close()
-        except BaseException as e:
-            writer.abort(e)
-            raise
-    if len(files) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        write_text(directory / f"{prefix}.safetensors.index.json", json.dumps(index, indent=2))
-
-
 def write_native(
     stream: WeightStream,
     path: Path,
@@ -182,7 +115,7 @@ def write_native(
     """Write `stream` as a native checkpoint directory at `path`, atomically."""
     check_specs(stream)
     dtypes = {d for d, _ in stream.specs.values()}
-    target = _AtomicDir(path, overwrite, stream_bytes(stream.specs))
+    target = CheckpointDir(path, overwrite, stream_bytes(stream.specs))
     with target:
         write_safetensors_shards(target.tmp, stream.specs, stream.tensors(), max_shard_bytes)
         meta = {
@@ -221,52 +154,6 @@ def is_native(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def _safetensors_files(directory: Path, prefix: str) -> list[Path]:
-    index = directory / f"{prefix}.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
-        files = sorted(set(weight_map.values()))
-        for f in files:
-            if not (directory / f).is_file():
-                raise CheckpointError(f"{index}: lists {f}, which is missing")
-        return [directory / f for f in files]
-    single = directory / f"{prefix}.safetensors"
-    return [single] if single.is_file() else []
-
-
-def safetensors_stream(
-    files: list[Path], rename: Callable[[str], str | None], transform=None
-) -> tuple[dict[str, Spec], Callable]:
-    """Specs and tensor generator over safetensors files; `rename` maps a file key to a native name (None: skip)."""
-    entries: list[tuple[str, Path, str]] = []  # (native name, file, key in file), in file order
-    specs: dict[str, Spec] = {}
-    for f in files:
-        header, _ = safetensors_header(f)
-        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            name = rename(key)
-            if name is None:
-                continue
-            if name in specs:
-                raise CheckpointError(f"{f}: tensor {key} maps to {name}, which another tensor already gave")
-            specs[name] = (DTYPES[entry["dtype"]], tuple(entry["shape"]))
-            entries.append((name, f, key))
-
-    def tensors():
-        for f in files:
-            mine = [(name, key) for name, ff, key in entries if ff == f]
-            reader = iter_safetensors(f, [key for _, key in mine])
-            for name, _ in mine:
-                t = next(reader)[1]
-                t = transform(name, t) if transform else t
-                yield name, t
-                del t  # a loop variable would keep it alive while the next tensor is read
-
-    return specs, tensors
-
-
 def read_native(path: Path) -> WeightStream:
     path = Path(path)
     config_file = path / CONFIG_FILE
@@ -283,7 +170,7 @@ def read_native(path: Path) -> WeightStream:
             f"{config_file}: format_version {meta.get('format_version')!r}, this llama_zh reads {FORMAT_VERSION}"
         )
     config = ModelConfig.from_dict(meta["model"], source=f"{config_file}: model")
-    files = _safetensors_files(path, "model")
+    files = safetensors_files(path, "model")
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     specs, tensors = safetensors_stream(files, lambda k: k)
@@ -309,22 +196,6 @@ def check_tokenizer(checkpoint: Path, tokenizer: Path, recorded: str | None, wha
             f"a tokenizer of sha256 {recorded} ({CONFIG_FILE} tokenizer_sha256); use the tokenizer "
             "they were trained with"
         )
-
-
-def read_any(path: Path) -> WeightStream:
-    """A native or Hugging Face directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if is_native(path):
-        return read_native(path)
-    if (path / "config.json").is_file():
-        from llama_zh.convert import hf
-
-        return hf.read(path)
-    raise CheckpointError(
-        f"{path}: neither a native checkpoint ({CONFIG_FILE}) nor a Hugging Face directory (config.json)"
-    )
 
 
 def load_model(
@@ -356,10 +227,15 @@ def stream_tokenizer(stream: WeightStream) -> Tokenizer | None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a native or Hugging Face directory; tokenizer is None if the directory has none.
+    """(model, tokenizer) from a checkpoint of any readable format (llama_zh.convert.registry.read_any: native,
+    Hugging Face, Meta); tokenizer is None if the checkpoint has none.
 
     The plain training architecture as stored (what merges, conversions and parity checks compare);
     for inference (quantization, the fused modules, the CPU kernel) use llama_zh.infer.load."""
+    # The registry reads every format into this module's WeightStream, so it sits above this module:
+    # imported here, when called, and never while this module loads.
+    from llama_zh.convert.registry import read_any
+
     stream = read_any(Path(path))
     tokenizer = stream_tokenizer(stream)
     return load_model(stream, device, dtype).eval(), tokenizer

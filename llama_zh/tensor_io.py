@@ -15,13 +15,13 @@ import json
 import os
 import pickle
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llama_zh.atomic import AtomicOutput
+from llama_zh.atomic import AtomicOutput, write_text
 from llama_zh.errors import LlamaZhError
 
 DTYPES = {
@@ -37,6 +37,8 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+
+Spec = tuple[torch.dtype, tuple[int, ...]]  # a tensor's dtype and shape, known before it is read
 
 
 class CheckpointError(LlamaZhError, RuntimeError):
@@ -158,6 +160,130 @@ class SafetensorsWriter:
     def abort(self, exc: BaseException | None = None) -> None:
         """Remove the temporary file; a full disk behind `exc` is raised as a one-line error."""
         self._out.abort(exc)
+
+
+# ------------------------------------------------------------------------ checkpoint directories
+# Shared by every format kept as safetensors files (native, Hugging Face): the reader of each format
+# decides the names, these functions move the bytes.
+
+
+class CheckpointDir(AtomicOutput):
+    """A checkpoint directory built under a temporary name beside `path`, entered with `with`:
+    locked, checked against `overwrite` (again before the rename), renamed into place by `commit()`
+    and removed on any failure (llama_zh.atomic)."""
+
+    def __init__(self, path: Path, overwrite: bool, need_bytes: int | None = None):
+        super().__init__(
+            Path(path), directory=True, overwrite=overwrite, need_bytes=need_bytes, exists_error=CheckpointError
+        )
+
+
+def stream_bytes(specs: dict[str, Spec]) -> int:
+    """The bytes of the tensors of `specs`: what writing them needs on disk (headers aside)."""
+    return sum(
+        torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size() for dtype, shape in specs.values()
+    )
+
+
+def plan_shards(specs: dict[str, Spec], max_shard_bytes: int) -> list[list[str]]:
+    """The names of `specs` cut, in order, into shards of at most `max_shard_bytes` (a larger tensor alone)."""
+    shards, current, size = [], [], 0
+    for name, (dtype, shape) in specs.items():
+        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def write_safetensors_shards(
+    directory: Path,
+    specs: dict[str, Spec],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    max_shard_bytes: int,
+    prefix: str = "model",
+    rename: Callable[[str], str] = lambda n: n,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Stream tensors into one or more safetensors files (+ an index when sharded), HF naming."""
+    shards = plan_shards(specs, max_shard_bytes)
+    files = (
+        [f"{prefix}.safetensors"]
+        if len(shards) == 1
+        else [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map, total = {}, 0
+    tensors = iter(tensors)
+    for filename, names in zip(files, shards, strict=False):
+        plan = [(rename(n), specs[n][0], specs[n][1]) for n in names]
+        writer = SafetensorsWriter(directory / filename, plan, metadata)
+        try:
+            for expected in names:
+                name, t = next(tensors)
+                if name != expected:
+                    raise CheckpointError(f"weight stream out of order: got {name}, expected {expected}")
+                writer.write(rename(name), t)
+                total += t.numel() * t.element_size()
+                weight_map[rename(name)] = filename
+                del t
+            writer.close()
+        except BaseException as e:
+            writer.abort(e)
+            raise
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_text(directory / f"{prefix}.safetensors.index.json", json.dumps(index, indent=2))
+
+
+def safetensors_files(directory: Path, prefix: str) -> list[Path]:
+    """`prefix`.safetensors, or the shards its index lists (each checked present); [] when neither exists."""
+    index = directory / f"{prefix}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (directory / f).is_file():
+                raise CheckpointError(f"{index}: lists {f}, which is missing")
+        return [directory / f for f in files]
+    single = directory / f"{prefix}.safetensors"
+    return [single] if single.is_file() else []
+
+
+def safetensors_stream(
+    files: list[Path], rename: Callable[[str], str | None], transform=None
+) -> tuple[dict[str, Spec], Callable]:
+    """Specs and tensor generator over safetensors files; `rename` maps a file key to a native name (None: skip)."""
+    entries: list[tuple[str, Path, str]] = []  # (native name, file, key in file), in file order
+    specs: dict[str, Spec] = {}
+    for f in files:
+        header, _ = safetensors_header(f)
+        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            name = rename(key)
+            if name is None:
+                continue
+            if name in specs:
+                raise CheckpointError(f"{f}: tensor {key} maps to {name}, which another tensor already gave")
+            specs[name] = (DTYPES[entry["dtype"]], tuple(entry["shape"]))
+            entries.append((name, f, key))
+
+    def tensors():
+        for f in files:
+            mine = [(name, key) for name, ff, key in entries if ff == f]
+            reader = iter_safetensors(f, [key for _, key in mine])
+            for name, _ in mine:
+                t = next(reader)[1]
+                t = transform(name, t) if transform else t
+                yield name, t
+                del t  # a loop variable would keep it alive while the next tensor is read
+
+    return specs, tensors
 
 
 def torch_load_weights(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from llama_zh import bpe
 from llama_zh.atomic import write_bytes
-from llama_zh.checkpoint import WeightStream, read_any, write_native
+from llama_zh.checkpoint import WeightStream, write_native
 from llama_zh.tensor_io import CheckpointError
 from llama_zh.tokenizer import BPE_CONFIG_FILE, BPETokenizer, Tokenizer, TokenizerError, read_bpe_json, tokenizer_kind
 
@@ -329,6 +329,8 @@ def resize_checkpoint(
     """
     if init not in INITS:
         raise CheckpointError(f"init={init!r}: expected one of {', '.join(INITS)}")
+    from llama_zh.convert import read_any  # the converters read tokenizers with this module: no import at load
+
     stream = read_any(Path(src))
     if stream.tokenizer is None:
         raise CheckpointError(f"{src}: has no tokenizer.model, so the new pieces cannot be told from the old")

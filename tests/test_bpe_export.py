@@ -54,7 +54,7 @@ def test_hf_export_loads_in_transformers_with_the_same_ids(tokenizers_, which, t
     )
     assert generation["eos_token_id"] == [tok.eos_id, tok.eot_id]
     # and back: the HF directory reads as a BPE checkpoint
-    from llama_zh.checkpoint import read_any
+    from llama_zh.convert import read_any
 
     assert Tokenizer(read_any(out).tokenizer).sha256() == tok.sha256()
 

@@ -148,7 +148,7 @@ def test_lora_with_a_trained_tied_embedding_exports_one_tied_matrix(tmp_path):
 def test_unquantized_load_of_a_tied_checkpoint_stays_tied(tmp_path):
     model = build_model(tiny_tied(), seed=0)
     save_checkpoint(model, tmp_path / "ckpt")
-    from llama_zh.checkpoint import read_any
+    from llama_zh.convert import read_any
 
     loaded, _ = load_stream(read_any(tmp_path / "ckpt"), quant=QuantConfig())
     ids = torch.randint(0, 300, (1, 7))
@@ -162,7 +162,7 @@ def test_int8_quantized_tied_head_or_embedding_gets_its_own_copy(tmp_path, quant
     """A tied model whose head (or embedding) is quantized cannot share one Parameter: the other keeps
     the full-precision matrix, and the logits stay close to the unquantized model's."""
     pytest.importorskip("bitsandbytes")
-    from llama_zh.checkpoint import read_any
+    from llama_zh.convert import read_any
 
     model = build_model(tiny_tied(), seed=0)
     save_checkpoint(model, tmp_path / "ckpt")

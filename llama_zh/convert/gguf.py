@@ -39,6 +39,7 @@ import torch
 from llama_zh.atomic import AtomicOutput, close_quietly
 from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.config import ModelConfig
+from llama_zh.convert.format import Format, WriteOptions, starts_with
 from llama_zh.convert.keys import KeyMap, halves_to_interleaved, rope_permuter
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import rope_frequencies
@@ -477,3 +478,22 @@ def check_file(path: Path, expected: dict[str, tuple[tuple[int, ...], object]], 
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None or [tokens.parts[i].tobytes() for i in tokens.data] != pieces:
         raise GGUFError(f"{path}: the tokenizer pieces do not read back as written")
+
+
+def is_gguf(path: Path) -> bool:
+    return starts_with(path, b"GGUF")
+
+
+def _write(stream: WeightStream, dst: Path, options: WriteOptions) -> Path:
+    return write(
+        stream, dst, overwrite=options.overwrite, chat_template=options.chat_template, gguf_type=options.gguf_type
+    )
+
+
+FORMAT = Format(
+    "gguf",
+    "a .gguf file (llama.cpp)",
+    is_gguf,
+    write=_write,
+    unreadable="a GGUF file, which llama_zh writes for llama.cpp but does not read back",
+)

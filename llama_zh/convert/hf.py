@@ -8,20 +8,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llama_zh.checkpoint import (
-    DEFAULT_SHARD_BYTES,
-    WeightStream,
-    _AtomicDir,
-    _safetensors_files,
-    check_specs,
-    safetensors_stream,
-    stream_bytes,
-    write_safetensors_shards,
-)
+from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream, check_specs
 from llama_zh.config import ROPE_SCALING, ConfigError, ModelConfig, check_rope_scaling
+from llama_zh.convert.format import Format, WriteOptions
 from llama_zh.convert.hf_tokenizer import SpecialPieces, bpe_tokenizer_files, build_hf_tokenizer
 from llama_zh.convert.keys import KeyMap
-from llama_zh.tensor_io import CheckpointError, torch_load_weights
+from llama_zh.tensor_io import (
+    CheckpointDir,
+    CheckpointError,
+    safetensors_files,
+    safetensors_stream,
+    stream_bytes,
+    torch_load_weights,
+    write_safetensors_shards,
+)
 from llama_zh.tokenizer import find_tokenizer, tokenizer_kind
 from llama_zh.vocab import load_model_proto
 
@@ -152,7 +152,7 @@ def read(path: Path, tokenizer: Path | None = None) -> WeightStream:
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
     config = config_from_hf(config_file)
-    files = _safetensors_files(path, "model")
+    files = safetensors_files(path, "model")
     rename = _renamer(str(path), config)
     if files:
         specs, tensors = safetensors_stream(files, rename)
@@ -247,7 +247,7 @@ def write(
     files = metadata_files(
         stream, dtype, chat_template
     )  # a tokenizer that cannot be exported is refused before any weight is written
-    target = _AtomicDir(path, overwrite, stream_bytes(stream.specs))
+    target = CheckpointDir(path, overwrite, stream_bytes(stream.specs))
     with target:
         write_safetensors_shards(
             target.tmp,
@@ -322,3 +322,24 @@ def tokenizer_files(
 
 def _json(value: dict) -> bytes:
     return json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8")
+
+
+def is_hf(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def _read(path: Path, model: ModelConfig | None, tokenizer: Path | None) -> WeightStream:
+    return read(path, tokenizer)  # config.json gives the shape: `model` is not read
+
+
+def _write(stream: WeightStream, dst: Path, options: WriteOptions) -> Path:
+    return write(
+        stream,
+        dst,
+        max_shard_bytes=options.max_shard_bytes,
+        overwrite=options.overwrite,
+        chat_template=options.chat_template,
+    )
+
+
+FORMAT = Format("hf", "a directory with config.json (Hugging Face)", is_hf, _read, _write)

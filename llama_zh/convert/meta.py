@@ -15,6 +15,7 @@ import torch
 
 from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.convert.format import Format
 from llama_zh.convert.keys import KeyMap, interleaved_to_halves, rope_permuter
 from llama_zh.tensor_io import CheckpointError, torch_load_weights
 from llama_zh.tokenizer import find_tokenizer, is_rank_file
@@ -183,3 +184,19 @@ def read(path: Path, tokenizer: Path | None = None, max_seq_len: int | None = No
     stream = WeightStream(config, specs, tensors, tokenizer, source=str(path), keep=keep)
     check_specs(stream)
     return stream
+
+
+def is_meta(path: Path) -> bool:
+    return (Path(path) / "params.json").is_file()
+
+
+def _read(path: Path, model: ModelConfig | None, tokenizer: Path | None) -> WeightStream:
+    return read(path, tokenizer)  # params.json and the weights give the shape: `model` is not read
+
+
+FORMAT = Format(
+    "meta",
+    "a directory with params.json + consolidated.*.pth (Meta)",
+    is_meta,
+    _read,
+)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream, _AtomicDir, expected_specs, read_native
+from llama_zh.checkpoint import CONFIG_FILE, DEFAULT_SHARD_BYTES, WeightStream, expected_specs, read_native
 from llama_zh.config import ModelConfig
 from llama_zh.convert import hf
+from llama_zh.convert.format import Format
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import HF_ALIASES, PROJECTIONS, read_adapter
 from llama_zh.model import build_model
-from llama_zh.tensor_io import DTYPES, iter_safetensors, safetensors_header, torch_load_weights
+from llama_zh.tensor_io import DTYPES, CheckpointDir, iter_safetensors, safetensors_header, torch_load_weights
 from llama_zh.tokenizer import copy_tokenizer, find_tokenizer
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ def export(src: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bo
     base model exported to Hugging Face (stage=convert dst_format=hf)."""
     from safetensors.torch import save_file
 
+    from llama_zh.finetune import HF_ALIASES, read_adapter  # the training stack: not loaded for detection
+
     src = Path(src)
     stream = read_native(src)
     if not (src / "adapter_config.json").is_file() or not (src / "adapter.safetensors").is_file():
@@ -125,7 +127,7 @@ def export(src: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bo
     config = peft_config(
         ft.rank, ft.alpha, [hf_names[m] for m in ft.target_modules], [HF_SAVED[m] for m in ft.modules_to_save]
     )
-    target = _AtomicDir(dst, overwrite, sum(t.numel() * t.element_size() for t in tensors.values()))
+    target = CheckpointDir(dst, overwrite, sum(t.numel() * t.element_size() for t in tensors.values()))
     with target:
         save_file(tensors, str(target.tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (target.tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
@@ -192,6 +194,8 @@ def _config_refusal(config: dict) -> str | None:
 
 def read_peft(directory: Path) -> PeftAdapter:
     """The adapter in `directory`, its config and tensor names checked (shapes against the base: `merge`)."""
+    from llama_zh.finetune import PROJECTIONS  # the training stack: not loaded for detection
+
     directory = Path(directory)
     config_file = directory / PEFT_CONFIG
     if not config_file.is_file():
@@ -356,11 +360,24 @@ def convert_merged(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """stage=convert with stage.adapter: read the base, merge the adapter, write any destination format."""
-    from llama_zh.convert import DESTINATION_FORMATS, FormatError, read, write
+    from llama_zh.convert.registry import destination, read, write  # the registry holds this module's FORMAT
 
-    if dst_format not in DESTINATION_FORMATS:
-        raise FormatError(
-            f"stage.dst_format: unknown format {dst_format!r}; expected one of {', '.join(DESTINATION_FORMATS)}"
-        )
+    destination(dst_format)  # an unknown destination is refused before the base is read
     stream = merge(read(src, src_format, model, tokenizer), adapter, tokenizer).cast(dtype)
     return write(stream, dst, dst_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+
+def is_peft(path: Path) -> bool:
+    """A PEFT adapter directory; a finetune=lora native checkpoint, which also has adapter_config.json, is native."""
+    path = Path(path)
+    return (path / PEFT_CONFIG).is_file() and not (path / CONFIG_FILE).is_file()
+
+
+# An adapter is no model on its own: it is merged into a base (stage.adapter) or exported from a
+# finetune=lora native checkpoint (dst_format=peft, export), neither of which is a stream reader or writer.
+FORMAT = Format(
+    "peft",
+    f"a directory with {PEFT_CONFIG} (a PEFT adapter)",
+    is_peft,
+    unreadable="a PEFT adapter, not a whole model: merge it into its base with stage=convert stage.adapter=<dir>",
+)

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 
 from llama_zh.atomic import AtomicOutput
-from llama_zh.checkpoint import WeightStream, check_specs, stream_bytes
+from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.config import ModelConfig
+from llama_zh.convert.format import Format, FormatError, WriteOptions, starts_with
 from llama_zh.convert.keys import KeyMap, halves_to_interleaved, interleaved_to_halves, rope_permuter
-from llama_zh.tensor_io import CheckpointError, torch_load_weights
+from llama_zh.tensor_io import CheckpointError, stream_bytes, torch_load_weights
+from llama_zh.tokenizer import Tokenizer
 
 KEYS = KeyMap(
     {
@@ -74,3 +76,42 @@ def write(stream: WeightStream, path: Path, overwrite: bool = False, **_) -> Pat
         # A file object, not a path: torch's own file writer reports a full disk as "unexpected pos".
         torch.save(state, out.file)
     return path
+
+
+# torch.save writes a zip archive, torch before 1.6 a bare pickle (docs/reference.md#formats).
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def is_tencentpretrain(path: Path) -> bool:
+    """A single torch file: the only one-file format read here that torch saves (a Hugging Face
+    pytorch_model.bin sits in a directory with its config.json)."""
+    return Path(path).is_file() and any(starts_with(path, magic) for magic in TORCH_MAGIC)
+
+
+def _read(path: Path, model: ModelConfig | None, tokenizer: Path | None) -> WeightStream:
+    """The shape from `model` (the file has none), its vocabulary from `tokenizer` when model.vocab_size is null."""
+    if model is None:
+        raise FormatError(
+            f"{path}: a TencentPretrain file carries no configuration: choose its shape with model=<name>"
+        )
+    if model.vocab_size is None:
+        if tokenizer is None:
+            raise FormatError(
+                "model.vocab_size is null: pass stage.tokenizer so the vocabulary size can be read from it"
+            )
+        model = model.with_vocab(Tokenizer(tokenizer).vocab_size)
+    return read(path, model, tokenizer)
+
+
+def _write(stream: WeightStream, dst: Path, options: WriteOptions) -> Path:
+    return write(stream, dst, overwrite=options.overwrite)
+
+
+FORMAT = Format(
+    "tencentpretrain",
+    "a torch .bin file (TencentPretrain)",
+    is_tencentpretrain,
+    _read,
+    _write,
+    carries_template=False,
+)

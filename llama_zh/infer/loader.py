@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from llama_zh import kernels
-from llama_zh.checkpoint import WeightStream, read_any, stream_tokenizer
+from llama_zh.checkpoint import WeightStream, stream_tokenizer
 from llama_zh.config import ConfigError
+from llama_zh.convert import read_any
 from llama_zh.errors import LlamaZhError
 from llama_zh.infer import swaps
 from llama_zh.model import Transformer

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from llama_zh.checkpoint import read_any
+from llama_zh.convert import read_any
 from llama_zh.data.chat_template import ChatTemplate, template_record
 from llama_zh.data.preference import PreferenceData, build_review_preferences
 from llama_zh.dpo import PreferenceLM, PreferenceObjective

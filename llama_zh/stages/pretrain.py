@@ -9,8 +9,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from llama_zh.checkpoint import WeightStream, read_any
+from llama_zh.checkpoint import WeightStream
 from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.convert import read_any
 from llama_zh.data.datamodule import PretrainData
 from llama_zh.data.prepare import ensure_tokenizer
 from llama_zh.errors import LlamaZhError

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from llama_zh.checkpoint import read_any
+from llama_zh.convert import read_any
 from llama_zh.data.chat_template import template_record
 from llama_zh.data.datamodule import InstructionData
 from llama_zh.data.sft import Template, build_review_sentiment

@@ -10,8 +10,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from llama_zh.atomic import write_text
-from llama_zh.checkpoint import read_any
 from llama_zh.config import ConfigError
+from llama_zh.convert import read_any
 from llama_zh.data.corpus import read_documents
 from llama_zh.data.prepare import prepare_corpus, sources_of
 from llama_zh.stages.common import output_dir
