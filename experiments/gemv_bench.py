@@ -2,6 +2,9 @@
 kernel (llama_zh.kernels, AVX-512 and AVX2 paths), the older tile kernel, F.linear on row-major
 weights and F.linear on column-major ones (the torch backend's layout for the wide weights).
 
+`2 MiB pages`: the same kernel on copies of the weights made by kernels.huge_page_copy, as the
+loader's kernel backend lays them out.
+
 The weights are those of one 130m step (12 blocks of qkv 2304x768, wo 768x768, gate/up 4096x768,
 down 768x2048, and the 32000x768 head: 437 MB of fp32, larger than the caches), each product timed on
 its own while a whole step runs in model order, so every weight comes from memory as in decoding.
@@ -56,6 +59,9 @@ def methods(lib, isa: int):
     }
     if isa == 2:
         out["gemv avx512"] = c_call(lib.llama_zh_gemv, 2)
+    out["gemv avx2, 2 MiB pages"] = out["gemv avx2"]
+    if isa == 2:
+        out["gemv avx512, 2 MiB pages"] = out["gemv avx512"]
     return out
 
 
@@ -73,6 +79,7 @@ def main() -> None:
     step = [(name, torch.randn(*shape, generator=gen) * 0.02) for _ in range(12) for name, shape in BLOCK.items()]
     step += [(name, torch.randn(*shape, generator=gen) * 0.02) for name, shape in HEAD.items()]
     column = [(n, w.T.contiguous().T if w.shape[0] >= 4 * w.shape[1] else w) for n, w in step]
+    huge = [(n, kernels.huge_page_copy(w)) for n, w in step]  # the kernel backend's layout
     total = sum(w.numel() * 4 for _, w in step)
     print(
         f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
@@ -93,7 +100,7 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 order = list(table) if r % 2 == 0 else list(table)[::-1]
                 for m in order:
-                    weights = column if m == "F.linear col" else step
+                    weights = column if m == "F.linear col" else huge if "2 MiB" in m else step
                     per = {n: 0.0 for n in names}
                     for n, w in weights:
                         start = time.perf_counter()

@@ -136,7 +136,9 @@ def test_gemv_matches_f_linear_on_odd_shapes(gemv_isa, threads, n_threads):
     gen = torch.Generator().manual_seed(3)
     # K: under one load, masked tails of both widths (8 and 16 floats), the unrolled 64-float body and
     # its remainders; N: 1 row of w, and more than the 64 rows from which two threads share them.
+    # K > 1024 at 3-4 rows: the tiles, through the same entry point.
     shapes = [(1, 1), (3, 5), (2, 7), (7, 15), (33, 17), (65, 31), (5, 64), (129, 100), (70, 200), (257, 771)]
+    shapes += [(67, 1030)]
     for isa in isas:
         assert lib.llama_zh_gemv_force(isa) == isa
         for M in range(1, kernels.GEMV_ROWS + 1):
