@@ -116,19 +116,22 @@ def load() -> ctypes.CDLL | None:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether linear(x, weight) takes the kernel."""
+    """Whether linear(x, weight) takes the kernel. Called for every product of every decoding step
+    (49 per 130m step), so written in the tensor attributes that cost least (is_cpu rather than
+    device.type, `is` on dtypes, the grad flags only when grad mode is on): 3.7 -> 1.5 us a call."""
     if not _tried:
         load()
+    f32 = torch.float32
     return (
         _lib is not None
+        and x.dtype is f32
+        and weight.dtype is f32
+        and x.is_cpu
+        and weight.is_cpu
         and weight.dim() == 2
         and weight.stride(1) == 1
-        and weight.numel() >= MIN_WEIGHT
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
         and x.shape[-1] == weight.shape[1]
+        and weight.numel() >= MIN_WEIGHT
         and 0 < x.numel() <= MAX_ROWS * weight.shape[1]
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
@@ -142,7 +145,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // K
     if not x.is_contiguous():
         x = x.contiguous()
-    y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
+    y = x.new_empty(x.shape[:-1] + (N,))
     product = _lib.llama_zh_gemv if rows <= GEMV_ROWS else _lib.llama_zh_sgemm_nt
     product(rows, N, K, x.data_ptr(), K, weight.data_ptr(), weight.stride(0), y.data_ptr(), N, torch.get_num_threads())
     return y
