@@ -159,7 +159,8 @@ def huge_page_copy(weight: torch.Tensor) -> torch.Tensor:
     and stop the hardware prefetcher at every page boundary. The GEMV over the weights of one 130m
     step, one thread, median of 25 rounds: 23.8 ms in torch's allocation, 19.1 ms in 2 MiB pages.
     The pages are asked for before the first write (a page already touched stays 4 KiB); only whole
-    2 MiB ranges are asked for, so the tail stays in small pages and no memory is wasted."""
+    2 MiB ranges are asked for, so the tail stays in small pages and no memory is wasted
+    (docs/reference.md#huge-pages)."""
     nbytes = weight.numel() * weight.element_size()
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or weight.device.type != "cpu":
         return weight.contiguous()
