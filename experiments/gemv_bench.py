@@ -2,8 +2,9 @@
 kernel (llama_zh.kernels, AVX-512 and AVX2 paths), the older tile kernel, F.linear on row-major
 weights and F.linear on column-major ones (the torch backend's layout for the wide weights).
 
-`2 MiB pages`: the same kernel on copies of the weights made by kernels.huge_page_copy, as the
-loader's kernel backend lays them out.
+`gemv` is the library's entry point llama_zh_gemv, so at 3-4 rows the down projection (K 2048) is
+the tile kernel's (the GEMV hands rows of long K over to it). `2 MiB pages`: the same kernel on
+copies of the weights made by kernels.huge_page_copy, as the loader's kernel backend lays them out.
 
 The weights are those of one 130m step (12 blocks of qkv 2304x768, wo 768x768, gate/up 4096x768,
 down 768x2048, and the 32000x768 head: 437 MB of fp32, larger than the caches), each product timed on
@@ -12,7 +13,7 @@ Methods alternate round by round (the machine is shared); GB/s is weight bytes /
 rounds with min-max; `sum` (torch.sum over the weight) is a memory-read reference.
 
     python experiments/gemv_bench.py                        # 1 row, 1 thread, 7 rounds
-    python experiments/gemv_bench.py --rows 1 2 4 --rounds 9
+    python experiments/gemv_bench.py --rows 1 2 4 --rounds 51   # a round takes ~0.5 s per row count
 """
 
 from __future__ import annotations
