@@ -296,6 +296,19 @@ def test_kernel_backend_copies_big_weights_into_huge_pages_once():
         torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_a_cpu_load_hands_the_freed_heap_back(monkeypatch):
+    trims = []
+    monkeypatch.setattr(kernels, "trim_heap", lambda: trims.append(1) or True)
+    swapped(tiny(), "torch")
+    assert trims == [1]
+
+
+def test_trim_heap_runs_where_there_is_glibc():
+    import platform
+
+    assert kernels.trim_heap() is (platform.libc_ver()[0] == "glibc")
+
+
 class SpacedIds:
     """A tokenizer stand-in for the engine: ids decode to their numbers, no eos."""
 

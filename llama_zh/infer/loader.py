@@ -97,6 +97,8 @@ def load_stream(
     chosen = resolve_backend(backend, device, dtype, rows)
     model, quant_report = quantize_stream(stream, quant or QuantConfig(), device, dtype)
     swapped = swaps.apply(model, chosen)
+    if torch.device(device).type == "cpu":
+        kernels.trim_heap()  # the swaps' copies freed the weights as loaded: hand that memory back
     return model.eval(), LoadReport(quant_report, chosen, swapped)
 
 

@@ -177,3 +177,18 @@ def huge_page_copy(weight: torch.Tensor) -> torch.Tensor:
     # frombuffer keeps `buf` alive as long as the tensor (or a view of it) is
     copy = torch.frombuffer(buf, dtype=weight.dtype, count=weight.numel(), offset=offset).view(weight.shape)
     return copy.copy_(weight)
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the OS (glibc's malloc_trim); False where there is no
+    glibc. Why: a load that re-lays weights (fused copies, 2 MiB-page copies, column-major copies)
+    frees the originals, and glibc keeps freed heap chunks mapped: the 130m model loaded through the
+    kernel backend held 970 MB resident against 835 MB after the trim (torch backend: 901 / 835)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
