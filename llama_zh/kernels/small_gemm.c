@@ -169,8 +169,8 @@ void llama_zh_sgemm_nt(long M, long N, long K, const float *x, long ldx, const f
 
 /* rows n0 .. n1-1 of w against M <= GEMV_MAX_ROWS rows of x, 8 floats per load; inlined into one
  * copy per M (GEMV_BY_ROWS) so that the accumulators of a constant M stay in registers */
-static inline __attribute__((always_inline)) void gemv_avx2_m(long M, long n0, long n1, long K, const float *x, long ldx, const float *w,
-                      long ldw, float *y, long ldy)
+static inline __attribute__((always_inline)) void gemv_avx2_m(
+    long M, long n0, long n1, long K, const float *x, long ldx, const float *w, long ldw, float *y, long ldy)
 {
     for (long n = n0; n < n1; n++) {
         const float *wr = w + n * ldw;
@@ -217,7 +217,8 @@ __attribute__((target("avx512f"), always_inline)) static inline void gemv_avx512
             for (; k < body; k += 16) {
                 a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(wr + k), a0);
             }
-            if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + k), _mm512_maskz_loadu_ps(tail, wr + k), a1);
+            if (tail)
+                a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + k), _mm512_maskz_loadu_ps(tail, wr + k), a1);
             y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
             continue;
         }
@@ -287,8 +288,9 @@ void llama_zh_gemv(long M, long N, long K, const float *x, long ldx, const float
                    long ldy, int threads)
 {
     gemv_fn f = llama_zh_gemv_isa() == 2 ? gemv_avx512 : gemv_avx2;
-    /* 3-4 rows of x that do not fit L1 beside the stream of w (K > 1024: 12 KiB and more) run slower
-     * here than in the tiles (768x2048, 4 rows: 4.7-5.5 GB/s against 6.6; 2304x768: 8.1-10.1 against 6.1) */
+    /* 3-4 rows of x that do not fit L1 beside the stream of w (K > 1024: 12 KiB and more) ran slower
+     * here than in the tiles (768x2048, 4 rows: 4.7-5.5 GB/s against 6.6; 2304x768, 4 rows: 8.1-10.1
+     * against 6.1; one thread, load ~7) */
     if (M > GEMV_MAX_ROWS || (M > 2 && K > 1024)) {
         llama_zh_sgemm_nt(M, N, K, x, ldx, w, ldw, y, ldy, threads);
         return;
