@@ -9,6 +9,8 @@ llama.cpp) and each repeat, every implementation decodes greedily from the same 
 turn (alternating, so that the load of other processes hits all alike):
 
 - llama_zh quant=none (fp32), int8, nf4 (bitsandbytes): `llama_zh.generate.generate`, temperature 0;
+  `--backends torch`: fp32 through stage.backend=torch as well (what auto chose for one row before
+  the GEMV kernel), to compare both in one sitting;
 - llama.cpp on each GGUF file: `Llama.eval` one token at a time, the argmax of its logits fed back.
 
 decode ms/step = (time for N new tokens - time for 1 new token) / (N - 1): the cached steps alone,
@@ -19,6 +21,7 @@ Ratios are medians of the per-repeat ratios. "same tokens": the N greedy ids equ
     python experiments/llamacpp_decode.py                     # tiny and 130m, 1 and 2 threads, 3 repeats
     python experiments/llamacpp_decode.py --quick             # tiny only, 1 thread, 16 tokens, 1 repeat
     python experiments/llamacpp_decode.py --shapes 130m --threads 1 --repeats 5 --no-quant
+    python experiments/llamacpp_decode.py --shapes 130m --threads 1 --types f32 --no-quant --backends torch
 
 Needs llama-cpp-python (see experiments/gguf.md for the build); its build's CPU features are printed,
 since they decide llama.cpp's speed.
@@ -49,8 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 32
 
 
-def load_llama_zh(path: Path, method: str):
-    """(model, weight bytes) as the inference stages load it (llama_zh.infer.load, backend auto for one
+def load_llama_zh(path: Path, method: str, backend: str = "auto"):
+    """(model, weight bytes) as the inference stages load it (llama_zh.infer.load, `backend` for one
     row), quantized as `quant=<method>` does."""
     from omegaconf import OmegaConf
 
@@ -59,7 +62,7 @@ def load_llama_zh(path: Path, method: str):
     from llama_zh.quant import QuantConfig
 
     quant = QuantConfig.from_config(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "quant" / f"{method}.yaml")))
-    model, _, report = load(path, "cpu", torch.float32, quant)
+    model, _, report = load(path, "cpu", torch.float32, quant, backend=backend)
     return model, report.quant.bytes_after
 
 
@@ -94,9 +97,11 @@ def export_gguf(ckpt: Path, gguf_type: str, workdir: Path) -> Path:
 
 
 class LlamaZh:
-    def __init__(self, ckpt: Path, method: str):
+    def __init__(self, ckpt: Path, method: str, backend: str = "auto"):
         self.name = "llama_zh fp32" if method == "none" else f"llama_zh {method}"
-        self.model, self.weight_bytes = load_llama_zh(ckpt, method)
+        if backend != "auto":
+            self.name += f" backend={backend}"
+        self.model, self.weight_bytes = load_llama_zh(ckpt, method, backend)
         self.threads = None
 
     def set_threads(self, threads: int) -> None:
@@ -173,7 +178,8 @@ def bench_shape(shape: str, args) -> list[str]:
     text = "".join(bench_checkpoints.documents("reviews", True)[:20])
     prompt = tokenizer.encode(text, bos=True)[:PROMPT_TOKENS]
     t0 = time.time()
-    impls: list = [LlamaZh(ckpt, "none")] + [LlamaZh(ckpt, m) for m in args.quant]
+    impls: list = [LlamaZh(ckpt, "none")] + [LlamaZh(ckpt, "none", b) for b in args.backends]
+    impls += [LlamaZh(ckpt, m) for m in args.quant]
     files = {t: export_gguf(ckpt, t, args.workdir) for t in args.types}
     impls += [LlamaCpp(path, t, n_ctx=PROMPT_TOKENS + args.new_tokens + 8) for t, path in files.items()]
     n_params = sum(p.numel() for p in impls[0].model.parameters())
@@ -258,6 +264,9 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0", "q4_0"])
     ap.add_argument("--quant", nargs="*", default=["int8", "nf4"], help="llama_zh quant= methods besides none")
     ap.add_argument("--no-quant", action="store_const", const=[], dest="quant")
+    ap.add_argument(
+        "--backends", nargs="*", default=[], choices=["torch", "kernel"], help="fp32 backends to add beside auto's"
+    )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny only, 1 thread, 16 new tokens, 1 repeat")

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_zh import kernels  # noqa: E402
-from llama_zh.model import WIDE, _column_major  # noqa: E402
+from llama_zh.infer.swaps import WIDE  # noqa: E402
+from llama_zh.infer.swaps import column_major as _column_major  # noqa: E402
 
 BLOCK = [(2304, 768), (768, 768), (4096, 768), (768, 2048)]
 SHAPES = BLOCK * 12 + [(32000, 768)]

@@ -256,6 +256,59 @@ def test_kernel_backend_sends_every_decoding_product_to_the_kernel(threads, monk
     torch.testing.assert_close(fast.layers[1].attn.wk.weight, tiny().layers[1].attn.wk.weight)
 
 
+@needs_kernel
+def test_kernel_backend_decodes_the_torch_backends_tokens_through_the_gemv(threads, monkeypatch, small_weights_too):
+    config = ModelConfig.from_name("tiny").with_vocab(601)  # an odd head: 601 rows
+    model = build_model(config, seed=3).eval()
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=8)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12], [13, 14, 15, 16, 17]]
+    by_torch, _ = swapped(model, "torch")
+    by_kernel, _ = swapped(model, "kernel")
+    lib = kernels.load()
+    names = []
+
+    class Spy:
+        def __getattr__(self, name):
+            names.append(name)
+            return getattr(lib, name)
+
+    monkeypatch.setattr(kernels, "_lib", Spy())
+    threads(1)
+    for batch in (1, 2, 4):  # decoding steps of 1, 2 and 4 rows: the GEMV
+        names.clear()
+        assert generate_batch(by_kernel, prompts[:batch], cfg) == generate_batch(by_torch, prompts[:batch], cfg)
+        # every step's products, and the prefill's too where it has at most 4 rows
+        assert names.count("llama_zh_gemv") >= (cfg.max_new_tokens - 1) * (4 * config.n_layers + 1)
+
+
+@needs_kernel
+def test_kernel_backend_copies_big_weights_into_huge_pages_once():
+    config = ModelConfig.from_name("tiny").with_vocab(8000)  # head 8000 x 128: 4 MiB, the rest under 1 MiB
+    model = build_model(config, seed=0).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast, _ = swapped(model, "kernel")
+    head = fast.head.weight
+    assert head.is_contiguous() and head.data_ptr() % kernels.HUGE_PAGE == 0
+    assert fast.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in fast.state_dict().items())
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cpu_load_hands_the_freed_heap_back(monkeypatch):
+    trims = []
+    monkeypatch.setattr(kernels, "trim_heap", lambda: trims.append(1) or True)
+    swapped(tiny(), "torch")
+    assert trims == [1]
+
+
+def test_trim_heap_runs_where_there_is_glibc():
+    import platform
+
+    assert kernels.trim_heap() is (platform.libc_ver()[0] == "glibc")
+
+
 class SpacedIds:
     """A tokenizer stand-in for the engine: ids decode to their numbers, no eos."""
 
@@ -292,7 +345,7 @@ def test_engine_steps_a_swapped_model_through_its_own_forward(backend, small_wei
 def test_auto_backend_is_chosen_at_load(threads, monkeypatch):
     monkeypatch.setattr(kernels, "load", lambda: object())  # a kernel is there
     threads(1)
-    assert loader.resolve_backend("auto", "cpu", None, rows=1) == "torch"  # MKL's one-row column-major product
+    assert loader.resolve_backend("auto", "cpu", None, rows=1) == "kernel"  # the one-stream GEMV beats MKL
     assert loader.resolve_backend("auto", "cpu", torch.float32, rows=8) == "kernel"
     assert loader.resolve_backend("auto", "cpu", torch.bfloat16, rows=8) == "torch"
     threads(2)

@@ -1,6 +1,10 @@
 """llama_zh.kernels: the small-batch CPU product against F.linear and its fallbacks (its use in decoding, the
 kernel backend of the inference loader: tests/test_infer_room.py)."""
 
+import gc
+import mmap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +117,114 @@ def test_build_is_cached_by_source(fresh_load):
     kernels._tried = False
     kernels.load()
     assert list(fresh_load.rglob("small_gemm-*.so")) == built  # reused, not rebuilt
+
+
+@pytest.fixture
+def gemv_isa():
+    """Each GEMV path this CPU has (2 = AVX-512, 1 = AVX2), forced in turn; the best restored after."""
+    lib = kernels.load()
+    best = lib.llama_zh_gemv_isa()
+    yield lib, list(range(1, best + 1))
+    lib.llama_zh_gemv_force(best)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_gemv_matches_f_linear_on_odd_shapes(gemv_isa, threads, n_threads):
+    lib, isas = gemv_isa
+    threads(n_threads)
+    gen = torch.Generator().manual_seed(3)
+    # K: under one load, masked tails of both widths (8 and 16 floats), the unrolled 64-float body and
+    # its remainders; N: 1 row of w, and more than the 64 rows from which two threads share them.
+    # K > 1024 at 3-4 rows: the tiles, through the same entry point.
+    shapes = [(1, 1), (3, 5), (2, 7), (7, 15), (33, 17), (65, 31), (5, 64), (129, 100), (70, 200), (257, 771)]
+    shapes += [(67, 1030)]
+    for isa in isas:
+        assert lib.llama_zh_gemv_force(isa) == isa
+        for M in range(1, kernels.GEMV_ROWS + 1):
+            for N, K in shapes:
+                x = torch.randn(M, K + 3, generator=gen)[:, 1 : K + 1]  # row stride K + 3, offset
+                w = torch.randn(N, K + 2, generator=gen)[:, :K]  # a row stride of its own
+                y = torch.empty(M, N + 1)[:, :N]  # an output row stride of its own
+                lib.llama_zh_gemv(M, N, K, x.data_ptr(), K + 3, w.data_ptr(), K + 2, y.data_ptr(), N + 1, n_threads)
+                _close(y, F.linear(x, w), K)
+
+
+@needs_kernel
+def test_linear_takes_the_gemv_up_to_gemv_rows(monkeypatch, gemv_isa):
+    lib, _ = gemv_isa
+    taken = []
+
+    class Spy:
+        def __getattr__(self, name):
+            taken.append(name)
+            return getattr(lib, name)
+
+    monkeypatch.setattr(kernels, "_lib", Spy())
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 24, generator=gen)
+    with torch.no_grad():
+        for M in (1, kernels.GEMV_ROWS, kernels.GEMV_ROWS + 1):
+            x = torch.randn(M, 1, 24, generator=gen)
+            _close(kernels.linear(x, w), F.linear(x, w), 24)
+    assert taken == ["llama_zh_gemv", "llama_zh_gemv", "llama_zh_sgemm_nt"]
+
+
+def _huge_pages_of(address: int) -> int:
+    """AnonHugePages (kB) of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def test_huge_page_copy_is_an_equal_independent_aligned_copy():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(3 * kernels.HUGE_PAGE // 4 // 512 + 7, 512, generator=gen)[:, :500]  # 3 MiB, strided
+    want = w.clone()
+    copy = kernels.huge_page_copy(w)
+    assert copy.is_contiguous() and copy.shape == w.shape and torch.equal(copy, want)
+    w.zero_()
+    assert torch.equal(copy, want)  # a copy, not a view of the original
+    small = torch.randn(8, 16, generator=gen)
+    assert kernels.huge_page_copy(small) is small  # under one huge page: left where it is
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert copy.data_ptr() % kernels.HUGE_PAGE == 0
+    rows = copy[1:3]
+    del copy
+    gc.collect()
+    assert torch.equal(rows, want[1:3])  # the mapping lives as long as a view of it
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0]
+
+
+def _huge_page_kib(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="no transparent huge pages on this machine")
+def test_huge_page_copy_is_backed_by_huge_pages():
+    w = torch.randn(5 * kernels.HUGE_PAGE // 4 // 256, 256)  # 5 MiB: two whole 2 MiB pages and a tail
+    copy = kernels.huge_page_copy(w)
+    # >=: neighbouring mappings of the same kind (earlier copies) may have merged into this one
+    assert _huge_page_kib(copy.data_ptr()) >= 2 * kernels.HUGE_PAGE // 1024

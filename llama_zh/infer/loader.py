@@ -10,8 +10,8 @@ Backends (`stage.backend`):
 - `torch`: fused q/k/v and gate/up products through F.linear, wide weights column-major on CPU;
 - `kernel`: the same fusions through the small-batch CPU kernel (llama_zh.kernels; CPU, fp32, needs
   a C compiler and AVX2);
-- `auto`: `kernel` where it applies, except for one row on one thread, where MKL's product of the
-  column-major layout measured faster (`rows`: the batch rows the caller will mostly decode).
+- `auto`: `kernel` wherever it can run (CPU, fp32, kernel built), `torch` elsewhere; `rows` (the batch
+  rows the caller will mostly decode) is kept for callers, every row count now prefers the kernel.
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ def resolve_backend(backend: str, device: str | torch.device, dtype: torch.dtype
     """The backend `backend` means on `device` for weights of `dtype` (None: as stored, fp32 assumed)
     when decoding about `rows` rows; `kernel` where it cannot run is a ConfigError.
 
-    auto: with one row on one thread, MKL's product reads the wide weights faster column-major than
-    the kernel reads them row-major; with several rows, or two threads, the kernel is faster. The
-    products of one 130m decoding step (experiments/small_gemm.py), F.linear with the wide weights
-    column-major / kernel: 1 row, 1 thread 28.3 / 34.6 ms; 1 row, 2 threads 37.2 / 25.6 ms; 8 rows,
-    1 thread 126.0 / 64.1 ms. Chosen once: the weights keep that layout while the model lives."""
+    auto: the kernel wherever it runs. The products of one 130m decoding step, one thread, median of 51
+    rounds (experiments/gemv_bench.py, experiments/inference.md): 1 row 19.0 ms through the kernel's
+    GEMV on 2 MiB pages, 34.4 ms F.linear with the wide weights column-major (the torch backend), 48.0
+    ms row-major; 2 rows 23.4 / 62.5 ms; 4 rows 37.1 / 80.6 ms; at 8 rows and more the tile kernel
+    (experiments/small_gemm.py: 64.1 / 126.0 ms). Chosen once: the weights keep that layout while the
+    model lives."""
     if backend not in BACKENDS:
         raise ConfigError(f"stage.backend: {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "torch":
@@ -79,7 +80,7 @@ def resolve_backend(backend: str, device: str | torch.device, dtype: torch.dtype
                 "CPU with AVX2 and a C compiler; see the log); use stage.backend=torch or auto"
             )
         return backend
-    if not usable or kernels.load() is None or (rows == 1 and torch.get_num_threads() == 1):
+    if not usable or kernels.load() is None:
         return "torch"
     return "kernel"
 
@@ -97,6 +98,8 @@ def load_stream(
     chosen = resolve_backend(backend, device, dtype, rows)
     model, quant_report = quantize_stream(stream, quant or QuantConfig(), device, dtype)
     swapped = swaps.apply(model, chosen)
+    if torch.device(device).type == "cpu":
+        kernels.trim_heap()  # the swaps' copies freed the weights as loaded: hand that memory back
     return model.eval(), LoadReport(quant_report, chosen, swapped)
 
 

@@ -8,8 +8,9 @@ swaps bitsandbytes modules in.
 Backends (the product each swapped module computes with):
 - `torch`: F.linear; on CPU the wide weights (out >= WIDE x in: the head, gate/up) are stored
   column-major, which MKL's one-row product reads faster with the same results.
-- `kernel`: llama_zh.kernels.linear, the AVX2 product for the few rows of a decoding step (row-major
-  weights; F.linear wherever the kernel does not apply, e.g. a long prefill or with autograd).
+- `kernel`: llama_zh.kernels.linear, the CPU kernels for the few rows of a decoding step (row-major
+  weights, copied once into 2 MiB pages; F.linear wherever the kernel does not apply, e.g. a long
+  prefill or with autograd).
 
 The layout is chosen here and never changes afterwards: generation reads the weights as they were
 laid out at load. The fused weight is one matrix whose row blocks are the original projections'
@@ -46,6 +47,8 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
 def _layout(weight: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "torch" and weight.device.type == "cpu" and weight.shape[0] >= WIDE * weight.shape[1]:
         return column_major(weight)
+    if backend == "kernel" and weight.device.type == "cpu" and weight.numel() >= kernels.MIN_WEIGHT:
+        return kernels.huge_page_copy(weight)  # streamed every step: 2 MiB pages read faster
     return weight.contiguous()
 
 
