@@ -25,10 +25,10 @@ from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream, _AtomicDir, e
 from llama_zh.config import ModelConfig
 from llama_zh.convert import hf
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import HF_ALIASES, PROJECTIONS, read_adapter
 from llama_zh.model import build_model
 from llama_zh.tensor_io import DTYPES, iter_safetensors, safetensors_header, torch_load_weights
 from llama_zh.tokenizer import copy_tokenizer, find_tokenizer
+from llama_zh.train.finetune import HF_ALIASES, PROJECTIONS, read_adapter
 
 log = logging.getLogger(__name__)
 
