@@ -139,7 +139,7 @@ def adapters_only(model: torch.nn.Module) -> bool:
 class PreferenceLM(CausalLM):
     """CausalLM trained on a preference objective. A batch (llama_zh.data.preference) holds 2B rows,
     the chosen responses then the rejected ones, and each pair's `index`; everything else (optimizer,
-    schedule, throughput metrics, checkpoints) is CausalLM's."""
+    schedule, checkpoints) is CausalLM's, and throughput is measured by the same callbacks."""
 
     def __init__(self, *args, objective: PreferenceObjective, **kwargs):
         super().__init__(*args, **kwargs)

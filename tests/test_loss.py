@@ -94,8 +94,12 @@ def test_a_loss_kind_the_run_cannot_use_is_refused():
         tiny_module("fused")
     with pytest.raises(LlamaZhError, match="loss=chunked .* ZeRO-3"):
         check_loss("chunked", zero3=True)
-    assert check_loss("auto", zero3=True) == "auto"
+    with pytest.raises(LlamaZhError, match="loss=chunked computes in fp32 and trainer.precision=bf16-mixed"):
+        check_loss("chunked", zero3=False, precision="bf16-mixed")
+    assert check_loss("auto", zero3=True, precision="bf16-mixed") == "auto"
     module, batch = tiny_module("chunked")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(LlamaZhError, match="fp32, without autocast"):
+        module.loss(batch)
     module.model.head = torch.nn.Linear(128, 300, bias=True)  # not a plain product: the chunked loss cannot apply
     with pytest.raises(LlamaZhError, match="loss=chunked needs the output head as a plain nn.Linear"):
         module.loss(batch)

@@ -148,7 +148,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     check_optimizer(optim, on_gpu, deepspeed)
     check_base_quant(ft, job.source, deepspeed)
     check_prefix(ft, cfg)
-    loss_kind = check_loss(str(cfg.get("loss", "auto")), zero_stage(strategy_cfg) == 3)
+    loss_kind = check_loss(str(cfg.get("loss", "auto")), zero_stage(strategy_cfg) == 3, cfg.trainer.precision)
 
     # Trainable count from a meta-device copy: no memory, and before any process is launched.
     probe = apply_finetune(build_model(config, device="meta"), ft)

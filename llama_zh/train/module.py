@@ -82,7 +82,7 @@ def enable_activation_checkpointing(model: Transformer) -> None:
     model.checkpoint_blocks = True
 
 
-def check_loss(kind: str, zero3: bool) -> str:
+def check_loss(kind: str, zero3: bool, precision: str = "32-true") -> str:
     """Refuse a `loss=` the run cannot use, before anything is built."""
     if kind not in LOSS_KINDS:
         raise LlamaZhError(f"loss={kind!r}; expected one of {', '.join(LOSS_KINDS)}")
@@ -90,6 +90,10 @@ def check_loss(kind: str, zero3: bool) -> str:
         raise LlamaZhError(
             "loss=chunked multiplies by the head's whole weight, which ZeRO-3 partitions (it is whole only "
             "inside the head's own forward); use loss=auto or plain with strategy=zero3*"
+        )
+    if kind == "chunked" and str(precision) not in ("32", "32-true"):
+        raise LlamaZhError(
+            f"loss=chunked computes in fp32 and trainer.precision={precision} is not; use loss=auto or plain"
         )
     return kind
 
@@ -154,6 +158,9 @@ class CausalLM(pl.LightningModule):
                     f"loss=chunked needs the output head as a plain nn.Linear, not {type(head).__name__} "
                     "(adapted by LoRA, quantized, or partitioned); use loss=auto or plain"
                 )
+            device = head.weight.device.type
+            if head.weight.dtype != torch.float32 or torch.is_autocast_enabled(device):
+                raise LlamaZhError("loss=chunked computes in fp32, without autocast; use loss=auto or plain")
             return True
         return possible and worthwhile(head.weight)
 
