@@ -49,7 +49,7 @@ from llama_zh.config import ModelConfig
 from llama_zh.data.datasets import PackedSFTDataset, SFTDataset, pad_collate
 from llama_zh.data.sft import pack_examples
 from llama_zh.model import build_model
-from llama_zh.module import CausalLM, OptimConfig
+from llama_zh.train.module import CausalLM, OptimConfig
 
 SEQ_LEN, BATCH, VOCAB = 256, 8, 8000
 ARMS = ("padded", "packed", "crosstalk")

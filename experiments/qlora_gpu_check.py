@@ -16,7 +16,8 @@ import torch
 
 from llama_zh.checkpoint import load_model, read_native, save_checkpoint
 from llama_zh.config import ModelConfig
-from llama_zh.finetune import (
+from llama_zh.model import build_model
+from llama_zh.train.finetune import (
     PROJECTIONS,
     FinetuneConfig,
     apply_finetune,
@@ -24,8 +25,7 @@ from llama_zh.finetune import (
     logit_gap,
     source_merged_stream,
 )
-from llama_zh.model import build_model
-from llama_zh.module import CausalLM, OptimConfig
+from llama_zh.train.module import CausalLM, OptimConfig
 
 
 def batches(config, seq, batch, n, device):

@@ -12,7 +12,7 @@ production loss (`CausalLM.loss`), backward, optimizer step.
 Memory: peak RSS growth, i.e. VmHWM at the end minus VmRSS right before the checkpoint is read (the
 imports excluded; VmHWM reset there through /proc/self/clear_refs), in MiB. Also printed: the bytes
 of the weights as held (`quant.weight_bytes`) and of the optimizer state after the steps, and the
-memory plan's params + grads + optimizer + activations for the same run (llama_zh.memory_plan).
+memory plan's params + grads + optimizer + activations for the same run (llama_zh.train.memory_plan).
 Speed: tokens/s over the timed steps. Configurations alternate in rounds (A B C ... A B C ...) so
 that load from other processes on a shared machine hits all alike; figures are medians over rounds.
 
@@ -72,12 +72,12 @@ def run_one(args) -> dict:
     import torch
 
     from llama_zh.checkpoint import load_model, read_native
-    from llama_zh.finetune import FinetuneConfig, apply_finetune, count_trainable, load_quantized_base
-    from llama_zh.memory_plan import PlanInputs, current_rss, peak_rss, plan_memory, reset_peak_rss
     from llama_zh.model import build_model
-    from llama_zh.module import CausalLM, OptimConfig
     from llama_zh.quant import weight_bytes
-    from llama_zh.stages.common import plan_details
+    from llama_zh.train.finetune import FinetuneConfig, apply_finetune, count_trainable, load_quantized_base
+    from llama_zh.train.memory_check import plan_details
+    from llama_zh.train.memory_plan import PlanInputs, current_rss, peak_rss, plan_memory, reset_peak_rss
+    from llama_zh.train.module import CausalLM, OptimConfig
 
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

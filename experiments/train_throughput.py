@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from llama_zh.config import ModelConfig
 from llama_zh.model import build_model
-from llama_zh.module import CausalLM, OptimConfig
+from llama_zh.train.module import CausalLM, OptimConfig
 
 SHAPES = {
     # llama_zh/conf/model/tiny.yaml with the sample tokenizer's vocabulary; the data config's seq 256, batch 8.

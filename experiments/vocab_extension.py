@@ -47,8 +47,8 @@ from llama_zh.data.datasets import PackedDataset
 from llama_zh.data.packing import token_dtype
 from llama_zh.data.prepare import prepare_corpus, sources_of
 from llama_zh.eval.perplexity import perplexity
-from llama_zh.module import causal_lm_loss, lr_factor
 from llama_zh.tokenizer import Tokenizer, train_sentencepiece
+from llama_zh.train.module import causal_lm_loss, lr_factor
 from llama_zh.vocab import INITS, extend_tokenizer, load_model_proto, resize_checkpoint, tokenizer_report
 
 REPO = Path(__file__).resolve().parent.parent

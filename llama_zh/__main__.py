@@ -48,6 +48,13 @@ def finish_tracking() -> None:
         wandb.finish()
 
 
+def sweep_objective(result):
+    """What the job returns to Hydra: a training stage's last val/loss as a float (what a sweeper such
+    as Optuna minimises; it takes nothing else), any other stage's result as it is."""
+    objective = getattr(result, "objective", None)
+    return result if objective is None else objective
+
+
 def is_rank_zero() -> bool:
     from pytorch_lightning.utilities import rank_zero_only
 
@@ -74,7 +81,7 @@ def main(cfg: DictConfig):
         finish_tracking()
         # Last, so that CKPT=$(python -m llama_zh ... | tail -n 1) names exactly this run's checkpoint.
         print(checkpoint, flush=True)
-    return result
+    return sweep_objective(result)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ from omegaconf import DictConfig
 
 from llama_zh.data.datasets import IGNORE_INDEX
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import LoRALinear, adapters_disabled
-from llama_zh.module import CausalLM
+from llama_zh.train.finetune import LoRALinear, adapters_disabled
+from llama_zh.train.module import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def adapters_only(model: torch.nn.Module) -> bool:
 class PreferenceLM(CausalLM):
     """CausalLM trained on a preference objective. A batch (llama_zh.data.preference) holds 2B rows,
     the chosen responses then the rejected ones, and each pair's `index`; everything else (optimizer,
-    schedule, throughput metrics, checkpoints) is CausalLM's."""
+    schedule, checkpoints) is CausalLM's, and throughput is measured by the same callbacks."""
 
     def __init__(self, *args, objective: PreferenceObjective, **kwargs):
         super().__init__(*args, **kwargs)
@@ -235,9 +235,7 @@ class PreferenceLM(CausalLM):
         self.log("logps/chosen", logps[0].detach().mean(), sync_dist=distributed)
         self.log("logps/rejected", logps[1].detach().mean(), sync_dist=distributed)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        n_tokens = batch["input_ids"].numel() * self.trainer.world_size
-        self.tokens_seen += n_tokens
-        self._step_tokens += n_tokens
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens", float(self.tokens_seen))
         return loss
 

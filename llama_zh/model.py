@@ -13,11 +13,13 @@ D head size, C model width.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llama_zh.config import ModelConfig
 
@@ -335,6 +337,9 @@ class Transformer(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
         self._rope_tables: dict = {}  # (device, dtype, length or None) -> (cos, sin), see _rope
+        # Recompute each block's activations in backward instead of keeping them (training only: a
+        # forward with a cache or without autograd runs the blocks plainly). Not state: set by the trainer.
+        self.checkpoint_blocks = False
 
     def forward(
         self,
@@ -349,7 +354,7 @@ class Transformer(nn.Module):
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) of the last position with
         `last_only` (what decoding needs: the head's work for the others is skipped). With a cache,
         the tokens continue it. `return_hidden`: the final normalised states (B, T, C) instead of
-        the logits, for a loss that applies the head itself (llama_zh.loss).
+        the logits, for a loss that applies the head itself (llama_zh.train.loss).
 
         `positions` (B, T): the rotary position of each token. None: 0 .. T-1, or with a cache where
         the cache says the next tokens sit (after its tokens; each left-padded row from 0). A caller
@@ -383,8 +388,12 @@ class Transformer(nn.Module):
         else:
             start = positions or 0
             cos, sin = cos[start : start + T, None], sin[start : start + T, None]  # (T, 1, D)
+        checkpointed = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin, cache, mask, causal)
+            if checkpointed:  # non-reentrant: frozen inputs and ZeRO-3's gathering inside the block work
+                x = checkpoint(block, x, cos, sin, None, mask, causal, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, mask, causal)
         if cache is not None:
             cache.advance(T)
         if last_only:
@@ -433,11 +442,17 @@ class Transformer(nn.Module):
         return tables
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
-        """Random init: N(0, std) for matrices, output projections scaled by depth (GPT-2), ones for norms."""
+    def init_weights(
+        self, seed: int | None = None, std: float = 0.02, parameters: Iterable[tuple[str, torch.Tensor]] | None = None
+    ) -> None:
+        """Random init: N(0, std) for matrices, output projections scaled by depth (GPT-2), ones for norms.
+
+        `parameters`: the (name, tensor) pairs to fill, in named_parameters() order (default: this
+        model's). A partitioned (ZeRO-3) model passes each parameter gathered whole in turn, so that it
+        draws the same numbers as a whole model."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters() if parameters is None else parameters:
             if p.ndim == 1:
                 p.fill_(1.0)
                 continue

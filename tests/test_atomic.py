@@ -397,7 +397,7 @@ def test_second_convert_from_the_command_line_refuses(ckpt, tmp_path, holder):
 
 
 def test_run_directory_is_locked_for_the_training_run(tmp_path, holder):
-    from llama_zh.stages.common import fit
+    from llama_zh.train.fit import fit
 
     run_dir = tmp_path / "run"
     child = holder("run", run_dir)

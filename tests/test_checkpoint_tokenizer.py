@@ -136,11 +136,11 @@ def test_init_from_with_the_default_model_says_it_takes_the_checkpoints_shape(ch
 
 
 def test_building_from_a_checkpoint_logs_the_loaded_weights(checkpoint, caplog):
-    from llama_zh.finetune import FinetuneConfig
-    from llama_zh.stages.common import ModelSource, model_builder
+    from llama_zh.train.build import ModelSource, model_builder
+    from llama_zh.train.finetune import FinetuneConfig
 
     stream = read_native(checkpoint)
-    with caplog.at_level(logging.INFO, logger="llama_zh.stages.common"):
+    with caplog.at_level(logging.INFO, logger="llama_zh.train.build"):
         model = model_builder(ModelSource(stream.config, stream), FinetuneConfig(), zero3=False, checkpointing=False)()
     n = sum(p.numel() for p in model.parameters())
     assert n == stream.config.n_params

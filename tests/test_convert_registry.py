@@ -281,7 +281,7 @@ def test_each_module_imports_first_in_a_fresh_interpreter(name):
     script = (
         "import importlib, sys\n"
         f"importlib.import_module({name!r})\n"
-        "assert 'llama_zh.finetune' not in sys.modules, 'the training stack was loaded'\n"
+        "assert 'llama_zh.train.finetune' not in sys.modules, 'the training stack was loaded'\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, f"import {name}:\n{result.stderr[-2000:]}"

@@ -26,8 +26,8 @@ from llama_zh.data.preference import (
 )
 from llama_zh.dpo import PreferenceObjective, adapters_only, dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import FinetuneConfig, LoRALinear, adapters_disabled, apply_finetune
 from llama_zh.model import build_model
+from llama_zh.train.finetune import FinetuneConfig, LoRALinear, adapters_disabled, apply_finetune
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402

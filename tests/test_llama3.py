@@ -14,10 +14,10 @@ from llama_zh.checkpoint import load_checkpoint, load_model, read_native, save_c
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.convert import convert
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import FinetuneConfig, apply_finetune
 from llama_zh.infer import load_stream
 from llama_zh.model import build_model
 from llama_zh.quant import QuantConfig
+from llama_zh.train.finetune import FinetuneConfig, apply_finetune
 
 # Published config.json values (hidden, ffn, heads, kv, layers, vocab, theta, tied, max positions, rope factor)
 # and parameter counts in billions, as the model cards give them.
@@ -124,7 +124,7 @@ def test_lora_with_a_trained_tied_embedding_exports_one_tied_matrix(tmp_path):
     """LoRA on the projections with modules_to_save=[embed]: the trained embedding is the head too, and
     the merged export is a tied checkpoint that computes what the trained model computes."""
     from llama_zh.checkpoint import write_native
-    from llama_zh.finetune import export_stream
+    from llama_zh.train.finetune import export_stream
 
     model = apply_finetune(
         build_model(tiny_tied(), seed=0),

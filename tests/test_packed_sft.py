@@ -13,7 +13,7 @@ from tiny_checkpoints import llama_zh, make_checkpoint, tiny_config, train_token
 from llama_zh.data.datasets import IGNORE_INDEX, PackedSFTDataset, SFTDataset, pad_collate
 from llama_zh.data.sft import pack_examples
 from llama_zh.model import KVCache, build_model, segment_runs
-from llama_zh.module import CausalLM, OptimConfig
+from llama_zh.train.module import CausalLM, OptimConfig
 
 VOCAB = 300
 MAX_LEN = 48
@@ -92,13 +92,13 @@ def test_each_packed_example_has_the_logits_it_has_alone(model):
         assert not torch.allclose(crosstalk, packed, atol=1e-3)
 
 
-@pytest.mark.parametrize("chunked", [True, False], ids=["chunked_loss", "plain_loss"])
-def test_packed_loss_and_gradients_equal_unpacked(model, chunked):
+@pytest.mark.parametrize("loss_kind", ["chunked", "plain"])
+def test_packed_loss_and_gradients_equal_unpacked(model, loss_kind):
     examples = make_examples()
     _, packed = packed_batch(examples)
     unpacked = pad_collate(PAD)([SFTDataset(examples)[i] for i in range(len(examples))])
     assert "segment_ids" not in unpacked
-    module = CausalLM(model, OptimConfig(), total_steps=1, chunked_loss=chunked)
+    module = CausalLM(model, OptimConfig(), total_steps=1, loss_kind=loss_kind)
 
     def loss_and_grads(batch):
         model.zero_grad()

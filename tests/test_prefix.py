@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.dpo import adapters_only
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import FinetuneConfig, adapters_disabled, apply_finetune, count_trainable
 from llama_zh.model import apply_rope, build_model
 from llama_zh.prefix import (
     PREFIX_CONFIG,
@@ -27,6 +26,7 @@ from llama_zh.prefix import (
     read_prefix,
     save_prefix,
 )
+from llama_zh.train.finetune import FinetuneConfig, adapters_disabled, apply_finetune, count_trainable
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_checkpoints import REPO, llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
@@ -225,8 +225,8 @@ def test_bad_prefix_settings(values, message):
 
 
 def test_memory_plan_counts_the_prefix():
-    from llama_zh.memory_plan import PlanInputs, plan_memory
     from llama_zh.prefix import prefix_saved_bytes
+    from llama_zh.train.memory_plan import PlanInputs, plan_memory
 
     per_row, per_step = prefix_saved_bytes(CONFIG, P, 0)
     assert per_row == 2 * CONFIG.n_layers * CONFIG.n_kv_heads * CONFIG.head_dim * P * 4 and per_step == 0
@@ -451,7 +451,7 @@ def test_infer_and_eval_use_the_saved_prefix(tuned, tmp_path):
 
 
 def test_resuming_a_prefix_run_with_another_prefix_shape_is_refused(tmp_path):
-    from llama_zh.callbacks import STATE_META, check_resumable
+    from llama_zh.train.callbacks import STATE_META, check_resumable
 
     expected = {
         "model": CONFIG.to_dict(),
@@ -491,7 +491,7 @@ def test_resuming_a_prefix_run_with_another_prefix_shape_is_refused(tmp_path):
 def test_runs_that_cannot_carry_a_prefix_are_refused_before_they_start(stage, strategy, message):
     from omegaconf import OmegaConf
 
-    from llama_zh.stages.common import check_prefix
+    from llama_zh.train.fit import check_prefix
 
     cfg = OmegaConf.create({"stage": stage, "strategy": strategy})
     with pytest.raises(LlamaZhError, match=message):
@@ -514,9 +514,9 @@ def test_which_prefix_a_decoding_stage_uses(tmp_path):
 
 
 def test_the_memory_plan_inputs_of_a_prefix_run():
-    from llama_zh.module import OptimConfig
     from llama_zh.prefix import prefix_saved_bytes
-    from llama_zh.stages.common import plan_details
+    from llama_zh.train.memory_check import plan_details
+    from llama_zh.train.module import OptimConfig
 
     ft = FinetuneConfig(method="prefix", prefix_len=P, prefix_hidden=32)
     probe = apply_finetune(build_model(CONFIG, device="meta"), ft)

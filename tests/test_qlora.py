@@ -14,11 +14,14 @@ import pytest
 import torch
 from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
 
-from llama_zh.callbacks import STATE_META, NativeCheckpoint, check_resumable
 from llama_zh.checkpoint import read_native, save_checkpoint
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import (
+from llama_zh.model import build_model
+from llama_zh.quant import weight_bytes
+from llama_zh.train.build import ModelSource
+from llama_zh.train.callbacks import STATE_META, NativeCheckpoint, check_resumable
+from llama_zh.train.finetune import (
     ADAPTER_FILE,
     PROJECTIONS,
     FinetuneConfig,
@@ -28,11 +31,10 @@ from llama_zh.finetune import (
     load_quantized_base,
     merge_lora,
 )
-from llama_zh.memory_plan import PlanInputs, plan_memory
-from llama_zh.model import build_model
-from llama_zh.module import CausalLM, OptimConfig, check_optimizer
-from llama_zh.quant import weight_bytes
-from llama_zh.stages.common import ModelSource, check_base_quant, plan_details
+from llama_zh.train.fit import check_base_quant
+from llama_zh.train.memory_check import plan_details
+from llama_zh.train.memory_plan import PlanInputs, plan_memory
+from llama_zh.train.module import CausalLM, OptimConfig, check_optimizer
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -338,9 +340,9 @@ def test_cli_sft_qlora_nf4_with_eight_bit_adamw_then_eval(tmp_path):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 def test_memory_plan_counts_what_lora_adapters_save_for_backward(dropout):
-    from llama_zh.memory_plan import saved_bytes_per_token
-    from llama_zh.module import causal_lm_loss
-    from llama_zh.stages.common import adapter_saved_per_token
+    from llama_zh.train.memory_check import adapter_saved_per_token
+    from llama_zh.train.memory_plan import saved_bytes_per_token
+    from llama_zh.train.module import causal_lm_loss
 
     config = ModelConfig(vocab_size=2000, max_seq_len=256, dim=128, ffn_dim=352, n_heads=4, n_kv_heads=2, n_layers=3)
     ft = FinetuneConfig(method="lora", rank=8, alpha=16, dropout=dropout)

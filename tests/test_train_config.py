@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from llama_zh.errors import LlamaZhError
-from llama_zh.hardware import LLAMA_ZH_KEYS, batch_plan, check_hardware, lightning_args
-from llama_zh.strategies import DeepSpeedAnyDevice, build_strategy
+from llama_zh.train.hardware import LLAMA_ZH_KEYS, batch_plan, check_hardware, lightning_args
+from llama_zh.train.strategies import DeepSpeedAnyDevice, build_strategy
 
 CONF = str(Path(__file__).resolve().parents[1] / "llama_zh" / "conf")
 TRAINERS = sorted(p.stem for p in (Path(CONF) / "trainer").glob("*.yaml"))
@@ -169,10 +169,16 @@ def test_optional_sweeper_and_launcher_configs_compose(option, plugin, target):
 def test_training_stages_return_a_float_objective_with_the_checkpoint():
     import pickle
 
-    from llama_zh.stages.common import TrainResult
+    from llama_zh.__main__ import sweep_objective
+    from llama_zh.stages.rundir import written_checkpoint
+    from llama_zh.train.fit import TrainResult
 
-    result = pickle.loads(pickle.dumps(TrainResult(2.5, Path("/x/final"))))
-    assert result == 2.5 and isinstance(result, float) and result.checkpoint == Path("/x/final")
+    result = pickle.loads(pickle.dumps(TrainResult(2.5, Path("/x/final"))))  # launchers pickle results back
+    assert result == TrainResult(2.5, Path("/x/final")) and result.checkpoint == Path("/x/final")
+    objective = sweep_objective(result)
+    assert objective == 2.5 and type(objective) is float
+    assert written_checkpoint(result) == "/x/final"
+    assert sweep_objective({"checkpoint": "/y"}) == {"checkpoint": "/y"}  # other stages' reports pass through
 
 
 # ------------------------------------------------------------------------------ options that would be ignored

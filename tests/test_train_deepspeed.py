@@ -72,7 +72,7 @@ def plain(tmp_path_factory, data_dir):
 @pytest.mark.parametrize("strategy", ["zero2", "zero3_offload"])
 @pytest.mark.parametrize("processes", [1, 2])
 def test_zero_matches_plain_and_consolidates(strategy, processes, plain, data_dir, tmp_path):
-    from llama_zh.zero_checkpoint import read_zero
+    from llama_zh.train.zero_checkpoint import read_zero
 
     trainer = "cpu" if processes == 1 else "cpu_ddp2"
     run = llama_zh(tmp_path / "run", data_dir, f"trainer={trainer}", f"strategy={strategy}", "data.batch_size=2")
@@ -108,7 +108,7 @@ def test_consolidation_command_writes_a_native_checkpoint(plain, data_dir, tmp_p
         [
             sys.executable,
             "-m",
-            "llama_zh.zero_checkpoint",
+            "llama_zh.train.zero_checkpoint",
             str(run / "checkpoints" / "state" / "step-000002"),
             str(out),
             "--dtype",
@@ -128,7 +128,7 @@ def test_consolidation_command_writes_a_native_checkpoint(plain, data_dir, tmp_p
 
 def test_zero_state_files_refuse_pickled_code(tmp_path):
     from llama_zh.errors import LlamaZhError
-    from llama_zh.zero_checkpoint import _load
+    from llama_zh.train.zero_checkpoint import _load
 
     class Payload:
         def __reduce__(self):

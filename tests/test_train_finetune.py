@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llama_zh.callbacks import NativeCheckpoint
 from llama_zh.checkpoint import load_checkpoint, write_native
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import (
+from llama_zh.model import build_model
+from llama_zh.train.callbacks import NativeCheckpoint
+from llama_zh.train.finetune import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
     FinetuneConfig,
@@ -26,7 +27,6 @@ from llama_zh.finetune import (
     merge_lora,
     save_adapter,
 )
-from llama_zh.model import build_model
 
 CONFIG = ModelConfig(name="t", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
 LORA = FinetuneConfig(

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llama_zh.config import ModelConfig
-from llama_zh.memory_plan import (
+from llama_zh.model import build_model
+from llama_zh.train.memory_plan import (
     GiB,
     PlanInputs,
     block_bytes_per_token,
@@ -19,8 +20,7 @@ from llama_zh.memory_plan import (
     plan_memory,
     saved_bytes_per_token,
 )
-from llama_zh.model import build_model
-from llama_zh.module import causal_lm_loss, enable_activation_checkpointing
+from llama_zh.train.module import causal_lm_loss, enable_activation_checkpointing
 
 SEVEN_B = ModelConfig.from_name("llama_7b").with_vocab(32000)
 

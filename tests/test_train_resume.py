@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_zh.callbacks import STATE_META, resolve_resume, state_problem, write_manifest
 from llama_zh.errors import LlamaZhError
+from llama_zh.train.callbacks import STATE_META, resolve_resume, state_problem, write_manifest
 
 # Small and fast: 2 sequences of 32 tokens per micro-batch, accumulation 2, a state every 3 steps.
 ARGS = [
@@ -189,7 +189,7 @@ def test_auto_falls_back_past_a_truncated_newest_state(tmp_path, caplog):
     old, new = fake_state(tmp_path, 3), fake_state(tmp_path, 6)
     assert resolve_resume("auto", tmp_path) == new and state_problem(new) is None
     truncate(new / "state.ckpt")
-    with caplog.at_level(logging.WARNING, logger="llama_zh.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="llama_zh.train.callbacks"):
         assert resolve_resume("auto", tmp_path) == old
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and str(new) in warning[0] and str(old) in warning[0] and "state.ckpt" in warning[0]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from llama_zh.callbacks import ProgressLog, step_description
-from llama_zh.stages.common import quiet_library_warnings
-from llama_zh.strategies import announce_jit_builds, jit_ops_to_build
 from llama_zh.tracking import ResumingCSVLogger, build_loggers, run_config, truncate_metrics
+from llama_zh.train.callbacks import ProgressLog, step_description
+from llama_zh.train.fit import quiet_library_warnings
+from llama_zh.train.strategies import announce_jit_builds, jit_ops_to_build
 
 CONF = str(Path(__file__).resolve().parents[1] / "llama_zh" / "conf")
 
@@ -132,7 +132,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_output_has_progress_lines_when_not_a_terminal(tiny_run):
-    lines = [line for line in tiny_run["output"].splitlines() if "llama_zh.callbacks" in line and "| ETA" in line]
+    lines = [line for line in tiny_run["output"].splitlines() if "llama_zh.train.callbacks" in line and "| ETA" in line]
     # The first and the last step at least (the default is every 30 s, longer than this run).
     assert [line.split(" - ")[1].split(" (")[0] for line in lines] == ["step 1/3", "step 3/3"], tiny_run["output"]
     for field in ("loss ", "lr ", "tokens/s", "elapsed "):
@@ -166,7 +166,7 @@ def progress_lines(callback: ProgressLog, steps: int, seconds_per_step: float, c
     module = SimpleNamespace(tokens_seen=0)
     callback.on_train_start(trainer, module)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="llama_zh.callbacks"):
+    with caplog.at_level(logging.INFO, logger="llama_zh.train.callbacks"):
         for step in range(1, steps + 1):
             for micro in range(2):
                 clock[0] = step * seconds_per_step
@@ -207,7 +207,7 @@ def test_first_deepspeed_run_says_it_compiles(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     offload = config("strategy=zero3_offload").strategy
     assert jit_ops_to_build(offload, on_gpu=False) == ["deepspeed_shm_comm", "cpu_adam"]
-    with caplog.at_level(logging.INFO, logger="llama_zh.strategies"):
+    with caplog.at_level(logging.INFO, logger="llama_zh.train.strategies"):
         announce_jit_builds(offload, on_gpu=False)
     assert len(caplog.records) == 1 and str(tmp_path) in caplog.text and "TORCH_EXTENSIONS_DIR" in caplog.text
     (tmp_path / "cpu_adam").mkdir()

@@ -103,7 +103,7 @@ def export(src: Path, dst: Path, dtype: torch.dtype | None = None, overwrite: bo
     base model exported to Hugging Face (stage=convert dst_format=hf)."""
     from safetensors.torch import save_file
 
-    from llama_zh.finetune import HF_ALIASES, read_adapter  # the training stack: not loaded for detection
+    from llama_zh.train.finetune import HF_ALIASES, read_adapter  # the training stack: not loaded for detection
 
     src = Path(src)
     stream = read_native(src)
@@ -194,7 +194,7 @@ def _config_refusal(config: dict) -> str | None:
 
 def read_peft(directory: Path) -> PeftAdapter:
     """The adapter in `directory`, its config and tensor names checked (shapes against the base: `merge`)."""
-    from llama_zh.finetune import PROJECTIONS  # the training stack: not loaded for detection
+    from llama_zh.train.finetune import PROJECTIONS  # the training stack: not loaded for detection
 
     directory = Path(directory)
     config_file = directory / PEFT_CONFIG

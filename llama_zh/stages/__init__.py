@@ -37,8 +37,8 @@ def _fields(module: str, name: str) -> Callable[[DictConfig], list[str]]:
 # keys one by one) the keys of the chosen llama_zh/conf/data/<name>.yaml.
 KNOWN: dict[str, Callable[[DictConfig], Any]] = {
     "model": lambda _: [f.name for f in dataclasses.fields(ModelConfig)],
-    "optim": _fields("llama_zh.module", "OptimConfig"),
-    "finetune": _fields("llama_zh.finetune", "FinetuneConfig"),
+    "optim": _fields("llama_zh.train.module", "OptimConfig"),
+    "finetune": _fields("llama_zh.train.finetune", "FinetuneConfig"),
     "quant": _fields("llama_zh.quant", "QuantConfig"),
     "data": lambda node: group_defaults("data", str(node.get("name"))),
 }

@@ -13,7 +13,8 @@ from llama_zh.convert import read_any
 from llama_zh.data.chat_template import ChatTemplate, template_record
 from llama_zh.data.preference import PreferenceData, build_review_preferences
 from llama_zh.dpo import PreferenceLM, PreferenceObjective
-from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, checkpoint_tokenizer, fit, prepare_batch
+from llama_zh.train.build import ModelSource, check_seq_len, checkpoint_tokenizer
+from llama_zh.train.fit import TrainJob, fit, prepare_batch
 
 log = logging.getLogger(__name__)
 

@@ -57,8 +57,9 @@ from llama_zh.eval.progress import Progress
 from llama_zh.eval.report import markdown_table, result_metrics, write_comparison
 from llama_zh.generate import SamplingConfig, generate
 from llama_zh.infer.loader import load_for_stage
-from llama_zh.stages.common import check_seq_len, output_dir
+from llama_zh.stages.rundir import output_dir
 from llama_zh.tracking import build_loggers
+from llama_zh.train.build import check_seq_len
 
 log = logging.getLogger(__name__)
 TASKS = ("perplexity", "rolling_perplexity", "mc", "classification", "generation")

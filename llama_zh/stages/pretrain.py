@@ -16,8 +16,9 @@ from llama_zh.data.datamodule import PretrainData
 from llama_zh.data.prepare import ensure_tokenizer
 from llama_zh.errors import LlamaZhError
 from llama_zh.stages import chosen
-from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, fit, model_config, prepare_batch
 from llama_zh.tokenizer import Tokenizer, file_sha256
+from llama_zh.train.build import ModelSource, check_seq_len, model_config
+from llama_zh.train.fit import TrainJob, fit, prepare_batch
 
 log = logging.getLogger(__name__)
 SHAPE_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "name"]

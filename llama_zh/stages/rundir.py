@@ -1,4 +1,5 @@
-"""The `latest` link beside run directories, and the checkpoint a run reports as its last line.
+"""The run directory: where a stage writes, the `latest` link beside run directories, and the
+checkpoint a run reports as its last line.
 
 Run directories are named by their start time, so a later command cannot spell the one it needs;
 `outputs/<stage>/latest` always names the newest run of a stage (`outputs/multirun/<stage>/latest`
@@ -14,6 +15,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+
+
+def output_dir(cfg) -> Path:
+    """This run's directory (`paths.output_dir`), created if missing."""
+    path = Path(cfg.paths.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def link_latest(run_dir: Path) -> Path | None:

@@ -12,7 +12,8 @@ from llama_zh.convert import read_any
 from llama_zh.data.chat_template import template_record
 from llama_zh.data.datamodule import InstructionData
 from llama_zh.data.sft import Template, build_review_sentiment
-from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, checkpoint_tokenizer, fit, prepare_batch
+from llama_zh.train.build import ModelSource, check_seq_len, checkpoint_tokenizer
+from llama_zh.train.fit import TrainJob, fit, prepare_batch
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from llama_zh.config import ConfigError
 from llama_zh.convert import read_any
 from llama_zh.data.corpus import read_documents
 from llama_zh.data.prepare import prepare_corpus, sources_of
-from llama_zh.stages.common import output_dir
+from llama_zh.stages.rundir import output_dir
 from llama_zh.tensor_io import CheckpointError
 from llama_zh.tokenizer import Tokenizer, tokenizer_kind, train_sentencepiece
 from llama_zh.tracking import build_loggers

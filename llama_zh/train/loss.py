@@ -16,7 +16,7 @@ Measured on this project's CPU (2 threads, fp32, head + loss, forward and backwa
 vocab 8,000 x width 128, 2,048 positions: plain 299 ms, chunks of 512 positions 206 ms (1.45x);
 vocab 32,000 x width 768, 1,024 positions: plain 1,849 ms, chunked 2,811 ms (0.66x: the gradient of
 the 98 MB head weight is read and written once per chunk). Hence `worthwhile`: fp32 on CPU with a
-width of at most 256. Plain PyTorch, no Lightning: `llama_zh.module.CausalLM` decides when to use it.
+width of at most 256. Plain PyTorch, no Lightning: `llama_zh.train.module.CausalLM` decides when to use it.
 """
 
 from __future__ import annotations

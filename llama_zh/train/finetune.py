@@ -36,7 +36,7 @@ from llama_zh.checkpoint import WeightStream, expected_specs
 from llama_zh.config import ConfigError, check_keys
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import Transformer
-from llama_zh.strategies import gathered, is_partitioned
+from llama_zh.train.strategies import gathered, is_partitioned
 
 # Hugging Face module names (as in Chinese-LLaMA-Alpaca's recipes) -> llama_zh's.
 HF_ALIASES = {

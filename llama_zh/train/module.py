@@ -1,11 +1,12 @@
-"""The LightningModule: next-token loss, AdamW with decay on matrices only, warmup + cosine, metrics."""
+"""The LightningModule: next-token loss, AdamW with decay on matrices only, warmup + cosine, and the
+validation loss over the whole split. Throughput and the data mixture's shares are measured by
+callbacks (llama_zh.train.callbacks)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,17 +14,21 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from llama_zh.data.datasets import IGNORE_INDEX
 from llama_zh.errors import LlamaZhError
-from llama_zh.loss import linear_cross_entropy, worthwhile
 from llama_zh.model import Transformer, is_plain_linear
+from llama_zh.train.loss import linear_cross_entropy, worthwhile
 
 # Batch fields of packed SFT sequences (llama_zh.data.datasets.PackedSFTDataset), passed on to the
 # model so that packed examples neither attend to each other nor share positions.
 PACKING_KEYS = ("positions", "segment_ids")
 
+
+# How the next-token loss is computed: auto, the chunked loss where it is the faster one here
+# (llama_zh.train.loss.worthwhile), else plain; plain, the logits then cross-entropy; chunked, the head
+# applied inside the loss a chunk of positions at a time (the logits never all in memory).
+LOSS_KINDS = ("auto", "plain", "chunked")
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 # bitsandbytes keeps the state of tensors smaller than this in 32 bits (its default, passed explicitly
@@ -72,20 +77,25 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 
 def enable_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block's activations in backward instead of keeping them (non-reentrant, so
-    frozen inputs and ZeRO-3 gathering work). Parameter names are unchanged."""
-    for block in model.layers:
-        if getattr(block, "_checkpointed", False):
-            continue
-        forward = block.forward
+    """Recompute each block's activations in backward instead of keeping them: the model wraps each
+    block call in torch.utils.checkpoint (non-reentrant), the blocks and their parameter names untouched."""
+    model.checkpoint_blocks = True
 
-        def checkpointed(x, cos, sin, cache=None, mask=None, causal=True, *, _forward=forward):
-            if cache is not None or not torch.is_grad_enabled():
-                return _forward(x, cos, sin, cache, mask, causal)
-            return checkpoint(_forward, x, cos, sin, None, mask, causal, use_reentrant=False)
 
-        block.forward = checkpointed
-        block._checkpointed = True
+def check_loss(kind: str, zero3: bool, precision: str = "32-true") -> str:
+    """Refuse a `loss=` the run cannot use, before anything is built."""
+    if kind not in LOSS_KINDS:
+        raise LlamaZhError(f"loss={kind!r}; expected one of {', '.join(LOSS_KINDS)}")
+    if kind == "chunked" and zero3:
+        raise LlamaZhError(
+            "loss=chunked multiplies by the head's whole weight, which ZeRO-3 partitions (it is whole only "
+            "inside the head's own forward); use loss=auto or plain with strategy=zero3*"
+        )
+    if kind == "chunked" and str(precision) not in ("32", "32-true"):
+        raise LlamaZhError(
+            f"loss=chunked computes in fp32 and trainer.precision={precision} is not; use loss=auto or plain"
+        )
+    return kind
 
 
 class CausalLM(pl.LightningModule):
@@ -97,29 +107,20 @@ class CausalLM(pl.LightningModule):
         model: Transformer | Callable[[], Transformer],
         optim: OptimConfig,
         total_steps: int,
-        source_names: list[str] | None = None,
         seed: int = 0,
         cpu_adam: bool = False,
-        flops_per_token: float | None = None,
-        peak_flops: float | None = None,
-        chunked_loss: bool = True,
+        loss_kind: str = "auto",
     ):
         super().__init__()
-        self.chunked_loss = chunked_loss  # off: always the plain logits + cross-entropy (for comparisons)
+        self.loss_kind = check_loss(loss_kind, zero3=False)  # one of LOSS_KINDS
         if isinstance(model, nn.Module):
             self.model, self._build = model, None
         else:
             self.model, self._build = None, model
         self.optim, self.total_steps, self.seed = optim, total_steps, seed
         self.cpu_adam = cpu_adam  # DeepSpeedCPUAdam: required by DeepSpeed's optimizer offload
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.tokens_seen = 0
-        self._step_start: float | None = None
-        self._step_tokens = 0
         self._last_step = -1
-        # Windows drawn per data source, to log the mixture's realised proportions.
-        self.source_names = source_names or []
-        self.source_counts = torch.zeros(len(self.source_names), dtype=torch.long)
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -136,23 +137,32 @@ class CausalLM(pl.LightningModule):
     def on_train_batch_start(self, batch, batch_idx) -> None:
         accumulation = self.trainer.accumulate_grad_batches
         torch.manual_seed(step_seed(self.seed, self.trainer.global_step, batch_idx % accumulation, self.global_rank))
-        if self._step_start is None:  # the first micro-batch of an optimizer step
-            self._step_start, self._step_tokens = time.perf_counter(), 0
 
     def loss(self, batch) -> torch.Tensor:
-        """Mean next-token cross-entropy of the batch. Where it is faster (llama_zh.loss.worthwhile),
-        the head is applied inside a chunked loss instead of materialising every logit."""
+        """Mean next-token cross-entropy of the batch, computed as `loss_kind` says (LOSS_KINDS)."""
         head = self.model.head
         packing = {key: batch[key] for key in PACKING_KEYS if key in batch}
-        if (
-            self.chunked_loss
-            and is_plain_linear(head)
-            and not hasattr(head.weight, "ds_id")  # a ZeRO-3 partition is only whole inside head's forward
-            and worthwhile(head.weight)
-        ):
+        if self._chunked(head):
             hidden = self.model(batch["input_ids"], return_hidden=True, **packing)
             return linear_cross_entropy(hidden, head.weight, batch["labels"], IGNORE_INDEX)
         return causal_lm_loss(self.model(batch["input_ids"], **packing), batch["labels"])
+
+    def _chunked(self, head: nn.Module) -> bool:
+        if self.loss_kind == "plain":
+            return False
+        # A ZeRO-3 partition is whole only inside head's forward; an adapted or quantized head has its own.
+        possible = is_plain_linear(head) and not hasattr(head.weight, "ds_id")
+        if self.loss_kind == "chunked":
+            if not possible:
+                raise LlamaZhError(
+                    f"loss=chunked needs the output head as a plain nn.Linear, not {type(head).__name__} "
+                    "(adapted by LoRA, quantized, or partitioned); use loss=auto or plain"
+                )
+            device = head.weight.device.type
+            if head.weight.dtype != torch.float32 or torch.is_autocast_enabled(device):
+                raise LlamaZhError("loss=chunked computes in fp32, without autocast; use loss=auto or plain")
+            return True
+        return possible and worthwhile(head.weight)
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
@@ -163,15 +173,8 @@ class CausalLM(pl.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         # Counters move here, not in on_train_batch_end: callbacks (the training-state saver among
         # them) see that hook before the module does, and the state must include this batch.
-        n_tokens = batch["input_ids"].numel() * self.trainer.world_size
-        self.tokens_seen += n_tokens
-        self._step_tokens += n_tokens
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens", float(self.tokens_seen))
-        if self.source_names and "source" in batch:
-            self.source_counts += torch.bincount(batch["source"].cpu(), minlength=len(self.source_names))
-            total = self.source_counts.sum().clamp(min=1)
-            for name, count in zip(self.source_names, self.source_counts, strict=False):
-                self.log(f"data/share_{name}", count / total)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -185,16 +188,9 @@ class CausalLM(pl.LightningModule):
         if self.trainer.global_step == self._last_step:
             return  # mid-accumulation: the optimizer has not stepped yet
         self._last_step = self.trainer.global_step
-        elapsed = max(time.perf_counter() - self._step_start, 1e-9)
-        tokens_per_s = self._step_tokens / elapsed
-        self.log("train/step_time_s", elapsed)
-        self.log("train/tokens_per_s", tokens_per_s, prog_bar=True)
-        if self.flops_per_token and self.peak_flops:
-            self.log("train/mfu", tokens_per_s * self.flops_per_token / (self.peak_flops * self.trainer.world_size))
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
         if engine is not None and engine.get_global_grad_norm() is not None:
             self.log("train/grad_norm", float(engine.get_global_grad_norm()))
-        self._step_start = None
 
     # ---------------------------------------------------------------------------------- validation
 
@@ -219,14 +215,13 @@ class CausalLM(pl.LightningModule):
     # ------------------------------------------------------------------------------- checkpointing
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["llama_zh_counters"] = {"tokens_seen": self.tokens_seen, "source_counts": self.source_counts.clone()}
+        # Shared with the callbacks' counters (MixtureShares keeps its own there).
+        checkpoint.setdefault("llama_zh_counters", {})["tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         counters = checkpoint.get("llama_zh_counters")
         if counters:
             self.tokens_seen = counters["tokens_seen"]
-            if len(counters["source_counts"]) == len(self.source_counts):
-                self.source_counts = counters["source_counts"].clone()
 
     # ---------------------------------------------------------------------------------- optimizer
 

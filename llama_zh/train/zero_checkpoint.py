@@ -16,7 +16,7 @@ Layouts (from the files DeepSpeed writes; `W` ranks):
 LoRA adapters (`<linear>.lora_a/.lora_b` beside `<linear>.base.weight`) are merged into the
 native weight as it streams out.
 
-Command line: `python -m llama_zh.zero_checkpoint STATE_DIR OUT_DIR [--dtype bfloat16]`.
+Command line: `python -m llama_zh.train.zero_checkpoint STATE_DIR OUT_DIR [--dtype bfloat16]`.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from llama_zh.callbacks import STATE_META
 from llama_zh.checkpoint import WeightStream, expected_specs, write_native
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
 from llama_zh.tokenizer import find_tokenizer
+from llama_zh.train.callbacks import STATE_META
 
 PREFIX = "model."  # the LightningModule holds the Transformer as `model`
 

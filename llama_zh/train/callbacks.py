@@ -1,4 +1,5 @@
-"""Lightning callbacks of llama_zh: native checkpoints, and the resumable training state.
+"""Lightning callbacks of llama_zh: native checkpoints, the resumable training state, memory, progress,
+throughput and the data mixture's shares.
 
 The training state of a run lives in `<run dir>/checkpoints/state/step-NNNNNN/`:
     state.ckpt          Lightning's checkpoint (weights, optimizer, LR schedule, loops, data position)
@@ -32,7 +33,9 @@ from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
 from llama_zh.checkpoint import WeightStream, load_checkpoint, write_native
 from llama_zh.errors import LlamaZhError
-from llama_zh.finetune import (
+from llama_zh.prefix import fingerprinted, save_prefix
+from llama_zh.tokenizer import copy_tokenizer
+from llama_zh.train.finetune import (
     FinetuneConfig,
     adapter_state,
     export_stream,
@@ -40,9 +43,7 @@ from llama_zh.finetune import (
     save_adapter,
     source_merged_stream,
 )
-from llama_zh.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
-from llama_zh.prefix import fingerprinted, save_prefix
-from llama_zh.tokenizer import copy_tokenizer
+from llama_zh.train.memory_plan import GiB, MemoryPlan, current_rss, peak_rss, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,66 @@ class MemoryReport(pl.Callback):
                 {"memory/measured_gib": measured / GiB, "memory/planned_gib": planned / GiB},
                 step=max(trainer.global_step - 1, 0),
             )
+
+
+class Throughput(pl.Callback):
+    """Logs each optimizer step's wall time (`train/step_time_s`, from its first micro-batch to its
+    last, the callbacks before this one included), the tokens per second of all processes
+    (`train/tokens_per_s`), and the model FLOPs utilisation (`train/mfu`) where `flops_per_token`
+    and the device's `peak_flops` are known."""
+
+    def __init__(self, flops_per_token: float | None = None, peak_flops: float | None = None):
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self._start: float | None = None
+        self._tokens = 0
+        self._last_step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step  # a resumed run starts mid-way
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:  # the first micro-batch of an optimizer step
+            self._start, self._tokens = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += batch["input_ids"].numel() * trainer.world_size
+        if trainer.global_step == self._last_step:
+            return  # mid-accumulation: the optimizer has not stepped yet
+        self._last_step = trainer.global_step
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        tokens_per_s = self._tokens / elapsed
+        pl_module.log("train/step_time_s", elapsed)
+        pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True)
+        if self.flops_per_token and self.peak_flops:
+            pl_module.log("train/mfu", tokens_per_s * self.flops_per_token / (self.peak_flops * trainer.world_size))
+        self._start = None
+
+
+class MixtureShares(pl.Callback):
+    """Logs the data mixture's realised proportions, `data/share_<source>`: the windows drawn from each
+    source so far (batches carry each window's `source` index) over all drawn. The counts are kept
+    in the training state, so a resumed run continues them."""
+
+    def __init__(self, source_names: list[str] | None):
+        self.names = list(source_names or [])
+        self.counts = torch.zeros(len(self.names), dtype=torch.long)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # At the start: a state saved at this batch's end includes it.
+        if not self.names or "source" not in batch:
+            return
+        self.counts += torch.bincount(batch["source"].cpu(), minlength=len(self.names))
+        total = self.counts.sum().clamp(min=1)
+        for name, count in zip(self.names, self.counts, strict=True):
+            pl_module.log(f"data/share_{name}", count / total)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint.setdefault("llama_zh_counters", {})["source_counts"] = self.counts.clone()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        counts = checkpoint.get("llama_zh_counters", {}).get("source_counts")
+        if counts is not None and len(counts) == len(self.counts):
+            self.counts = counts.clone()
 
 
 def _clock_text(seconds: float) -> str:
@@ -363,7 +424,7 @@ class TrainingState(pl.Callback):
             logger.save()  # metrics.csv up to this state: a resumed run continues it from here
         # weights_only=False: the whole state (optimizer, loops, callbacks), what resuming needs; said
         # explicitly, else Lightning logs that it defaulted to it at every save. (Loading is separate:
-        # fit() reads it back with weights_only=True, stages/common.py.)
+        # fit() reads it back with weights_only=True, llama_zh/train/fit.py.)
         trainer.save_checkpoint(
             tmp / ("state" if self.deepspeed else "state.ckpt"), weights_only=False
         )  # every rank: ZeRO shards
