@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -119,6 +120,24 @@ def floors(model, repeats: int) -> dict:
     return {"sum": total_sum, "gemv": total_gemv, "bytes": sum(p.numel() * p.element_size() for p in mats)}
 
 
+def hf_greedy(hf, prompts: torch.Tensor, mask: torch.Tensor, n: int) -> list[list[int]]:
+    """transformers' greedy decode of exactly `n` new tokens per row (eos never stops it)."""
+    with torch.inference_mode():
+        return hf.generate(
+            prompts,
+            attention_mask=mask,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+        )[:, prompts.shape[1] :].tolist()
+
+
+def ours_greedy(model, prompt_lists: list[list[int]], n: int) -> list[list[int]]:
+    return generate_batch(model, prompt_lists, SamplingConfig(temperature=0.0, max_new_tokens=n))
+
+
 def bench_shape(
     name: str,
     batches: list[int],
@@ -139,8 +158,8 @@ def bench_shape(
         n_params = sum(p.numel() for p in ours.parameters())
         floor = floors(ours, max(repeats, 5))
         lines.append(
-            f"\n### {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}; weights read per decode step "
-            f"{floor['bytes'] / 2**20:.0f} MiB; floor: sum {floor['sum'] * 1e3:.1f} ms, "
+            f"\n### {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}; "
+            f"weights read per decode step {floor['bytes'] / 2**20:.0f} MiB; floor: sum {floor['sum'] * 1e3:.1f} ms, "
             f"gemv {floor['gemv'] * 1e3:.1f} ms per step\n"
         )
         lines.append(
@@ -159,21 +178,8 @@ def bench_shape(
             prompts = prompts.to(device)
             mask = torch.ones_like(prompts)
 
-            def run_hf(n):
-                with torch.inference_mode():
-                    return hf.generate(
-                        prompts,
-                        attention_mask=mask,
-                        do_sample=False,
-                        num_beams=1,
-                        max_new_tokens=n,
-                        min_new_tokens=n,
-                        pad_token_id=0,
-                    )[:, prompts.shape[1] :].tolist()
-
-            def run_ours(n):
-                return generate_batch(model, prompt_lists, SamplingConfig(temperature=0.0, max_new_tokens=n))
-
+            run_hf = functools.partial(hf_greedy, hf, prompts, mask)
+            run_ours = functools.partial(ours_greedy, model, prompt_lists)
             same = run_hf(new_tokens) == run_ours(new_tokens)  # also warms both up
             times = {"transformers": [], "llama_zh": []}
             step = {"transformers": [], "llama_zh": []}
@@ -181,8 +187,8 @@ def bench_shape(
             for _ in range(repeats):  # alternate, so that load from other processes hits both alike
                 for impl, fn in (("transformers", run_hf), ("llama_zh", run_ours)):
                     here = floors(ours, 5) if batch == 1 else None
-                    one = min(timed(lambda: fn(1), 2))
-                    full = timed(lambda: fn(new_tokens))[0]
+                    one = min(timed(functools.partial(fn, 1), 2))
+                    full = timed(functools.partial(fn, new_tokens))[0]
                     times[impl].append(full)
                     step[impl].append((full - one) / (new_tokens - 1))
                     if here:
@@ -228,7 +234,7 @@ def bench_quant(
         else:
             mib, skipped = report.quant.bytes_after / 2**20, len(report.quant.skipped)
         generate_batch(model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=2))  # warm-up
-        tps = new_tokens / statistics.median(timed(lambda: generate_batch(model, prompt, cfg), repeats))
+        tps = new_tokens / statistics.median(timed(functools.partial(generate_batch, model, prompt, cfg), repeats))
         if base is None:
             base = (mib, tps)
         rows.append(f"| {method} | {mib:.1f} | {mib / base[0]:.2f} | {tps:.1f} | {tps / base[1]:.3f} | {skipped} |")

@@ -350,7 +350,8 @@ def stream_tokenizer(stream: WeightStream) -> Tokenizer | None:
     tokenizer = Tokenizer(stream.tokenizer)
     if tokenizer.vocab_size > stream.config.vocab_size:
         raise CheckpointError(
-            f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size is {stream.config.vocab_size}"
+            f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, "
+            f"the model's vocab_size is {stream.config.vocab_size}"
         )
     return tokenizer
 

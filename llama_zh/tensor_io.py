@@ -138,7 +138,8 @@ class SafetensorsWriter:
         exp_name, exp_dtype, exp_shape = self._expected[self._next]
         if (name, tensor.dtype, tuple(tensor.shape)) != (exp_name, exp_dtype, exp_shape):
             raise CheckpointError(
-                f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, planned {exp_name} {exp_dtype} {exp_shape}"
+                f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, "
+                f"planned {exp_name} {exp_dtype} {exp_shape}"
             )
         t = tensor.detach().contiguous().cpu()
         if t.numel():

@@ -22,7 +22,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory):
-    """The tokenizer.json of a byte-level BPE in Llama-3's layout trained on the sample corpus (tests/bpe_fixture.py)."""
+    """The tokenizer.json of a byte-level BPE in Llama-3's layout trained on the sample corpus
+    (tests/bpe_fixture.py)."""
     from bpe_fixture import make_bpe
 
     return make_bpe(tmp_path_factory.mktemp("bpe"))

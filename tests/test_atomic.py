@@ -312,7 +312,8 @@ HOLD = """
 import os, sys, time
 from pathlib import Path
 from llama_zh import atomic
-lock = atomic.claim_run_dir(Path(sys.argv[2])) if sys.argv[1] == "run" else atomic.output_lock(Path(sys.argv[2])).acquire()
+target = Path(sys.argv[2])
+lock = atomic.claim_run_dir(target) if sys.argv[1] == "run" else atomic.output_lock(target).acquire()
 if "--fork" in sys.argv and os.fork() == 0:  # a worker (DataLoader's) that outlives its parent
     print("worker", os.getpid(), flush=True)
     time.sleep(60)

@@ -1,4 +1,5 @@
-"""tokenizer.json (byte-level BPE) behind the Tokenizer interface: transformers' ids, streaming, packing, checkpoints."""
+"""tokenizer.json (byte-level BPE) behind the Tokenizer interface: transformers' ids, streaming, packing,
+checkpoints."""
 
 import json
 
