@@ -23,8 +23,9 @@ import yaml
 
 from llama_zh.atomic import AtomicOutput, write_text
 from llama_zh.config import ModelConfig
+from llama_zh.dtypes import SAFETENSORS_DTYPES, dtype_name
 from llama_zh.model import Transformer, build_model
-from llama_zh.tensor_io import DTYPES, CheckpointError, SafetensorsWriter, iter_safetensors, safetensors_header
+from llama_zh.tensor_io import CheckpointError, SafetensorsWriter, iter_safetensors, safetensors_header
 from llama_zh.tokenizer import Tokenizer, copy_tokenizer, file_sha256, find_tokenizer
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,6 @@ def check_specs(stream: WeightStream) -> None:
                 f"(dim={stream.config.dim}, vocab_size={stream.config.vocab_size}, ffn_dim={stream.config.ffn_dim}, "
                 f"n_heads={stream.config.n_heads}, n_kv_heads={stream.config.n_kv_heads}) implies {shape}"
             )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -188,7 +185,7 @@ def write_native(
         meta = {
             "format_version": FORMAT_VERSION,
             "model": stream.config.to_dict(),
-            "dtype": _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed",
+            "dtype": dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed",
             # Checked on load: a same-size tokenizer swapped in would otherwise go unnoticed.
             "tokenizer_sha256": file_sha256(stream.tokenizer) if stream.tokenizer is not None else None,
         }
@@ -251,7 +248,7 @@ def safetensors_stream(
                 continue
             if name in specs:
                 raise CheckpointError(f"{f}: tensor {key} maps to {name}, which another tensor already gave")
-            specs[name] = (DTYPES[entry["dtype"]], tuple(entry["shape"]))
+            specs[name] = (SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
             entries.append((name, f, key))
 
     def tensors():

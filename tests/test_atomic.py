@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, llama_zh
 from omegaconf import OmegaConf
-from tiny_checkpoints import REPO, llama_zh, make_checkpoint, train_tokenizer
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh import atomic
 from llama_zh.atomic import DiskFullError, OutputLockedError, claim_run_dir, release_run_dir

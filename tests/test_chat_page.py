@@ -15,9 +15,10 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import REPO
 from omegaconf import OmegaConf
 from serve_models import InProcessServer, slow_steps
-from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.config import ConfigError
 from llama_zh.data.chat_template import ChatTemplate

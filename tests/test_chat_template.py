@@ -6,7 +6,8 @@ import logging
 
 import pytest
 import yaml
-from tiny_checkpoints import llama_zh, tiny_config, train_tokenizer
+from helpers import llama_zh
+from tiny_checkpoints import tiny_config, train_tokenizer
 
 from llama_zh.checkpoint import save_checkpoint
 from llama_zh.convert import convert

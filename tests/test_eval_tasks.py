@@ -11,8 +11,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import llama_zh
 from omegaconf import OmegaConf
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.data.corpus import DataError

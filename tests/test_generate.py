@@ -502,8 +502,9 @@ def test_batched_seeded_sampling_equals_one_by_one():
 
 # ------------------------------------------------------------------------------------------ stage=infer
 
+from helpers import llama_zh  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
+from tiny_checkpoints import make_checkpoint, train_tokenizer  # noqa: E402
 
 from llama_zh.config import ConfigError  # noqa: E402
 from llama_zh.data.corpus import DataError  # noqa: E402

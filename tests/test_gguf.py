@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+from helpers import llama_zh
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.checkpoint import read_native, save_checkpoint
 from llama_zh.convert import FormatError, convert

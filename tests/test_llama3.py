@@ -439,7 +439,7 @@ def test_meta_llama3_release_tokenizer_model_becomes_a_working_tokenizer(bpe_tok
     """Meta's Llama-3 directory: tokenizer.model is a tiktoken rank file; stage=convert turns it into
     a tokenizer.json with Llama-3's special tokens and chat template, beside the weights."""
     from bpe_fixture import MIXED, write_rank_file
-    from tiny_checkpoints import llama_zh
+    from helpers import llama_zh
 
     from llama_zh.data.chat_template import ChatTemplate
     from llama_zh.generate import SamplingConfig, generate

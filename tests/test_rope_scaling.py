@@ -183,7 +183,8 @@ def test_continued_pretraining_with_scaling_then_perplexity_at_lengths(tmp_path)
     """A checkpoint of 128 positions continued at 256 with linear scaling (stage.init_from), then
     perplexity at 64 and 512 tokens: the scaling and the longer limit are in the new checkpoint,
     and the 512-token windows (past its limit) are measured, not refused."""
-    from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+    from helpers import llama_zh
+    from tiny_checkpoints import make_checkpoint, train_tokenizer
 
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", train_tokenizer(tmp_path / "tok"))  # max_seq_len 128
     env = {"LLAMA_ZH_DATA": str(tmp_path / "data")}
@@ -229,7 +230,7 @@ def test_continued_pretraining_with_scaling_then_perplexity_at_lengths(tmp_path)
 
 
 def test_bad_eval_lengths_are_refused_before_loading(tmp_path):
-    from tiny_checkpoints import llama_zh
+    from helpers import llama_zh
 
     result = llama_zh(
         "stage=eval",

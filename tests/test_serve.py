@@ -16,9 +16,10 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import REPO
 from omegaconf import OmegaConf
 from serve_models import SPLIT_TEXT, InProcessServer, chain_model, slow_steps
-from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.checkpoint import save_checkpoint
 from llama_zh.config import ConfigError
