@@ -43,3 +43,20 @@ def threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """The sentencepiece tokenizer of tests/tiny_checkpoints.py (real Chinese reviews), one per test module."""
+    from tiny_checkpoints import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tok, tmp_path_factory):
+    """(directory, model): a random tiny native checkpoint with `tok`, one per test module; the model is
+    the one saved, for comparing what a loader or server makes of the directory."""
+    from tiny_checkpoints import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), tok)

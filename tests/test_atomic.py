@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, llama_zh
 from omegaconf import OmegaConf
-from tiny_checkpoints import make_checkpoint, train_tokenizer
+from tiny_checkpoints import make_checkpoint
 
 from llama_zh import atomic
 from llama_zh.atomic import DiskFullError, OutputLockedError, claim_run_dir, release_run_dir
@@ -29,11 +29,6 @@ from llama_zh.tensor_io import CheckpointError
 
 FORMATS = ["native", "hf", "gguf", "tencentpretrain"]
 NAMES = {"native": "dst", "hf": "dst", "gguf": "dst.gguf", "tencentpretrain": "dst.bin"}
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

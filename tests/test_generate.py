@@ -504,7 +504,7 @@ def test_batched_seeded_sampling_equals_one_by_one():
 
 from helpers import llama_zh  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from tiny_checkpoints import make_checkpoint, train_tokenizer  # noqa: E402
+from tiny_checkpoints import make_checkpoint  # noqa: E402
 
 from llama_zh.config import ConfigError  # noqa: E402
 from llama_zh.data.corpus import DataError  # noqa: E402
@@ -517,11 +517,6 @@ INFER_YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "llama_zh" / "
 def stage_cfg(**overrides):
     cfg = OmegaConf.merge(INFER_YAML, {"checkpoint": "x", "seed": 5, "output": "x"}, overrides)
     return cfg
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
