@@ -502,14 +502,14 @@ def test_batched_seeded_sampling_equals_one_by_one():
 
 # ------------------------------------------------------------------------------------------ stage=infer
 
-from helpers import llama_zh  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from tiny_checkpoints import make_checkpoint  # noqa: E402
+from helpers import llama_zh
+from omegaconf import OmegaConf
+from tiny_checkpoints import make_checkpoint
 
-from llama_zh.config import ConfigError  # noqa: E402
-from llama_zh.data.corpus import DataError  # noqa: E402
-from llama_zh.data.sft import Template  # noqa: E402
-from llama_zh.stages import infer  # noqa: E402
+from llama_zh.config import ConfigError
+from llama_zh.data.corpus import DataError
+from llama_zh.data.sft import Template
+from llama_zh.stages import infer
 
 INFER_YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "llama_zh" / "conf" / "stage" / "infer.yaml")
 
