@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_zh.checkpoint import read_any  # noqa: E402
+from llama_zh.dtypes import FLOAT_DTYPES  # noqa: E402
 from llama_zh.generate import SamplingConfig, generate_batch  # noqa: E402
 from llama_zh.infer import load_stream  # noqa: E402
 from llama_zh.quant import QuantConfig  # noqa: E402
@@ -256,7 +257,7 @@ def main() -> None:
     parser.add_argument("--no-quant", action="store_true")
     parser.add_argument("--quant-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=list(FLOAT_DTYPES))
     parser.add_argument(
         "--backend",
         default="auto",
@@ -264,7 +265,7 @@ def main() -> None:
         help="the inference loader's backend (llama_zh.infer.load)",
     )
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device), FLOAT_DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
