@@ -206,7 +206,7 @@ def run_worker(op: str, src: Path | str = "", dst: Path | str = "", extra: str =
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"worker {op} failed with exit code {proc.returncode}")
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")][-1]
     result = json.loads(line[len("RESULT ") :])
     result["wall_s"] = wall
     return result
@@ -298,8 +298,9 @@ def main() -> None:
 
         print()
         print(
-            f"date {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; python {platform.python_version()}; "
-            f"{os.cpu_count()} CPUs; model {created['n_params'] / 1e6:.1f}M params fp32; "
+            f"date {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
+            f"python {platform.python_version()}; {os.cpu_count()} CPUs; "
+            f"model {created['n_params'] / 1e6:.1f}M params fp32; "
             f"checkpoint {src_bytes / MiB:.0f} MiB ({len(shards)} file(s)); native written {native_bytes / MiB:.0f} MiB"
         )
         print("MiB = 2^20 bytes. ratio = VmHWM / checkpoint size; net = (VmHWM - RSS after imports) / checkpoint size.")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -45,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_zh.convert import read_any  # noqa: E402
+from llama_zh.dtypes import FLOAT_DTYPES  # noqa: E402
 from llama_zh.generate import SamplingConfig, generate_batch  # noqa: E402
 from llama_zh.infer import load_stream  # noqa: E402
 from llama_zh.quant import QuantConfig  # noqa: E402
@@ -119,6 +121,24 @@ def floors(model, repeats: int) -> dict:
     return {"sum": total_sum, "gemv": total_gemv, "bytes": sum(p.numel() * p.element_size() for p in mats)}
 
 
+def hf_greedy(hf, prompts: torch.Tensor, mask: torch.Tensor, n: int) -> list[list[int]]:
+    """transformers' greedy decode of exactly `n` new tokens per row (eos never stops it)."""
+    with torch.inference_mode():
+        return hf.generate(
+            prompts,
+            attention_mask=mask,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+        )[:, prompts.shape[1] :].tolist()
+
+
+def ours_greedy(model, prompt_lists: list[list[int]], n: int) -> list[list[int]]:
+    return generate_batch(model, prompt_lists, SamplingConfig(temperature=0.0, max_new_tokens=n))
+
+
 def bench_shape(
     name: str,
     batches: list[int],
@@ -139,8 +159,8 @@ def bench_shape(
         n_params = sum(p.numel() for p in ours.parameters())
         floor = floors(ours, max(repeats, 5))
         lines.append(
-            f"\n### {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}; weights read per decode step "
-            f"{floor['bytes'] / 2**20:.0f} MiB; floor: sum {floor['sum'] * 1e3:.1f} ms, "
+            f"\n### {name}: {n_params / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')}; "
+            f"weights read per decode step {floor['bytes'] / 2**20:.0f} MiB; floor: sum {floor['sum'] * 1e3:.1f} ms, "
             f"gemv {floor['gemv'] * 1e3:.1f} ms per step\n"
         )
         lines.append(
@@ -159,21 +179,8 @@ def bench_shape(
             prompts = prompts.to(device)
             mask = torch.ones_like(prompts)
 
-            def run_hf(n):
-                with torch.inference_mode():
-                    return hf.generate(
-                        prompts,
-                        attention_mask=mask,
-                        do_sample=False,
-                        num_beams=1,
-                        max_new_tokens=n,
-                        min_new_tokens=n,
-                        pad_token_id=0,
-                    )[:, prompts.shape[1] :].tolist()
-
-            def run_ours(n):
-                return generate_batch(model, prompt_lists, SamplingConfig(temperature=0.0, max_new_tokens=n))
-
+            run_hf = functools.partial(hf_greedy, hf, prompts, mask)
+            run_ours = functools.partial(ours_greedy, model, prompt_lists)
             same = run_hf(new_tokens) == run_ours(new_tokens)  # also warms both up
             times = {"transformers": [], "llama_zh": []}
             step = {"transformers": [], "llama_zh": []}
@@ -181,8 +188,8 @@ def bench_shape(
             for _ in range(repeats):  # alternate, so that load from other processes hits both alike
                 for impl, fn in (("transformers", run_hf), ("llama_zh", run_ours)):
                     here = floors(ours, 5) if batch == 1 else None
-                    one = min(timed(lambda: fn(1), 2))
-                    full = timed(lambda: fn(new_tokens))[0]
+                    one = min(timed(functools.partial(fn, 1), 2))
+                    full = timed(functools.partial(fn, new_tokens))[0]
                     times[impl].append(full)
                     step[impl].append((full - one) / (new_tokens - 1))
                     if here:
@@ -228,7 +235,7 @@ def bench_quant(
         else:
             mib, skipped = report.quant.bytes_after / 2**20, len(report.quant.skipped)
         generate_batch(model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=2))  # warm-up
-        tps = new_tokens / statistics.median(timed(lambda: generate_batch(model, prompt, cfg), repeats))
+        tps = new_tokens / statistics.median(timed(functools.partial(generate_batch, model, prompt, cfg), repeats))
         if base is None:
             base = (mib, tps)
         rows.append(f"| {method} | {mib:.1f} | {mib / base[0]:.2f} | {tps:.1f} | {tps / base[1]:.3f} | {skipped} |")
@@ -250,7 +257,7 @@ def main() -> None:
     parser.add_argument("--no-quant", action="store_true")
     parser.add_argument("--quant-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (one GPU)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=list(FLOAT_DTYPES))
     parser.add_argument(
         "--backend",
         default="auto",
@@ -258,7 +265,7 @@ def main() -> None:
         help="the inference loader's backend (llama_zh.infer.load)",
     )
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device), FLOAT_DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -194,8 +195,34 @@ def run_worker(op: str, *args) -> dict:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"worker {op} failed with exit code {proc.returncode}")
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT ") :])
+
+
+def mib_cell(v: float | None) -> str:
+    return "" if v is None else f"{v / MiB:.0f}"
+
+
+def print_row(
+    size: int,
+    nbytes: int,
+    raw_runs: list[float],
+    what: str,
+    runs: list[float],
+    cpu: float,
+    tokens=None,
+    hwm=None,
+    imports=None,
+    child=None,
+) -> None:
+    """One table row of corpus `size`: `runs` are compared with `raw_runs`, the reference of that same corpus."""
+    best, median = min(runs), statistics.median(runs)
+    tok_s = "" if tokens is None else f"{tokens / best / 1e6:.2f}"
+    print(
+        f"| {size:>4}MB | {what:<28} | {best:>6.2f} | {nbytes / MB / best:>6.1f} | {tok_s:>6} | "
+        f"{min(raw_runs) / best:>5.2f}x | {statistics.median(raw_runs) / median:>5.2f}x | {cpu:>5.2f} | "
+        f"{mib_cell(hwm):>9} | {mib_cell(imports):>7} | {mib_cell(child):>9} | {', '.join(f'{r:.2f}' for r in runs)}"
+    )
 
 
 def best_of(repeat: int, op: str, *args) -> tuple[dict, list[float]]:
@@ -229,8 +256,9 @@ def main() -> None:
             f"parallel capacity now: 2 processes run {probe['speedup_2_processes']:.2f}x one"
         )
         print(
-            f"tokenizer {setup['vocab_size']} pieces; corpus = the sample_zh train split ({setup['sample_bytes'] / MB:.1f} MB)"
-            f" replicated; best of {args.repeat} runs (all run times in brackets); MB = 10^6 bytes, MiB = 2^20 bytes"
+            f"tokenizer {setup['vocab_size']} pieces; corpus = the sample_zh train split "
+            f"({setup['sample_bytes'] / MB:.1f} MB) replicated; best of {args.repeat} runs "
+            "(all run times in brackets); MB = 10^6 bytes, MiB = 2^20 bytes"
         )
         header = (
             f"| {'size':>6} | {'what':<28} | {'best s':>6} | {'MB/s':>6} | {'Mtok/s':>6} | {'vs raw':>6} "
@@ -246,15 +274,7 @@ def main() -> None:
             # The reference: the faster way of calling sentencepiece, run by run.
             raw_runs = [min(r["seconds"], r["seconds_one_call_per_line"]) for r in raws]
 
-            def row(what, runs, cpu, tokens=None, hwm=None, imports=None, child=None):
-                best, median = min(runs), statistics.median(runs)
-                mib = lambda v: "" if v is None else f"{v / MiB:.0f}"  # noqa: E731
-                tok_s = "" if tokens is None else f"{tokens / best / 1e6:.2f}"
-                print(
-                    f"| {size:>4}MB | {what:<28} | {best:>6.2f} | {nbytes / MB / best:>6.1f} | {tok_s:>6} | "
-                    f"{min(raw_runs) / best:>5.2f}x | {statistics.median(raw_runs) / median:>5.2f}x | {cpu:>5.2f} | "
-                    f"{mib(hwm):>9} | {mib(imports):>7} | {mib(child):>9} | {', '.join(f'{r:.2f}' for r in runs)}"
-                )
+            row = functools.partial(print_row, size, nbytes, raw_runs)
 
             fastest = min(raws, key=lambda r: r["seconds"])
             row("raw encode, batches, 1 core", [r["seconds"] for r in raws], fastest["cpu"], raw["tokens"])

@@ -8,6 +8,7 @@ tokens/s at the 134m shape (seq 256 x batch 4) for LoRA on an fp32 base vs QLoRA
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -70,11 +71,8 @@ def correctness(tmp: Path) -> None:
         )
         from llama_zh.checkpoint import WeightStream
 
-        full = load_model(
-            WeightStream(
-                config, {n: (t.dtype, tuple(t.shape)) for n, t in merged.items()}, lambda: iter(merged.items())
-            )
-        )
+        shapes = {n: (t.dtype, tuple(t.shape)) for n, t in merged.items()}
+        full = load_model(WeightStream(config, shapes, functools.partial(iter, merged.items())))
         gap = logit_gap(model, full, batches(config, 64, 2, 1, "cpu")[0]["input_ids"])
         print(
             f"{method}: {report.summary()}; {type(layer.base).__name__}; optimizer {type(opt).__name__}; loss "

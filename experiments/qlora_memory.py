@@ -220,11 +220,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for base, optim in CONFIGS:
         rs = results[(base, optim)]
-        med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+        columns = ("peak_mib", "weights_mib", "optimizer_mib", "planned_mib", "tokens_per_s")
+        med = {k: statistics.median(r[k] for r in rs) for k in columns}
         rounds = " ".join(f"{r['peak_mib']:.0f}/{r['tokens_per_s']:.0f}" for r in rs)
         print(
-            f"| {base} | {optim} | {med('peak_mib'):.0f} | {med('peak_mib') / reference:.2f}x | {med('weights_mib'):.0f} | "
-            f"{med('optimizer_mib'):.1f} | {med('planned_mib'):.0f} | {med('tokens_per_s'):.0f} | {rounds} |"
+            f"| {base} | {optim} | {med['peak_mib']:.0f} | {med['peak_mib'] / reference:.2f}x | "
+            f"{med['weights_mib']:.0f} | {med['optimizer_mib']:.1f} | {med['planned_mib']:.0f} | "
+            f"{med['tokens_per_s']:.0f} | {rounds} |"
         )
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 

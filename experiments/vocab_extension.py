@@ -101,7 +101,8 @@ def part_a(tokenizers: dict[str, Path], held_out: dict[str, list[str]]) -> list[
         "% of characters spelled in bytes"
     )
     print(
-        f"| {'text':<10} | {'tokenizer':<24} | {'pieces':>6} | {'tok/char':>8} | {'tok/byte':>8} | {'byte tok %':>10} | {'byte char %':>11} |"
+        f"| {'text':<10} | {'tokenizer':<24} | {'pieces':>6} | {'tok/char':>8} | {'tok/byte':>8} | "
+        f"{'byte tok %':>10} | {'byte char %':>11} |"
     )
     print(f"|{'-' * 12}|{'-' * 26}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 13}|")
     rows = []
@@ -110,8 +111,9 @@ def part_a(tokenizers: dict[str, Path], held_out: dict[str, list[str]]) -> list[
             r = tokenizer_report(path, docs)
             rows.append({"text": text_name, "tokenizer": tok_name, "pieces": Tokenizer(path).vocab_size, **r})
             print(
-                f"| {text_name:<10} | {tok_name:<24} | {Tokenizer(path).vocab_size:>6} | {r['tokens_per_char']:>8.3f} | "
-                f"{r['tokens_per_byte']:>8.3f} | {100 * r['byte_token_share']:>10.1f} | {100 * r['byte_char_share']:>11.1f} |"
+                f"| {text_name:<10} | {tok_name:<24} | {Tokenizer(path).vocab_size:>6} | "
+                f"{r['tokens_per_char']:>8.3f} | {r['tokens_per_byte']:>8.3f} | "
+                f"{100 * r['byte_token_share']:>10.1f} | {100 * r['byte_char_share']:>11.1f} |"
             )
     base = Tokenizer(tokenizers["base"]).encode_batch(held_out["english"])
     for name in ("base+sample_zh", "base+sample_zh, score 0"):
@@ -220,7 +222,8 @@ def part_b(
         save_checkpoint(model, checkpoint, tokenizer=tokenizers["base"])
         done.write_text(json.dumps(recipe))
     print(
-        f"base model, base tokenizer: Chinese held-out {held_out_loss(model, data['base zh eval'], tpc['base', 'zh'])}, "
+        "base model, base tokenizer: "
+        f"Chinese held-out {held_out_loss(model, data['base zh eval'], tpc['base', 'zh'])}, "
         f"English held-out {held_out_loss(model, data['base en eval'], tpc['base', 'en'])}"
     )
 
@@ -240,8 +243,9 @@ def part_b(
 
     marks = sorted({s for s in (10, 25, 50, tune_steps) if s <= tune_steps})
     for regime in ("embeddings", "full"):
+        trained = "embed + head only, the rest frozen" if regime == "embeddings" else "every parameter"
         print(
-            f"\ntuning on Chinese with the new tokenizer, {regime} ({'embed + head only, the rest frozen' if regime == 'embeddings' else 'every parameter'}), "
+            f"\ntuning on Chinese with the new tokenizer, {regime} ({trained}), "
             f"lr 1e-3, {tune_steps} steps: Chinese held-out loss at steps {marks}, English held-out at the end"
         )
         for init, path in checkpoints.items():
@@ -262,7 +266,7 @@ def part_b(
             en = eval_loss(resized, data["ext en eval"])
             print(
                 f"  {init:<14} "
-                + "  ".join(f"{s}: {l:.3f}" for s, l in zip(marks, losses, strict=False))
+                + "  ".join(f"{s}: {loss:.3f}" for s, loss in zip(marks, losses, strict=False))
                 + f"   English {en:.3f}"
             )
 
@@ -280,7 +284,8 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vocab_extension-"))
     work.mkdir(parents=True, exist_ok=True)
     print(
-        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; python {platform.python_version()}; "
+        f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
+        f"python {platform.python_version()}; "
         f"torch {torch.__version__}; {torch.get_num_threads()} threads; workdir {work}"
     )
 

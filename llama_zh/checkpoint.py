@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from llama_zh.config import ModelConfig
+from llama_zh.dtypes import dtype_name
 from llama_zh.model import Transformer, build_model
 from llama_zh.tensor_io import (
     CheckpointDir,
@@ -98,10 +99,6 @@ def check_specs(stream: WeightStream) -> None:
             )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -121,7 +118,7 @@ def write_native(
         meta = {
             "format_version": FORMAT_VERSION,
             "model": stream.config.to_dict(),
-            "dtype": _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed",
+            "dtype": dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else "mixed",
             # Checked on load: a same-size tokenizer swapped in would otherwise go unnoticed.
             "tokenizer_sha256": file_sha256(stream.tokenizer) if stream.tokenizer is not None else None,
         }
@@ -221,7 +218,8 @@ def stream_tokenizer(stream: WeightStream) -> Tokenizer | None:
     tokenizer = Tokenizer(stream.tokenizer)
     if tokenizer.vocab_size > stream.config.vocab_size:
         raise CheckpointError(
-            f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size is {stream.config.vocab_size}"
+            f"{stream.tokenizer}: tokenizer has {tokenizer.vocab_size} pieces, "
+            f"the model's vocab_size is {stream.config.vocab_size}"
         )
     return tokenizer
 

@@ -26,13 +26,13 @@ from torch import nn
 
 from llama_zh.checkpoint import WeightStream, check_specs
 from llama_zh.config import ConfigError, check_keys
+from llama_zh.dtypes import FLOAT_DTYPES
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import Transformer, build_model
 
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "int8", "nf4")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROJECTIONS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w_gate", "ffn.w_up", "ffn.w_down")
 NF4_CPU_MULTIPLE = 32
 
@@ -54,8 +54,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(f"quant.name: {self.name!r}; expected one of {', '.join(METHODS)}")
-        if self.compute_dtype not in DTYPES:
-            raise ConfigError(f"quant.compute_dtype: {self.compute_dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.compute_dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"quant.compute_dtype: {self.compute_dtype!r}; expected one of {', '.join(FLOAT_DTYPES)}")
         if not isinstance(self.threshold, (int, float)) or self.threshold < 0:
             raise ConfigError(f"quant.threshold must be a number >= 0 (0: no outlier columns), got {self.threshold!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
@@ -187,13 +187,13 @@ class _Quantizer:
                 in_features,
                 out_features,
                 bias=False,
-                compute_dtype=DTYPES[self.cfg.compute_dtype],
+                compute_dtype=FLOAT_DTYPES[self.cfg.compute_dtype],
                 compress_statistics=self.cfg.double_quant,
                 quant_type="nf4",
                 device="meta",
             )
             # Quantized from the compute dtype, so that dequantizing yields it directly.
-            weight = weight.to(DTYPES[self.cfg.compute_dtype])
+            weight = weight.to(FLOAT_DTYPES[self.cfg.compute_dtype])
             layer.weight = nn_.Params4bit(
                 weight,
                 requires_grad=False,

@@ -22,21 +22,8 @@ import numpy as np
 import torch
 
 from llama_zh.atomic import AtomicOutput, write_text
+from llama_zh.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from llama_zh.errors import LlamaZhError
-
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_NAMES = {v: k for k, v in DTYPES.items()}
 
 Spec = tuple[torch.dtype, tuple[int, ...]]  # a tensor's dtype and shape, known before it is read
 
@@ -74,9 +61,12 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
             numel = int(np.prod(shape, dtype=np.int64))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: tensor {name}: malformed header entry {entry!r}") from e
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; readable: {', '.join(DTYPES)}")
-        if not 0 <= begin <= end or end - begin != numel * torch.empty(0, dtype=DTYPES[dtype]).element_size():
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; readable: {', '.join(SAFETENSORS_DTYPES)}")
+        if (
+            not 0 <= begin <= end
+            or end - begin != numel * torch.empty(0, dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        ):
             raise CheckpointError(f"{path}: tensor {name}: data_offsets {[begin, end]} do not fit {dtype} {shape}")
         if end > data_size:
             raise CheckpointError(
@@ -98,7 +88,7 @@ def iter_safetensors(path: Path, names: Iterable[str] | None = None) -> Iterator
             raw = bytearray(end - begin)  # read straight into the tensor's buffer: no second copy
             if f.readinto(raw) != end - begin:
                 raise CheckpointError(f"{path}: truncated data for tensor {name}")
-            dtype = DTYPES[entry["dtype"]]
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             t = t.reshape(entry["shape"])
             del raw  # held by `t` alone, so this frame keeps nothing once the consumer drops it
@@ -122,7 +112,11 @@ class SafetensorsWriter:
         self._expected = []
         for name, dtype, shape in plan:
             nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
-            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": SAFETENSORS_CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._expected.append((name, dtype, tuple(shape)))
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -140,7 +134,8 @@ class SafetensorsWriter:
         exp_name, exp_dtype, exp_shape = self._expected[self._next]
         if (name, tensor.dtype, tuple(tensor.shape)) != (exp_name, exp_dtype, exp_shape):
             raise CheckpointError(
-                f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, planned {exp_name} {exp_dtype} {exp_shape}"
+                f"{self.path}: got {name} {tensor.dtype} {tuple(tensor.shape)}, "
+                f"planned {exp_name} {exp_dtype} {exp_shape}"
             )
         t = tensor.detach().contiguous().cpu()
         if t.numel():
@@ -270,7 +265,7 @@ def safetensors_stream(
                 continue
             if name in specs:
                 raise CheckpointError(f"{f}: tensor {key} maps to {name}, which another tensor already gave")
-            specs[name] = (DTYPES[entry["dtype"]], tuple(entry["shape"]))
+            specs[name] = (SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
             entries.append((name, f, key))
 
     def tensors():

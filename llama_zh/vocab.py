@@ -1,4 +1,5 @@
-"""Chinese vocabulary extension (docs/reference.md#vocabulary): grow a tokenizer, grow a checkpoint to match, measure both.
+"""Chinese vocabulary extension (docs/reference.md#vocabulary): grow a tokenizer, grow a checkpoint to match,
+measure both.
 
     extend_tokenizer    base.model + extra.model -> out.model: every base id kept, extra's new pieces appended
     extend_bpe_tokenizer  base tokenizer.json + Chinese texts -> out/tokenizer.json: every base id and merge

@@ -29,6 +29,21 @@ def news_split(held_out: bool, n: int) -> list[str]:
     return [d for d, _ in zip((d for d in docs if is_held_out(d) == held_out), range(n), strict=False)]
 
 
+def comparison_texts() -> list[str]:
+    """What two tokenizers are compared on: held-out Chinese news, then English, code and mixed text."""
+    return news_split(True, 300) + ENGLISH + CODE + MIXED
+
+
+def assert_same_ids(ours, reference_encode, reference_decode=None, texts=None) -> None:
+    """`ours.encode(text, bos=True)` equals `reference_encode(text)` for every text (default:
+    comparison_texts()); with `reference_decode`, the two also decode those ids to the same text."""
+    for text in comparison_texts() if texts is None else texts:
+        ids = ours.encode(text, bos=True)
+        assert ids == reference_encode(text), text
+        if reference_decode is not None:
+            assert ours.decode(ids) == reference_decode(ids), text
+
+
 def training_texts(n_news: int = 6000) -> list[str]:
     code = [p.read_text(encoding="utf-8") for p in sorted(SOURCE.rglob("*.py"))]
     return news_split(False, n_news) + code

@@ -22,7 +22,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory):
-    """The tokenizer.json of a byte-level BPE in Llama-3's layout trained on the sample corpus (tests/bpe_fixture.py)."""
+    """The tokenizer.json of a byte-level BPE in Llama-3's layout trained on the sample corpus
+    (tests/bpe_fixture.py)."""
     from bpe_fixture import make_bpe
 
     return make_bpe(tmp_path_factory.mktemp("bpe"))
@@ -42,3 +43,20 @@ def threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """The sentencepiece tokenizer of tests/tiny_checkpoints.py (real Chinese reviews), one per test module."""
+    from tiny_checkpoints import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tok, tmp_path_factory):
+    """(directory, model): a random tiny native checkpoint with `tok`, one per test module; the model is
+    the one saved, for comparing what a loader or server makes of the directory."""
+    from tiny_checkpoints import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), tok)

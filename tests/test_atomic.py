@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, llama_zh
 from omegaconf import OmegaConf
-from tiny_checkpoints import REPO, llama_zh, make_checkpoint, train_tokenizer
+from tiny_checkpoints import make_checkpoint
 
 from llama_zh import atomic
 from llama_zh.atomic import DiskFullError, OutputLockedError, claim_run_dir, release_run_dir
@@ -28,11 +29,6 @@ from llama_zh.tensor_io import CheckpointError
 
 FORMATS = ["native", "hf", "gguf", "tencentpretrain"]
 NAMES = {"native": "dst", "hf": "dst", "gguf": "dst.gguf", "tencentpretrain": "dst.bin"}
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +308,8 @@ HOLD = """
 import os, sys, time
 from pathlib import Path
 from llama_zh import atomic
-lock = atomic.claim_run_dir(Path(sys.argv[2])) if sys.argv[1] == "run" else atomic.output_lock(Path(sys.argv[2])).acquire()
+target = Path(sys.argv[2])
+lock = atomic.claim_run_dir(target) if sys.argv[1] == "run" else atomic.output_lock(target).acquire()
 if "--fork" in sys.argv and os.fork() == 0:  # a worker (DataLoader's) that outlives its parent
     print("worker", os.getpid(), flush=True)
     time.sleep(60)

@@ -1,4 +1,5 @@
-"""tokenizer.json (byte-level BPE) behind the Tokenizer interface: transformers' ids, streaming, packing, checkpoints."""
+"""tokenizer.json (byte-level BPE) behind the Tokenizer interface: transformers' ids, streaming, packing,
+checkpoints."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from bpe_fixture import CODE, ENGLISH, MIXED, news_split
+from bpe_fixture import CODE, ENGLISH, assert_same_ids, comparison_texts, news_split
 from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.checkpoint import load_checkpoint, read_native
@@ -38,14 +39,11 @@ def test_the_kind_comes_from_the_file(bpe, tmp_path):
     assert bpe.stop_ids == [3001, 3009]
 
 
-def test_ids_equal_transformers_fast_tokenizer(bpe, bpe_tokenizer, held_out):
+def test_ids_equal_transformers_fast_tokenizer(bpe, bpe_tokenizer):
     hf = transformers.AutoTokenizer.from_pretrained(bpe_tokenizer.parent)
     assert hf.is_fast
-    texts = held_out + ENGLISH + CODE + MIXED
-    for text in texts:
-        ids = bpe.encode(text, bos=True)
-        assert ids == hf(text)["input_ids"], text
-        assert bpe.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    texts = comparison_texts()
+    assert_same_ids(bpe, lambda t: hf(t)["input_ids"], lambda ids: hf.decode(ids, skip_special_tokens=True), texts)
     assert [bpe.encode(t) for t in texts[:50]] == bpe.encode_batch(texts[:50])
     # special tokens in text are ids, as transformers splits them
     assert bpe.encode("<|eot_id|>好")[0] == bpe.eot_id

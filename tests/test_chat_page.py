@@ -15,9 +15,10 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import REPO
 from omegaconf import OmegaConf
 from serve_models import InProcessServer, slow_steps
-from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
+from tiny_checkpoints import make_checkpoint
 
 from llama_zh.config import ConfigError
 from llama_zh.data.chat_template import ChatTemplate
@@ -57,11 +58,6 @@ def browser():
         browser = p.chromium.launch(executable_path=path, headless=True, args=["--no-sandbox"])
         yield browser
         browser.close()
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 import yaml
-from tiny_checkpoints import llama_zh, tiny_config, train_tokenizer
+from helpers import llama_zh
+from tiny_checkpoints import tiny_config
 
 from llama_zh.checkpoint import save_checkpoint
 from llama_zh.convert import convert
@@ -31,11 +32,6 @@ MULTI = [
 ]
 NO_SYSTEM = MULTI[1:]
 ALPACA_RECORD = {"instruction": "判断这条评论的情感。", "input": "质量太差了，不会再买。", "output": "负面"}
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import yaml
+from helpers import llama_zh
 
 transformers = pytest.importorskip("transformers")
 
@@ -409,16 +410,8 @@ def test_tencentpretrain_export_refuses_a_tokenizer_it_would_drop(tmp_path):
 
 
 def run_convert(tmp_path, *overrides):
-    import subprocess
-    import sys
-
-    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
-    return subprocess.run(
-        [sys.executable, "-m", "llama_zh", "stage=convert", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    return llama_zh(
+        "stage=convert", *overrides, run_dir=tmp_path / "run", data_dir=tmp_path / "data", check=False, timeout=300
     )
 
 

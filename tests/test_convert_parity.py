@@ -145,7 +145,8 @@ def _to_meta_interleaved(w, n_heads):
 
 
 def write_meta(hf_model, directory, n_shards):
-    """A fake Meta release generated from an HF model: keys, permutation and shard split per docs/reference.md#formats."""
+    """A fake Meta release generated from an HF model: keys, permutation and shard split per
+    docs/reference.md#formats."""
     cfg = hf_model.config
     sd = hf_model.state_dict()
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads

@@ -30,7 +30,8 @@ from llama_zh.model import build_model
 from llama_zh.train.finetune import FinetuneConfig, LoRALinear, adapters_disabled, apply_finetune
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
+from helpers import llama_zh
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 # Two pairs: summed log-probs of the chosen / rejected responses, their reference values and lengths.
 CHOSEN, REJECTED = [-5.0, -7.0], [-6.0, -4.0]

@@ -5,7 +5,6 @@ import asyncio
 
 import pytest
 from serve_models import SPLIT_TEXT, chain_model
-from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.generate import SamplingConfig, generate
 from llama_zh.infer import engine as engine_module
@@ -21,14 +20,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def model(tok, tmp_path_factory):
-    _, model = make_checkpoint(tmp_path_factory.mktemp("ckpt"), tok)
-    return model
+def model(tiny_checkpoint):
+    return tiny_checkpoint[1]
 
 
 def greedy(max_new_tokens=16, **kw):

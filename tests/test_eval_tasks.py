@@ -11,8 +11,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import llama_zh
 from omegaconf import OmegaConf
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+from tiny_checkpoints import make_checkpoint
 
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.data.corpus import DataError
@@ -242,11 +243,6 @@ def test_bad_ceval_files_name_the_problem(tmp_path, text, message):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         read_questions(path)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def test_letters_are_the_tokens_after_the_prompt(tok):

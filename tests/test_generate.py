@@ -502,13 +502,14 @@ def test_batched_seeded_sampling_equals_one_by_one():
 
 # ------------------------------------------------------------------------------------------ stage=infer
 
-from omegaconf import OmegaConf  # noqa: E402
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
+from helpers import llama_zh
+from omegaconf import OmegaConf
+from tiny_checkpoints import make_checkpoint
 
-from llama_zh.config import ConfigError  # noqa: E402
-from llama_zh.data.corpus import DataError  # noqa: E402
-from llama_zh.data.sft import Template  # noqa: E402
-from llama_zh.stages import infer  # noqa: E402
+from llama_zh.config import ConfigError
+from llama_zh.data.corpus import DataError
+from llama_zh.data.sft import Template
+from llama_zh.stages import infer
 
 INFER_YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "llama_zh" / "conf" / "stage" / "infer.yaml")
 
@@ -516,11 +517,6 @@ INFER_YAML = OmegaConf.load(Path(__file__).resolve().parents[1] / "llama_zh" / "
 def stage_cfg(**overrides):
     cfg = OmegaConf.merge(INFER_YAML, {"checkpoint": "x", "seed": 5, "output": "x"}, overrides)
     return cfg
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+from helpers import llama_zh
+from tiny_checkpoints import make_checkpoint
 
 from llama_zh.checkpoint import read_native, save_checkpoint
 from llama_zh.convert import FormatError, convert
@@ -19,11 +20,6 @@ EXPECTED_NAMES = {"token_embd.weight", "output_norm.weight", "output.weight"} | 
     for i in range(2)
     for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 }
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def field(reader, key):

@@ -5,10 +5,9 @@ test extra (a ~30 minute source build): without it these tests are reported as s
 import numpy as np
 import pytest
 import torch
-from tiny_checkpoints import make_checkpoint, train_tokenizer
+from tiny_checkpoints import make_checkpoint
 
 from llama_zh.convert import convert
-from llama_zh.tokenizer import Tokenizer
 
 SCALINGS = {
     "linear": {"type": "linear", "factor": 4.0, "original_max_position_embeddings": 32},
@@ -21,11 +20,6 @@ SCALINGS = {
         "original_max_position_embeddings": 32,
     },
 }
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.mark.parametrize("kind", [*SCALINGS, "tied"])

@@ -9,7 +9,8 @@ import sentencepiece as spm
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+from helpers import llama_zh
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.convert import convert
 from llama_zh.convert.hf_tokenizer import build_hf_tokenizer

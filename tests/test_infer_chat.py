@@ -11,7 +11,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
+from helpers import REPO
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.data.sft import Template
 from llama_zh.generate import SamplingConfig

@@ -8,7 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_checkpoints import make_checkpoint, train_tokenizer
+from helpers import random_hf_llama
+from tiny_checkpoints import make_checkpoint
 
 from llama_zh.checkpoint import load_checkpoint, load_model, read_native, save_checkpoint
 from llama_zh.config import ConfigError, ModelConfig
@@ -177,33 +178,15 @@ def test_int8_quantized_tied_head_or_embedding_gets_its_own_copy(tmp_path, quant
 
 
 def make_hf_tied(tmp_path, with_lm_head=False):
-    cfg = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-    path = tmp_path / "hf"
-    model.save_pretrained(path)
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    model, path = random_hf_llama(tmp_path / "hf", rope_parameters=rope, max_positions=512, tied=True)
     if with_lm_head:  # as some tied checkpoints are stored: the head written out as a copy
         from safetensors.torch import load_file, save_file
 
@@ -238,11 +221,6 @@ def test_tied_hf_import_parity_and_round_trip(tmp_path, with_lm_head):
 
 
 # ------------------------------------------------------------------------------ GGUF
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def _gguf_fields(path):
@@ -439,7 +417,7 @@ def test_meta_llama3_release_tokenizer_model_becomes_a_working_tokenizer(bpe_tok
     """Meta's Llama-3 directory: tokenizer.model is a tiktoken rank file; stage=convert turns it into
     a tokenizer.json with Llama-3's special tokens and chat template, beside the weights."""
     from bpe_fixture import MIXED, write_rank_file
-    from tiny_checkpoints import llama_zh
+    from helpers import llama_zh
 
     from llama_zh.data.chat_template import ChatTemplate
     from llama_zh.generate import SamplingConfig, generate

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from bpe_fixture import news_split
-from tiny_checkpoints import llama_zh
+from helpers import llama_zh
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_checkpoints import llama_zh, make_checkpoint, tiny_config, train_tokenizer
+from helpers import llama_zh
+from tiny_checkpoints import make_checkpoint, tiny_config, train_tokenizer
 
 from llama_zh.data.datasets import IGNORE_INDEX, PackedSFTDataset, SFTDataset, pad_collate
 from llama_zh.data.sft import pack_examples

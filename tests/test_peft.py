@@ -11,6 +11,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from helpers import llama_zh
+from tiny_checkpoints import tiny_config
+
 from llama_zh.checkpoint import load_checkpoint, read_native, save_checkpoint, write_native
 from llama_zh.convert import convert, hf
 from llama_zh.convert import peft as peft_io
@@ -18,7 +21,6 @@ from llama_zh.errors import LlamaZhError
 from llama_zh.model import build_model
 from llama_zh.tokenizer import Tokenizer, train_sentencepiece
 from llama_zh.train.finetune import FinetuneConfig, adapter_state, apply_finetune, export_stream, save_adapter
-from tests.tiny_checkpoints import llama_zh, tiny_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_VOCAB, EXTENDED_VOCAB = 350, 400  # the tokenizer below has EXTENDED_VOCAB pieces

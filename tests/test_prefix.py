@@ -29,7 +29,8 @@ from llama_zh.prefix import (
 from llama_zh.train.finetune import FinetuneConfig, adapters_disabled, apply_finetune, count_trainable
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_checkpoints import REPO, llama_zh, make_checkpoint, train_tokenizer  # noqa: E402
+from helpers import REPO, llama_zh
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 CONFIG = ModelConfig(name="t", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64)
 P = 5

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+from helpers import llama_zh
+from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.checkpoint import read_native, save_checkpoint
 from llama_zh.config import ModelConfig

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import llama_zh
 from tiny_checkpoints import make_checkpoint, train_tokenizer
 
 from llama_zh.__main__ import EXTRA_OVERRIDES_ENV, extra_overrides
@@ -191,37 +192,18 @@ def test_entry_point_links_latest_and_prints_the_checkpoint_last(tmp_path):
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer)
     work = tmp_path / "work"
     work.mkdir()
-    args = [sys.executable, "-m", "llama_zh", "stage=convert", f"stage.src={ckpt}", "stage.src_format=native"]
+    args = ["stage=convert", f"stage.src={ckpt}", "stage.src_format=native"]
     env = user_env()
-    single = subprocess.run(
-        [*args, "stage.dst_format=hf"], cwd=work, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    single = llama_zh(*args, "stage.dst_format=hf", cwd=work, env=env, timeout=600)
     link = work / "outputs" / "convert" / "latest"
     assert link.is_symlink() and not os.path.isabs(os.readlink(link))
     assert single.stdout.splitlines()[-1] == str(link.resolve() / "converted")
 
-    named = subprocess.run(
-        [*args, "stage.dst_format=hf", "hydra.run.dir=runs/mine"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert named.returncode == 0, named.stderr[-3000:]
+    named = llama_zh(*args, "stage.dst_format=hf", run_dir="runs/mine", cwd=work, env=env, timeout=600)
     assert not (work / "runs" / "latest").exists()  # a directory the user named is found by that name
     assert named.stdout.splitlines()[-1] == str(work / "runs" / "mine" / "converted")
 
-    sweep = subprocess.run(
-        [sys.executable, "-m", "llama_zh", "--multirun", *args[3:], "stage.dst_format=hf,native"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    sweep = llama_zh("--multirun", *args, "stage.dst_format=hf,native", cwd=work, env=env, timeout=600)
     link = work / "outputs" / "multirun" / "convert" / "latest"
     assert link.is_symlink() and (link / "0" / "converted" / "config.json").is_file()
     assert sweep.stdout.splitlines()[-1] == str(link.resolve() / "1" / "converted")

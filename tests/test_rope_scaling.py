@@ -11,6 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import random_hf_llama
+
 from llama_zh.checkpoint import load_checkpoint, read_native
 from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.convert import convert
@@ -44,27 +46,10 @@ LENGTHS = (40, 150)  # inside and beyond ORIGINAL
 
 def make_hf(tmp_path, scaling, tied=False, theta=10000.0, name="hf"):
     max_positions = ORIGINAL if scaling["rope_type"] == "dynamic" else 4 * ORIGINAL
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=max_positions,
-        rope_parameters={**scaling, "rope_theta": theta},
-        tie_word_embeddings=tied,
+    rope = {**scaling, "rope_theta": theta}
+    return random_hf_llama(
+        tmp_path / name, rope_parameters=rope, max_positions=max_positions, tied=tied, vocab_size=VOCAB
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-    path = tmp_path / name
-    model.save_pretrained(path)
-    return model, path
 
 
 @pytest.mark.parametrize("kind", list(SCALINGS))
@@ -183,7 +168,8 @@ def test_continued_pretraining_with_scaling_then_perplexity_at_lengths(tmp_path)
     """A checkpoint of 128 positions continued at 256 with linear scaling (stage.init_from), then
     perplexity at 64 and 512 tokens: the scaling and the longer limit are in the new checkpoint,
     and the 512-token windows (past its limit) are measured, not refused."""
-    from tiny_checkpoints import llama_zh, make_checkpoint, train_tokenizer
+    from helpers import llama_zh
+    from tiny_checkpoints import make_checkpoint, train_tokenizer
 
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", train_tokenizer(tmp_path / "tok"))  # max_seq_len 128
     env = {"LLAMA_ZH_DATA": str(tmp_path / "data")}
@@ -229,7 +215,7 @@ def test_continued_pretraining_with_scaling_then_perplexity_at_lengths(tmp_path)
 
 
 def test_bad_eval_lengths_are_refused_before_loading(tmp_path):
-    from tiny_checkpoints import llama_zh
+    from helpers import llama_zh
 
     result = llama_zh(
         "stage=eval",

@@ -16,9 +16,9 @@ import time
 import httpx
 import openai
 import pytest
+from helpers import REPO
 from omegaconf import OmegaConf
 from serve_models import SPLIT_TEXT, InProcessServer, chain_model, slow_steps
-from tiny_checkpoints import REPO, make_checkpoint, train_tokenizer
 
 from llama_zh.checkpoint import save_checkpoint
 from llama_zh.config import ConfigError
@@ -36,14 +36,8 @@ MESSAGES = [{"role": "user", "content": "你好"}]
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tok, tmp_path_factory):
-    path, _ = make_checkpoint(tmp_path_factory.mktemp("served"), tok)
-    return path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint[0]
 
 
 @pytest.fixture(scope="module")

@@ -3,28 +3,13 @@
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import llama_zh
 
 pytestmark = pytest.mark.slow
-
-
-def llama_zh(*overrides, run_dir=None, data_dir=None, check=True):
-    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    if data_dir is not None:
-        env["LLAMA_ZH_DATA"] = str(data_dir)
-    args = [sys.executable, "-m", "llama_zh", *overrides]
-    if run_dir is not None:
-        args.append(f"hydra.run.dir={run_dir}")
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,9 @@
 """trainer= x strategy= composition, batch arithmetic, and the checks that fail before launch."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import llama_zh
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -120,15 +118,8 @@ def test_gpu_trainer_without_gpu_suggests_cpu_trainer():
         check_hardware(config("trainer=a800x8").trainer)
 
 
-def llama_zh(*overrides, tmp_path):
-    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
-    return subprocess.run(
-        [sys.executable, "-m", "llama_zh", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+def entry_point(*overrides, tmp_path):
+    return llama_zh(*overrides, run_dir=tmp_path / "run", data_dir=tmp_path / "data", check=False, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +136,7 @@ def llama_zh(*overrides, tmp_path):
 def test_bad_training_setup_fails_before_launch(overrides, message, tmp_path):
     if overrides == ["trainer=a800x8"] and __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = llama_zh(*overrides, tmp_path=tmp_path)
+    result = entry_point(*overrides, tmp_path=tmp_path)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     # Failed before anything heavy: no corpus built, no checkpoint directory.
@@ -231,7 +222,7 @@ def test_shipped_configs_pass_the_key_check(overrides):
     ],
 )
 def test_unknown_keys_and_unread_groups_are_refused(overrides, message, tmp_path):
-    result = llama_zh(*overrides, tmp_path=tmp_path)
+    result = entry_point(*overrides, tmp_path=tmp_path)
     assert result.returncode == 1 and f"llama_zh: error: {message}" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()
@@ -247,7 +238,7 @@ def small_checkpoint(tmp_path_factory):
 
 
 def test_init_from_refuses_an_explicit_model_of_another_shape(small_checkpoint, tmp_path):
-    result = llama_zh(f"stage.init_from={small_checkpoint}", "model=tiny", tmp_path=tmp_path)
+    result = entry_point(f"stage.init_from={small_checkpoint}", "model=tiny", tmp_path=tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
     assert (
         f"llama_zh: error: model=tiny differs from the checkpoint of stage.init_from={small_checkpoint}: "
@@ -260,7 +251,7 @@ def test_init_from_refuses_an_explicit_tokenizer(small_checkpoint, tmp_path):
     from tiny_checkpoints import train_tokenizer
 
     other = train_tokenizer(tmp_path / "tok", 2000, reviews=1000).path
-    result = llama_zh(
+    result = entry_point(
         f"stage.init_from={small_checkpoint}", "tokenizer=file", f"tokenizer.path={other}", tmp_path=tmp_path
     )
     assert result.returncode == 1 and "llama_zh: error: tokenizer=file tokenizer.path=" in result.stderr, result.stderr[
@@ -271,7 +262,7 @@ def test_init_from_refuses_an_explicit_tokenizer(small_checkpoint, tmp_path):
 
 def test_init_from_with_the_default_model_takes_the_checkpoints_shape(small_checkpoint, tmp_path):
     # data.seq_len 256 > the checkpoint's 128: refused right after the shape is chosen, before any data.
-    result = llama_zh(f"stage.init_from={small_checkpoint}", tmp_path=tmp_path)
+    result = entry_point(f"stage.init_from={small_checkpoint}", tmp_path=tmp_path)
     output = result.stdout + result.stderr
     assert "stage.init_from: the model's shape is the checkpoint's (vocab_size=2000, dim=64" in output, output[-2000:]
     assert result.returncode == 1 and "data.seq_len=256 exceeds the model's max_seq_len=128" in result.stderr

@@ -5,13 +5,13 @@ DeepSpeedCPUAdam is compiled on first use (about a minute), then cached under TO
 """
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import llama_zh
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -30,12 +30,8 @@ ARGS = [
 ]
 
 
-def llama_zh(run_dir, data_dir, *overrides):
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", LLAMA_ZH_DATA=str(data_dir))
-    args = [sys.executable, "-m", "llama_zh", *ARGS, *overrides, f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+def train(run_dir, data_dir, *overrides):
+    llama_zh(*ARGS, *overrides, run_dir=run_dir, data_dir=data_dir)
     return run_dir
 
 
@@ -64,8 +60,8 @@ def plain(tmp_path_factory, data_dir):
     """The plain strategy at one process: micro batch 2 (for 1-process runs) and 4 (= 2 processes x 2)."""
     root = tmp_path_factory.mktemp("plain")
     return {
-        1: llama_zh(root / "b2", data_dir, "data.batch_size=2"),
-        2: llama_zh(root / "b4", data_dir, "data.batch_size=4"),
+        1: train(root / "b2", data_dir, "data.batch_size=2"),
+        2: train(root / "b4", data_dir, "data.batch_size=4"),
     }
 
 
@@ -75,7 +71,7 @@ def test_zero_matches_plain_and_consolidates(strategy, processes, plain, data_di
     from llama_zh.train.zero_checkpoint import read_zero
 
     trainer = "cpu" if processes == 1 else "cpu_ddp2"
-    run = llama_zh(tmp_path / "run", data_dir, f"trainer={trainer}", f"strategy={strategy}", "data.batch_size=2")
+    run = train(tmp_path / "run", data_dir, f"trainer={trainer}", f"strategy={strategy}", "data.batch_size=2")
     reference = plain[processes]
     # Same batches (2 processes split the 1-process batch of 4 between them), same init, same optimizer math.
     torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(losses(reference)), rtol=1e-5, atol=0)
@@ -92,9 +88,9 @@ def test_zero_matches_plain_and_consolidates(strategy, processes, plain, data_di
 
 
 def test_zero_state_resumes_to_the_same_weights(plain, data_dir, tmp_path):
-    first = llama_zh(tmp_path / "first", data_dir, "strategy=zero2", "data.batch_size=2")
+    first = train(tmp_path / "first", data_dir, "strategy=zero2", "data.batch_size=2")
     state = first / "checkpoints" / "state" / "step-000002"
-    second = llama_zh(tmp_path / "second", data_dir, "strategy=zero2", "data.batch_size=2", f"resume={state}")
+    second = train(tmp_path / "second", data_dir, "strategy=zero2", "data.batch_size=2", f"resume={state}")
     assert losses(second)[-2:] == losses(first)[-2:]
     assert_weights_close(weights(second / "checkpoints" / "final"), weights(first / "checkpoints" / "final"), atol=0)
 
@@ -102,7 +98,7 @@ def test_zero_state_resumes_to_the_same_weights(plain, data_dir, tmp_path):
 def test_consolidation_command_writes_a_native_checkpoint(plain, data_dir, tmp_path):
     from llama_zh import load_checkpoint
 
-    run = llama_zh(tmp_path / "run", data_dir, "strategy=zero3", "data.batch_size=2", "trainer.max_steps=2")
+    run = train(tmp_path / "run", data_dir, "strategy=zero3", "data.batch_size=2", "trainer.max_steps=2")
     out = tmp_path / "native"
     result = subprocess.run(
         [

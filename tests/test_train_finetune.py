@@ -1,13 +1,11 @@
 """finetune=: LoRA on the native model (merge equality, parity with peft), freeze, and end to end."""
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import llama_zh
 
 from llama_zh.checkpoint import load_checkpoint, write_native
 from llama_zh.config import ModelConfig
@@ -226,7 +224,6 @@ def test_bad_finetune_settings(values, message):
 
 @pytest.mark.slow
 def test_sft_with_lora_end_to_end(tmp_path):
-    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(tmp_path / "data"))
     common = [
         "logger=csv",
         "trainer.enable_progress_bar=false",
@@ -235,19 +232,12 @@ def test_sft_with_lora_end_to_end(tmp_path):
         "trainer.max_steps=2",
     ]
 
-    def llama_zh(*overrides, run):
-        result = subprocess.run(
-            [sys.executable, "-m", "llama_zh", *common, *overrides, f"hydra.run.dir={tmp_path / run}"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+    def run_stage(*overrides, run):
+        llama_zh(*common, *overrides, run_dir=tmp_path / run, data_dir=tmp_path / "data")
 
-    llama_zh("data.seq_len=32", "data.batch_size=2", run="pt")
+    run_stage("data.seq_len=32", "data.batch_size=2", run="pt")
     base = tmp_path / "pt" / "checkpoints" / "final"
-    llama_zh(
+    run_stage(
         "stage=sft",
         f"stage.checkpoint={base}",
         "finetune=lora",

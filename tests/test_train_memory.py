@@ -1,13 +1,11 @@
 """The memory plan: activation sizes vs what autograd saves, ZeRO arithmetic, the refusal before
 launch, the plan vs a measured CPU run, and ZeRO-3 never materialising the whole model per process."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import llama_zh
 
 from llama_zh.config import ModelConfig
 from llama_zh.model import build_model
@@ -106,40 +104,24 @@ def test_zero_arithmetic_on_7b():
     assert lora.device["optimizer"] == 8 * (n // 100)
 
 
-def llama_zh(*overrides, tmp_path, env_extra=None):
-    env = dict(
-        os.environ,
-        WANDB_MODE="offline",
-        PYTHONUNBUFFERED="1",
-        LLAMA_ZH_DATA=str(tmp_path / "data"),
-        **(env_extra or {}),
-    )
-    args = [
-        sys.executable,
-        "-m",
-        "llama_zh",
-        "debug=fast",
-        "logger=csv",
-        "trainer.enable_progress_bar=false",
-        "trainer.limit_val_batches=0",
-        *overrides,
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+def train(*overrides, tmp_path, env_extra=None):
+    fast = ["debug=fast", "logger=csv", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0"]
+    run_dir, data_dir = tmp_path / "run", tmp_path / "data"
+    return llama_zh(*fast, *overrides, run_dir=run_dir, data_dir=data_dir, env_extra=env_extra, check=False)
 
 
 def test_run_over_the_plan_is_refused_unless_overridden(tmp_path):
     small = ["trainer.memory_gb=0.2", "trainer.max_steps=1", "data.seq_len=32", "data.batch_size=2"]
-    refused = llama_zh(*small, tmp_path=tmp_path)
+    refused = train(*small, tmp_path=tmp_path)
     assert refused.returncode == 1 and "memory plan:" in refused.stderr and "memory_check=false" in refused.stderr
     assert "Traceback" not in refused.stderr
-    forced = llama_zh(*small, "memory_check=false", tmp_path=tmp_path)
+    forced = train(*small, "memory_check=false", tmp_path=tmp_path)
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert "running anyway" in forced.stdout + forced.stderr
 
 
 def test_7b_on_this_machine_is_refused_before_building_anything(tmp_path):
-    result = llama_zh("model=llama_7b", "model.vocab_size=32000", tmp_path=tmp_path)
+    result = train("model=llama_7b", "model.vocab_size=32000", tmp_path=tmp_path)
     assert result.returncode == 1 and "memory plan:" in result.stderr
     assert "strategy=zero3" in result.stderr
 
@@ -152,7 +134,7 @@ MEASURED = re.compile(r"memory: rank 0 peak RSS ([\d.]+) GiB, planned ([\d.]+) G
 def test_plan_against_a_measured_cpu_run(overrides, tmp_path):
     # 20.8M parameters, 2048 tokens a step: weights, optimizer and activations all matter.
     shape = ["model.dim=512", "model.n_layers=4", "model.ffn_dim=1376", "model.n_heads=8", "model.n_kv_heads=8"]
-    result = llama_zh(*shape, *overrides, "trainer.max_steps=3", tmp_path=tmp_path)
+    result = train(*shape, *overrides, "trainer.max_steps=3", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     measured, planned = map(float, MEASURED.search(result.stdout + result.stderr).groups())
     assert 0.8 < measured / planned < 1.3, (measured, planned)
@@ -191,7 +173,7 @@ def test_zero3_never_holds_the_whole_model_in_one_process(tmp_path):
 
     # glibc keeps freed large blocks for reuse (its mmap threshold grows with use), so the RSS peak
     # would count transient buffers long gone; a fixed threshold returns them and the peak is live memory.
-    result = llama_zh(
+    result = train(
         "trainer=cpu_ddp2",
         "strategy=zero3",
         f"stage.init_from={tmp_path / 'init'}",

@@ -6,16 +6,15 @@ was written is never handed to torch: resume=auto falls back to the newest intac
 import csv
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_command, cli_env, llama_zh
 from safetensors.torch import load_file
 
 from llama_zh.errors import LlamaZhError
@@ -39,24 +38,14 @@ ARGS = [
 COMPARED = ("step", "train/loss", "lr", "train/tokens", "train/grad_norm", "data/share_news", "val/loss")
 
 
-def command(run_dir, *extra):
-    return [sys.executable, "-m", "llama_zh", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+def train(run_dir, data_dir, *extra, check=True):
+    return llama_zh(*ARGS, *extra, run_dir=run_dir, data_dir=data_dir, check=check, timeout=600)
 
 
-def environment(data_dir):
-    return dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", LLAMA_ZH_DATA=str(data_dir))
-
-
-def run(args, data_dir, check=True):
-    result = subprocess.run(args, capture_output=True, text=True, env=environment(data_dir), timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
-    return result
-
-
-def kill_when(args, data_dir, condition, timeout=300):
+def kill_when(run_dir, data_dir, condition, timeout=300):
     """Start the run and SIGKILL it the moment `condition()` holds; returns True if it was killed."""
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(data_dir))
+    args, env = cli_command(*ARGS, run_dir=run_dir), cli_env(data_dir)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -88,7 +77,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     run_dir = tmp_path_factory.mktemp("reference")
-    run(command(run_dir), data_dir)
+    train(run_dir, data_dir)
     return run_dir
 
 
@@ -100,10 +89,9 @@ def states(run_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_twice_then_rerun_equals_uninterrupted_run(reference, data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    args = command(run_dir)
     # 1. Killed while the state of step 6 is being written: only the .tmp directory exists.
     writing = lambda: any(n.startswith(".step-000006") for n in states(run_dir))  # noqa: E731
-    assert kill_when(args, data_dir, writing), "the run finished before it could be killed"
+    assert kill_when(run_dir, data_dir, writing), "the run finished before it could be killed"
     assert "step-000003" in states(run_dir)
     # 2. Rerun; killed again between states, once step 9's state exists and training went on a little.
     started = {}
@@ -114,9 +102,9 @@ def test_sigkill_twice_then_rerun_equals_uninterrupted_run(reference, data_dir, 
             return time.monotonic() - started["t"] > 0.3
         return False
 
-    assert kill_when(args, data_dir, past_step_9), "the rerun finished before it could be killed"
+    assert kill_when(run_dir, data_dir, past_step_9), "the rerun finished before it could be killed"
     # 3. Rerun to the end.
-    result = run(args, data_dir)
+    result = train(run_dir, data_dir)
     assert "resuming from" in result.stdout + result.stderr
 
     assert metrics(run_dir) == metrics(reference)
@@ -133,7 +121,7 @@ def test_sigkill_twice_then_rerun_equals_uninterrupted_run(reference, data_dir, 
 @pytest.mark.slow
 def test_finished_run_rerun_does_not_train_again(reference, data_dir):
     before = metrics(reference)
-    result = run(command(reference), data_dir)
+    result = train(reference, data_dir)
     assert "resuming from" in result.stdout + result.stderr
     assert metrics(reference) == before
 
@@ -141,20 +129,18 @@ def test_finished_run_rerun_does_not_train_again(reference, data_dir):
 @pytest.mark.slow
 def test_resume_from_another_shape_or_tokenizer_is_refused(reference, data_dir, tmp_path):
     state = reference / "checkpoints" / "state" / "step-000012"
-    result = run(command(tmp_path / "other", "model.n_layers=2", f"resume={state}"), data_dir, check=False)
+    result = train(tmp_path / "other", data_dir, "model.n_layers=2", f"resume={state}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot continue from" in result.stderr and "n_layers 4 -> 2" in result.stderr
 
     # Same shape, another tokenizer (a different vocabulary size of the trained sentencepiece model).
-    result = run(
-        command(
-            tmp_path / "tok",
-            "tokenizer.train.vocab_size=7000",
-            "model.vocab_size=8000",
-            f"tokenizer.path={tmp_path}/tok7000/tokenizer.model",
-            f"resume={state}",
-        ),
+    result = train(
+        tmp_path / "tok",
         data_dir,
+        "tokenizer.train.vocab_size=7000",
+        "model.vocab_size=8000",
+        f"tokenizer.path={tmp_path}/tok7000/tokenizer.model",
+        f"resume={state}",
         check=False,
     )
     assert result.returncode == 1 and "the tokenizer differs" in result.stderr, result.stderr[-2000:]
@@ -162,7 +148,7 @@ def test_resume_from_another_shape_or_tokenizer_is_refused(reference, data_dir, 
 
 @pytest.mark.slow
 def test_resume_path_that_is_not_a_state_is_refused(data_dir, tmp_path):
-    result = run(command(tmp_path / "run", f"resume={tmp_path}"), data_dir, check=False)
+    result = train(tmp_path / "run", data_dir, f"resume={tmp_path}", check=False)
     assert result.returncode == 1 and "not a llama_zh training state" in result.stderr
 
 
@@ -240,7 +226,7 @@ def test_truncated_newest_state_resumes_from_the_previous_one(reference, data_di
     shutil.copytree(reference, run_dir)
     newest, previous = (run_dir / "checkpoints" / "state" / n for n in ("step-000012", "step-000009"))
     truncate(newest / "state.ckpt")
-    result = run(command(run_dir), data_dir)
+    result = train(run_dir, data_dir)
     output = result.stdout + result.stderr
     warning = [line for line in output.splitlines() if "is damaged" in line]
     assert warning and str(newest) in warning[0] and str(previous) in warning[0], output[-3000:]

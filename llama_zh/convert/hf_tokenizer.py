@@ -69,7 +69,8 @@ def _refuse_unsupported(proto: sp_model.ModelProto, source: Path | str) -> None:
     trainer, norm, denorm = proto.trainer_spec, proto.normalizer_spec, proto.denormalizer_spec
     why = None
     if trainer.model_type != sp_model.TrainerSpec.BPE:
-        why = f"trainer_spec.model_type is {sp_model.TrainerSpec.ModelType.Name(trainer.model_type)}, only BPE is converted"
+        model_type = sp_model.TrainerSpec.ModelType.Name(trainer.model_type)
+        why = f"trainer_spec.model_type is {model_type}, only BPE is converted"
     elif norm.precompiled_charsmap:
         why = (
             f"normalizer_spec.name {norm.name!r} maps characters (precompiled_charsmap); "

@@ -25,9 +25,10 @@ from llama_zh.checkpoint import CONFIG_FILE, DEFAULT_SHARD_BYTES, WeightStream, 
 from llama_zh.config import ModelConfig
 from llama_zh.convert import hf
 from llama_zh.convert.format import Format
+from llama_zh.dtypes import SAFETENSORS_DTYPES
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import build_model
-from llama_zh.tensor_io import DTYPES, CheckpointDir, iter_safetensors, safetensors_header, torch_load_weights
+from llama_zh.tensor_io import CheckpointDir, iter_safetensors, safetensors_header, torch_load_weights
 from llama_zh.tokenizer import copy_tokenizer, find_tokenizer
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ def read_peft(directory: Path) -> PeftAdapter:
     if (directory / PEFT_WEIGHTS).is_file():
         file = directory / PEFT_WEIGHTS
         header, _ = safetensors_header(file)
-        specs = {k: (DTYPES[e["dtype"]], tuple(e["shape"])) for k, e in header.items()}
+        specs = {k: (SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"])) for k, e in header.items()}
     elif (directory / PEFT_WEIGHTS_BIN).is_file():
         file = directory / PEFT_WEIGHTS_BIN
         bin_state = torch_load_weights(file)  # memory-mapped: each tensor is read when the merge uses it

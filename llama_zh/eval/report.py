@@ -8,6 +8,7 @@ them all. Ratios compare each job with the quant=none job that has the same othe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,11 @@ HEADLINE = {  # metric key -> column title, in table order
     "generation/exact_match": "EM",
     "generation/rouge_l": "ROUGE-L",
 }
+
+
+def quant_ratio(metrics: dict, base: dict, key: str) -> float:
+    """`key` of a quantized run over the same job's quant=none run; nan where either lacks it."""
+    return metrics[key] / base[key] if key in metrics and base.get(key) else float("nan")
 
 
 def result_metrics(report: dict) -> dict:
@@ -105,7 +111,7 @@ def comparison_table(jobs: list[dict]) -> tuple[list[str], list[list]]:
     rows = []
     for j in jobs:
         m, base = j["metrics"], baseline.get(j["others"], {})
-        ratio = lambda k: m[k] / base[k] if k in m and base.get(k) else float("nan")  # noqa: E731
+        ratio = functools.partial(quant_ratio, m, base)
         own = " ".join(o for o in j["overrides"] if o not in common)
         rows.append(
             [

@@ -26,6 +26,7 @@ from llama_zh import kernels
 from llama_zh.checkpoint import WeightStream, stream_tokenizer
 from llama_zh.config import ConfigError
 from llama_zh.convert import read_any
+from llama_zh.dtypes import PRECISION_DTYPES
 from llama_zh.errors import LlamaZhError
 from llama_zh.infer import swaps
 from llama_zh.model import Transformer
@@ -119,18 +120,6 @@ def load(
     return model, tokenizer, report
 
 
-PRECISIONS = {
-    "32": torch.float32,
-    "32-true": torch.float32,
-    "bf16-mixed": torch.bfloat16,
-    "bf16-true": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "16-mixed": torch.float16,
-    "16-true": torch.float16,
-    "16": torch.float16,
-}
-
-
 def inference_target(cfg) -> tuple[torch.device, torch.dtype | None]:
     """Device and weight dtype from trainer= (hardware lives there): gpu -> cuda in the trainer's
     precision; cpu -> cpu, weights as stored."""
@@ -139,7 +128,7 @@ def inference_target(cfg) -> tuple[torch.device, torch.dtype | None]:
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is available (use trainer=cpu)")
         precision = str(cfg.trainer.get("precision", "32-true"))
-        return torch.device("cuda"), PRECISIONS.get(precision, torch.float32)
+        return torch.device("cuda"), PRECISION_DTYPES.get(precision, torch.float32)
     return torch.device("cpu"), None
 
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llama_zh.config import ConfigError, ModelConfig, group_defaults
 from llama_zh.convert import convert
+from llama_zh.dtypes import FLOAT_DTYPES
 from llama_zh.stages import chosen
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 ONE_FILE = ("tencentpretrain", "gguf")  # destination formats written as a single file, never sharded
@@ -23,8 +22,8 @@ def check_options(cfg: DictConfig) -> None:
     """Options this conversion would ignore are refused, not dropped (the writers' own checks are in
     llama_zh.convert.convert)."""
     stage = cfg.stage
-    if stage.dtype is not None and stage.dtype not in DTYPES:
-        raise ConfigError(f"stage.dtype: {stage.dtype!r}; expected null or one of {', '.join(DTYPES)}")
+    if stage.dtype is not None and stage.dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"stage.dtype: {stage.dtype!r}; expected null or one of {', '.join(FLOAT_DTYPES)}")
     given = chosen("model")
     if given and stage.src_format != "tencentpretrain":
         raise ConfigError(
@@ -54,7 +53,7 @@ def run(cfg: DictConfig):
         stage.dst_format,
         model=model,
         tokenizer=Path(stage.tokenizer) if stage.tokenizer else None,
-        dtype=DTYPES.get(stage.dtype),
+        dtype=FLOAT_DTYPES.get(stage.dtype),
         overwrite=stage.overwrite,
         max_shard_bytes=int(stage.max_shard_gb * 1024**3),
         template=stage.get("template"),
@@ -76,7 +75,9 @@ def _run_peft(stage: DictConfig, cfg: DictConfig):
                 f"stage.dst_format=peft exports the adapter of a finetune=lora checkpoint: "
                 f"set stage.src_format=native (got {stage.src_format!r})"
             )
-        dst = peft.export(Path(stage.src), Path(stage.dst), dtype=DTYPES.get(stage.dtype), overwrite=stage.overwrite)
+        dst = peft.export(
+            Path(stage.src), Path(stage.dst), dtype=FLOAT_DTYPES.get(stage.dtype), overwrite=stage.overwrite
+        )
     else:
         model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
         dst = peft.convert_merged(
@@ -87,7 +88,7 @@ def _run_peft(stage: DictConfig, cfg: DictConfig):
             stage.dst_format,
             model=model,
             tokenizer=Path(stage.tokenizer) if stage.tokenizer else None,
-            dtype=DTYPES.get(stage.dtype),
+            dtype=FLOAT_DTYPES.get(stage.dtype),
             overwrite=stage.overwrite,
             max_shard_bytes=int(stage.max_shard_gb * 1024**3),
         )

@@ -85,7 +85,8 @@ def run(cfg: DictConfig):
         raise ConfigError(f"stage.init: {stage.init!r}; expected one of {', '.join(INITS)}")
     if stage.tokenizer_model and (stage.extra or stage.pad_token):
         raise ConfigError(
-            "stage.tokenizer_model is used as it is, stage.extra and stage.pad_token build a new one: set one or the other"
+            "stage.tokenizer_model is used as it is, stage.extra and stage.pad_token build a new one: "
+            "set one or the other"
         )
     out = Path(stage.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,8 @@ class NativeCheckpoint(pl.Callback):
 
     Adapters are merged into the weights as they stream out (the adapters alone go beside them in
     adapter.safetensors + adapter_config.json; a prefix, finetune=prefix, in prefix.safetensors +
-    prefix.json, the weights being the untouched base); under ZeRO-3 each tensor is gathered in turn, never the whole model.
+    prefix.json, the weights being the untouched base); under ZeRO-3 each tensor is gathered in turn, never the
+    whole model.
     On a quantized base (finetune.base_quant) they are merged into the `source` checkpoint's original
     weights, streamed again, and the final save logs the logit gap between the trained model and
     the merged checkpoint (`logit_gap`, also kept in `self.logit_gap` and sent to the loggers).

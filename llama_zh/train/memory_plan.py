@@ -3,7 +3,8 @@
 Rows (bytes per process):
 - params      the weights as the device holds them (ZeRO-3: a 1/W shard plus the layers gathered
               for compute; autocast's 16-bit weight copies, cached for the forward, under *-mixed);
-              LoRA adapters and a prefix (finetune=prefix) in fp32; a QLoRA base's quantized projections at their packed size
+              LoRA adapters and a prefix (finetune=prefix) in fp32; a QLoRA base's quantized projections at their
+              packed size
               (nf4: half a byte a weight + an fp32 absmax per block + the 16-entry code per layer;
               int8: a byte a weight + an fp32 scale per row), the rest of the base in fp32
 - grads       gradients of the trainable weights (ZeRO-2/3: a shard plus the reduce bucket; DDP:

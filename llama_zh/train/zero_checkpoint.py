@@ -36,6 +36,7 @@ import torch
 
 from llama_zh.checkpoint import WeightStream, expected_specs, write_native
 from llama_zh.config import ModelConfig
+from llama_zh.dtypes import FLOAT_DTYPES
 from llama_zh.errors import LlamaZhError
 from llama_zh.tokenizer import find_tokenizer
 from llama_zh.train.callbacks import STATE_META
@@ -219,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("state", type=Path, help="a step-NNNNNN training state directory (or its state/ inside)")
     parser.add_argument("output", type=Path, help="native checkpoint directory to write")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--dtype", choices=list(FLOAT_DTYPES), default=None)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        stream = read_zero(args.state).cast(getattr(torch, args.dtype) if args.dtype else None)
+        stream = read_zero(args.state).cast(FLOAT_DTYPES.get(args.dtype))
         out = write_native(stream, args.output, overwrite=args.overwrite)
     except LlamaZhError as e:
         print(f"llama_zh: error: {e}", file=sys.stderr)
