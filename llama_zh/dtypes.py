@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-# stage.dtype (convert), quant.compute_dtype, `python -m llama_zh.zero_checkpoint --dtype`: torch's own names.
+# stage.dtype (convert), quant.compute_dtype, `python -m llama_zh.train.zero_checkpoint --dtype`: torch's own names.
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # trainer.precision (Lightning's names) -> the dtype the weights are held in for inference.

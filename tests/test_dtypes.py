@@ -45,7 +45,7 @@ def test_float_names_are_torchs_and_every_option_takes_them():
     assert all(getattr(torch, name) is dtype for name, dtype in FLOAT_DTYPES.items())
     # the zero_checkpoint command line offers the same names
     help_text = subprocess.run(
-        [sys.executable, "-m", "llama_zh.zero_checkpoint", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "llama_zh.train.zero_checkpoint", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "{" + ",".join(FLOAT_DTYPES) + "}" in help_text
 
