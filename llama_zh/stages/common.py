@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llama_zh.atomic import claim_run_dir, release_run_dir
 from llama_zh.callbacks import (
@@ -33,6 +33,7 @@ from llama_zh.errors import LlamaZhError
 from llama_zh.finetune import FinetuneConfig, apply_finetune, base_quant_config, count_trainable, load_quantized_base
 from llama_zh.hardware import (
     BatchPlan,
+    TrainerConfig,
     batch_plan,
     check_hardware,
     device_memory_bytes,
@@ -45,7 +46,9 @@ from llama_zh.hardware import (
 from llama_zh.memory_plan import MemoryPlan, PlanInputs, fits, peak_rss, plan_memory, reset_peak_rss
 from llama_zh.model import Transformer, build_model
 from llama_zh.module import MIN_8BIT_SIZE, CausalLM, OptimConfig, check_optimizer, enable_activation_checkpointing
+from llama_zh.stages import finetune_slice, optim_slice, plain, strategy_slice, tracking_slice, trainer_slice
 from llama_zh.strategies import (
+    StrategyConfig,
     announce_jit_builds,
     build_strategy,
     check_strategy,
@@ -55,20 +58,70 @@ from llama_zh.strategies import (
     zero_stage,
 )
 from llama_zh.tokenizer import Tokenizer
-from llama_zh.tracking import build_loggers
+from llama_zh.tracking import TrackingConfig, build_loggers
 
 log = logging.getLogger(__name__)
 
 
-def output_dir(cfg: DictConfig) -> Path:
-    path = Path(cfg.paths.output_dir)
+def output_dir(cfg: DictConfig | Path) -> Path:
+    """The run directory (paths.output_dir), made if missing."""
+    path = Path(cfg.paths.output_dir) if isinstance(cfg, DictConfig) else Path(cfg)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def model_config(model_cfg: DictConfig, tokenizer: Tokenizer) -> ModelConfig:
+@dataclass
+class TrainSettings:
+    """What training reads of the config, typed once by `train_settings` before anything else runs:
+    the groups (trainer=, strategy=, optim=, finetune=, logger=) and the root config's run keys, which
+    have no defaults here (they are llama_zh/conf/config.yaml's)."""
+
+    output_dir: Path
+    trainer: TrainerConfig
+    strategy: StrategyConfig
+    optim: OptimConfig
+    finetune: FinetuneConfig
+    tracking: TrackingConfig
+    seed: int
+    global_batch_size: int | None
+    resume: str | None
+    state_every_n_steps: int
+    state_keep_last: int
+    log_progress_every_s: float
+    log_progress_every_n_steps: int
+    memory_check: bool
+    save_every_n_steps: int  # the stage's own: native checkpoints every N optimizer steps (0: the final one)
+
+
+# The root config's keys TrainSettings takes as they are.
+RUN_KEYS = (
+    "seed",
+    "global_batch_size",
+    "resume",
+    "state_every_n_steps",
+    "state_keep_last",
+    "log_progress_every_s",
+    "log_progress_every_n_steps",
+    "memory_check",
+)
+
+
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    return TrainSettings(
+        output_dir=Path(cfg.paths.output_dir),
+        trainer=trainer_slice(cfg),
+        strategy=strategy_slice(cfg),
+        optim=optim_slice(cfg),
+        finetune=finetune_slice(cfg),
+        tracking=tracking_slice(cfg),
+        save_every_n_steps=int(cfg.stage.save_every_n_steps),
+        **{key: plain(cfg[key]) for key in RUN_KEYS},
+    )
+
+
+def model_config(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The `model=` shape with its vocabulary checked against (or taken from) the tokenizer."""
-    config = ModelConfig.from_dict(OmegaConf.to_container(model_cfg, resolve=True), source="model")
+    config = model
     if config.vocab_size is None:
         return config.with_vocab(tokenizer.vocab_size)
     if tokenizer.vocab_size > config.vocab_size:
@@ -262,10 +315,10 @@ def adapter_saved_per_token(probe: Transformer, ft: FinetuneConfig) -> int:
 
 
 def memory_plan_check(
-    cfg: DictConfig, config: ModelConfig, trainable: int, plan: BatchPlan, details: dict | None = None
+    settings: TrainSettings, config: ModelConfig, trainable: int, plan: BatchPlan, details: dict | None = None
 ) -> MemoryPlan:
-    strategy = cfg.strategy
-    ds = strategy.get("deepspeed")
+    strategy, trainer = settings.strategy, settings.trainer
+    ds = strategy.deepspeed
     inputs = PlanInputs(
         model=config,
         trainable_params=trainable,
@@ -273,18 +326,18 @@ def memory_plan_check(
         seq_len=plan.seq_len,
         world_size=plan.devices * plan.nodes,
         local_processes=plan.devices,
-        precision=str(cfg.trainer.precision),
-        on_gpu=uses_gpu(cfg.trainer),
+        precision=str(trainer.precision),
+        on_gpu=uses_gpu(trainer),
         zero_stage=zero_stage(strategy),
         ddp=strategy.name == "ddp" or (strategy.name == "auto" and plan.devices * plan.nodes > 1),
         offload_optimizer=bool(ds and ds.offload_optimizer),
         offload_parameters=bool(ds and ds.offload_parameters),
         reduce_bucket_size=int(ds.reduce_bucket_size) if ds else 0,
-        activation_checkpointing=bool(strategy.get("activation_checkpointing")),
+        activation_checkpointing=bool(strategy.activation_checkpointing),
         **(details or {}),
     )
     memory = plan_memory(inputs)
-    available = device_memory_bytes(cfg.trainer)
+    available = device_memory_bytes(trainer)
     notes = "".join(
         [
             f", base {inputs.base_quant} ({inputs.quantized_layers} projections)" if inputs.base_quant else "",
@@ -294,7 +347,7 @@ def memory_plan_check(
     log.info(
         "memory plan per device (model %s, trainer=%s, strategy=%s, micro batch %d x %d tokens%s):\n%s",
         config.name,
-        cfg.trainer.name,
+        trainer.name,
         strategy.name,
         plan.micro_batch,
         plan.seq_len,
@@ -307,28 +360,28 @@ def memory_plan_check(
             f"memory plan: {why}. Lower the micro batch, use strategy=zero3 / zero3_offload or "
             "strategy.activation_checkpointing=true, or set memory_check=false to run anyway"
         )
-        if cfg.get("memory_check", True):
+        if settings.memory_check:
             raise LlamaZhError(message)
         log.warning("%s (memory_check=false: running anyway)", message)
     return memory
 
 
-def check_prefix(ft: FinetuneConfig, cfg: DictConfig) -> None:
+def check_prefix(ft: FinetuneConfig, strategy: StrategyConfig, pack: bool) -> None:
     """Refuse a prefix-tuning run that cannot work, before anything is built: its tokens run through the
-    KV cache, which packed sequences and activation checkpointing do not use."""
+    KV cache, which packed sequences (`pack`: stage.pack) and activation checkpointing do not use."""
     if ft.method != "prefix":
         return
-    if cfg.stage.get("pack"):
+    if pack:
         raise LlamaZhError(
             "finetune=prefix runs the tokens after the prefix in the KV cache, which packed sequences "
             "(stage.pack=true) cannot use; set stage.pack=false"
         )
-    if cfg.strategy.get("activation_checkpointing"):
+    if strategy.activation_checkpointing:
         raise LlamaZhError(
             "finetune=prefix runs every block with the KV cache, which activation checkpointing skips; "
             "set strategy.activation_checkpointing=false"
         )
-    if zero_stage(cfg.strategy) == 3:
+    if zero_stage(strategy) == 3:
         raise LlamaZhError(
             "finetune=prefix is not supported with strategy=zero3* (its prefix is computed outside the "
             "blocks ZeRO-3 gathers); use strategy=auto, ddp, zero1 or zero2"
@@ -383,27 +436,26 @@ class TrainJob:
     make_module: Callable[..., CausalLM] = CausalLM
 
 
-def prepare_batch(cfg: DictConfig, micro_batch: int, seq_len: int) -> BatchPlan:
+def prepare_batch(settings: TrainSettings, micro_batch: int, seq_len: int) -> BatchPlan:
     """Hardware and batch checks, before anything heavy: a run that cannot start fails at once."""
-    check_hardware(cfg.trainer)
-    check_strategy(cfg.strategy)
-    plan = batch_plan(micro_batch, seq_len, cfg.trainer, cfg.get("global_batch_size"))
+    check_hardware(settings.trainer)
+    check_strategy(settings.strategy)
+    plan = batch_plan(micro_batch, seq_len, settings.trainer, settings.global_batch_size)
     log.info("%s", plan.describe())
     return plan
 
 
-def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
-    out = output_dir(cfg)
+def fit(settings: TrainSettings, job: TrainJob, pack: bool = False) -> TrainResult:
+    """Train `job`; `pack`: stage.pack (packed sequences), which some finetune methods cannot take."""
+    out = output_dir(settings.output_dir)
     claim_run_dir(out)  # to the end of the run: a second run into `out` refuses, naming this one
-    optim = OptimConfig(**cfg.optim)
-    ft = FinetuneConfig.from_cfg(cfg.get("finetune"))
-    strategy_cfg = cfg.strategy
+    optim, ft, strategy_cfg = settings.optim, settings.finetune, settings.strategy
     deepspeed = is_deepspeed(strategy_cfg)
     config = job.source.config
-    on_gpu = uses_gpu(cfg.trainer)
+    on_gpu = uses_gpu(settings.trainer)
     check_optimizer(optim, on_gpu, deepspeed)
     check_base_quant(ft, job.source, deepspeed)
-    check_prefix(ft, cfg)
+    check_prefix(ft, strategy_cfg, pack)
 
     # Trainable count from a meta-device copy: no memory, and before any process is launched.
     probe = apply_finetune(build_model(config, device="meta"), ft)
@@ -416,7 +468,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
         ft.method,
         f", base {ft.base_quant}" if ft.base_quant else "",
     )
-    memory = memory_plan_check(cfg, config, trainable, job.plan, plan_details(config, probe, ft, optim, on_gpu))
+    memory = memory_plan_check(settings, config, trainable, job.plan, plan_details(config, probe, ft, optim, on_gpu))
 
     expected = {
         "model": config.to_dict(),
@@ -435,7 +487,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     if ft.method == "prefix":  # another prefix shape cannot take the state's prefix parameters
         expected["prefix_len"], expected["prefix_hidden"] = ft.prefix_len, ft.prefix_hidden
     state_dir = out / "checkpoints" / "state"
-    resume_dir = resolve_resume(cfg.get("resume", "auto"), state_dir)
+    resume_dir = resolve_resume(settings.resume, state_dir)
     ckpt_path = None
     if resume_dir is not None:
         meta = check_resumable(resume_dir, expected)
@@ -448,30 +500,30 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
             job.source,
             ft,
             zero3=zero_stage(strategy_cfg) == 3,
-            checkpointing=bool(strategy_cfg.get("activation_checkpointing")),
+            checkpointing=bool(strategy_cfg.activation_checkpointing),
             on_gpu=on_gpu,
         ),
         optim,
-        total_steps=cfg.trainer.max_steps,
+        total_steps=settings.trainer.max_steps,
         source_names=job.source_names,
-        seed=cfg.seed,
+        seed=settings.seed,
         cpu_adam=offloads_optimizer(strategy_cfg),
         flops_per_token=model_flops_per_token(total, config.n_layers, config.dim, job.plan.seq_len, trainable_fraction),
-        peak_flops=peak_flops(cfg.trainer),
+        peak_flops=peak_flops(settings.trainer),
     )
     extra = {"stage": job.stage, "finetune": ft.method, **(job.extra or {})}
     native = NativeCheckpoint(
         out / "checkpoints",
         job.tokenizer.path,
-        cfg.stage.get("save_every_n_steps", 0),
+        settings.save_every_n_steps,
         extra=extra,
         finetune=ft,
         source=job.source.stream,
     )
     state = TrainingState(
         state_dir,
-        int(cfg.get("state_every_n_steps", 0)),
-        int(cfg.get("state_keep_last", 2)),
+        int(settings.state_every_n_steps),
+        int(settings.state_keep_last),
         meta=expected,
         deepspeed=deepspeed,
         tokenizer=job.tokenizer.path,
@@ -485,7 +537,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
         "resumed_from": str(resume_dir) if resume_dir else None,
     }
     resume_step = int(meta["global_step"]) if resume_dir is not None else None
-    trainer = build_trainer(cfg, [state, native, MemoryReport(memory)], hparams, job.plan, resume_step)
+    trainer = build_trainer(settings, [state, native, MemoryReport(memory)], hparams, job.plan, resume_step)
     trainer.fit(module, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=True)  # no pickled code
     if native.final is None:
         # Resumed from a state at max_steps: Lightning skips training and its end hooks, but the
@@ -517,35 +569,33 @@ def quiet_library_warnings() -> None:
     )
 
 
-def progress_callbacks(cfg: DictConfig, enable_bar: bool) -> list[pl.Callback]:
+def progress_callbacks(settings: TrainSettings, enable_bar: bool) -> list[pl.Callback]:
     """The progress bar (labelled in optimizer steps) and, where no bar is seen (stdout not a
     terminal, or the bar turned off), periodic progress lines in the log."""
     callbacks: list[pl.Callback] = [step_progress_bar()] if enable_bar else []
     if not enable_bar or not sys.stdout.isatty():
-        every_s, every_n = float(cfg.get("log_progress_every_s", 30)), int(cfg.get("log_progress_every_n_steps", 0))
+        every_s, every_n = float(settings.log_progress_every_s), int(settings.log_progress_every_n_steps)
         callbacks.append(ProgressLog(every_s, every_n))
     return callbacks
 
 
 def build_trainer(
-    cfg: DictConfig,
+    settings: TrainSettings,
     callbacks: list[pl.Callback],
     extra_hparams: dict | None = None,
     plan: BatchPlan | None = None,
     resume_step: int | None = None,
 ) -> pl.Trainer:
-    out = output_dir(cfg)
+    out = output_dir(settings.output_dir)
     quiet_library_warnings()
-    args = lightning_args(cfg.trainer)
+    args = lightning_args(settings.trainer)
     if plan is not None:
         args["accumulate_grad_batches"] = plan.accumulation
-    strategy_cfg = cfg.get("strategy")
-    if strategy_cfg is not None:
-        args["strategy"] = build_strategy(strategy_cfg, plan.micro_batch if plan else 1)
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the other processes of a node wait for its build
-            announce_jit_builds(strategy_cfg, uses_gpu(cfg.trainer))
-    callbacks = callbacks + progress_callbacks(cfg, bool(args.get("enable_progress_bar", True)))
-    loggers = build_loggers(cfg, out, extra_hparams, resume_step)
+    args["strategy"] = build_strategy(settings.strategy, plan.micro_batch if plan else 1)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the other processes of a node wait for its build
+        announce_jit_builds(settings.strategy, uses_gpu(settings.trainer))
+    callbacks = callbacks + progress_callbacks(settings, bool(args["enable_progress_bar"]))
+    loggers = build_loggers(settings.tracking, out, extra_hparams, resume_step)
     return pl.Trainer(
         **args, logger=loggers, callbacks=callbacks, default_root_dir=str(out), enable_checkpointing=False
     )

@@ -12,14 +12,23 @@ from llama_zh.checkpoint import read_any
 from llama_zh.data.chat_template import template_record
 from llama_zh.data.datamodule import InstructionData
 from llama_zh.data.sft import Template, build_review_sentiment
-from llama_zh.stages.common import ModelSource, TrainJob, check_seq_len, checkpoint_tokenizer, fit, prepare_batch
+from llama_zh.stages.common import (
+    ModelSource,
+    TrainJob,
+    check_seq_len,
+    checkpoint_tokenizer,
+    fit,
+    prepare_batch,
+    train_settings,
+)
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig):
-    pl.seed_everything(cfg.seed, workers=True)
-    plan = prepare_batch(cfg, cfg.stage.batch_size, cfg.stage.seq_len)
+    settings = train_settings(cfg)
+    pl.seed_everything(settings.seed, workers=True)
+    plan = prepare_batch(settings, cfg.stage.batch_size, cfg.stage.seq_len)
     stream = read_any(cfg.stage.checkpoint)
     tokenizer = checkpoint_tokenizer(stream, "stage.checkpoint")
     check_seq_len(cfg.stage.seq_len, stream.config, "stage.seq_len")
@@ -38,15 +47,17 @@ def run(cfg: DictConfig):
         cfg.stage.seq_len,
         cfg.stage.batch_size,
         cfg.stage.val_fraction,
-        cfg.seed,
+        settings.seed,
         pack=cfg.stage.pack,
     )
     job = TrainJob(
         "sft",
-        ModelSource(stream.config, stream, cfg.seed),
+        ModelSource(stream.config, stream, settings.seed),
         tokenizer,
         data,
         plan,
         extra={"data": str(train_file), **template_record(template)},
     )
-    return fit(cfg, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint
+    return fit(
+        settings, job, pack=cfg.stage.pack
+    )  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint
