@@ -254,25 +254,29 @@ def tokenizer_slice(cfg: DictConfig) -> TokenizerConfig:
     return from_mapping(TokenizerConfig, plain(cfg.tokenizer), "tokenizer")
 
 
-def sweep_dir() -> Path | None:
-    """The sweep directory of a Hydra multirun; None for a single run or outside Hydra."""
-    job = sweep_job()
-    return job.dir if job is not None else None
-
-
-def sweep_job() -> SweepJob | None:
-    """This job of a Hydra multirun (its sweep directory, number and overrides); None otherwise."""
+def _multirun():
+    """Hydra's config of this job when it is one of a multirun; None for a single run or outside Hydra."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-
-    from llama_zh.eval.report import SweepJob
 
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return None
-    return SweepJob(Path(hc.sweep.dir), int(hc.job.num), list(hc.overrides.task))
+    return hc if hc.mode == RunMode.MULTIRUN else None
+
+
+def sweep_dir() -> Path | None:
+    """The sweep directory of a Hydra multirun; None for a single run or outside Hydra."""
+    hc = _multirun()
+    return Path(hc.sweep.dir) if hc is not None else None
+
+
+def sweep_job() -> SweepJob | None:
+    """This job of a Hydra multirun (its sweep directory, number and overrides); None otherwise."""
+    from llama_zh.eval.report import SweepJob
+
+    hc = _multirun()
+    return SweepJob(Path(hc.sweep.dir), int(hc.job.num), list(hc.overrides.task)) if hc is not None else None
 
 
 def tracking_slice(cfg: DictConfig) -> TrackingConfig:
