@@ -175,7 +175,8 @@ def from_mapping(
     error: type[Exception] = ConfigError,
     what: str = "key",
 ) -> T:
-    """The dataclass `cls` from a config slice (a plain mapping: stages turn their DictConfig into one).
+    """The dataclass `cls` from a config slice: a plain mapping, as a stage resolves its part of the
+    Hydra config into.
 
     `where` names the mapping in messages, as the prefix of its keys (`<file>: model`); `what` is the
     word for a key there (a model shape's are "fields"). Every stage builds its typed objects through

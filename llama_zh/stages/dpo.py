@@ -13,6 +13,7 @@ from llama_zh.checkpoint import read_any
 from llama_zh.data.chat_template import ChatTemplate, template_record
 from llama_zh.data.preference import PreferenceData, build_review_preferences
 from llama_zh.dpo import PreferenceLM, PreferenceObjective
+from llama_zh.stages import plain
 from llama_zh.stages.common import (
     ModelSource,
     TrainJob,
@@ -38,7 +39,7 @@ def run(cfg: DictConfig):
     tokenizer = checkpoint_tokenizer(stream, "stage.checkpoint")
     check_seq_len(stage.seq_len, stream.config, "stage.seq_len")
     data_file = Path(stage.data) if stage.data else build_review_preferences(Path(cfg.paths.data_dir))
-    template = ChatTemplate.from_config(cfg.template)
+    template = ChatTemplate.from_config(plain(cfg.template))
     log.info(
         "preference data: %s, chat template %s, loss %s (beta %s, gamma %s, lambda %s)",
         data_file,

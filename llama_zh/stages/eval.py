@@ -57,7 +57,7 @@ from llama_zh.eval.progress import Progress
 from llama_zh.eval.report import markdown_table, result_metrics, write_comparison
 from llama_zh.generate import SamplingConfig, generate
 from llama_zh.infer.loader import load_for_stage
-from llama_zh.stages import data_slice, quant_slice, sweep_job, tracking_slice, trainer_slice
+from llama_zh.stages import data_slice, plain, quant_slice, sweep_job, tracking_slice, trainer_slice
 from llama_zh.stages.common import check_seq_len, output_dir
 from llama_zh.tracking import build_loggers
 
@@ -315,7 +315,7 @@ def run_classification(cfg, model, tokenizer) -> dict:
             model,
             tokenizer,
             records,
-            Template.from_config(cfg.template),
+            Template.from_config(plain(cfg.template)),
             labels,
             cfg.stage.batch_size,
             c.max_records,
@@ -343,7 +343,7 @@ def run_generation(cfg, model, tokenizer) -> dict:
             model,
             tokenizer,
             records,
-            Template.from_config(cfg.template),
+            Template.from_config(plain(cfg.template)),
             sampling,
             cfg.stage.batch_size,
             g.max_records,

@@ -30,7 +30,7 @@ from llama_zh.data.sft import Template
 from llama_zh.generate import PromptTooLong, SamplingConfig, generate_batch, stream_generate
 from llama_zh.infer.loader import load_for_stage
 from llama_zh.model import Transformer
-from llama_zh.stages import quant_slice, trainer_slice
+from llama_zh.stages import plain, quant_slice, trainer_slice
 from llama_zh.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,13 @@ def run(cfg: DictConfig):
         stage.checkpoint, trainer_slice(cfg), quant_slice(cfg), stage.backend, stage.prefix, rows
     )
     if mode == "chat":
-        template = Template.from_config(cfg.template)
+        template = Template.from_config(plain(cfg.template))
         if stage.stop_at_user_turn:
             header = user_header(template)
             if header and header not in sampling.stop_strings:
                 sampling.stop_strings.append(header)
         return run_chat(model, tokenizer, template, sampling, sys.stdin, sys.stdout)
-    template = Template.from_config(cfg.template) if stage.apply_template else None
+    template = Template.from_config(plain(cfg.template)) if stage.apply_template else None
     return answer_file(
         model, tokenizer, prompts, sampling, Path(stage.output), int(stage.batch_size), template, str(stage.prompts)
     )

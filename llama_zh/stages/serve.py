@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from llama_zh.config import ConfigError
 from llama_zh.data.chat_template import ChatTemplate, checkpoint_template
 from llama_zh.infer.loader import load_for_stage
-from llama_zh.stages import quant_slice, trainer_slice
+from llama_zh.stages import plain, quant_slice, trainer_slice
 
 log = logging.getLogger(__name__)
 PAGE_DIR = Path(__file__).resolve().parents[1] / "infer" / "static"  # the chat page (package data)
@@ -79,7 +79,7 @@ def chat_template(cfg: DictConfig) -> ChatTemplate:
     if text is not None:
         log.info("chat template: the one %s was trained with", cfg.stage.checkpoint)
         return ChatTemplate(text, name=f"{cfg.stage.checkpoint} chat_template")
-    template = ChatTemplate.from_config(cfg.template)
+    template = ChatTemplate.from_config(plain(cfg.template))
     log.info("chat template: %s (template=; the checkpoint carries none)", template.name)
     return template
 

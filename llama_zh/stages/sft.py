@@ -12,6 +12,7 @@ from llama_zh.checkpoint import read_any
 from llama_zh.data.chat_template import template_record
 from llama_zh.data.datamodule import InstructionData
 from llama_zh.data.sft import Template, build_review_sentiment
+from llama_zh.stages import plain
 from llama_zh.stages.common import (
     ModelSource,
     TrainJob,
@@ -38,7 +39,7 @@ def run(cfg: DictConfig):
         else build_review_sentiment(Path(cfg.paths.data_dir) / "sft_review_sentiment")["train"]
     )
     log.info("instruction data: %s", train_file)
-    template = Template.from_config(cfg.template)
+    template = Template.from_config(plain(cfg.template))
     log.info("chat template: %s (recorded in the checkpoints, exported by stage=convert)", template.name)
     data = InstructionData(
         train_file,
