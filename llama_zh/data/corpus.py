@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from llama_zh.atomic import AtomicOutput, output_lock, write_text
-from llama_zh.config import check_keys
+from llama_zh.config import check_keys, from_mapping
 from llama_zh.data.cleaning import NORMALIZATIONS, Cleaner, CleaningCounts
 from llama_zh.errors import LlamaZhError
 
@@ -161,6 +161,7 @@ class Source:
             raise DataError(f"{where}: a source name becomes part of file names; use letters, digits, _ and -")
         if isinstance(self.files, str) or not self.files:
             raise DataError(f"{where}.files: expected a non-empty list of paths or globs, got {self.files!r}")
+        self.files = list(self.files)
         checks = [("format", FORMATS), ("normalize", NORMALIZATIONS), ("on_bad_utf8", BAD_UTF8_POLICIES)]
         for key, allowed in checks:
             if getattr(self, key) not in allowed:
@@ -169,16 +170,6 @@ class Source:
             raise DataError(f"{where}.min_chars: {self.min_chars!r}; expected an integer >= 0")
         if self.max_chars is not None and (not isinstance(self.max_chars, int) or self.max_chars < self.min_chars):
             raise DataError(f"{where}.max_chars: {self.max_chars!r}; expected null or an integer >= min_chars")
-
-    @classmethod
-    def from_config(cls, name: str, block: Mapping[str, Any]) -> "Source":
-        known = {f.name for f in fields(cls)} - {"name"}
-        check_keys(block, known | set(KEYS_READ_ELSEWHERE), f"data.sources.{name}", DataError)
-        options = {k: v for k, v in block.items() if k in known}
-        options.setdefault("files", None)
-        if isinstance(options["files"], (list, tuple)):
-            options["files"] = list(options["files"])
-        return cls(name=name, **options)
 
     def paths(self) -> list[Path]:
         found: dict[Path, None] = {}
@@ -199,6 +190,16 @@ class Source:
         stats = [(p, p.stat()) for p in self.paths()]
         files = [{"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for p, st in stats]
         return {"options": self.options(), "holdout_modulus": holdout_modulus, "inputs": files}
+
+
+def source_from_block(name: str, block: Mapping[str, Any]) -> Source:
+    """The Source of `data.sources.<name>`; its keys read elsewhere (the mixture's weight) are checked
+    here too, so that a typo is refused wherever it sits."""
+    where = f"data.sources.{name}"
+    known = [f.name for f in fields(Source) if f.name != "name"] + list(KEYS_READ_ELSEWHERE)
+    check_keys(block, known, where, DataError)
+    options = {k: v for k, v in block.items() if k not in KEYS_READ_ELSEWHERE}
+    return from_mapping(Source, {"files": None, **options, "name": name}, where, DataError)
 
 
 def corpus_file(directory: Path, source: str, split: str) -> Path:

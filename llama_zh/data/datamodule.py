@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader
 
 from llama_zh.data.corpus import DataError
 from llama_zh.data.datasets import PackedSFTDataset, SFTDataset, packed_shards, pad_collate
 from llama_zh.data.mix import MixedWindows, mix_weights
-from llama_zh.data.prepare import prepare_tokens
+from llama_zh.data.prepare import DataConfig, prepare_tokens
 from llama_zh.data.sft import Template, load_records, pack_examples, tokenize_record
 from llama_zh.tokenizer import Tokenizer
 
@@ -25,7 +24,7 @@ class PretrainData(pl.LightningDataModule):
     resumed run continues with the batch that would have come next.
     """
 
-    def __init__(self, data_cfg: DictConfig, tokenizer: Tokenizer, seed: int = 0):
+    def __init__(self, data_cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0):
         super().__init__()
         self.cfg, self.tokenizer, self.seed = data_cfg, tokenizer, seed
         self.start_batch = 0
@@ -38,7 +37,7 @@ class PretrainData(pl.LightningDataModule):
         windows = {split: {source: packed_shards(shards, self.tokenizer, self.cfg.seq_len, f"{source}.{split}")
                            for source, shards in by_source.items()}
                    for split, by_source in files.items()}
-        self.train_sources = select_sources(windows["train"], self.cfg.get("train_sources"))
+        self.train_sources = select_sources(windows["train"], self.cfg.train_sources)
         self.val = ConcatDataset(list(windows["val"].values()))
         self.source_names = list(self.train_sources)
         # Weights share out training windows (= tokens); none given: the sources' natural sizes.
