@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from llama_zh.data.corpus import SPLITS, DataError, Source, corpus_file, report_file, source_from_block, write_source
 from llama_zh.data.mix import check_source_weights
@@ -101,8 +102,10 @@ def build_corpus(data_cfg: DataConfig, require_train: bool = True) -> dict[str, 
             report = write_source(source, directory, holdout, require_train)
         elif require_train and report["outputs"]["train"]["documents"] == 0:  # written by an eval run
             c = report["counts"]
-            raise DataError(f"source {source.name!r} ({', '.join(source.files)}): no documents to train on "
-                            f"(train 0, val {c['val']}; data.holdout_modulus={holdout})")
+            raise DataError(
+                f"source {source.name!r} ({', '.join(source.files)}): no documents to train on "
+                f"(train 0, val {c['val']}; data.holdout_modulus={holdout})"
+            )
         reports[source.name] = {**report, "reused": reused}
     return reports
 
@@ -141,8 +144,9 @@ def packing_options(data_cfg: DataConfig) -> tuple[int, int]:
     return num_proc, shard_tokens
 
 
-def build_shards(data_cfg: DataConfig, tokenizer: Tokenizer,
-                 splits: Sequence[str] = SPLITS) -> dict[str, dict[str, PackResult]]:
+def build_shards(
+    data_cfg: DataConfig, tokenizer: Tokenizer, splits: Sequence[str] = SPLITS
+) -> dict[str, dict[str, PackResult]]:
     """Token shards per split and source, packing what is missing: {split: {source: PackResult}}."""
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
@@ -155,20 +159,41 @@ def build_shards(data_cfg: DataConfig, tokenizer: Tokenizer,
     with BlockEncoder(tokenizer, num_proc) as encoder:  # its worker processes start only if something is packed
         for name, report in reports.items():
             for split in splits:
-                result = pack_corpus_file(corpus_file(corpus, name, split), report["outputs"][split]["sha1"],
-                                          tokenizer, encoder, out_dir, name, split, shard_tokens)
+                result = pack_corpus_file(
+                    corpus_file(corpus, name, split),
+                    report["outputs"][split]["sha1"],
+                    tokenizer,
+                    encoder,
+                    out_dir,
+                    name,
+                    split,
+                    shard_tokens,
+                )
                 if result.bytes_packed:
-                    log.info("packed %s %s: %d shards (%d reused), %d documents, %d tokens; %.1f MB in %.1f s "
-                             "(%.1f MB/s, %.0f tokens/s, %d processes)", name, split, len(result.shards),
-                             result.reused_shards, result.documents, result.tokens, result.bytes_packed / 1e6,
-                             result.seconds, result.bytes_packed / 1e6 / max(result.seconds, 1e-9),
-                             result.tokens_packed / max(result.seconds, 1e-9), num_proc)
+                    log.info(
+                        "packed %s %s: %d shards (%d reused), %d documents, %d tokens; %.1f MB in %.1f s "
+                        "(%.1f MB/s, %.0f tokens/s, %d processes)",
+                        name,
+                        split,
+                        len(result.shards),
+                        result.reused_shards,
+                        result.documents,
+                        result.tokens,
+                        result.bytes_packed / 1e6,
+                        result.seconds,
+                        result.bytes_packed / 1e6 / max(result.seconds, 1e-9),
+                        result.tokens_packed / max(result.seconds, 1e-9),
+                        num_proc,
+                    )
                 results[split][name] = result
     return results
 
 
-def prepare_tokens(data_cfg: DataConfig, tokenizer: Tokenizer,
-                   splits: Sequence[str] = SPLITS) -> dict[str, dict[str, list[Path]]]:
+def prepare_tokens(
+    data_cfg: DataConfig, tokenizer: Tokenizer, splits: Sequence[str] = SPLITS
+) -> dict[str, dict[str, list[Path]]]:
     """Token shard paths in order per split and source, built if missing: {split: {source: [shards]}}."""
-    return {split: {name: r.shards for name, r in by_source.items()}
-            for split, by_source in build_shards(data_cfg, tokenizer, splits).items()}
+    return {
+        split: {name: r.shards for name, r in by_source.items()}
+        for split, by_source in build_shards(data_cfg, tokenizer, splits).items()
+    }
