@@ -55,13 +55,11 @@ PROMPT_TOKENS = 32
 def load_llama_zh(path: Path, method: str, backend: str = "auto"):
     """(model, weight bytes) as the inference stages load it (llama_zh.infer.load, `backend` for one
     row), quantized as `quant=<method>` does."""
-    from omegaconf import OmegaConf
-
-    from llama_zh.config import CONF_DIR
+    from llama_zh.config import from_mapping, group_defaults
     from llama_zh.infer import load
     from llama_zh.quant import QuantConfig
 
-    quant = QuantConfig.from_config(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "quant" / f"{method}.yaml")))
+    quant = from_mapping(QuantConfig, group_defaults("quant", method), "quant")
     model, _, report = load(path, "cpu", torch.float32, quant, backend=backend)
     return model, report.quant.bytes_after
 

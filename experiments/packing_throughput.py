@@ -57,14 +57,12 @@ def _vm_hwm() -> int:
 
 
 def _setup(workdir: Path, sizes: list[int]) -> dict:
-    from omegaconf import OmegaConf
+    from llama_zh.config import from_mapping, group_defaults
+    from llama_zh.data.prepare import DataConfig, TokenizerConfig, build_corpus, corpus_dir, ensure_tokenizer
 
-    from llama_zh.data.prepare import build_corpus, corpus_dir, ensure_tokenizer
-
-    data = OmegaConf.load(REPO / "llama_zh" / "conf" / "data" / "sample_zh.yaml")
-    data.dir = str(workdir / "sample_zh")
-    tok = OmegaConf.load(REPO / "llama_zh" / "conf" / "tokenizer" / "sample_zh.yaml")
-    tok.path = str(workdir / "tokenizer.model")
+    data = from_mapping(DataConfig, group_defaults("data", "sample_zh") | {"dir": str(workdir / "sample_zh")}, "data")
+    tok_values = group_defaults("tokenizer", "sample_zh") | {"path": str(workdir / "tokenizer.model")}
+    tok = from_mapping(TokenizerConfig, tok_values, "tokenizer")
     build_corpus(data)
     tokenizer = ensure_tokenizer(tok, data)
     sample = b"".join((corpus_dir(data) / f"{s}.train.txt").read_bytes() for s in ("news", "reviews"))

@@ -39,13 +39,13 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import torch
-from omegaconf import OmegaConf
 
 from llama_zh import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from llama_zh.config import from_mapping, group_defaults
 from llama_zh.data.corpus import is_held_out, read_documents
 from llama_zh.data.datasets import PackedDataset
 from llama_zh.data.packing import token_dtype
-from llama_zh.data.prepare import prepare_corpus, sources_of
+from llama_zh.data.prepare import DataConfig, prepare_corpus, sources_of
 from llama_zh.eval.perplexity import perplexity
 from llama_zh.tokenizer import Tokenizer, train_sentencepiece
 from llama_zh.train.module import causal_lm_loss, lr_factor
@@ -77,9 +77,9 @@ def build_tokenizers(work: Path, english_train: list[str], data_cfg) -> dict[str
     corpus = prepare_corpus(data_cfg)
     (work / "en.train.txt").write_text("\n".join(english_train) + "\n", encoding="utf-8")
     base = train_sentencepiece(work / "en.train.txt", work / "base.model", vocab_size=8000)
-    tok_cfg = OmegaConf.load(REPO / "llama_zh" / "conf" / "tokenizer" / "sample_zh.yaml")
+    train = group_defaults("tokenizer", "sample_zh")["train"]
     files = ",".join(str(corpus / f"{s.name}.train.txt") for s in sources_of(data_cfg))
-    sample = train_sentencepiece(files, work / "sample_zh.model", **tok_cfg.train)
+    sample = train_sentencepiece(files, work / "sample_zh.model", **train)
     report = extend_tokenizer(base, sample, work / "extended.model")
     print(f"extension: {report.to_dict()}")
     # Chinese-LLaMA-Alpaca's variant: the same pieces, every appended one with score 0.
@@ -290,8 +290,7 @@ def main() -> None:
     )
 
     english = english_documents()
-    data_cfg = OmegaConf.load(REPO / "llama_zh" / "conf" / "data" / "sample_zh.yaml")
-    data_cfg.dir = str(work / "sample_zh")
+    data_cfg = from_mapping(DataConfig, group_defaults("data", "sample_zh") | {"dir": str(work / "sample_zh")}, "data")
     tokenizers = build_tokenizers(work, [d for d in english if not is_held_out(d)], data_cfg)
     corpus = prepare_corpus(data_cfg)
     held_out = {s.name: list(read_documents(corpus / f"{s.name}.val.txt")) for s in sources_of(data_cfg)}

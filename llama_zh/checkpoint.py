@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llama_zh.config import ModelConfig
+from llama_zh.config import ModelConfig, from_mapping
 from llama_zh.dtypes import dtype_name
 from llama_zh.model import Transformer, build_model
 from llama_zh.tensor_io import (
@@ -166,7 +166,7 @@ def read_native(path: Path) -> WeightStream:
         raise CheckpointError(
             f"{config_file}: format_version {meta.get('format_version')!r}, this llama_zh reads {FORMAT_VERSION}"
         )
-    config = ModelConfig.from_dict(meta["model"], source=f"{config_file}: model")
+    config = from_mapping(ModelConfig, meta["model"], f"{config_file}: model", what="field")
     files = safetensors_files(path, "model")
     if not files:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -91,18 +92,12 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "model") -> ModelConfig:
-        """`source` names the mapping in messages, as the prefix of its keys (`<file>: model`)."""
-        check_keys(values, [f.name for f in dataclasses.fields(cls)], source, what="field")
-        return cls(**dict(values))
-
-    @classmethod
     def from_name(cls, name: str) -> ModelConfig:
         path = CONF_DIR / "model" / f"{name}.yaml"
         if not path.is_file():
             names = ", ".join(available_names())
             raise ConfigError(f"unknown model name {name!r}; known: {names}")
-        return cls.from_dict(yaml.safe_load(path.read_text()), source=f"{path}: model")
+        return from_mapping(cls, yaml.safe_load(path.read_text()), f"{path}: model", what="field")
 
 
 # The keys each scaling type reads: required, then optional with their defaults (None: absent).
@@ -173,22 +168,31 @@ def available_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
-def from_mapping(cls: type[T], values: Mapping[str, Any] | None, where: str, error: type[Exception] = ConfigError) -> T:
-    """The dataclass `cls` from a config slice (a plain mapping: stages turn their DictConfig into one).
+def from_mapping(
+    cls: type[T],
+    values: Mapping[str, Any] | None,
+    where: str,
+    error: type[Exception] = ConfigError,
+    what: str = "key",
+) -> T:
+    """The dataclass `cls` from a config slice: a plain mapping, as a stage resolves its part of the
+    Hydra config into.
 
-    Every stage builds its typed objects through this one door, so an unknown key is refused the same
-    way everywhere (named, with the closest field), a missing required field is named, and defaults
-    live only in the dataclass. A field whose type is itself a dataclass is built from its sub-mapping.
+    `where` names the mapping in messages, as the prefix of its keys (`<file>: model`); `what` is the
+    word for a key there (a model shape's are "fields"). Every stage builds its typed objects through
+    this one door, so an unknown key is refused the same way everywhere (named, with the closest
+    field), a missing required field is named, and defaults live only in the dataclass. A field whose
+    type is a dataclass (or an optional one) is built from its sub-mapping.
     """
     values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    check_keys(values, list(fields), where, error, what="key")
+    check_keys(values, list(fields), where, error, what=what)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        kind = hints.get(name)
-        if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
-            value = from_mapping(kind, value, f"{where}.{name}", error)
+        kind = _dataclass_of(hints.get(name))
+        if kind is not None and isinstance(value, Mapping):
+            value = from_mapping(kind, value, f"{where}.{name}", error, what)
         kwargs[name] = value
     missing = [
         n
@@ -198,6 +202,16 @@ def from_mapping(cls: type[T], values: Mapping[str, Any] | None, where: str, err
     if missing:
         raise error(f"{where}.{missing[0]}: missing (required)")
     return cls(**kwargs)
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds: its type, or the one member of an optional (`X | None`) besides None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    members = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(members) == 1:
+        return members[0] if dataclasses.is_dataclass(members[0]) else None
+    return None
 
 
 def check_keys(

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
 from llama_zh.data.datasets import IGNORE_INDEX
 from llama_zh.errors import LlamaZhError
@@ -107,10 +106,6 @@ class PreferenceObjective:
                 raise LlamaZhError(f"stage.{name}={value!r}: expected a number > 0")
         if not isinstance(self.gamma, (int, float)) or self.gamma < 0:
             raise LlamaZhError(f"stage.gamma={self.gamma!r}: expected a number >= 0")
-
-    @classmethod
-    def from_config(cls, stage: DictConfig) -> PreferenceObjective:
-        return cls(loss=str(stage.loss), beta=stage.beta, gamma=stage.gamma, lam=stage["lambda"])
 
     @property
     def needs_reference(self) -> bool:

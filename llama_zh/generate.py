@@ -103,7 +103,7 @@ class SamplingConfig:
             integer("seed", self.seed, 0)
         if isinstance(self.stop_strings, str):
             raise ValueError(f"stage.stop_strings must be a list of strings, got the string {self.stop_strings!r}")
-        self.stop_strings = list(self.stop_strings)  # also turns an omegaconf ListConfig into a list
+        self.stop_strings = list(self.stop_strings)  # a tuple or other sequence becomes a list
         for s in self.stop_strings:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stage.stop_strings must hold non-empty strings, got {s!r}")

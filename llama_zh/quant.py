@@ -17,15 +17,13 @@ on every call; the warning is silenced).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from llama_zh.checkpoint import WeightStream, check_specs
-from llama_zh.config import ConfigError, check_keys
+from llama_zh.config import ConfigError
 from llama_zh.dtypes import FLOAT_DTYPES
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import Transformer, build_model
@@ -60,12 +58,6 @@ class QuantConfig:
             raise ConfigError(f"quant.threshold must be a number >= 0 (0: no outlier columns), got {self.threshold!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ConfigError(f"quant.blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> QuantConfig:
-        values = dict(cfg or {})
-        check_keys(values, cls.__dataclass_fields__, "quant")
-        return cls(**values)
 
 
 @dataclass

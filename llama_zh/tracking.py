@@ -17,11 +17,12 @@ import os
 import socket
 import subprocess
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning_fabric.loggers.logger import rank_zero_experiment
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
@@ -41,23 +42,50 @@ def git_commit() -> str | None:
         return None
 
 
-def run_config(cfg: DictConfig) -> dict:
-    """The resolved config plus provenance and the choices of each config group, as logged with every run."""
-    values = OmegaConf.to_container(cfg, resolve=True)
+@dataclass
+class WandbConfig:
+    """`logger.wandb`, every key given by llama_zh/conf/logger/wandb.yaml."""
+
+    project: str
+    mode: str  # online | offline | disabled
+    group: str | None  # None: experiment_name; in a multirun, <experiment_name>-<sweep dir name>
+    tags: list[str]
+
+
+@dataclass
+class TrackingConfig:
+    """What the loggers need of a run: the stage, W&B's settings (None: metrics.csv only), the resolved
+    config to log with the run (plain data), and the sweep directory of a multirun (None: a single run)."""
+
+    stage: str
+    experiment_name: str | None
+    wandb: WandbConfig | None
+    config: dict[str, Any]
+    sweep_dir: Path | None = None
+
+
+# The option each config group's choice is recorded by: its name, or the finetune method.
+CHOICE_KEYS = {
+    "stage": "name",
+    "model": "name",
+    "trainer": "name",
+    "strategy": "name",
+    "finetune": "method",
+    "quant": "name",
+    "data": "name",
+}
+
+
+def run_config(values: dict[str, Any]) -> dict:
+    """The resolved config (plain data) plus provenance and the choices of each config group, as logged
+    with every run."""
+    values = dict(values)
     values["git_commit"] = git_commit()
-    choices = {
-        "stage": cfg.stage.get("name"),
-        "model": cfg.get("model", {}).get("name"),
-        "trainer": cfg.get("trainer", {}).get("name"),
-        "strategy": cfg.get("strategy", {}).get("name"),
-        "finetune": cfg.get("finetune", {}).get("method"),
-        "quant": cfg.get("quant", {}).get("name"),
-        "data": cfg.get("data", {}).get("name"),
-    }
+    choices = {group: (values.get(group) or {}).get(key) for group, key in CHOICE_KEYS.items()}
     values["choices"] = {k: v for k, v in choices.items() if v is not None}
-    data = cfg.get("data")
-    if data is not None and data.get("sources"):
-        values["data_mix"] = {name: s.get("weight") for name, s in data.sources.items()}  # null: natural sizes
+    sources = (values.get("data") or {}).get("sources")
+    if sources:
+        values["data_mix"] = {name: s.get("weight") for name, s in sources.items()}  # null: natural sizes
     return values
 
 
@@ -124,41 +152,27 @@ def wandb_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def sweep_dir() -> Path | None:
-    """The sweep directory when this process runs the jobs of a Hydra multirun, else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return Path(hydra_cfg.sweep.dir)
-
-
-def wandb_group(wandb_cfg: DictConfig, cfg: DictConfig) -> str | None:
+def wandb_group(tracking: TrackingConfig) -> str | None:
     """`logger.wandb.group` if set; else, in a multirun, one group per sweep (the experiment name alone
     would pool every sweep of that experiment ever run); else the experiment name."""
-    if wandb_cfg.get("group"):
-        return str(wandb_cfg.group)
-    name = cfg.get("experiment_name")
-    sweep = sweep_dir()
+    if tracking.wandb is not None and tracking.wandb.group:
+        return str(tracking.wandb.group)
+    name, sweep = tracking.experiment_name, tracking.sweep_dir
     if sweep is None:
         return name
     return f"{name}-{sweep.name}" if name else sweep.name
 
 
-def _wandb_logger(wandb_cfg: DictConfig, cfg: DictConfig, output_dir: Path, mode: str, run_id: str) -> WandbLogger:
+def _wandb_logger(tracking: TrackingConfig, output_dir: Path, mode: str, run_id: str) -> WandbLogger:
     os.environ["WANDB_MODE"] = mode
     return WandbLogger(
-        project=wandb_cfg.project,
+        project=tracking.wandb.project,
         save_dir=str(output_dir),
         offline=mode == "offline",
-        group=wandb_group(wandb_cfg, cfg),
-        tags=list(wandb_cfg.tags),
-        job_type=cfg.stage.name,
-        name=f"{cfg.stage.name}-{output_dir.name}",
+        group=wandb_group(tracking),
+        tags=list(tracking.wandb.tags),
+        job_type=tracking.stage,
+        name=f"{tracking.stage}-{output_dir.name}",
         id=run_id,
         resume="allow",
     )
@@ -175,17 +189,17 @@ def _finish_previous_wandb_run() -> None:
 
 
 def build_loggers(
-    cfg: DictConfig, output_dir: Path, extra: dict | None = None, resume_step: int | None = None
+    tracking: TrackingConfig, output_dir: Path, extra: dict | None = None, resume_step: int | None = None
 ) -> list[Logger]:
     if resume_step is not None:
         truncate_metrics(output_dir / METRICS_FILE, resume_step)
     csv_logger = ResumingCSVLogger(save_dir=str(output_dir), name="", version="", resuming=resume_step is not None)
     loggers: list[Logger] = [csv_logger]
-    config = run_config(cfg) | (extra or {})
+    config = run_config(tracking.config) | (extra or {})
     csv_logger.log_hyperparams(config)
 
-    wandb_cfg = cfg.logger.get("wandb")
-    if wandb_cfg and wandb_cfg.mode != "disabled":
+    wandb_cfg = tracking.wandb
+    if wandb_cfg is not None and wandb_cfg.mode != "disabled":
         _finish_previous_wandb_run()
         # One W&B run per run directory: a resumed run continues it.
         id_file = output_dir / WANDB_ID_FILE
@@ -202,14 +216,14 @@ def build_loggers(
             mode = "offline"
         if mode == "offline":
             log.info("W&B offline: sync later with `wandb sync %s/wandb/offline-run-*`", output_dir)
-        wandb_logger = _wandb_logger(wandb_cfg, cfg, output_dir, mode, run_id)
+        wandb_logger = _wandb_logger(tracking, output_dir, mode, run_id)
         try:
             wandb_logger.log_hyperparams(config)
         except Exception as e:  # noqa: BLE001 - any failure to start W&B must not stop training
             if mode == "offline":
                 raise
             log.warning("W&B failed to start online (%s: %s); logging offline instead", type(e).__name__, e)
-            wandb_logger = _wandb_logger(wandb_cfg, cfg, output_dir, "offline", run_id)
+            wandb_logger = _wandb_logger(tracking, output_dir, "offline", run_id)
             wandb_logger.log_hyperparams(config)
         loggers.append(wandb_logger)
     return loggers

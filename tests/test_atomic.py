@@ -13,10 +13,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import REPO, llama_zh
-from omegaconf import OmegaConf
 from tiny_checkpoints import make_checkpoint
 
 from llama_zh import atomic
@@ -399,7 +399,7 @@ def test_run_directory_is_locked_for_the_training_run(tmp_path, holder):
     run_dir = tmp_path / "run"
     child = holder("run", run_dir)
     with pytest.raises(OutputLockedError) as e:
-        fit(OmegaConf.create({"paths": {"output_dir": str(run_dir)}}), job=None)  # refused before anything else
+        fit(SimpleNamespace(output_dir=run_dir), job=None)  # refused before anything else
     assert_names_holder(str(e.value), child)
     assert str(run_dir.resolve()) in str(e.value)
     child.kill()

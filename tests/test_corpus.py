@@ -5,11 +5,20 @@ import json
 import re
 
 import pytest
-from omegaconf import OmegaConf
 
+from llama_zh.config import from_mapping
 from llama_zh.data.cleaning import Cleaner, CleaningCounts, HashSet64
-from llama_zh.data.corpus import DataError, Source, corpus_file, is_held_out, read_documents, report_file, write_source
-from llama_zh.data.prepare import build_corpus
+from llama_zh.data.corpus import (
+    DataError,
+    Source,
+    corpus_file,
+    is_held_out,
+    read_documents,
+    report_file,
+    source_from_block,
+    write_source,
+)
+from llama_zh.data.prepare import DataConfig, build_corpus
 
 DROP_REASONS = ("kept", "empty", "too_short", "too_long", "duplicates", "bad_utf8")
 
@@ -174,37 +183,39 @@ def test_held_out_split_does_not_move_with_cleaning(tmp_path):
 
 def test_source_options_are_checked_by_name():
     with pytest.raises(DataError, match=r"data\.sources\.wiki\.normalize: 'NFKD'; expected one of none, NFC, NFKC"):
-        Source.from_config("wiki", {"files": ["x"], "normalize": "NFKD"})
+        source_from_block("wiki", {"files": ["x"], "normalize": "NFKD"})
     with pytest.raises(DataError, match=r"data\.sources\.wiki\.min_char: unknown key"):
-        Source.from_config("wiki", {"files": ["x"], "min_char": 5})
+        source_from_block("wiki", {"files": ["x"], "min_char": 5})
     with pytest.raises(DataError, match=r"data\.sources\.wiki\.on_bad_utf8"):
-        Source.from_config("wiki", {"files": ["x"], "on_bad_utf8": "ignore"})
+        source_from_block("wiki", {"files": ["x"], "on_bad_utf8": "ignore"})
     with pytest.raises(DataError, match=r"data\.sources\.wiki\.files"):
-        Source.from_config("wiki", {"files": "x.txt"})
+        source_from_block("wiki", {"files": "x.txt"})
     with pytest.raises(DataError, match=r"data\.sources\.wiki\.max_chars"):
-        Source.from_config("wiki", {"files": ["x"], "min_chars": 10, "max_chars": 5})
+        source_from_block("wiki", {"files": ["x"], "min_chars": 10, "max_chars": 5})
     with pytest.raises(DataError, match=r"data\.sources\.a/b: a source name"):
-        Source.from_config("a/b", {"files": ["x"]})
-    assert Source.from_config("wiki", {"files": ["x"], "weight": 2.0}).files == ["x"]  # read by the mixture
+        source_from_block("a/b", {"files": ["x"]})
+    assert source_from_block("wiki", {"files": ["x"], "weight": 2.0}).files == ["x"]  # read by the mixture
 
 
 def test_build_corpus_reuses_then_rebuilds_what_changed(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("甲文档一\n甲文档二\n甲文档一\n", encoding="utf-8")
     b.write_text("乙文档一\n乙文档二\n", encoding="utf-8")
-    cfg = OmegaConf.create(
+    cfg = from_mapping(
+        DataConfig,
         {
             "name": "t",
             "dir": str(tmp_path / "data"),
             "holdout_modulus": 10,
             "sources": {"a": {"files": [str(a)]}, "b": {"files": [str(b)]}},
-        }
+        },
+        "data",
     )
     first = build_corpus(cfg)
     assert not first["a"]["reused"] and first["a"]["counts"]["kept"] == 3
     again = build_corpus(cfg)
     assert again["a"]["reused"] and again["b"]["reused"]
-    cfg.sources.a.dedup = True  # an option changed: only that source is rebuilt
+    cfg.sources["a"]["dedup"] = True  # an option changed: only that source is rebuilt
     rebuilt = build_corpus(cfg)
     assert not rebuilt["a"]["reused"] and rebuilt["a"]["counts"]["duplicates"] == 1 and rebuilt["b"]["reused"]
     b.write_text("乙文档一\n乙文档二\n乙文档三\n", encoding="utf-8")  # an input changed

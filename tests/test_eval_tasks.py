@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 from helpers import llama_zh
-from omegaconf import OmegaConf
 from tiny_checkpoints import make_checkpoint
 
-from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.config import ConfigError, ModelConfig, from_mapping
 from llama_zh.data.corpus import DataError
-from llama_zh.data.prepare import prepare_tokens
+from llama_zh.data.prepare import DataConfig, prepare_tokens
 from llama_zh.data.sft import Template
 from llama_zh.eval.instructions import (
     evaluate_classification,
@@ -649,14 +648,16 @@ def test_progress_is_a_bar_on_a_terminal():
 def held_out_only_data(tmp_path, docs=("第一篇文档。", "第二篇文档。", "第三篇文档。", "第四篇文档。")):
     text = tmp_path / "held.txt"
     text.write_text("\n".join(docs) + "\n", encoding="utf-8")
-    return OmegaConf.create(
+    return from_mapping(
+        DataConfig,
         {
             "name": "held",
             "dir": str(tmp_path / "data"),
             "holdout_modulus": 1,  # all held out
             "sources": {"held": {"files": [str(text)]}},
             "packing": {"num_proc": 1},
-        }
+        },
+        "data",
     )
 
 

@@ -16,6 +16,8 @@ from llama_zh.config import ConfigError, ModelConfig
 from llama_zh.generate import SamplingConfig, generate_batch
 from llama_zh.infer import load, load_stream, loader, swaps
 from llama_zh.model import KVCache, build_model
+from llama_zh.quant import QuantConfig
+from llama_zh.train.hardware import TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_kernel = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 CPU or no C compiler: kernel not built")
@@ -403,12 +405,6 @@ def test_load_for_stage_takes_the_stage_options(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader, "load", spy)
     monkeypatch.setattr(loader.LoadReport, "summary", lambda self: "")
-    cfg = OmegaConf.create(
-        {
-            "trainer": {"accelerator": "cpu"},
-            "quant": {"name": "none"},
-            "stage": {"checkpoint": "ck", "backend": "torch"},
-        }
-    )
-    assert loader.load_for_stage(cfg, rows=4)[:2] == ("model", "tokenizer")
+    trainer, quant = TrainerConfig(accelerator="cpu"), QuantConfig(name="none")
+    assert loader.load_for_stage("ck", trainer, quant, "torch", None, rows=4)[:2] == ("model", "tokenizer")
     assert seen == dict(path="ck", device=torch.device("cpu"), quant="none", backend="torch", rows=4)

@@ -1,5 +1,6 @@
 """The weighted mixture stream: proportions, permutations, rank x worker splits, resume."""
 
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -8,9 +9,9 @@ from collections import Counter
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from llama_zh.config import from_mapping
 from llama_zh.data.corpus import DataError, read_documents, resolve_path
 from llama_zh.data.mix import (
     FeistelPermutation,
@@ -20,7 +21,7 @@ from llama_zh.data.mix import (
     check_source_weights,
     mix_weights,
 )
-from llama_zh.data.prepare import sources_of
+from llama_zh.data.prepare import DataConfig, sources_of
 
 
 class Tagged(Dataset):
@@ -136,7 +137,8 @@ def test_weights_for_some_sources_only_are_refused():
 
 
 def test_every_stage_reading_the_sources_refuses_a_zero_weight(tmp_path):
-    cfg = OmegaConf.create(
+    cfg = from_mapping(
+        DataConfig,
         {
             "name": "x",
             "dir": str(tmp_path / "built"),
@@ -144,7 +146,8 @@ def test_every_stage_reading_the_sources_refuses_a_zero_weight(tmp_path):
                 "news": {"files": [str(tmp_path / "missing.txt")], "weight": 1},
                 "reviews": {"files": [str(tmp_path / "missing.txt")], "weight": 0},
             },
-        }
+        },
+        "data",
     )
     with pytest.raises(DataError, match="data.sources.reviews.weight: 0"):
         sources_of(cfg)  # before the files are looked at or anything is written
@@ -185,7 +188,8 @@ def mix_cfg(tmp_path_factory):
     (d / "reviews.txt").write_text("\n".join(reviews), encoding="utf-8")
     (d / "all.txt").write_text("\n".join(news + reviews), encoding="utf-8")
     tok = train_sentencepiece(d / "all.txt", d / "tok" / "tokenizer.model", vocab_size=5000)
-    cfg = OmegaConf.create(
+    cfg = from_mapping(
+        DataConfig,
         {
             "name": "mini",
             "dir": str(d / "built"),
@@ -197,7 +201,8 @@ def mix_cfg(tmp_path_factory):
                 "news": {"files": [str(d / "news.txt")], "format": "text", "weight": 0.25},
                 "reviews": {"files": [str(d / "reviews.txt")], "format": "text", "weight": 0.75},
             },
-        }
+        },
+        "data",
     )
     return cfg, tok
 
@@ -229,7 +234,7 @@ def test_train_sources_selects_what_training_draws_but_validates_on_all(mix_cfg)
     tokenizer = Tokenizer(tok_path)
     both = PretrainData(cfg, tokenizer, seed=3)
     both.setup("fit")
-    only = PretrainData(OmegaConf.merge(cfg, {"train_sources": ["reviews"]}), tokenizer, seed=3)
+    only = PretrainData(dataclasses.replace(cfg, train_sources=["reviews"]), tokenizer, seed=3)
     only.setup("fit")
     assert only.source_names == ["reviews"] and only.weights == [0.75]
     reviews_windows = {tuple(w["input_ids"].tolist()) for w in both.train_sources["reviews"]}
@@ -240,7 +245,7 @@ def test_train_sources_selects_what_training_draws_but_validates_on_all(mix_cfg)
         with pytest.raises(
             DataError, match=r"data.train_sources: .*expected a non-empty list of \['news', 'reviews'\]"
         ):
-            PretrainData(OmegaConf.merge(cfg, {"train_sources": bad}), tokenizer, seed=3).setup("fit")
+            PretrainData(dataclasses.replace(cfg, train_sources=bad), tokenizer, seed=3).setup("fit")
 
 
 def test_pretrain_data_refuses_a_zero_weight(mix_cfg):
@@ -250,7 +255,9 @@ def test_pretrain_data_refuses_a_zero_weight(mix_cfg):
 
     cfg, tok_path = mix_cfg
     for weights in ({"news": 0, "reviews": 0.75}, {"news": 0, "reviews": 0}):
-        zeroed = OmegaConf.merge(cfg, {"sources": {name: {"weight": w} for name, w in weights.items()}})
+        zeroed = dataclasses.replace(
+            cfg, sources={name: {**cfg.sources[name], "weight": w} for name, w in weights.items()}
+        )
         with pytest.raises(DataError, match="data.sources.news.weight: 0"):
             PretrainData(zeroed, Tokenizer(tok_path), seed=3).setup("fit")
 

@@ -5,7 +5,7 @@ import resource
 import pytest
 import torch
 
-from llama_zh.config import ConfigError, ModelConfig, available_names
+from llama_zh.config import ConfigError, ModelConfig, available_names, from_mapping
 from llama_zh.model import KVCache, RMSNorm, build_model
 
 # Parameter counts of the published checkpoints (untied head, no biases).
@@ -48,7 +48,7 @@ def test_bad_configs_name_the_field():
     with pytest.raises(ConfigError, match="model.dim=100 is not divisible"):
         ModelConfig(dim=100, n_heads=8)
     with pytest.raises(ConfigError, match="unknown field"):
-        ModelConfig.from_dict({"dim": 64, "hidden": 3})
+        from_mapping(ModelConfig, {"dim": 64, "hidden": 3}, "model", what="field")
     with pytest.raises(ConfigError, match="unknown model name"):
         ModelConfig.from_name("llama_8b")
 

@@ -490,14 +490,14 @@ def test_resuming_a_prefix_run_with_another_prefix_shape_is_refused(tmp_path):
     ],
 )
 def test_runs_that_cannot_carry_a_prefix_are_refused_before_they_start(stage, strategy, message):
-    from omegaconf import OmegaConf
-
+    from llama_zh.config import from_mapping
     from llama_zh.train.fit import check_prefix
+    from llama_zh.train.strategies import StrategyConfig
 
-    cfg = OmegaConf.create({"stage": stage, "strategy": strategy})
+    strategy, pack = from_mapping(StrategyConfig, strategy, "strategy"), stage["pack"]
     with pytest.raises(LlamaZhError, match=message):
-        check_prefix(FinetuneConfig(method="prefix"), cfg)
-    check_prefix(FinetuneConfig(method="lora"), cfg)  # other methods are not concerned
+        check_prefix(FinetuneConfig(method="prefix"), strategy, pack)
+    check_prefix(FinetuneConfig(method="lora"), strategy, pack)  # other methods are not concerned
 
 
 def test_which_prefix_a_decoding_stage_uses(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llama_zh.checkpoint import WeightStream, model_stream, save_checkpoint
-from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.config import ConfigError, ModelConfig, from_mapping
 from llama_zh.generate import SamplingConfig, generate_batch
 from llama_zh.infer import load, load_stream
 from llama_zh.model import build_model
@@ -50,11 +50,11 @@ def projections(model):
 
 
 def test_config_validation():
-    assert QuantConfig.from_config({"name": "int8", "threshold": 6.0}).threshold == 6.0
+    assert from_mapping(QuantConfig, {"name": "int8", "threshold": 6.0}, "quant").threshold == 6.0
     with pytest.raises(ConfigError, match="quant.name: 'int4'"):
         QuantConfig(name="int4")
     with pytest.raises(ConfigError, match="unknown key"):
-        QuantConfig.from_config({"name": "int8", "bits": 8})
+        from_mapping(QuantConfig, {"name": "int8", "bits": 8}, "quant")
     with pytest.raises(ConfigError, match="quant.compute_dtype"):
         QuantConfig(name="nf4", compute_dtype="int8")
 

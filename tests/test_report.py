@@ -244,31 +244,36 @@ def hydra_multirun(tmp_path):
 
 
 def test_wandb_group_is_per_sweep_in_a_multirun(hydra_multirun):
+    from llama_zh.stages import tracking_slice
     from llama_zh.tracking import wandb_group
 
-    assert wandb_group(hydra_multirun.logger.wandb, hydra_multirun) == "pretrain-lr-sweep"
+    assert wandb_group(tracking_slice(hydra_multirun)) == "pretrain-lr-sweep"
     with open_dict(hydra_multirun):
         hydra_multirun.logger.wandb.group = "mine"
-    assert wandb_group(hydra_multirun.logger.wandb, hydra_multirun) == "mine"
+    assert wandb_group(tracking_slice(hydra_multirun)) == "mine"
 
 
 def test_wandb_group_of_a_single_run_is_the_experiment_name():
+    from llama_zh.stages import tracking_slice
     from llama_zh.tracking import wandb_group
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=tiny_lr_sweep"])
+        cfg = compose(
+            "config", overrides=["experiment=tiny_lr_sweep", "paths.output_dir=/tmp/x", "paths.root_dir=/tmp"]
+        )
     assert not HydraConfig.initialized()
-    assert wandb_group(cfg.logger.wandb, cfg) == "tiny_lr_sweep"
+    assert wandb_group(tracking_slice(cfg)) == "tiny_lr_sweep"
 
 
 def test_jobs_of_one_process_get_their_own_wandb_run_in_the_sweeps_group(hydra_multirun, tmp_path):
+    from llama_zh.stages import tracking_slice
     from llama_zh.tracking import build_loggers
 
     runs = []
     for num in range(2):  # as Hydra's basic launcher runs a sweep: one job after another in one process
         out = tmp_path / "lr-sweep" / str(num)
         out.mkdir(parents=True)
-        wandb_logger = build_loggers(hydra_multirun, out)[1]
+        wandb_logger = build_loggers(tracking_slice(hydra_multirun), out)[1]
         assert wandb_logger._wandb_init["group"] == "pretrain-lr-sweep"
         assert wandb_logger.experiment.group == "pretrain-lr-sweep"
         runs.append((out, wandb_logger.experiment.id))

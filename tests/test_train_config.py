@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 from helpers import llama_zh
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from llama_zh.errors import LlamaZhError
-from llama_zh.train.hardware import LLAMA_ZH_KEYS, batch_plan, check_hardware, lightning_args
+from llama_zh.stages import strategy_slice, trainer_slice
+from llama_zh.train.hardware import LLAMA_ZH_KEYS, TrainerConfig, batch_plan, check_hardware, lightning_args
 from llama_zh.train.strategies import DeepSpeedAnyDevice, build_strategy
 
 CONF = str(Path(__file__).resolve().parents[1] / "llama_zh" / "conf")
@@ -52,7 +52,7 @@ def test_trainer_files_give_valid_lightning_arguments(trainer):
 
     import pytorch_lightning as pl
 
-    args = lightning_args(config(f"trainer={trainer}").trainer)
+    args = lightning_args(trainer_slice(config(f"trainer={trainer}")))
     assert not set(args) & set(LLAMA_ZH_KEYS)
     assert set(args) <= set(inspect.signature(pl.Trainer.__init__).parameters)
 
@@ -69,7 +69,7 @@ def test_multinode_reads_node_count_from_the_environment(monkeypatch):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_builds(strategy):
     cfg = config(f"strategy={strategy}")
-    built = build_strategy(cfg.strategy, micro_batch=4)
+    built = build_strategy(strategy_slice(cfg), micro_batch=4)
     if strategy.startswith("zero"):
         assert isinstance(built, DeepSpeedAnyDevice)
         zero = built.config["zero_optimization"]
@@ -80,7 +80,7 @@ def test_every_strategy_builds(strategy):
 
 def trainer_cfg(**values):
     base = {"name": "t", "accelerator": "cpu", "devices": 1, "num_nodes": 1, "accumulate_grad_batches": 1}
-    return OmegaConf.create(base | values)
+    return TrainerConfig(**(base | values))
 
 
 def test_global_batch_arithmetic():
@@ -115,7 +115,7 @@ def test_global_batch_and_a_different_accumulation_conflict():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without GPUs")
 def test_gpu_trainer_without_gpu_suggests_cpu_trainer():
     with pytest.raises(LlamaZhError, match="trainer=a800x8 needs CUDA GPUs .* use trainer=cpu"):
-        check_hardware(config("trainer=a800x8").trainer)
+        check_hardware(trainer_slice(config("trainer=a800x8")))
 
 
 def entry_point(*overrides, tmp_path):

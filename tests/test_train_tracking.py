@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from llama_zh.stages import strategy_slice, tracking_slice
 from llama_zh.tracking import ResumingCSVLogger, build_loggers, run_config, truncate_metrics
 from llama_zh.train.callbacks import ProgressLog, step_description
 from llama_zh.train.fit import quiet_library_warnings
@@ -34,7 +35,7 @@ def test_run_config_records_choices_mix_and_commit():
         "paths.output_dir=/tmp/x",
         "paths.root_dir=/tmp",
     )
-    values = run_config(cfg)
+    values = run_config(tracking_slice(cfg).config)
     assert values["choices"] == {
         "stage": "pretrain",
         "model": "tiny",
@@ -55,7 +56,7 @@ def test_unreachable_wandb_falls_back_to_offline_quickly(tmp_path, monkeypatch, 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     cfg = config("logger.wandb.mode=online", "paths.output_dir=/tmp/x", "paths.root_dir=/tmp")
     start = time.monotonic()
-    loggers = build_loggers(cfg, tmp_path)
+    loggers = build_loggers(tracking_slice(cfg), tmp_path)
     assert time.monotonic() - start < 60
     wandb_logger = loggers[1]
     assert "unreachable; logging offline instead" in caplog.text
@@ -205,7 +206,7 @@ def test_library_deprecation_warnings_are_silenced_precisely(tmp_path):
 
 def test_first_deepspeed_run_says_it_compiles(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    offload = config("strategy=zero3_offload").strategy
+    offload = strategy_slice(config("strategy=zero3_offload"))
     assert jit_ops_to_build(offload, on_gpu=False) == ["deepspeed_shm_comm", "cpu_adam"]
     with caplog.at_level(logging.INFO, logger="llama_zh.train.strategies"):
         announce_jit_builds(offload, on_gpu=False)
@@ -214,4 +215,4 @@ def test_first_deepspeed_run_says_it_compiles(tmp_path, monkeypatch, caplog):
     (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")  # built by an earlier run
     assert jit_ops_to_build(offload, on_gpu=False) == ["deepspeed_shm_comm"]
     assert jit_ops_to_build(offload, on_gpu=True) == []
-    assert jit_ops_to_build(config("strategy=zero2").strategy, on_gpu=True) == []
+    assert jit_ops_to_build(strategy_slice(config("strategy=zero2")), on_gpu=True) == []

@@ -54,8 +54,9 @@ class _GenerationMarks(jinja2.ext.Extension):
     def parse(self, parser):
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_mark", [jinja2.nodes.Name("_marks", "load")]), [], [],
-                                      body).set_lineno(lineno)
+        return jinja2.nodes.CallBlock(
+            self.call_method("_mark", [jinja2.nodes.Name("_marks", "load")]), [], [], body
+        ).set_lineno(lineno)
 
     @staticmethod
     def _mark(marks, caller) -> str:
@@ -69,8 +70,9 @@ def _raise_exception(message: str):
 
 def _environment() -> ImmutableSandboxedEnvironment:
     # The settings transformers renders chat templates with: the same text must render the same here.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationMarks, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationMarks, jinja2.ext.loopcontrols]
+    )
     env.globals["raise_exception"] = _raise_exception
     return env
 
@@ -98,19 +100,21 @@ class ChatTemplate:
     # ------------------------------------------------------------------------------------ loading
 
     @classmethod
-    def named(cls, name: str, input_separator: str = "\n") -> "ChatTemplate":
+    def named(cls, name: str, input_separator: str = "\n") -> ChatTemplate:
         """A packaged template (`template_names()`), or a `.jinja` file when `name` is a path to one."""
         name = str(name)
         if name.endswith(".jinja"):
             return cls.from_file(Path(name), input_separator)
         path = TEMPLATE_DIR / f"{name}.jinja"
         if not path.is_file():
-            raise TemplateError(f"chat template {name!r}: unknown; expected one of {', '.join(template_names())} "
-                                f"or a path to a .jinja file")
+            raise TemplateError(
+                f"chat template {name!r}: unknown; expected one of {', '.join(template_names())} "
+                f"or a path to a .jinja file"
+            )
         return cls(path.read_text(encoding="utf-8"), name=name, input_separator=input_separator)
 
     @classmethod
-    def from_file(cls, path: Path, input_separator: str = "\n") -> "ChatTemplate":
+    def from_file(cls, path: Path, input_separator: str = "\n") -> ChatTemplate:
         try:
             source = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -120,36 +124,48 @@ class ChatTemplate:
         return cls(source, name=str(path), input_separator=input_separator)
 
     @classmethod
-    def from_config(cls, cfg) -> "ChatTemplate":
+    def from_config(cls, cfg) -> ChatTemplate:
         """From a `template=` config: `name` (packaged) or `path` (a .jinja file) or `chat_template` (inline)."""
         keys = set(cfg.keys())
         unknown = keys - {"name", "path", "chat_template", "input_separator"}
         if unknown:
-            raise TemplateError(f"template: unknown field(s) {', '.join(sorted(unknown))}; a template is a Jinja chat "
-                                f"template given by name, path or chat_template (and input_separator)")
+            raise TemplateError(
+                f"template: unknown field(s) {', '.join(sorted(unknown))}; a template is a Jinja chat "
+                f"template given by name, path or chat_template (and input_separator)"
+            )
         separator = str(cfg.get("input_separator", "\n"))
         if cfg.get("chat_template"):
-            return cls(str(cfg["chat_template"]), name=str(cfg.get("name") or "template.chat_template"),
-                       input_separator=separator)
+            return cls(
+                str(cfg["chat_template"]),
+                name=str(cfg.get("name") or "template.chat_template"),
+                input_separator=separator,
+            )
         if cfg.get("path"):
             return cls.from_file(Path(str(cfg["path"])), separator)
         if not cfg.get("name"):
-            raise TemplateError("template: give name (one of " + ", ".join(template_names()) + "), path or chat_template")
+            raise TemplateError(
+                "template: give name (one of " + ", ".join(template_names()) + "), path or chat_template"
+            )
         return cls.named(str(cfg["name"]), separator)
 
     # ------------------------------------------------------------------------------------ rendering
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False,
-               marks: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, marks: bool = False) -> str:
         """The rendered text; with `marks`, generation blocks bracketed by private-use characters."""
         if marks:
             for m in messages:
                 if _OPEN in m["content"] or _CLOSE in m["content"]:
-                    raise TemplateError(f"chat template {self.name}: a message holds U+E000/U+E001, "
-                                        f"which rendering reserves")
+                    raise TemplateError(
+                        f"chat template {self.name}: a message holds U+E000/U+E001, which rendering reserves"
+                    )
         try:
-            return self._compiled.render(messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                                         add_generation_prompt=add_generation_prompt, _marks=marks)
+            return self._compiled.render(
+                messages=messages,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                add_generation_prompt=add_generation_prompt,
+                _marks=marks,
+            )
         except jinja2.TemplateError as e:
             raise TemplateError(f"chat template {self.name}: {type(e).__name__}: {e}") from None
 
@@ -165,11 +181,13 @@ class ChatTemplate:
         after = self.render(probe + [{"role": "user", "content": _OPEN}])
         if not after.startswith(before) or _OPEN not in after:
             return ""
-        return after[len(before):].split(_OPEN)[0].replace(self.bos_token, "").strip()
+        return after[len(before) :].split(_OPEN)[0].replace(self.bos_token, "").strip()
 
     # ------------------------------------------------------------------------------------ tokenizing
 
-    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    def encode(
+        self, messages: list[dict], tokenizer, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
         """Token ids of the rendered messages and, per token, whether it is trained on."""
         text = self.render(messages, add_generation_prompt, marks=True)
         plain, spans = _strip_marks(text)
@@ -233,7 +251,9 @@ def encode_text(text: str, tokenizer, bos_token: str = "<s>", eos_token: str = "
     return ids
 
 
-def _encode_with_offsets(text: str, tokenizer, bos_token: str, eos_token: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _encode_with_offsets(
+    text: str, tokenizer, bos_token: str, eos_token: str
+) -> tuple[list[int], list[tuple[int, int]]]:
     ids, offsets = [], []
     for at, part in _split_special(text, {bos_token: tokenizer.bos_id, eos_token: tokenizer.eos_id}):
         if isinstance(part, int):

@@ -89,8 +89,14 @@ def doc_hash64(doc: str) -> int:
 class Cleaner:
     """One source's cleaning: `clean(doc, counts)` returns the document to keep, or None (counted)."""
 
-    def __init__(self, normalize: str = "none", fold_fullwidth: bool = False, min_chars: int = 1,
-                 max_chars: int | None = None, dedup: bool = False):
+    def __init__(
+        self,
+        normalize: str = "none",
+        fold_fullwidth: bool = False,
+        min_chars: int = 1,
+        max_chars: int | None = None,
+        dedup: bool = False,
+    ):
         self.normalize = None if normalize == "none" else normalize
         self.fold_fullwidth = fold_fullwidth
         self.min_chars, self.max_chars = min_chars, max_chars

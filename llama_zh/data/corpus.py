@@ -21,12 +21,13 @@ import os
 import re
 import time
 import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from llama_zh.atomic import AtomicOutput, output_lock, write_text
-from llama_zh.config import check_keys
+from llama_zh.config import check_keys, from_mapping
 from llama_zh.data.cleaning import NORMALIZATIONS, Cleaner, CleaningCounts
 from llama_zh.errors import LlamaZhError
 
@@ -97,8 +98,13 @@ def _json_text(line: str, text_field: str, where: str) -> str:
 FORMATS = ("text", "jsonl", "pos_tagged")
 
 
-def read_documents(path: Path, fmt: str = "text", text_field: str = "text", on_bad_utf8: str = "error",
-                   counts: CleaningCounts | None = None) -> Iterator[str]:
+def read_documents(
+    path: Path,
+    fmt: str = "text",
+    text_field: str = "text",
+    on_bad_utf8: str = "error",
+    counts: CleaningCounts | None = None,
+) -> Iterator[str]:
     """Non-empty documents of a one-document-per-line file (`fmt`: text, jsonl or pos_tagged), stripped.
 
     Invalid UTF-8 is an error naming the line, or with `on_bad_utf8="skip"` a line skipped and counted.
@@ -116,8 +122,10 @@ def read_documents(path: Path, fmt: str = "text", text_field: str = "text", on_b
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     if on_bad_utf8 == "error":
-                        raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                                        f"on_bad_utf8: skip to skip such lines") from None
+                        raise DataError(
+                            f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                            f"on_bad_utf8: skip to skip such lines"
+                        ) from None
                     counts.note_bad_utf8(f"{path}:{lineno}")
                     continue
                 if lineno == 1:
@@ -146,14 +154,14 @@ class Source:
 
     name: str
     files: list[str]
-    format: str = "text"             # text | jsonl | pos_tagged
-    text_field: str = "text"         # jsonl: the field holding the document
-    normalize: str = "none"          # none | NFC | NFKC
-    fold_fullwidth: bool = False     # U+FF01..U+FF5E -> ASCII; off: Chinese punctuation is kept
-    min_chars: int = 1               # shorter documents are dropped (after cleaning)
-    max_chars: int | None = None     # longer documents are dropped; null: no bound
-    dedup: bool = False              # exact duplicates (after cleaning) dropped, within this source
-    on_bad_utf8: str = "error"       # error | skip (skipped lines are counted and listed in the report)
+    format: str = "text"  # text | jsonl | pos_tagged
+    text_field: str = "text"  # jsonl: the field holding the document
+    normalize: str = "none"  # none | NFC | NFKC
+    fold_fullwidth: bool = False  # U+FF01..U+FF5E -> ASCII; off: Chinese punctuation is kept
+    min_chars: int = 1  # shorter documents are dropped (after cleaning)
+    max_chars: int | None = None  # longer documents are dropped; null: no bound
+    dedup: bool = False  # exact duplicates (after cleaning) dropped, within this source
+    on_bad_utf8: str = "error"  # error | skip (skipped lines are counted and listed in the report)
 
     def __post_init__(self):
         where = f"data.sources.{self.name}"
@@ -161,6 +169,7 @@ class Source:
             raise DataError(f"{where}: a source name becomes part of file names; use letters, digits, _ and -")
         if isinstance(self.files, str) or not self.files:
             raise DataError(f"{where}.files: expected a non-empty list of paths or globs, got {self.files!r}")
+        self.files = list(self.files)
         checks = [("format", FORMATS), ("normalize", NORMALIZATIONS), ("on_bad_utf8", BAD_UTF8_POLICIES)]
         for key, allowed in checks:
             if getattr(self, key) not in allowed:
@@ -169,16 +178,6 @@ class Source:
             raise DataError(f"{where}.min_chars: {self.min_chars!r}; expected an integer >= 0")
         if self.max_chars is not None and (not isinstance(self.max_chars, int) or self.max_chars < self.min_chars):
             raise DataError(f"{where}.max_chars: {self.max_chars!r}; expected null or an integer >= min_chars")
-
-    @classmethod
-    def from_config(cls, name: str, block: Mapping[str, Any]) -> "Source":
-        known = {f.name for f in fields(cls)} - {"name"}
-        check_keys(block, known | set(KEYS_READ_ELSEWHERE), f"data.sources.{name}", DataError)
-        options = {k: v for k, v in block.items() if k in known}
-        options.setdefault("files", None)
-        if isinstance(options["files"], (list, tuple)):
-            options["files"] = list(options["files"])
-        return cls(name=name, **options)
 
     def paths(self) -> list[Path]:
         found: dict[Path, None] = {}
@@ -199,6 +198,16 @@ class Source:
         stats = [(p, p.stat()) for p in self.paths()]
         files = [{"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for p, st in stats]
         return {"options": self.options(), "holdout_modulus": holdout_modulus, "inputs": files}
+
+
+def source_from_block(name: str, block: Mapping[str, Any]) -> Source:
+    """The Source of `data.sources.<name>`; its keys read elsewhere (the mixture's weight) are checked
+    here too, so that a typo is refused wherever it sits."""
+    where = f"data.sources.{name}"
+    known = [f.name for f in fields(Source) if f.name != "name"] + list(KEYS_READ_ELSEWHERE)
+    check_keys(block, known, where, DataError)
+    options = {k: v for k, v in block.items() if k not in KEYS_READ_ELSEWHERE}
+    return from_mapping(Source, {"files": None, **options, "name": name}, where, DataError)
 
 
 def corpus_file(directory: Path, source: str, split: str) -> Path:
@@ -234,8 +243,12 @@ class _SplitWriter:
         except BaseException as e:
             self.out.abort(e)
             raise
-        return {"file": self.path.name, "documents": self.documents, "bytes": self.path.stat().st_size,
-                "sha1": self.sha1.hexdigest()}
+        return {
+            "file": self.path.name,
+            "documents": self.documents,
+            "bytes": self.path.stat().st_size,
+            "sha1": self.sha1.hexdigest(),
+        }
 
     def discard(self) -> None:
         self.out.abort()
@@ -271,20 +284,29 @@ def _write_source(source: Source, directory: Path, holdout_modulus: int, require
                 writers[split].write(doc)
         counts.train, counts.val = writers["train"].documents, writers["val"].documents
         if counts.train == 0 and (require_train or counts.val == 0):
-            raise DataError(f"source {source.name!r} ({', '.join(source.files)}): no documents "
-                            f"{'to train on' if require_train else 'at all'} ({_describe(counts)})")
+            raise DataError(
+                f"source {source.name!r} ({', '.join(source.files)}): no documents "
+                f"{'to train on' if require_train else 'at all'} ({_describe(counts)})"
+            )
         outputs = {split: w.commit() for split, w in writers.items()}
     except BaseException:
         for w in writers.values():
             w.discard()
         raise
     input_bytes = sum(f["bytes"] for f in fingerprint["inputs"])
-    report = {"source": source.name, **fingerprint, "counts": asdict(counts), "outputs": outputs,
-              "dedup_table_bytes": cleaner.seen.nbytes if cleaner.seen is not None else 0,
-              "input_bytes": input_bytes, "seconds": round(time.perf_counter() - start, 3)}
+    report = {
+        "source": source.name,
+        **fingerprint,
+        "counts": asdict(counts),
+        "outputs": outputs,
+        "dedup_table_bytes": cleaner.seen.nbytes if cleaner.seen is not None else 0,
+        "input_bytes": input_bytes,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     if counts.bad_utf8:
-        log.warning("%s: skipped %d lines of invalid UTF-8, first at %s", source.name, counts.bad_utf8,
-                    counts.bad_utf8_lines[0])
+        log.warning(
+            "%s: skipped %d lines of invalid UTF-8, first at %s", source.name, counts.bad_utf8, counts.bad_utf8_lines[0]
+        )
     write_text(report_file(directory, source.name), json.dumps(report, indent=2, ensure_ascii=False))
     log.info("corpus %s: %s", source.name, _describe(counts))
     return report
@@ -292,8 +314,10 @@ def _write_source(source: Source, directory: Path, holdout_modulus: int, require
 
 def _describe(counts: CleaningCounts) -> str:
     c = asdict(counts)
-    return ", ".join(f"{k} {c[k]}" for k in ("read", "kept", "train", "val", "empty", "too_short", "too_long",
-                                               "duplicates", "bad_utf8"))
+    return ", ".join(
+        f"{k} {c[k]}"
+        for k in ("read", "kept", "train", "val", "empty", "too_short", "too_long", "duplicates", "bad_utf8")
+    )
 
 
 def write_split_corpus(sources: Iterable[Source], directory: Path, holdout_modulus: int = 10) -> dict[str, dict]:

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader
 
 from llama_zh.data.corpus import DataError
 from llama_zh.data.datasets import PackedSFTDataset, SFTDataset, packed_shards, pad_collate
 from llama_zh.data.mix import MixedWindows, mix_weights
-from llama_zh.data.prepare import prepare_tokens
+from llama_zh.data.prepare import DataConfig, prepare_tokens
 from llama_zh.data.sft import Template, load_records, pack_examples, tokenize_record
 from llama_zh.tokenizer import Tokenizer
 
@@ -25,7 +24,7 @@ class PretrainData(pl.LightningDataModule):
     resumed run continues with the batch that would have come next.
     """
 
-    def __init__(self, data_cfg: DictConfig, tokenizer: Tokenizer, seed: int = 0):
+    def __init__(self, data_cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0):
         super().__init__()
         self.cfg, self.tokenizer, self.seed = data_cfg, tokenizer, seed
         self.start_batch = 0
@@ -35,10 +34,14 @@ class PretrainData(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         files = prepare_tokens(self.cfg, self.tokenizer)  # no-op once prepared
-        windows = {split: {source: packed_shards(shards, self.tokenizer, self.cfg.seq_len, f"{source}.{split}")
-                           for source, shards in by_source.items()}
-                   for split, by_source in files.items()}
-        self.train_sources = select_sources(windows["train"], self.cfg.get("train_sources"))
+        windows = {
+            split: {
+                source: packed_shards(shards, self.tokenizer, self.cfg.seq_len, f"{source}.{split}")
+                for source, shards in by_source.items()
+            }
+            for split, by_source in files.items()
+        }
+        self.train_sources = select_sources(windows["train"], self.cfg.train_sources)
         self.val = ConcatDataset(list(windows["val"].values()))
         self.source_names = list(self.train_sources)
         # Weights share out training windows (= tokens); none given: the sources' natural sizes.
@@ -46,8 +49,16 @@ class PretrainData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        stream = MixedWindows(list(self.train_sources.values()), self.weights, self.seed, self.cfg.batch_size,
-                              rank=rank, world_size=world, start_batch=self.start_batch, names=self.source_names)
+        stream = MixedWindows(
+            list(self.train_sources.values()),
+            self.weights,
+            self.seed,
+            self.cfg.batch_size,
+            rank=rank,
+            world_size=world,
+            start_batch=self.start_batch,
+            names=self.source_names,
+        )
         return DataLoader(stream, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -56,7 +67,9 @@ class PretrainData(pl.LightningDataModule):
     def state_dict(self) -> dict:
         # Micro-batches this rank has consumed: optimizer steps x accumulation.
         trainer = self.trainer
-        return {"batches_consumed": trainer.global_step * trainer.accumulate_grad_batches if trainer else self.start_batch}
+        return {
+            "batches_consumed": trainer.global_step * trainer.accumulate_grad_batches if trainer else self.start_batch
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.start_batch = int(state["batches_consumed"])
@@ -80,8 +93,18 @@ class InstructionData(pl.LightningDataModule):
     `pack`: short examples share a sequence, each marked by its segment ids and positions so that
     the model keeps them apart (no attention between them, positions from 0 in each)."""
 
-    def __init__(self, train_file: Path, template: Template, tokenizer: Tokenizer, max_len: int, batch_size: int,
-                 val_fraction: float = 0.02, seed: int = 0, num_workers: int = 0, pack: bool = False):
+    def __init__(
+        self,
+        train_file: Path,
+        template: Template,
+        tokenizer: Tokenizer,
+        max_len: int,
+        batch_size: int,
+        val_fraction: float = 0.02,
+        seed: int = 0,
+        num_workers: int = 0,
+        pack: bool = False,
+    ):
         super().__init__()
         self.train_file, self.template, self.tokenizer = Path(train_file), template, tokenizer
         self.max_len, self.batch_size, self.val_fraction = max_len, batch_size, val_fraction
@@ -103,8 +126,14 @@ class InstructionData(pl.LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id >= 0 else self.tokenizer.eos_id
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=pad_collate(pad),
-                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=pad_collate(pad),
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, shuffle=True)

@@ -40,10 +40,12 @@ def packed_shards(shards: list[Path], tokenizer: Tokenizer, seq_len: int, name: 
     `seq_len` tokens per shard, nothing at the usual shard sizes.
     """
     tokens = [load_tokens(Path(p), tokenizer) for p in shards]
-    parts = [PackedDataset(t, seq_len, str(p)) for p, t in zip(shards, tokens) if len(t) >= seq_len + 1]
+    parts = [PackedDataset(t, seq_len, str(p)) for p, t in zip(shards, tokens, strict=False) if len(t) >= seq_len + 1]
     if not parts:
-        raise DataError(f"{name}: {sum(map(len, tokens))} tokens in {len(shards)} shards, "
-                        f"fewer than one sequence of {seq_len} + 1 in any shard")
+        raise DataError(
+            f"{name}: {sum(map(len, tokens))} tokens in {len(shards)} shards, "
+            f"fewer than one sequence of {seq_len} + 1 in any shard"
+        )
     return ConcatDataset(parts)
 
 
@@ -93,8 +95,12 @@ class PackedSFTDataset(Dataset):
             labels += example_labels[1:] + [IGNORE_INDEX]
             segments += [index] * len(example_ids)
             positions += range(len(example_ids))
-        return {"input_ids": torch.tensor(ids[:-1]), "labels": torch.tensor(labels[:-1]),
-                "segment_ids": torch.tensor(segments[:-1]), "positions": torch.tensor(positions[:-1])}
+        return {
+            "input_ids": torch.tensor(ids[:-1]),
+            "labels": torch.tensor(labels[:-1]),
+            "segment_ids": torch.tensor(segments[:-1]),
+            "positions": torch.tensor(positions[:-1]),
+        }
 
 
 # Fill values of the per-token fields a batch may carry. Padding is a segment (-1) of its own:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,8 +86,10 @@ def source_weight(name: str, block: Mapping[str, Any]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{where}: {value!r}; expected a number > 0 or null")
     if value <= 0:
-        raise DataError(f"{where}: {value!r}; a weight must be > 0 (to leave the source out of training, "
-                        f"remove it or list the others in data.train_sources)")
+        raise DataError(
+            f"{where}: {value!r}; a weight must be > 0 (to leave the source out of training, "
+            f"remove it or list the others in data.train_sources)"
+        )
     return float(value)
 
 
@@ -108,8 +111,10 @@ def mix_weights(sources: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, in
         return [weights[name] for name in sizes]
     if len(unset) < len(weights):
         given = [name for name, w in weights.items() if w is not None]
-        raise DataError(f"data.sources: {', '.join(given)} set a weight but {', '.join(unset)} do not; "
-                        f"give every training source a weight, or none (shares by size)")
+        raise DataError(
+            f"data.sources: {', '.join(given)} set a weight but {', '.join(unset)} do not; "
+            f"give every training source a weight, or none (shares by size)"
+        )
     return [float(sizes[name]) for name in sizes]
 
 
@@ -127,16 +132,18 @@ class MixtureSchedule:
         if len(self.sizes) != len(self.weights) or not self.sizes:
             raise DataError("data.sources: need one weight per source and at least one source")
         names = list(self.names) if self.names is not None else [str(i) for i in range(len(self.sizes))]
-        for name, n, w in zip(names, self.sizes, self.weights):
+        for name, n, w in zip(names, self.sizes, self.weights, strict=False):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
                 raise DataError(f"data.sources.{name}.weight: {w!r}; a weight must be a finite number > 0")
             if n <= 0:
                 raise DataError(f"data.sources.{name}: no training windows")
         self.quotas = apportion(self.weights, self.block)
-        starved = [name for name, q in zip(names, self.quotas) if q == 0]
+        starved = [name for name, q in zip(names, self.quotas, strict=False) if q == 0]
         if starved:
-            raise DataError(f"data.sources: the weight of {', '.join(starved)} is below 1/{self.block} of the "
-                            f"total; raise it or drop the source")
+            raise DataError(
+                f"data.sources: the weight of {', '.join(starved)} is below 1/{self.block} of the "
+                f"total; raise it or drop the source"
+            )
         self._block_order = lru_cache(maxsize=4)(self._make_block_order)
         self._perm = lru_cache(maxsize=64)(self._make_perm)
 
@@ -170,8 +177,17 @@ class MixedWindows(IterableDataset):
     out in stream order. `start_batch` (per rank) is where a resumed run picks up.
     """
 
-    def __init__(self, sources: Sequence[Dataset], weights: Sequence[float], seed: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1, start_batch: int = 0, names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        sources: Sequence[Dataset],
+        weights: Sequence[float],
+        seed: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        names: Sequence[str] | None = None,
+    ):
         self.sources = list(sources)
         self.schedule = MixtureSchedule([len(s) for s in self.sources], weights, seed, names=names)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -180,7 +196,9 @@ class MixedWindows(IterableDataset):
     def positions(self, batch: int) -> range:
         """Global positions of this rank's batch number `batch`."""
         first = batch * self.batch_size
-        return range((first * self.world_size) + self.rank, ((first + self.batch_size) * self.world_size), self.world_size)
+        return range(
+            (first * self.world_size) + self.rank, ((first + self.batch_size) * self.world_size), self.world_size
+        )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()

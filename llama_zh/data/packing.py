@@ -30,9 +30,9 @@ import re
 import signal
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -55,10 +55,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass
 class EncodedBlock:
-    tokens: np.ndarray      # `<s> ids </s>` of every document of the block, back to back
+    tokens: np.ndarray  # `<s> ids </s>` of every document of the block, back to back
     doc_tokens: np.ndarray  # (documents,) tokens per document
-    doc_ends: np.ndarray    # (documents,) corpus byte offset just past each document's line
-    end: int                # corpus byte offset where the block ends
+    doc_ends: np.ndarray  # (documents,) corpus byte offset just past each document's line
+    end: int  # corpus byte offset where the block ends
 
 
 def split_blocks(path: Path, start: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
@@ -164,7 +164,7 @@ class BlockEncoder:
             self.pool.join()
             self.pool = None
 
-    def __enter__(self) -> "BlockEncoder":
+    def __enter__(self) -> BlockEncoder:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -189,8 +189,17 @@ def _write_json(path: Path, obj: dict) -> None:
 class ShardWriter:
     """Appends encoded blocks to numbered shards, closing each at the first document end past `shard_tokens`."""
 
-    def __init__(self, out_dir: Path, prefix: str, common: dict, shard_tokens: int, dtype: np.dtype,
-                 first_shard: int, corpus_start: int, first_document: int):
+    def __init__(
+        self,
+        out_dir: Path,
+        prefix: str,
+        common: dict,
+        shard_tokens: int,
+        dtype: np.dtype,
+        first_shard: int,
+        corpus_start: int,
+        first_document: int,
+    ):
         self.out_dir, self.prefix, self.common = out_dir, prefix, common
         self.shard_tokens, self.dtype = shard_tokens, dtype
         self.number, self.corpus_start, self.first_document = first_shard, corpus_start, first_document
@@ -224,9 +233,16 @@ class ShardWriter:
 
     def _close(self, corpus_end: int) -> None:
         self.out.commit()
-        index = {**self.common, "shard": self.number, "documents": self.documents, "tokens": self.tokens,
-                 "dtype": self.dtype.name, "first_document": self.first_document,
-                 "corpus_start": self.corpus_start, "corpus_end": corpus_end}
+        index = {
+            **self.common,
+            "shard": self.number,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "dtype": self.dtype.name,
+            "first_document": self.first_document,
+            "corpus_start": self.corpus_start,
+            "corpus_end": corpus_end,
+        }
         _write_json(index_path(self.path), index)  # last: the shard is finished once this exists
         self.written.append(self.path)
         self.number += 1
@@ -254,8 +270,8 @@ class PackResult:
     shards: list[Path]
     documents: int
     tokens: int
-    reused_shards: int      # finished shards found from an earlier run
-    bytes_packed: int = 0   # corpus bytes tokenized by this run
+    reused_shards: int  # finished shards found from an earlier run
+    bytes_packed: int = 0  # corpus bytes tokenized by this run
     tokens_packed: int = 0
     seconds: float = 0.0
     indexes: list[dict] = field(default_factory=list, repr=False)
@@ -291,9 +307,18 @@ def _remove_from(out_dir: Path, prefix: str, first: int) -> None:
             path.unlink()
 
 
-def pack_corpus_file(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encoder: BlockEncoder, out_dir: Path,
-                     source: str, split: str, shard_tokens: int, block_bytes: int = BLOCK_BYTES,
-                     progress: bool | None = None) -> PackResult:
+def pack_corpus_file(
+    corpus: Path,
+    corpus_sha1: str,
+    tokenizer: Tokenizer,
+    encoder: BlockEncoder,
+    out_dir: Path,
+    source: str,
+    split: str,
+    shard_tokens: int,
+    block_bytes: int = BLOCK_BYTES,
+    progress: bool | None = None,
+) -> PackResult:
     """Pack `corpus` (one document a line) into shards `<source>.<split>.NNNNN.bin` under `out_dir`.
 
     `corpus_sha1` identifies the corpus content: shards of another content are rebuilt, not resumed.
@@ -303,15 +328,32 @@ def pack_corpus_file(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encod
     # A second process packing the same file (another prepare, or a training run's data setup) waits,
     # then finds the shards complete.
     with output_lock(out_dir / prefix, wait=True):
-        return _pack_locked(corpus, corpus_sha1, tokenizer, encoder, out_dir, source, split, shard_tokens,
-                            block_bytes, progress)
+        return _pack_locked(
+            corpus, corpus_sha1, tokenizer, encoder, out_dir, source, split, shard_tokens, block_bytes, progress
+        )
 
 
-def _pack_locked(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encoder: BlockEncoder, out_dir: Path,
-                 source: str, split: str, shard_tokens: int, block_bytes: int, progress: bool | None) -> PackResult:
+def _pack_locked(
+    corpus: Path,
+    corpus_sha1: str,
+    tokenizer: Tokenizer,
+    encoder: BlockEncoder,
+    out_dir: Path,
+    source: str,
+    split: str,
+    shard_tokens: int,
+    block_bytes: int,
+    progress: bool | None,
+) -> PackResult:
     prefix = f"{source}.{split}"
-    expected = {"format_version": FORMAT_VERSION, "source": source, "split": split, "corpus_sha1": corpus_sha1,
-                "tokenizer_sha256": tokenizer.sha256(), "shard_tokens": shard_tokens}
+    expected = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "split": split,
+        "corpus_sha1": corpus_sha1,
+        "tokenizer_sha256": tokenizer.sha256(),
+        "shard_tokens": shard_tokens,
+    }
     manifest_file = out_dir / f"{prefix}.json"
     indexes = _manifest_indexes(manifest_file, out_dir, expected)
     if indexes is not None:
@@ -328,7 +370,12 @@ def _pack_locked(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encoder: 
     if reused:
         log.info("%s: resuming after %d finished shards, at corpus byte %d", prefix, reused, start)
 
-    common = {**expected, "vocab_size": tokenizer.vocab_size, "tokenizer_kind": tokenizer.kind, "corpus_file": corpus.name}
+    common = {
+        **expected,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_kind": tokenizer.kind,
+        "corpus_file": corpus.name,
+    }
     size = corpus.stat().st_size
     began = time.perf_counter()
     writer = ShardWriter(out_dir, prefix, common, shard_tokens, encoder.dtype, reused, start, first_document)
@@ -340,8 +387,9 @@ def _pack_locked(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encoder: 
             tokens_packed += len(block.tokens)
             bar.update(block.end - position)
             position = block.end
-            bar.set_postfix_str(f"{tokens_packed / max(time.perf_counter() - began, 1e-9) / 1e6:.2f}M tokens/s",
-                                refresh=False)
+            bar.set_postfix_str(
+                f"{tokens_packed / max(time.perf_counter() - began, 1e-9) / 1e6:.2f}M tokens/s", refresh=False
+            )
         writer.finish(size)
     except BaseException as e:
         writer.abort(e)
@@ -349,8 +397,12 @@ def _pack_locked(corpus: Path, corpus_sha1: str, tokenizer: Tokenizer, encoder: 
     finally:
         bar.close()
     indexes += [json.loads(index_path(p).read_text()) for p in writer.written]
-    manifest = {**expected, "shards": [shard_path(out_dir, prefix, i["shard"]).name for i in indexes],
-                "documents": sum(i["documents"] for i in indexes), "tokens": sum(i["tokens"] for i in indexes)}
+    manifest = {
+        **expected,
+        "shards": [shard_path(out_dir, prefix, i["shard"]).name for i in indexes],
+        "documents": sum(i["documents"] for i in indexes),
+        "tokens": sum(i["tokens"] for i in indexes),
+    }
     _write_json(manifest_file, manifest)
     result = _result(out_dir, prefix, indexes, reused)
     result.bytes_packed, result.tokens_packed = size - start, tokens_packed
@@ -372,16 +424,25 @@ def _manifest_indexes(manifest_file: Path, out_dir: Path, expected: dict) -> lis
 
 def _result(out_dir: Path, prefix: str, indexes: list[dict], reused: int) -> PackResult:
     shards = [shard_path(out_dir, prefix, i["shard"]) for i in indexes]
-    return PackResult(shards, sum(i["documents"] for i in indexes), sum(i["tokens"] for i in indexes), reused,
-                      indexes=indexes)
+    return PackResult(
+        shards, sum(i["documents"] for i in indexes), sum(i["tokens"] for i in indexes), reused, indexes=indexes
+    )
 
 
 def _progress_bar(name: str, total: int, initial: int, enabled: bool | None):
     from tqdm import tqdm
 
     # disable=None: shown on a terminal, silent in logs and tests.
-    return tqdm(total=total, initial=initial, desc=name, unit="B", unit_scale=True, unit_divisor=1000,
-                disable=None if enabled is None else not enabled, leave=False)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=name,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        disable=None if enabled is None else not enabled,
+        leave=False,
+    )
 
 
 # ---- reading shards
@@ -399,7 +460,8 @@ def read_index(token_file: Path, tokenizer: Tokenizer) -> dict:
         raise DataError(
             f"{token_file}: built with tokenizer sha256 {index['tokenizer_sha256'][:12]}"
             f"{' (' + index['tokenizer_kind'] + ')' if index.get('tokenizer_kind') else ''}, "
-            f"but the model's tokenizer {tokenizer.path} ({tokenizer.kind}) is {tokenizer.sha256()[:12]}; repack with it"
+            f"but the model's tokenizer {tokenizer.path} ({tokenizer.kind}) is {tokenizer.sha256()[:12]}; "
+            "repack with it"
         )
     expected = index["tokens"] * np.dtype(index["dtype"]).itemsize
     if token_file.stat().st_size != expected:

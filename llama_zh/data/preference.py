@@ -143,13 +143,16 @@ def load_preferences(path: Path, separator: str = "\n") -> list[dict]:
 # --------------------------------------------------------------------------------------- tokenizing
 
 
-def response_sequence(messages: list[dict], response: str, template: ChatTemplate, tokenizer: Tokenizer,
-                      max_len: int, where: str = "") -> Sequence:
+def response_sequence(
+    messages: list[dict], response: str, template: ChatTemplate, tokenizer: Tokenizer, max_len: int, where: str = ""
+) -> Sequence:
     """(context ids, response ids) of `response` rendered after `messages`, cut to `max_len` + 1 tokens."""
     ids, trained = template.encode(messages + [{"role": "assistant", "content": response}], tokenizer)
     if not any(trained):
-        raise DataError(f"chat template {template.name}: marks nothing to train on "
-                        "({% generation %}...{% endgeneration %} around the answers)")
+        raise DataError(
+            f"chat template {template.name}: marks nothing to train on "
+            "({% generation %}...{% endgeneration %} around the answers)"
+        )
     end = len(trained) - trained[::-1].index(True)
     start = end
     while start > 0 and trained[start - 1]:
@@ -161,9 +164,13 @@ def response_sequence(messages: list[dict], response: str, template: ChatTemplat
     return context, answer
 
 
-def tokenize_pair(record: dict, template: ChatTemplate, tokenizer: Tokenizer, max_len: int) -> tuple[Sequence, Sequence]:
-    return tuple(response_sequence(record["messages"], record[key], template, tokenizer, max_len, record.get("where", ""))
-                 for key in ("chosen", "rejected"))
+def tokenize_pair(
+    record: dict, template: ChatTemplate, tokenizer: Tokenizer, max_len: int
+) -> tuple[Sequence, Sequence]:
+    return tuple(
+        response_sequence(record["messages"], record[key], template, tokenizer, max_len, record.get("where", ""))
+        for key in ("chosen", "rejected")
+    )
 
 
 def sequence_tensors(sequence: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,8 +192,13 @@ class PreferenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         (c_ids, c_labels), (r_ids, r_labels) = (sequence_tensors(s) for s in self.pairs[i])
-        return {"chosen_ids": c_ids, "chosen_labels": c_labels, "rejected_ids": r_ids, "rejected_labels": r_labels,
-                "index": self.indices[i]}
+        return {
+            "chosen_ids": c_ids,
+            "chosen_labels": c_labels,
+            "rejected_ids": r_ids,
+            "rejected_labels": r_labels,
+            "index": self.indices[i],
+        }
 
 
 def preference_collate(pad_id: int):
@@ -194,14 +206,15 @@ def preference_collate(pad_id: int):
     (one forward pass for both), plus the pairs' `index` (B,)."""
 
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-        rows = [(b["chosen_ids"], b["chosen_labels"]) for b in batch] + [(b["rejected_ids"], b["rejected_labels"])
-                                                                           for b in batch]
+        rows = [(b["chosen_ids"], b["chosen_labels"]) for b in batch] + [
+            (b["rejected_ids"], b["rejected_labels"]) for b in batch
+        ]
         length = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        for row, (i, l) in enumerate(rows):
-            ids[row, : len(i)] = i
-            labels[row, : len(l)] = l
+        for row, (row_ids, row_labels) in enumerate(rows):
+            ids[row, : len(row_ids)] = row_ids
+            labels[row, : len(row_labels)] = row_labels
         return {"input_ids": ids, "labels": labels, "index": torch.tensor([b["index"] for b in batch])}
 
     return collate
@@ -210,8 +223,18 @@ def preference_collate(pad_id: int):
 class PreferenceData(pl.LightningDataModule):
     """Preference records -> tokenized pairs; a seeded slice of the file (`val_fraction`) for validation."""
 
-    def __init__(self, file: Path, template: ChatTemplate, tokenizer: Tokenizer, max_len: int, batch_size: int,
-                 val_fraction: float = 0.02, seed: int = 0, num_workers: int = 0, max_records: int | None = None):
+    def __init__(
+        self,
+        file: Path,
+        template: ChatTemplate,
+        tokenizer: Tokenizer,
+        max_len: int,
+        batch_size: int,
+        val_fraction: float = 0.02,
+        seed: int = 0,
+        num_workers: int = 0,
+        max_records: int | None = None,
+    ):
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise DataError(f"stage.val_fraction={val_fraction}: expected a fraction in [0, 1)")
@@ -242,14 +265,20 @@ class PreferenceData(pl.LightningDataModule):
         for pair in pairs:
             digest.update(json.dumps(pair).encode())
         self.fingerprint = digest.hexdigest()  # what stored reference log-probs were computed for
-        log.info("preference data: %d pairs for training, %d for validation (%s)", len(self.train), len(self.val),
-                 self.file)
+        log.info(
+            "preference data: %d pairs for training, %d for validation (%s)", len(self.train), len(self.val), self.file
+        )
 
     def _loader(self, dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id >= 0 else self.tokenizer.eos_id
-        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
-                          collate_fn=preference_collate(pad), generator=torch.Generator().manual_seed(self.seed),
-                          num_workers=self.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            collate_fn=preference_collate(pad),
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, shuffle=True)
@@ -275,7 +304,7 @@ def build_review_preferences(directory: Path) -> Path:
     if path.is_file():
         return path
     source = build_review_sentiment(directory / "sft_review_sentiment")["train"]
-    other = {a: b for a, b in zip(SENTIMENT_LABELS.values(), reversed(list(SENTIMENT_LABELS.values())))}
+    other = {a: b for a, b in zip(SENTIMENT_LABELS.values(), reversed(list(SENTIMENT_LABELS.values())), strict=False)}
     rows = []
     for line in source.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -283,8 +312,17 @@ def build_review_preferences(directory: Path) -> Path:
         record = json.loads(line)
         if is_held_out(record["input"]):
             continue
-        rows.append(json.dumps({"instruction": record["instruction"], "input": record["input"],
-                                "chosen": record["output"], "rejected": other[record["output"]]}, ensure_ascii=False))
+        rows.append(
+            json.dumps(
+                {
+                    "instruction": record["instruction"],
+                    "input": record["input"],
+                    "chosen": record["output"],
+                    "rejected": other[record["output"]],
+                },
+                ensure_ascii=False,
+            )
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")

@@ -26,8 +26,14 @@ from llama_zh.tokenizer import Tokenizer
 
 Segment = tuple[list[int], bool]  # (ids, trained)
 
-SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-            "system": "system"}
+SPEAKERS = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
 
 # The name infer and eval know the template by.
 Template = ChatTemplate
@@ -86,7 +92,7 @@ def load_records(path: Path) -> list[dict]:
             where.append(f"{path}:{lineno}")
     if not records:
         raise DataError(f"{path}: no records")
-    for i, (rec, loc) in enumerate(zip(records, where)):
+    for i, (rec, loc) in enumerate(zip(records, where, strict=False)):
         if not isinstance(rec, dict):
             raise DataError(f"{loc}: expected an object with instruction, input, output (or conversations)")
         if _turns(rec) is not None:
@@ -115,8 +121,10 @@ def tokenize_record(record: dict, template: ChatTemplate, tokenizer: Tokenizer, 
     budget = max_len + 1
     ids, trained = template.encode(record_to_messages(record, template), tokenizer)
     if not any(trained):
-        raise DataError(f"chat template {template.name}: marks nothing to train on "
-                        "({% generation %}...{% endgeneration %} around the answers)")
+        raise DataError(
+            f"chat template {template.name}: marks nothing to train on "
+            "({% generation %}...{% endgeneration %} around the answers)"
+        )
     segments = _runs(ids, trained)
     if len(ids) <= budget:
         return segments
@@ -143,7 +151,7 @@ def record_to_messages(record: dict, template: ChatTemplate) -> list[dict]:
 def _runs(ids: list[int], trained: list[bool]) -> list[Segment]:
     """Maximal runs of equally trained tokens, starting with a context run (empty if the text starts trained)."""
     segments: list[Segment] = [([], False)]
-    for token, flag in zip(ids, trained):
+    for token, flag in zip(ids, trained, strict=False):
         if flag != segments[-1][1]:
             segments.append(([], flag))
         segments[-1][0].append(token)

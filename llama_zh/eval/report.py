@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -128,22 +129,24 @@ def comparison_table(jobs: list[dict]) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
-def write_comparison(results_file: Path, report: dict, cfg) -> Path | None:
-    """In a Hydra multirun: record this job and rewrite the sweep's comparison table; else None."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+@dataclass
+class SweepJob:
+    """One job of a multirun: the sweep's directory, the job's number and its command-line overrides."""
 
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):  # not under Hydra (a direct call)
+    dir: Path
+    num: int
+    overrides: list[str]
+
+
+def write_comparison(results_file: Path, report: dict, sweep_job: SweepJob | None) -> Path | None:
+    """In a multirun (`sweep_job` given): record this job and rewrite the sweep's comparison table; else None."""
+    if sweep_job is None:
         return None
-    if hc.mode != RunMode.MULTIRUN:
-        return None
-    sweep = Path(hc.sweep.dir)
-    overrides = [o for o in hc.overrides.task]
+    sweep = Path(sweep_job.dir)
+    overrides = list(sweep_job.overrides)
     others = " ".join(o for o in overrides if not o.startswith(("quant=", "quant.")))
     job = {
-        "job": hc.job.num,
+        "job": sweep_job.num,
         "overrides": overrides,
         "others": others,
         "results": str(results_file),
@@ -151,9 +154,9 @@ def write_comparison(results_file: Path, report: dict, cfg) -> Path | None:
     }
     jobs_dir = sweep / "eval_jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
-    tmp = jobs_dir / f".{hc.job.num}.json.tmp"
+    tmp = jobs_dir / f".{sweep_job.num}.json.tmp"
     tmp.write_text(json.dumps(job, ensure_ascii=False, indent=2, allow_nan=True))
-    os.replace(tmp, jobs_dir / f"{hc.job.num}.json")
+    os.replace(tmp, jobs_dir / f"{sweep_job.num}.json")
 
     jobs = sorted((json.loads(p.read_text()) for p in jobs_dir.glob("*.json")), key=lambda j: j["job"])
     columns, rows = comparison_table(jobs)
@@ -167,7 +170,7 @@ def write_comparison(results_file: Path, report: dict, cfg) -> Path | None:
     )
     data = json.dumps({"common_overrides": shared, "columns": columns, "rows": rows}, ensure_ascii=False, indent=2)
     for path, content in ((out, text), (sweep / "comparison.json", data)):
-        tmp = path.with_name(f".{path.name}.{hc.job.num}.tmp")
+        tmp = path.with_name(f".{path.name}.{sweep_job.num}.tmp")
         tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)
     log.info("sweep comparison (%d jobs):\n%s", len(jobs), table)

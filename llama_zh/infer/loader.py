@@ -33,6 +33,7 @@ from llama_zh.model import Transformer
 from llama_zh.prefix import load_prefix
 from llama_zh.quant import QuantConfig, QuantReport, quantize_stream
 from llama_zh.tokenizer import Tokenizer
+from llama_zh.train.hardware import TrainerConfig
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "kernel")
@@ -120,30 +121,32 @@ def load(
     return model, tokenizer, report
 
 
-def inference_target(cfg) -> tuple[torch.device, torch.dtype | None]:
+def inference_target(trainer: TrainerConfig) -> tuple[torch.device, torch.dtype | None]:
     """Device and weight dtype from trainer= (hardware lives there): gpu -> cuda in the trainer's
     precision; cpu -> cpu, weights as stored."""
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    accelerator = str(trainer.accelerator)
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is available (use trainer=cpu)")
-        precision = str(cfg.trainer.get("precision", "32-true"))
-        return torch.device("cuda"), PRECISION_DTYPES.get(precision, torch.float32)
+        return torch.device("cuda"), PRECISION_DTYPES.get(str(trainer.precision), torch.float32)
     return torch.device("cpu"), None
 
 
-def load_for_stage(cfg, rows: int = 1) -> tuple[Transformer, Tokenizer, LoadReport]:
+def load_for_stage(
+    checkpoint: str | Path,
+    trainer: TrainerConfig,
+    quant: QuantConfig,
+    backend: str | None,
+    prefix: str | None,
+    rows: int = 1,
+) -> tuple[Transformer, Tokenizer, LoadReport]:
     """The checkpoint of stage.checkpoint (native or HF) on trainer='s device, quantized by quant=,
-    swapped for stage.backend (default auto), with the prefix of finetune=prefix beside it (or
+    swapped for stage.backend (None: auto), with the prefix of finetune=prefix beside it (or
     stage.prefix) attached; `rows`: the batch rows the stage decodes."""
-    from omegaconf import OmegaConf
-
-    device, dtype = inference_target(cfg)
-    quant = QuantConfig.from_config(OmegaConf.to_container(cfg.quant, resolve=True))
-    backend = str(cfg.stage.get("backend") or "auto")
-    model, tokenizer, report = load(cfg.stage.checkpoint, device, dtype, quant, backend, rows)
+    device, dtype = inference_target(trainer)
+    model, tokenizer, report = load(checkpoint, device, dtype, quant, str(backend or "auto"), rows)
     if tokenizer is None:
-        raise LlamaZhError(f"stage.checkpoint: {cfg.stage.checkpoint} has no tokenizer.model")
+        raise LlamaZhError(f"stage.checkpoint: {checkpoint} has no tokenizer.model")
     log.info("%s", report.summary())
-    load_prefix(model, cfg.stage.checkpoint, cfg.stage.get("prefix"))  # finetune=prefix's, beside the checkpoint
+    load_prefix(model, checkpoint, prefix)  # finetune=prefix's, beside the checkpoint
     return model, tokenizer, report

@@ -1,18 +1,104 @@
-"""One module per stage, each with `run(cfg)`: a thin composition of the library's parts."""
+"""One module per stage, each with `run(cfg)`: a thin composition of the library's parts.
+
+The Hydra config stops here. A stage turns each group it reads into its typed object once, with the
+functions below (`trainer_slice(cfg)`, `data_slice(cfg)`, ...), and passes those down: the library
+below takes dataclasses, never a DictConfig, and reads no key with a default of its own, so that
+llama_zh/conf/ is the one place a default lives.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from llama_zh.config import CONF_DIR, ConfigError, ModelConfig, check_keys, group_defaults
+from llama_zh.config import CONF_DIR, ConfigError, ModelConfig, check_keys, from_mapping, group_defaults
 
-STAGES = ("prepare", "tokenizer", "convert", "pretrain", "sft", "dpo", "eval", "infer", "serve")
+if TYPE_CHECKING:
+    from llama_zh.data.prepare import DataConfig, TokenizerConfig
+    from llama_zh.eval.report import SweepJob
+    from llama_zh.quant import QuantConfig
+    from llama_zh.tracking import TrackingConfig
+    from llama_zh.train.finetune import FinetuneConfig
+    from llama_zh.train.fit import TrainSettings
+    from llama_zh.train.hardware import TrainerConfig
+    from llama_zh.train.module import OptimConfig
+    from llama_zh.train.strategies import StrategyConfig
+
+
+# Each stage's run function, imported when that stage runs: a stage's imports (Lightning for training,
+# the server for serve) are not paid by the others.
+def _prepare(cfg: DictConfig):
+    from llama_zh.stages.prepare import run
+
+    return run(cfg)
+
+
+def _tokenizer(cfg: DictConfig):
+    from llama_zh.stages.tokenizer import run
+
+    return run(cfg)
+
+
+def _convert(cfg: DictConfig):
+    from llama_zh.stages.convert import run
+
+    return run(cfg)
+
+
+def _pretrain(cfg: DictConfig):
+    from llama_zh.stages.pretrain import run
+
+    return run(cfg)
+
+
+def _sft(cfg: DictConfig):
+    from llama_zh.stages.sft import run
+
+    return run(cfg)
+
+
+def _dpo(cfg: DictConfig):
+    from llama_zh.stages.dpo import run
+
+    return run(cfg)
+
+
+def _eval(cfg: DictConfig):
+    from llama_zh.stages.eval import run
+
+    return run(cfg)
+
+
+def _infer(cfg: DictConfig):
+    from llama_zh.stages.infer import run
+
+    return run(cfg)
+
+
+def _serve(cfg: DictConfig):
+    from llama_zh.stages.serve import run
+
+    return run(cfg)
+
+
+RUNS: dict[str, Callable[[DictConfig], Any]] = {
+    "prepare": _prepare,
+    "tokenizer": _tokenizer,
+    "convert": _convert,
+    "pretrain": _pretrain,
+    "sft": _sft,
+    "dpo": _dpo,
+    "eval": _eval,
+    "infer": _infer,
+    "serve": _serve,
+}
+STAGES = tuple(RUNS)
 
 # The config groups each stage reads besides `stage`. Hydra's `+group.key=value` adds any key, and a
 # reader that looks keys up by name never sees a misspelt one: these are checked before the stage runs.
@@ -100,6 +186,139 @@ def check_options(cfg: DictConfig) -> None:
             )
 
 
-def run_stage(cfg):
+def run_stage(cfg: DictConfig):
+    name = cfg.stage.name
+    if name not in RUNS:
+        raise ConfigError(f"stage={name}: unknown stage; expected one of {', '.join(RUNS)}")
     check_options(cfg)
-    return importlib.import_module(f"llama_zh.stages.{cfg.stage.name}").run(cfg)
+    return RUNS[name](cfg)
+
+
+# ------------------------------------------------------------------------ config slices -> typed objects
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain data, interpolations resolved (a plain value is returned as it is)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def model_slice(cfg: DictConfig) -> ModelConfig:
+    return from_mapping(ModelConfig, plain(cfg.model), "model", what="field")
+
+
+def trainer_slice(cfg: DictConfig) -> TrainerConfig:
+    """trainer=: llama_zh's keys and the Lightning arguments it reads typed, the other Lightning arguments
+    passed through (`lightning`)."""
+    from llama_zh.train.hardware import TrainerConfig
+
+    values, read = plain(cfg.trainer), TrainerConfig.fields_read()
+    typed = {k: v for k, v in values.items() if k in read}
+    return from_mapping(
+        TrainerConfig, typed | {"lightning": {k: v for k, v in values.items() if k not in read}}, "trainer"
+    )
+
+
+def strategy_slice(cfg: DictConfig) -> StrategyConfig:
+    from llama_zh.train.strategies import StrategyConfig
+
+    return from_mapping(StrategyConfig, plain(cfg.strategy), "strategy")
+
+
+def optim_slice(cfg: DictConfig) -> OptimConfig:
+    from llama_zh.train.module import OptimConfig
+
+    return from_mapping(OptimConfig, plain(cfg.optim), "optim")
+
+
+def finetune_slice(cfg: DictConfig) -> FinetuneConfig:
+    from llama_zh.train.finetune import FinetuneConfig
+
+    return from_mapping(FinetuneConfig, plain(cfg.finetune), "finetune")
+
+
+def quant_slice(cfg: DictConfig) -> QuantConfig:
+    from llama_zh.quant import QuantConfig
+
+    return from_mapping(QuantConfig, plain(cfg.quant), "quant")
+
+
+def data_slice(cfg: DictConfig) -> DataConfig:
+    from llama_zh.data.corpus import DataError
+    from llama_zh.data.prepare import DataConfig
+
+    return from_mapping(DataConfig, plain(cfg.data), "data", DataError)
+
+
+def tokenizer_slice(cfg: DictConfig) -> TokenizerConfig:
+    from llama_zh.data.prepare import TokenizerConfig
+
+    return from_mapping(TokenizerConfig, plain(cfg.tokenizer), "tokenizer")
+
+
+def _multirun():
+    """Hydra's config of this job when it is one of a multirun; None for a single run or outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc if hc.mode == RunMode.MULTIRUN else None
+
+
+def sweep_dir() -> Path | None:
+    """The sweep directory of a Hydra multirun; None for a single run or outside Hydra."""
+    hc = _multirun()
+    return Path(hc.sweep.dir) if hc is not None else None
+
+
+def sweep_job() -> SweepJob | None:
+    """This job of a Hydra multirun (its sweep directory, number and overrides); None otherwise."""
+    from llama_zh.eval.report import SweepJob
+
+    hc = _multirun()
+    return SweepJob(Path(hc.sweep.dir), int(hc.job.num), list(hc.overrides.task)) if hc is not None else None
+
+
+def tracking_slice(cfg: DictConfig) -> TrackingConfig:
+    """What the loggers need: the stage, logger.wandb (null: metrics.csv only) and the resolved config."""
+    from llama_zh.tracking import TrackingConfig, WandbConfig
+
+    wandb = plain(cfg.logger.wandb)
+    return TrackingConfig(
+        stage=cfg.stage.name,
+        experiment_name=cfg.experiment_name,
+        wandb=from_mapping(WandbConfig, wandb, "logger.wandb") if wandb is not None else None,
+        config=plain(cfg),
+        sweep_dir=sweep_dir(),
+    )
+
+
+# The root config's keys TrainSettings takes as they are.
+RUN_KEYS = (
+    "seed",
+    "global_batch_size",
+    "resume",
+    "state_every_n_steps",
+    "state_keep_last",
+    "log_progress_every_s",
+    "log_progress_every_n_steps",
+    "memory_check",
+    "loss",
+)
+
+
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    """What a training stage hands llama_zh.train.fit: the groups it reads typed, the run keys as they are."""
+    from llama_zh.train.fit import TrainSettings
+
+    return TrainSettings(
+        output_dir=Path(cfg.paths.output_dir),
+        trainer=trainer_slice(cfg),
+        strategy=strategy_slice(cfg),
+        optim=optim_slice(cfg),
+        finetune=finetune_slice(cfg),
+        tracking=tracking_slice(cfg),
+        save_every_n_steps=int(cfg.stage.save_every_n_steps),
+        **{key: plain(cfg[key]) for key in RUN_KEYS},
+    )

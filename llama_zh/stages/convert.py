@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from llama_zh.config import ConfigError, ModelConfig, group_defaults
+from llama_zh.config import ConfigError, group_defaults
 from llama_zh.convert import convert
 from llama_zh.dtypes import FLOAT_DTYPES
-from llama_zh.stages import chosen
+from llama_zh.stages import chosen, model_slice
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def check_options(cfg: DictConfig) -> None:
 def run(cfg: DictConfig):
     stage = cfg.stage
     check_options(cfg)
-    if stage.dst_format == "peft" or stage.get("adapter"):
+    if stage.dst_format == "peft" or stage.adapter:
         return _run_peft(stage, cfg)
-    model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
+    model = model_slice(cfg)
     dst = convert(
         Path(stage.src),
         stage.src_format,
@@ -56,8 +56,8 @@ def run(cfg: DictConfig):
         dtype=FLOAT_DTYPES.get(stage.dtype),
         overwrite=stage.overwrite,
         max_shard_bytes=int(stage.max_shard_gb * 1024**3),
-        template=stage.get("template"),
-        gguf_type=stage.get("gguf_type"),
+        template=stage.template,
+        gguf_type=stage.gguf_type,
     )
     log.info("wrote %s (%s)", dst, stage.dst_format)
     return {"checkpoint": str(dst), "format": stage.dst_format}
@@ -68,7 +68,7 @@ def _run_peft(stage: DictConfig, cfg: DictConfig):
     from llama_zh.convert import peft
 
     if stage.dst_format == "peft":
-        if stage.get("adapter"):
+        if stage.adapter:
             raise ConfigError("stage.adapter merges an adapter, dst_format=peft exports one: set only one of them")
         if stage.src_format != "native":
             raise ConfigError(
@@ -79,7 +79,7 @@ def _run_peft(stage: DictConfig, cfg: DictConfig):
             Path(stage.src), Path(stage.dst), dtype=FLOAT_DTYPES.get(stage.dtype), overwrite=stage.overwrite
         )
     else:
-        model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
+        model = model_slice(cfg)
         dst = peft.convert_merged(
             Path(stage.src),
             stage.src_format,

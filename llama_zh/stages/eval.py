@@ -57,6 +57,7 @@ from llama_zh.eval.progress import Progress
 from llama_zh.eval.report import markdown_table, result_metrics, write_comparison
 from llama_zh.generate import SamplingConfig, generate
 from llama_zh.infer.loader import load_for_stage
+from llama_zh.stages import data_slice, plain, quant_slice, sweep_job, tracking_slice, trainer_slice
 from llama_zh.stages.rundir import output_dir
 from llama_zh.tracking import build_loggers
 from llama_zh.train.build import check_seq_len
@@ -86,13 +87,13 @@ def check_stage(stage: DictConfig) -> list[str]:
     tasks = _tasks(stage)
     if ("perplexity" in tasks or "rolling_perplexity" in tasks) and stage.split not in SPLITS:
         raise LlamaZhError(f"stage.split: {stage.split!r}; expected one of {', '.join(SPLITS)}")
-    check_scoring(stage.mc.get("scoring", "letter"))
+    check_scoring(stage.mc.scoring)
     eval_lengths(stage)
     return tasks
 
 
 def _progress(cfg, task: str, total: int, unit: str) -> Progress:
-    return Progress(f"eval {task}", total, unit, every_s=float(cfg.stage.get("progress_every_s", 30)))
+    return Progress(f"eval {task}", total, unit, every_s=float(cfg.stage.progress_every_s))
 
 
 def template_record(cfg) -> dict:
@@ -145,7 +146,7 @@ def protocol(cfg, task: str, tokenizer, model, result: dict) -> dict:
             **common,
         }
     if task == "mc":
-        scoring = stage.mc.get("scoring", "letter")
+        scoring = stage.mc.scoring
         return {
             "scoring": scoring,
             "template": TEMPLATES[scoring],
@@ -194,10 +195,11 @@ def _limit_at_least(model, length: int):
 
 
 def run_perplexity(cfg, model, tokenizer) -> dict:
+    data = data_slice(cfg)
     lengths = eval_lengths(cfg.stage)
     if not lengths:
         check_seq_len(cfg.data.seq_len, model.config, "data.seq_len")
-    files = prepare_tokens(cfg.data, tokenizer, splits=[cfg.stage.split])  # the other split is not tokenized
+    files = prepare_tokens(data, tokenizer, splits=[cfg.stage.split])  # the other split is not tokenized
     sources = files[cfg.stage.split]
     load = lambda p: load_tokens(p, tokenizer)  # noqa: E731
     stride, batch, limit = cfg.stage.get("stride"), cfg.stage.batch_size, cfg.stage.max_batches
@@ -232,11 +234,12 @@ def run_perplexity(cfg, model, tokenizer) -> dict:
 def held_out_documents(cfg) -> dict[str, list[str]]:
     """The documents of stage.split per source (one a line in the corpus files), at most
     stage.rolling.max_documents each; no source needs training documents for this."""
-    reports = build_corpus(cfg.data, require_train=cfg.stage.split == "train")
+    data = data_slice(cfg)
+    reports = build_corpus(data, require_train=cfg.stage.split == "train")
     limit = cfg.stage.rolling.max_documents
     documents = {}
     for name in reports:
-        path = corpus_file(corpus_dir(cfg.data), name, cfg.stage.split)
+        path = corpus_file(corpus_dir(data), name, cfg.stage.split)
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f]
         documents[name] = lines[:limit] if limit else lines
@@ -276,7 +279,7 @@ def run_mc(cfg, model, tokenizer) -> dict:
         if not mc.dev_file:
             raise ConfigError(f"stage.mc.shots={mc.shots} needs stage.mc.dev_file (the examples, same layout)")
         shots = read_questions(Path(mc.dev_file))[: mc.shots]
-    scoring = mc.get("scoring", "letter")
+    scoring = mc.scoring
     with _progress(cfg, "mc", len(questions), "questions") as bar:
         result = evaluate_multiple_choice(
             model, tokenizer, questions, shots, mc.subject, cfg.stage.batch_size, scoring, bar.update
@@ -313,7 +316,7 @@ def run_classification(cfg, model, tokenizer) -> dict:
             model,
             tokenizer,
             records,
-            Template.from_config(cfg.template),
+            Template.from_config(plain(cfg.template)),
             labels,
             cfg.stage.batch_size,
             c.max_records,
@@ -341,7 +344,7 @@ def run_generation(cfg, model, tokenizer) -> dict:
             model,
             tokenizer,
             records,
-            Template.from_config(cfg.template),
+            Template.from_config(plain(cfg.template)),
             sampling,
             cfg.stage.batch_size,
             g.max_records,
@@ -385,7 +388,10 @@ def decode_speed(model, tokenizer, new_tokens: int) -> dict:
 def run(cfg: DictConfig):
     torch.manual_seed(cfg.seed)
     tasks = check_stage(cfg.stage)
-    model, tokenizer, load_report = load_for_stage(cfg, rows=int(cfg.stage.batch_size))
+    stage = cfg.stage
+    model, tokenizer, load_report = load_for_stage(
+        stage.checkpoint, trainer_slice(cfg), quant_slice(cfg), stage.backend, stage.prefix, rows=int(stage.batch_size)
+    )
     report = {
         "checkpoint": str(cfg.stage.checkpoint),
         "quant": load_report.quant.to_dict(),
@@ -413,7 +419,7 @@ def run(cfg: DictConfig):
     out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     log.info("results: %s\n%s", out, table)
 
-    for logger in build_loggers(cfg, output_dir(cfg)):
+    for logger in build_loggers(tracking_slice(cfg), output_dir(cfg)):
         logger.log_metrics(
             {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         )
@@ -424,7 +430,7 @@ def run(cfg: DictConfig):
             )
         logger.finalize("success")
 
-    comparison = write_comparison(out, report, cfg)
+    comparison = write_comparison(out, report, sweep_job())
     if comparison is not None:
         log.info("comparison of the sweep's jobs so far: %s", comparison)
     return report

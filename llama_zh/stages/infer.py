@@ -30,6 +30,7 @@ from llama_zh.data.sft import Template
 from llama_zh.generate import PromptTooLong, SamplingConfig, generate_batch, stream_generate
 from llama_zh.infer.loader import load_for_stage
 from llama_zh.model import Transformer
+from llama_zh.stages import plain, quant_slice, trainer_slice
 from llama_zh.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def sampling_config(stage: DictConfig) -> SamplingConfig:
         max_new_tokens=stage.max_new_tokens,
         seed=stage.seed,
         stop_strings=list(stage.stop),
-        long_prompt=stage.get("long_prompt", "truncate"),
+        long_prompt=stage.long_prompt,
     )
     try:
         return (
@@ -83,7 +84,7 @@ def read_prompts(path: Path) -> list[tuple[int, str]]:
 
 def run(cfg: DictConfig):
     stage = cfg.stage
-    mode = stage.get("mode", "file")
+    mode = stage.mode
     if mode not in MODES:
         raise ConfigError(f"stage.mode: {mode!r}; expected one of {', '.join(MODES)}")
     if not int(stage.batch_size) >= 1:
@@ -94,15 +95,17 @@ def run(cfg: DictConfig):
             raise ConfigError("stage.prompts: a prompts file is needed in stage.mode=file (or use stage.mode=chat)")
         prompts = read_prompts(Path(stage.prompts))  # before loading the model: bad input fails fast
     rows = 1 if mode == "chat" else min(int(stage.batch_size), len(prompts))
-    model, tokenizer, _ = load_for_stage(cfg, rows)
+    model, tokenizer, _ = load_for_stage(
+        stage.checkpoint, trainer_slice(cfg), quant_slice(cfg), stage.backend, stage.prefix, rows
+    )
     if mode == "chat":
-        template = Template.from_config(cfg.template)
-        if stage.get("stop_at_user_turn", True):
+        template = Template.from_config(plain(cfg.template))
+        if stage.stop_at_user_turn:
             header = user_header(template)
             if header and header not in sampling.stop_strings:
                 sampling.stop_strings.append(header)
         return run_chat(model, tokenizer, template, sampling, sys.stdin, sys.stdout)
-    template = Template.from_config(cfg.template) if stage.apply_template else None
+    template = Template.from_config(plain(cfg.template)) if stage.apply_template else None
     return answer_file(
         model, tokenizer, prompts, sampling, Path(stage.output), int(stage.batch_size), template, str(stage.prompts)
     )

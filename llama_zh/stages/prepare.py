@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from llama_zh.atomic import write_text
 from llama_zh.data.packing import PackResult
 from llama_zh.data.prepare import build_corpus, build_shards, corpus_dir, ensure_tokenizer, packed_dir, packing_options
+from llama_zh.stages import data_slice, tokenizer_slice
 
 log = logging.getLogger(__name__)
 COUNTS = ("read", "kept", "train", "val", "empty", "too_short", "too_long", "duplicates", "bad_utf8")
@@ -19,16 +20,17 @@ COUNTS = ("read", "kept", "train", "val", "empty", "too_short", "too_long", "dup
 
 def run(cfg: DictConfig):
     began = time.perf_counter()
-    reports = build_corpus(cfg.data)  # first, so the summary can tell what this run built
-    tokenizer = ensure_tokenizer(cfg.tokenizer, cfg.data)
-    shards = build_shards(cfg.data, tokenizer)
+    data = data_slice(cfg)
+    reports = build_corpus(data)  # first, so the summary can tell what this run built
+    tokenizer = ensure_tokenizer(tokenizer_slice(cfg), data)
+    shards = build_shards(data, tokenizer)
     summary = {
-        "data": cfg.data.name,
+        "data": data.name,
         "tokenizer": str(tokenizer.path),
         "tokenizer_sha256": tokenizer.sha256(),
-        "corpus_dir": str(corpus_dir(cfg.data)),
-        "shard_dir": str(packed_dir(cfg.data, tokenizer)),
-        "num_proc": packing_options(cfg.data)[0],
+        "corpus_dir": str(corpus_dir(data)),
+        "shard_dir": str(packed_dir(data, tokenizer)),
+        "num_proc": packing_options(data)[0],
         "seconds": round(time.perf_counter() - began, 3),
         "corpus": {name: corpus_row(r) for name, r in reports.items()},
         "shards": {split: {name: shard_row(r) for name, r in by_source.items()} for split, by_source in shards.items()},

@@ -10,12 +10,12 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from llama_zh.checkpoint import WeightStream
-from llama_zh.config import ConfigError, ModelConfig
+from llama_zh.config import ConfigError, ModelConfig, from_mapping
 from llama_zh.convert import read_any
 from llama_zh.data.datamodule import PretrainData
 from llama_zh.data.prepare import ensure_tokenizer
 from llama_zh.errors import LlamaZhError
-from llama_zh.stages import chosen
+from llama_zh.stages import chosen, data_slice, model_slice, plain, tokenizer_slice, train_settings
 from llama_zh.tokenizer import Tokenizer, file_sha256
 from llama_zh.train.build import ModelSource, check_seq_len, model_config
 from llama_zh.train.fit import TrainJob, fit, prepare_batch
@@ -38,7 +38,7 @@ def check_init_shape(cfg: DictConfig, stream: WeightStream, given: list[str], co
             cfg.model.get("name"),
         )
         return
-    wanted = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), source="model")
+    wanted = model_slice(cfg)
     skip = {_model_field(o) for o in context}
     differ = [
         f"{f} {getattr(wanted, f)} (checkpoint {getattr(stream.config, f)})"
@@ -74,10 +74,10 @@ def with_context(cfg: DictConfig, stream: WeightStream, context: list[str]) -> W
         return stream
     given = {_model_field(o) for o in context}
     values = stream.config.to_dict()
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = plain(cfg.model)
     for field in given:
         values[field] = model.get(field)
-    config = ModelConfig.from_dict(values, source="model")
+    config = from_mapping(ModelConfig, values, "model", what="field")
     if "max_seq_len" not in given and config.rope_scaling is not None:
         scaling = config.rope_scaling
         extended = int(scaling["original_max_position_embeddings"] * scaling["factor"])
@@ -110,8 +110,9 @@ def _shape(config: ModelConfig) -> str:
 
 
 def run(cfg: DictConfig):
-    pl.seed_everything(cfg.seed, workers=True)
-    plan = prepare_batch(cfg, cfg.data.batch_size, cfg.data.seq_len)
+    settings, data_cfg = train_settings(cfg), data_slice(cfg)
+    pl.seed_everything(settings.seed, workers=True)
+    plan = prepare_batch(settings, data_cfg.batch_size, data_cfg.seq_len)
     if cfg.stage.init_from:
         # Only the header is read here: the weights stream in when the model is built (per tensor under ZeRO-3).
         stream = read_any(cfg.stage.init_from)
@@ -122,15 +123,15 @@ def run(cfg: DictConfig):
         stream = with_context(cfg, stream, context)
         check_init_tokenizer(cfg, stream, chosen("tokenizer"))
         tokenizer = Tokenizer(stream.tokenizer)
-        source = ModelSource(stream.config, stream, cfg.seed)
+        source = ModelSource(stream.config, stream, settings.seed)
     else:
-        tokenizer = ensure_tokenizer(cfg.tokenizer, cfg.data)
-        source = ModelSource(model_config(cfg.model, tokenizer), None, cfg.seed)
-    check_seq_len(cfg.data.seq_len, source.config, "data.seq_len")
+        tokenizer = ensure_tokenizer(tokenizer_slice(cfg), data_cfg)
+        source = ModelSource(model_config(model_slice(cfg), tokenizer), None, settings.seed)
+    check_seq_len(data_cfg.seq_len, source.config, "data.seq_len")
 
-    data = PretrainData(cfg.data, tokenizer, seed=cfg.seed)
+    data = PretrainData(data_cfg, tokenizer, seed=settings.seed)
     data.setup("fit")
     job = TrainJob(
-        "pretrain", source, tokenizer, data, plan, source_names=data.source_names, extra={"data": cfg.data.name}
+        "pretrain", source, tokenizer, data, plan, source_names=data.source_names, extra={"data": data_cfg.name}
     )
-    return fit(cfg, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint
+    return fit(settings, job)  # last val/loss (a sweeper's objective), .checkpoint: the final native checkpoint

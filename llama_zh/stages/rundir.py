@@ -18,8 +18,8 @@ LATEST = "latest"
 
 
 def output_dir(cfg) -> Path:
-    """This run's directory (`paths.output_dir`), created if missing."""
-    path = Path(cfg.paths.output_dir)
+    """This run's directory (`paths.output_dir` of a config, or the path itself), created if missing."""
+    path = Path(cfg) if isinstance(cfg, str | os.PathLike) else Path(cfg.paths.output_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

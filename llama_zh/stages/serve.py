@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from llama_zh.config import ConfigError
 from llama_zh.data.chat_template import ChatTemplate, checkpoint_template
 from llama_zh.infer.loader import load_for_stage
+from llama_zh.stages import plain, quant_slice, trainer_slice
 
 log = logging.getLogger(__name__)
 PAGE_DIR = Path(__file__).resolve().parents[1] / "infer" / "static"  # the chat page (package data)
@@ -55,7 +56,7 @@ def api_key(stage: DictConfig) -> str | None:
 
 def page_dir(stage: DictConfig) -> Path | None:
     """What is served at /: stage.static_dir, else the packaged chat page; nothing with stage.web=false."""
-    web = stage.get("web", True)
+    web = stage.web
     if not isinstance(web, bool):
         raise ConfigError(f"stage.web must be true or false, got {web!r}")
     if not web:
@@ -78,7 +79,7 @@ def chat_template(cfg: DictConfig) -> ChatTemplate:
     if text is not None:
         log.info("chat template: the one %s was trained with", cfg.stage.checkpoint)
         return ChatTemplate(text, name=f"{cfg.stage.checkpoint} chat_template")
-    template = ChatTemplate.from_config(cfg.template)
+    template = ChatTemplate.from_config(plain(cfg.template))
     log.info("chat template: %s (template=; the checkpoint carries none)", template.name)
     return template
 
@@ -142,7 +143,9 @@ def run(cfg: DictConfig):
 
     sock = bind(host, port)
     try:
-        model, tokenizer, _ = load_for_stage(cfg, rows=max_concurrent)
+        model, tokenizer, _ = load_for_stage(
+            stage.checkpoint, trainer_slice(cfg), quant_slice(cfg), stage.backend, stage.prefix, rows=max_concurrent
+        )
         if context_length is not None and context_length > model.config.max_seq_len:
             raise ConfigError(
                 f"stage.context_length={context_length} exceeds the model's max_seq_len={model.config.max_seq_len}"

@@ -13,7 +13,8 @@ from llama_zh.atomic import write_text
 from llama_zh.config import ConfigError
 from llama_zh.convert import read_any
 from llama_zh.data.corpus import read_documents
-from llama_zh.data.prepare import prepare_corpus, sources_of
+from llama_zh.data.prepare import DataConfig, prepare_corpus, sources_of
+from llama_zh.stages import data_slice, tracking_slice
 from llama_zh.stages.rundir import output_dir
 from llama_zh.tensor_io import CheckpointError
 from llama_zh.tokenizer import Tokenizer, tokenizer_kind, train_sentencepiece
@@ -41,7 +42,7 @@ def require_extension(base: Path, tokenizer: Path) -> None:
     check_any_extension(base, tokenizer)
 
 
-def extend_bpe(cfg: DictConfig, base: Path, out: Path):
+def extend_bpe(cfg: DictConfig, data: DataConfig, base: Path, out: Path):
     """A byte-level BPE base (tokenizer.json) extended with merges learned on data='s training split."""
     stage = cfg.stage
     if stage.extra or stage.pad_token:
@@ -49,25 +50,25 @@ def extend_bpe(cfg: DictConfig, base: Path, out: Path):
             f"stage.extra / stage.pad_token: sentencepiece only; {base} is a tokenizer.json (byte-level "
             f"BPE), extended with merges learned on data="
         )
-    corpus = prepare_corpus(cfg.data)
-    texts = (doc for s in sources_of(cfg.data) for doc in read_documents(corpus / f"{s.name}.train.txt"))
-    log.info("learning %d-token byte-level BPE merges on %s to extend %s", stage.vocab_size, cfg.data.name, base)
-    return extend_bpe_tokenizer(base, texts, stage.vocab_size, out, stage.get("max_new_tokens"))
+    corpus = prepare_corpus(data)
+    texts = (doc for s in sources_of(data) for doc in read_documents(corpus / f"{s.name}.train.txt"))
+    log.info("learning %d-token byte-level BPE merges on %s to extend %s", stage.vocab_size, data.name, base)
+    return extend_bpe_tokenizer(base, texts, stage.vocab_size, out, stage.max_new_tokens)
 
 
-def train_pieces(cfg: DictConfig, output: Path) -> Path:
+def train_pieces(cfg: DictConfig, data: DataConfig, output: Path) -> Path:
     stage = cfg.stage
-    corpus = prepare_corpus(cfg.data)
+    corpus = prepare_corpus(data)
     # sentencepiece reads comma-separated input files itself.
-    files = ",".join(str(corpus / f"{s.name}.train.txt") for s in sources_of(cfg.data))
-    log.info("training a %d-piece %s tokenizer on %s", stage.vocab_size, stage.model_type, cfg.data.name)
+    files = ",".join(str(corpus / f"{s.name}.train.txt") for s in sources_of(data))
+    log.info("training a %d-piece %s tokenizer on %s", stage.vocab_size, stage.model_type, data.name)
     return train_sentencepiece(files, output, stage.vocab_size, stage.model_type, stage.character_coverage)
 
 
-def held_out_report(cfg: DictConfig, tokenizer: Path, base: Path | None) -> dict[str, dict]:
-    corpus = prepare_corpus(cfg.data)
+def held_out_report(data: DataConfig, tokenizer: Path, base: Path | None) -> dict[str, dict]:
+    corpus = prepare_corpus(data)
     report = {}
-    for source in sources_of(cfg.data):
+    for source in sources_of(data):
         held_out = corpus / f"{source.name}.val.txt"
         report[source.name] = {"tokenizer": tokenizer_report(tokenizer, read_documents(held_out))}
         if base is not None:
@@ -80,7 +81,7 @@ def describe(r: dict) -> str:
 
 
 def run(cfg: DictConfig):
-    stage = cfg.stage
+    stage, data = cfg.stage, data_slice(cfg)
     if stage.init not in INITS:
         raise ConfigError(f"stage.init: {stage.init!r}; expected one of {', '.join(INITS)}")
     if stage.tokenizer_model and (stage.extra or stage.pad_token):
@@ -102,19 +103,21 @@ def run(cfg: DictConfig):
             require_extension(base, tokenizer)
     elif base is not None and tokenizer_kind(base) == "bpe":
         tokenizer = out / "tokenizer.json"
-        extension = extend_bpe(cfg, base, out)
+        extension = extend_bpe(cfg, data, base, out)
         log.info("extended %s: %s", base, extension.to_dict())
     else:
         tokenizer = out / "tokenizer.model"
         extends = base is not None or stage.pad_token is not None
         pieces = (
-            Path(stage.extra) if stage.extra else train_pieces(cfg, out / "trained.model" if extends else tokenizer)
+            Path(stage.extra)
+            if stage.extra
+            else train_pieces(cfg, data, out / "trained.model" if extends else tokenizer)
         )
         if extends:
             extension = extend_tokenizer(base or pieces, pieces, tokenizer, stage.pad_token)
             log.info("extended %s: %s", base or pieces, extension.to_dict())
 
-    sources = held_out_report(cfg, tokenizer, base)
+    sources = held_out_report(data, tokenizer, base)
     for name, r in sources.items():
         log.info(
             "held-out %s: %s%s",
@@ -127,7 +130,7 @@ def run(cfg: DictConfig):
         "vocab_size": Tokenizer(tokenizer).vocab_size,
         "base": str(base) if base else None,
         "extension": extension.to_dict() if extension else None,
-        "data": cfg.data.name,
+        "data": data.name,
         "split": "val",
         "sources": sources,
     }
@@ -139,7 +142,7 @@ def run(cfg: DictConfig):
         for which, m in r.items()
         for k, v in m.items()
     }
-    for logger in build_loggers(cfg, output_dir(cfg)):
+    for logger in build_loggers(tracking_slice(cfg), output_dir(cfg)):
         logger.log_metrics(metrics)
         logger.finalize("success")
     log.info("tokenizer %s (%d pieces), report %s", tokenizer, report["vocab_size"], path)

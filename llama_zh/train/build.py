@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from llama_zh.checkpoint import WeightStream, load_model
 from llama_zh.config import ConfigError, ModelConfig
@@ -25,9 +24,9 @@ from llama_zh.train.strategies import gathered
 log = logging.getLogger(__name__)
 
 
-def model_config(model_cfg: DictConfig, tokenizer: Tokenizer) -> ModelConfig:
+def model_config(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The `model=` shape with its vocabulary checked against (or taken from) the tokenizer."""
-    config = ModelConfig.from_dict(OmegaConf.to_container(model_cfg, resolve=True), source="model")
+    config = model
     if config.vocab_size is None:
         return config.with_vocab(tokenizer.vocab_size)
     if tokenizer.vocab_size > config.vocab_size:

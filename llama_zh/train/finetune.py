@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from llama_zh.atomic import write_with
 from llama_zh.checkpoint import WeightStream, expected_specs
-from llama_zh.config import ConfigError, check_keys
+from llama_zh.config import ConfigError
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import Transformer
 from llama_zh.train.strategies import gathered, is_partitioned
@@ -102,14 +101,6 @@ class FinetuneConfig:
         ]
         self.modules_to_save = [canonical(n, "finetune.modules_to_save", TOP_MODULES) for n in self.modules_to_save]
         self.train_modules = [canonical(n, "finetune.train_modules", TOP_MODULES) for n in self.train_modules]
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig | dict | None) -> FinetuneConfig:
-        if cfg is None:
-            return cls()
-        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        check_keys(values, cls.__dataclass_fields__, "finetune")
-        return cls(**values)
 
 
 def canonical(name: str, field_name: str, allowed: tuple[str, ...]) -> str:

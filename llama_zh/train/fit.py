@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
 
 from llama_zh.atomic import claim_run_dir, release_run_dir
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import build_model
 from llama_zh.stages.rundir import output_dir
 from llama_zh.tokenizer import Tokenizer
-from llama_zh.tracking import build_loggers
+from llama_zh.tracking import TrackingConfig, build_loggers
 from llama_zh.train.build import ModelSource, model_builder
 from llama_zh.train.callbacks import (
     MemoryReport,
@@ -38,6 +37,7 @@ from llama_zh.train.callbacks import (
 from llama_zh.train.finetune import FinetuneConfig, apply_finetune, count_trainable
 from llama_zh.train.hardware import (
     BatchPlan,
+    TrainerConfig,
     batch_plan,
     check_hardware,
     lightning_args,
@@ -48,6 +48,7 @@ from llama_zh.train.hardware import (
 from llama_zh.train.memory_check import memory_plan_check, plan_details
 from llama_zh.train.module import CausalLM, OptimConfig, check_loss, check_optimizer
 from llama_zh.train.strategies import (
+    StrategyConfig,
     announce_jit_builds,
     build_strategy,
     check_strategy,
@@ -57,6 +58,30 @@ from llama_zh.train.strategies import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    """What training reads of the config, typed once by `llama_zh.stages.train_settings` before anything
+    else runs: the groups (trainer=, strategy=, optim=, finetune=, logger=) and the root config's run keys,
+    which have no defaults here (they are llama_zh/conf/config.yaml's)."""
+
+    output_dir: Path
+    trainer: TrainerConfig
+    strategy: StrategyConfig
+    optim: OptimConfig
+    finetune: FinetuneConfig
+    tracking: TrackingConfig
+    seed: int
+    global_batch_size: int | None
+    resume: str | None
+    state_every_n_steps: int
+    state_keep_last: int
+    log_progress_every_s: float
+    log_progress_every_n_steps: int
+    memory_check: bool
+    loss: str  # auto | plain | chunked
+    save_every_n_steps: int  # the stage's own: native checkpoints every N optimizer steps (0: the final one)
 
 
 @dataclass(frozen=True)
@@ -72,22 +97,22 @@ class TrainResult:
         return float(self.val_loss)
 
 
-def check_prefix(ft: FinetuneConfig, cfg: DictConfig) -> None:
+def check_prefix(ft: FinetuneConfig, strategy: StrategyConfig, pack: bool) -> None:
     """Refuse a prefix-tuning run that cannot work, before anything is built: its tokens run through the
-    KV cache, which packed sequences and activation checkpointing do not use."""
+    KV cache, which packed sequences (`pack`: stage.pack) and activation checkpointing do not use."""
     if ft.method != "prefix":
         return
-    if cfg.stage.get("pack"):
+    if pack:
         raise LlamaZhError(
             "finetune=prefix runs the tokens after the prefix in the KV cache, which packed sequences "
             "(stage.pack=true) cannot use; set stage.pack=false"
         )
-    if cfg.strategy.get("activation_checkpointing"):
+    if strategy.activation_checkpointing:
         raise LlamaZhError(
             "finetune=prefix runs every block with the KV cache, which activation checkpointing skips; "
             "set strategy.activation_checkpointing=false"
         )
-    if zero_stage(cfg.strategy) == 3:
+    if zero_stage(strategy) == 3:
         raise LlamaZhError(
             "finetune=prefix is not supported with strategy=zero3* (its prefix is computed outside the "
             "blocks ZeRO-3 gathers); use strategy=auto, ddp, zero1 or zero2"
@@ -127,28 +152,27 @@ class TrainJob:
     make_module: Callable[..., CausalLM] = CausalLM
 
 
-def prepare_batch(cfg: DictConfig, micro_batch: int, seq_len: int) -> BatchPlan:
+def prepare_batch(settings: TrainSettings, micro_batch: int, seq_len: int) -> BatchPlan:
     """Hardware and batch checks, before anything heavy: a run that cannot start fails at once."""
-    check_hardware(cfg.trainer)
-    check_strategy(cfg.strategy)
-    plan = batch_plan(micro_batch, seq_len, cfg.trainer, cfg.get("global_batch_size"))
+    check_hardware(settings.trainer)
+    check_strategy(settings.strategy)
+    plan = batch_plan(micro_batch, seq_len, settings.trainer, settings.global_batch_size)
     log.info("%s", plan.describe())
     return plan
 
 
-def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
-    out = output_dir(cfg)
+def fit(settings: TrainSettings, job: TrainJob, pack: bool = False) -> TrainResult:
+    """Train `job`; `pack`: stage.pack (packed sequences), which some finetune methods cannot take."""
+    out = output_dir(settings.output_dir)
     claim_run_dir(out)  # to the end of the run: a second run into `out` refuses, naming this one
-    optim = OptimConfig(**cfg.optim)
-    ft = FinetuneConfig.from_cfg(cfg.get("finetune"))
-    strategy_cfg = cfg.strategy
+    optim, ft, strategy_cfg = settings.optim, settings.finetune, settings.strategy
     deepspeed = is_deepspeed(strategy_cfg)
     config = job.source.config
-    on_gpu = uses_gpu(cfg.trainer)
+    on_gpu = uses_gpu(settings.trainer)
     check_optimizer(optim, on_gpu, deepspeed)
     check_base_quant(ft, job.source, deepspeed)
-    check_prefix(ft, cfg)
-    loss_kind = check_loss(str(cfg.get("loss", "auto")), zero_stage(strategy_cfg) == 3, cfg.trainer.precision)
+    check_prefix(ft, strategy_cfg, pack)
+    loss_kind = check_loss(str(settings.loss), zero_stage(strategy_cfg) == 3, settings.trainer.precision)
 
     # Trainable count from a meta-device copy: no memory, and before any process is launched.
     probe = apply_finetune(build_model(config, device="meta"), ft)
@@ -161,7 +185,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
         ft.method,
         f", base {ft.base_quant}" if ft.base_quant else "",
     )
-    memory = memory_plan_check(cfg, config, trainable, job.plan, plan_details(config, probe, ft, optim, on_gpu))
+    memory = memory_plan_check(settings, config, trainable, job.plan, plan_details(config, probe, ft, optim, on_gpu))
 
     expected = {
         "model": config.to_dict(),
@@ -180,7 +204,7 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     if ft.method == "prefix":  # another prefix shape cannot take the state's prefix parameters
         expected["prefix_len"], expected["prefix_hidden"] = ft.prefix_len, ft.prefix_hidden
     state_dir = out / "checkpoints" / "state"
-    resume_dir = resolve_resume(cfg.get("resume", "auto"), state_dir)
+    resume_dir = resolve_resume(settings.resume, state_dir)
     ckpt_path = None
     if resume_dir is not None:
         meta = check_resumable(resume_dir, expected)
@@ -193,12 +217,12 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
             job.source,
             ft,
             zero3=zero_stage(strategy_cfg) == 3,
-            checkpointing=bool(strategy_cfg.get("activation_checkpointing")),
+            checkpointing=bool(strategy_cfg.activation_checkpointing),
             on_gpu=on_gpu,
         ),
         optim,
-        total_steps=cfg.trainer.max_steps,
-        seed=cfg.seed,
+        total_steps=settings.trainer.max_steps,
+        seed=settings.seed,
         cpu_adam=offloads_optimizer(strategy_cfg),
         loss_kind=loss_kind,
     )
@@ -206,15 +230,15 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     native = NativeCheckpoint(
         out / "checkpoints",
         job.tokenizer.path,
-        cfg.stage.get("save_every_n_steps", 0),
+        settings.save_every_n_steps,
         extra=extra,
         finetune=ft,
         source=job.source.stream,
     )
     state = TrainingState(
         state_dir,
-        int(cfg.get("state_every_n_steps", 0)),
-        int(cfg.get("state_keep_last", 2)),
+        int(settings.state_every_n_steps),
+        int(settings.state_keep_last),
         meta=expected,
         deepspeed=deepspeed,
         tokenizer=job.tokenizer.path,
@@ -230,11 +254,11 @@ def fit(cfg: DictConfig, job: TrainJob) -> TrainResult:
     resume_step = int(meta["global_step"]) if resume_dir is not None else None
     throughput = Throughput(
         model_flops_per_token(total, config.n_layers, config.dim, job.plan.seq_len, trainable_fraction),
-        peak_flops(cfg.trainer),
+        peak_flops(settings.trainer),
     )
     # The step time last: it counts the saves in the step, as the run's throughput does.
     callbacks = [MixtureShares(job.source_names), state, native, MemoryReport(memory), throughput]
-    trainer = build_trainer(cfg, callbacks, hparams, job.plan, resume_step)
+    trainer = build_trainer(settings, callbacks, hparams, job.plan, resume_step)
     trainer.fit(module, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=True)  # no pickled code
     if native.final is None:
         # Resumed from a state at max_steps: Lightning skips training and its end hooks, but the
@@ -266,35 +290,33 @@ def quiet_library_warnings() -> None:
     )
 
 
-def progress_callbacks(cfg: DictConfig, enable_bar: bool) -> list[pl.Callback]:
+def progress_callbacks(settings: TrainSettings, enable_bar: bool) -> list[pl.Callback]:
     """The progress bar (labelled in optimizer steps) and, where no bar is seen (stdout not a
     terminal, or the bar turned off), periodic progress lines in the log."""
     callbacks: list[pl.Callback] = [step_progress_bar()] if enable_bar else []
     if not enable_bar or not sys.stdout.isatty():
-        every_s, every_n = float(cfg.get("log_progress_every_s", 30)), int(cfg.get("log_progress_every_n_steps", 0))
+        every_s, every_n = float(settings.log_progress_every_s), int(settings.log_progress_every_n_steps)
         callbacks.append(ProgressLog(every_s, every_n))
     return callbacks
 
 
 def build_trainer(
-    cfg: DictConfig,
+    settings: TrainSettings,
     callbacks: list[pl.Callback],
     extra_hparams: dict | None = None,
     plan: BatchPlan | None = None,
     resume_step: int | None = None,
 ) -> pl.Trainer:
-    out = output_dir(cfg)
+    out = output_dir(settings.output_dir)
     quiet_library_warnings()
-    args = lightning_args(cfg.trainer)
+    args = lightning_args(settings.trainer)
     if plan is not None:
         args["accumulate_grad_batches"] = plan.accumulation
-    strategy_cfg = cfg.get("strategy")
-    if strategy_cfg is not None:
-        args["strategy"] = build_strategy(strategy_cfg, plan.micro_batch if plan else 1)
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the other processes of a node wait for its build
-            announce_jit_builds(strategy_cfg, uses_gpu(cfg.trainer))
-    callbacks = callbacks + progress_callbacks(cfg, bool(args.get("enable_progress_bar", True)))
-    loggers = build_loggers(cfg, out, extra_hparams, resume_step)
+    args["strategy"] = build_strategy(settings.strategy, plan.micro_batch if plan else 1)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the other processes of a node wait for its build
+        announce_jit_builds(settings.strategy, uses_gpu(settings.trainer))
+    callbacks = callbacks + progress_callbacks(settings, bool(args["enable_progress_bar"]))
+    loggers = build_loggers(settings.tracking, out, extra_hparams, resume_step)
     return pl.Trainer(
         **args, logger=loggers, callbacks=callbacks, default_root_dir=str(out), enable_checkpointing=False
     )

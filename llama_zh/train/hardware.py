@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from llama_zh.errors import LlamaZhError
 
@@ -23,18 +24,41 @@ LLAMA_ZH_KEYS = ("name", "memory_gb", "peak_tflops")
 GPU_ACCELERATORS = ("gpu", "cuda")
 
 
-def lightning_args(trainer_cfg: DictConfig) -> dict:
-    args = OmegaConf.to_container(trainer_cfg, resolve=True)
-    return {k: v for k, v in args.items() if k not in LLAMA_ZH_KEYS}
+@dataclass
+class TrainerConfig:
+    """The `trainer=` slice: llama_zh's facts about the hardware (LLAMA_ZH_KEYS), the Lightning arguments
+    llama_zh itself reads, and the other Lightning arguments passed through as they are (`lightning`).
+    The defaults are llama_zh/conf/trainer/cpu.yaml's (a test checks that they agree)."""
+
+    name: str = "cpu"
+    memory_gb: float | None = None  # per device; None: detected
+    peak_tflops: float | None = None  # per device at `precision`; None: unknown (no MFU)
+    accelerator: str = "cpu"
+    devices: Any = 1  # a count, -1, "auto", "0,1,3" or a list of indices
+    num_nodes: int = 1
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    max_steps: int = 300  # the LR schedule's length too
+    enable_progress_bar: bool = True  # off (or stdout not a terminal): progress lines in the log instead
+    lightning: dict[str, Any] = dataclasses.field(default_factory=dict)  # the other pytorch_lightning.Trainer arguments
+
+    @classmethod
+    def fields_read(cls) -> tuple[str, ...]:
+        return tuple(f for f in cls.__dataclass_fields__ if f != "lightning")
 
 
-def uses_gpu(trainer_cfg: DictConfig) -> bool:
+def lightning_args(trainer_cfg: TrainerConfig) -> dict:
+    read = {k: getattr(trainer_cfg, k) for k in TrainerConfig.fields_read() if k not in LLAMA_ZH_KEYS}
+    return read | dict(trainer_cfg.lightning)
+
+
+def uses_gpu(trainer_cfg: TrainerConfig) -> bool:
     return str(trainer_cfg.accelerator) in GPU_ACCELERATORS or (
         str(trainer_cfg.accelerator) == "auto" and torch.cuda.is_available()
     )
 
 
-def devices_per_node(trainer_cfg: DictConfig) -> int:
+def devices_per_node(trainer_cfg: TrainerConfig) -> int:
     """The number of processes per node that `trainer.devices` asks for."""
     devices = trainer_cfg.devices
     if isinstance(devices, str) and devices.lstrip("-").isdigit():
@@ -50,9 +74,9 @@ def devices_per_node(trainer_cfg: DictConfig) -> int:
     return len(list(devices))  # a list of device indices
 
 
-def check_hardware(trainer_cfg: DictConfig) -> None:
+def check_hardware(trainer_cfg: TrainerConfig) -> None:
     """Refuse a trainer this machine cannot run, before any process is launched."""
-    name = trainer_cfg.get("name", "?")
+    name = trainer_cfg.name
     if str(trainer_cfg.accelerator) in GPU_ACCELERATORS:
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if available == 0:
@@ -95,7 +119,7 @@ class BatchPlan:
         )
 
 
-def batch_plan(micro_batch: int, seq_len: int, trainer_cfg: DictConfig, global_batch: int | None) -> BatchPlan:
+def batch_plan(micro_batch: int, seq_len: int, trainer_cfg: TrainerConfig, global_batch: int | None) -> BatchPlan:
     """The batch arithmetic of a run; `global_batch` (if given) fixes the accumulation and must divide exactly."""
     for field, value in (("micro batch size", micro_batch), ("seq_len", seq_len)):
         if not isinstance(value, int) or value <= 0:
@@ -135,17 +159,17 @@ def host_memory_bytes() -> int:
     return total
 
 
-def device_memory_bytes(trainer_cfg: DictConfig) -> int:
+def device_memory_bytes(trainer_cfg: TrainerConfig) -> int:
     """Memory of one device: trainer.memory_gb if set; else the GPU's; else RAM shared by this node's processes."""
-    if trainer_cfg.get("memory_gb"):
+    if trainer_cfg.memory_gb:
         return int(float(trainer_cfg.memory_gb) * 1024**3)
     if uses_gpu(trainer_cfg) and torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory
     return host_memory_bytes() // devices_per_node(trainer_cfg)
 
 
-def peak_flops(trainer_cfg: DictConfig) -> float | None:
-    tflops = trainer_cfg.get("peak_tflops")
+def peak_flops(trainer_cfg: TrainerConfig) -> float | None:
+    tflops = trainer_cfg.peak_tflops
     return float(tflops) * 1e12 if tflops else None
 
 

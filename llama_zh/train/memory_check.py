@@ -5,8 +5,7 @@ prints, and the refusal of a run that would not fit (llama_zh.train.memory_plan 
 from __future__ import annotations
 
 import logging
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from llama_zh.config import ModelConfig
 from llama_zh.errors import LlamaZhError
@@ -17,6 +16,9 @@ from llama_zh.train.hardware import BatchPlan, device_memory_bytes, host_memory_
 from llama_zh.train.memory_plan import MemoryPlan, PlanInputs, fits, plan_memory
 from llama_zh.train.module import MIN_8BIT_SIZE, OptimConfig
 from llama_zh.train.strategies import zero_stage
+
+if TYPE_CHECKING:  # fit.py imports this module
+    from llama_zh.train.fit import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,10 @@ def adapter_saved_per_token(probe: Transformer, ft: FinetuneConfig) -> int:
 
 
 def memory_plan_check(
-    cfg: DictConfig, config: ModelConfig, trainable: int, plan: BatchPlan, details: dict | None = None
+    settings: TrainSettings, config: ModelConfig, trainable: int, plan: BatchPlan, details: dict | None = None
 ) -> MemoryPlan:
-    strategy = cfg.strategy
-    ds = strategy.get("deepspeed")
+    strategy, trainer = settings.strategy, settings.trainer
+    ds = strategy.deepspeed
     inputs = PlanInputs(
         model=config,
         trainable_params=trainable,
@@ -84,18 +86,18 @@ def memory_plan_check(
         seq_len=plan.seq_len,
         world_size=plan.devices * plan.nodes,
         local_processes=plan.devices,
-        precision=str(cfg.trainer.precision),
-        on_gpu=uses_gpu(cfg.trainer),
+        precision=str(trainer.precision),
+        on_gpu=uses_gpu(trainer),
         zero_stage=zero_stage(strategy),
         ddp=strategy.name == "ddp" or (strategy.name == "auto" and plan.devices * plan.nodes > 1),
         offload_optimizer=bool(ds and ds.offload_optimizer),
         offload_parameters=bool(ds and ds.offload_parameters),
         reduce_bucket_size=int(ds.reduce_bucket_size) if ds else 0,
-        activation_checkpointing=bool(strategy.get("activation_checkpointing")),
+        activation_checkpointing=bool(strategy.activation_checkpointing),
         **(details or {}),
     )
     memory = plan_memory(inputs)
-    available = device_memory_bytes(cfg.trainer)
+    available = device_memory_bytes(trainer)
     notes = "".join(
         [
             f", base {inputs.base_quant} ({inputs.quantized_layers} projections)" if inputs.base_quant else "",
@@ -105,7 +107,7 @@ def memory_plan_check(
     log.info(
         "memory plan per device (model %s, trainer=%s, strategy=%s, micro batch %d x %d tokens%s):\n%s",
         config.name,
-        cfg.trainer.name,
+        trainer.name,
         strategy.name,
         plan.micro_batch,
         plan.seq_len,
@@ -118,7 +120,7 @@ def memory_plan_check(
             f"memory plan: {why}. Lower the micro batch, use strategy=zero3 / zero3_offload or "
             "strategy.activation_checkpointing=true, or set memory_check=false to run anyway"
         )
-        if cfg.get("memory_check", True):
+        if settings.memory_check:
             raise LlamaZhError(message)
         log.warning("%s (memory_check=false: running anyway)", message)
     return memory

@@ -38,12 +38,14 @@ MIN_8BIT_SIZE = 4096
 
 @dataclass
 class OptimConfig:
+    """The `optim=` slice; the defaults are llama_zh/conf/optim/adamw.yaml's (a test checks that they agree)."""
+
     name: str = "adamw"  # adamw (torch) | adamw8bit | paged_adamw8bit (bitsandbytes, 8-bit moments)
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
 
     def __post_init__(self) -> None:

@@ -13,11 +13,11 @@ import contextlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from lightning_fabric.utilities.seed import reset_seed
-from omegaconf import DictConfig
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
@@ -66,19 +66,42 @@ class DeepSpeedAnyDevice(DeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
 
-def is_deepspeed(strategy_cfg: DictConfig) -> bool:
-    return strategy_cfg.get("deepspeed") is not None
+@dataclass
+class DeepSpeedConfig:
+    """`strategy.deepspeed`; the defaults are llama_zh/conf/strategy/zero2.yaml's (a test checks that they agree)."""
+
+    stage: int = 2
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (DeepSpeedCPUAdam)
+    offload_parameters: bool = False  # stage 3 only: weights live on the CPU between uses
+    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 200_000_000
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    sub_group_size: int = 1_000_000_000
 
 
-def zero_stage(strategy_cfg: DictConfig) -> int:
+@dataclass
+class StrategyConfig:
+    """The `strategy=` slice: auto, ddp, or a DeepSpeed ZeRO stage (`deepspeed` set)."""
+
+    name: str
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    deepspeed: DeepSpeedConfig | None = None
+
+
+def is_deepspeed(strategy_cfg: StrategyConfig) -> bool:
+    return strategy_cfg.deepspeed is not None
+
+
+def zero_stage(strategy_cfg: StrategyConfig) -> int:
     return int(strategy_cfg.deepspeed.stage) if is_deepspeed(strategy_cfg) else 0
 
 
-def offloads_optimizer(strategy_cfg: DictConfig) -> bool:
+def offloads_optimizer(strategy_cfg: StrategyConfig) -> bool:
     return is_deepspeed(strategy_cfg) and bool(strategy_cfg.deepspeed.offload_optimizer)
 
 
-def check_strategy(strategy_cfg: DictConfig) -> None:
+def check_strategy(strategy_cfg: StrategyConfig) -> None:
     """Refuse a strategy config that cannot work, before anything is launched."""
     name = strategy_cfg.name
     if not is_deepspeed(strategy_cfg):
@@ -111,7 +134,7 @@ def extensions_dir() -> Path:
     return Path(get_default_build_root()) / f"{python}_{accelerator}"
 
 
-def jit_ops_to_build(strategy_cfg: DictConfig, on_gpu: bool) -> list[str]:
+def jit_ops_to_build(strategy_cfg: StrategyConfig, on_gpu: bool) -> list[str]:
     """The DeepSpeed ops this run compiles before it trains: its CPU communication op (CPU runs)
     and DeepSpeedCPUAdam (optimizer offload), unless installed prebuilt or already compiled."""
     if not is_deepspeed(strategy_cfg):
@@ -125,7 +148,7 @@ def jit_ops_to_build(strategy_cfg: DictConfig, on_gpu: bool) -> list[str]:
     return [op for op in ops if not installed_ops.get(op) and not (root / op / f"{op}.so").is_file()]
 
 
-def announce_jit_builds(strategy_cfg: DictConfig, on_gpu: bool) -> None:
+def announce_jit_builds(strategy_cfg: StrategyConfig, on_gpu: bool) -> None:
     """Say that the first DeepSpeed run compiles ops, which takes minutes without a word from DeepSpeed."""
     ops = jit_ops_to_build(strategy_cfg, on_gpu)
     if ops:
@@ -137,7 +160,7 @@ def announce_jit_builds(strategy_cfg: DictConfig, on_gpu: bool) -> None:
         )
 
 
-def build_strategy(strategy_cfg: DictConfig, micro_batch: int) -> Strategy | str:
+def build_strategy(strategy_cfg: StrategyConfig, micro_batch: int) -> Strategy | str:
     check_strategy(strategy_cfg)
     if not is_deepspeed(strategy_cfg):
         # ddp: Lightning picks the backend from the device (gloo on CPU, NCCL on CUDA).

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from llama_zh.checkpoint import WeightStream, expected_specs, write_native
-from llama_zh.config import ModelConfig
+from llama_zh.config import ModelConfig, from_mapping
 from llama_zh.dtypes import FLOAT_DTYPES
 from llama_zh.errors import LlamaZhError
 from llama_zh.tokenizer import find_tokenizer
@@ -177,7 +177,9 @@ def read_zero(path: Path, config: ModelConfig | None = None, tokenizer: Path | N
         if step_dir is None:
             raise LlamaZhError(f"{path}: no {STATE_META} beside the DeepSpeed state; pass the model config")
         meta_file = step_dir / STATE_META
-        config = ModelConfig.from_dict(json.loads(meta_file.read_text())["model"], source=f"{meta_file}: model")
+        config = from_mapping(
+            ModelConfig, json.loads(meta_file.read_text())["model"], f"{meta_file}: model", what="field"
+        )
     if tokenizer is None and step_dir is not None:
         tokenizer = find_tokenizer(step_dir)
     state = ZeroState(_tag_dir(path))
