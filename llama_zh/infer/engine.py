@@ -1,9 +1,13 @@
 """Continuous batching: requests join and leave the running batch between decoding steps.
 
 Each running sequence owns one slot of a KV cache allocated once (`max_concurrent` slots of
-`context_length` positions). A new sequence's prompt is prefilled alone into its slot (the model's
+`context_length` positions). A lone new sequence's prompt is prefilled into its slot (the model's
 own forward on a view of the slot, the same computation as stream_generate's prefill of one
-prompt); then each decoding step feeds the last token of every running sequence together through
+prompt). Requests admitted together are prefilled in one forward (`prefill_step`: the weights are read
+once for all of them, right-padded, each row written into its own slot and read at its own last real
+token), up to `max_prefill_tokens` padded tokens a round, so a burst of arrivals waits for one
+prefill rather than one per prompt, and a huge batch of prompts is split over rounds with decoding
+steps between. Then each decoding step feeds the last token of every running sequence together through
 the model's own forward, each at its own position (`positions=`), attending to its own slot's keys
 up to that position only (`SlotRows`, the cache the step hands the forward: `decode_step`). A
 sequence is therefore computed as it would be alone: greedy answers do not depend on what else is in
@@ -139,6 +143,10 @@ class SlotCache:
         """Slot `index` as a one-row KVCache from position `start`: the model's own forward fills it (prefill)."""
         return KVCache(self.k[:, index : index + 1], self.v[:, index : index + 1], pos=self.start)
 
+    def prompts(self, slots: list[int], length: int) -> SlotPrompts:
+        """The cache of a batched prefill: `length` tokens per row from `start` of slot slots[i]."""
+        return SlotPrompts(self, slots, length)
+
     def rows(self, slots: list[int], positions: list[int]) -> SlotRows:
         """The cache of one decoding step: row i's next token at positions[i] of slot slots[i]."""
         return SlotRows(self, slots, positions)
@@ -189,6 +197,63 @@ class SlotRows:
         pass  # the engine keeps each sequence's length
 
 
+class SlotPrompts:
+    """Right-padded prompts, row i written from position `start` of cache slot `slots[i]`: the cache a
+    batched prefill hands Transformer.forward. Every real token sits where it would alone and, the
+    attention being causal, sees only its own prompt (and the prefix); the padding after a prompt
+    writes keys past that sequence's length, which its decoding overwrites position by position
+    before any of its queries may see them (SlotRows masks keys past a row's position)."""
+
+    def __init__(self, cache: SlotCache, slots: list[int], length: int):
+        self.cache, self.start, self.length = cache, cache.start, length
+        self.slots = torch.tensor(slots, device=cache.k.device)
+        first = slots[0]
+        self.span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def end(self, T: int) -> int:
+        return self.start + T
+
+    def positions(self, T: int) -> int:
+        return self.start
+
+    def mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
+        if self.start == 0:
+            return None, T > 1
+        # SDPA's is_causal aligns the mask top-left; the prompt's queries sit after the prefix.
+        device = self.cache.k.device
+        query_pos = torch.arange(self.start, self.start + T, device=device)
+        return torch.arange(self.start + T, device=device)[None, :] <= query_pos[:, None], False  # (T, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.start + k.shape[2]
+        cached_k, cached_v = self.cache.k[layer], self.cache.v[layer]  # (slots, K, S_max, D)
+        if self.span is not None:
+            cached_k[self.span, :, self.start : end] = k
+            cached_v[self.span, :, self.start : end] = v
+            return cached_k[self.span, :, :end], cached_v[self.span, :, :end]
+        cached_k[self.slots, :, self.start : end] = k  # (B, K, T, D) into each row's own slot
+        cached_v[self.slots, :, self.start : end] = v
+        return cached_k[self.slots, :, :end], cached_v[self.slots, :, :end]  # (B, K, S, D)
+
+    def advance(self, T: int) -> None:
+        pass
+
+
+def prefill_step(model: Transformer, cache: SlotCache, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    """Logits (B, V) of the token after each of B prompts, read in one forward: prompt i is written
+    into cache slot slots[i] after the slot's prefix, and its logits are those of its last real token."""
+    T = max(len(p) for p in prompts)
+    device = cache.k.device
+    ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T), right-padded
+    hidden = model(ids, cache.prompts(slots, T), return_hidden=True)  # (B, T, C), normalised
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    return model.head(hidden[torch.arange(len(prompts), device=device), last])  # (B, V)
+
+
 def decode_step(
     model: Transformer, cache: SlotCache, slots: list[int], tokens: torch.Tensor, positions: list[int]
 ) -> torch.Tensor:
@@ -226,6 +291,7 @@ class Sequence:
         self.slot: int | None = None
         self.length = 0  # positions of its slot filled
         self.logits: torch.Tensor | None = None  # (1, V): the next token's
+        self.prefilled: torch.Tensor | None = None  # (1, V): its prompt's, from a batched prefill
         self.next_token: int | None = None  # sampled, to be fed at the next step
         self.cancelled = False
         self.finish_reason: str | None = None
@@ -255,12 +321,15 @@ class Engine:
         max_concurrent: int = 8,
         max_queue: int = 64,
         context_length: int | None = None,
+        max_prefill_tokens: int = 2048,
     ):
         max_len = model.config.max_seq_len
         if not isinstance(max_concurrent, int) or max_concurrent < 1:
             raise ValueError(f"max_concurrent must be an integer >= 1, got {max_concurrent!r}")
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {max_prefill_tokens!r}")
         context_length = max_len if context_length is None else context_length
         if not isinstance(context_length, int) or not 2 <= context_length <= max_len:
             raise ValueError(
@@ -268,6 +337,7 @@ class Engine:
             )
         self.model, self.tokenizer = model, tokenizer
         self.max_concurrent, self.max_queue, self.context_length = max_concurrent, max_queue, context_length
+        self.max_prefill_tokens = max_prefill_tokens
         # Norms are never quantized: their weight gives the activations' device and dtype.
         self.device, dtype = model.norm.weight.device, model.norm.weight.dtype
         with torch.inference_mode():  # written only by `step`, which runs in inference mode
@@ -399,12 +469,15 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """One round: cancelled sequences leave, queued ones take free slots (prefilled), every running
-        sequence samples a token, and those that go on are decoded together. Returns whether work is left.
+        """One round: cancelled sequences leave, queued ones take free slots (prefilled together, up to
+        max_prefill_tokens), every running sequence samples a token, and those that go on are decoded
+        together. Returns whether work is left.
 
-        An admitted sequence samples its first token as soon as its own prompt is read, not after every
-        prompt admitted with it: when many requests arrive together, the k-th waits for k prefills."""
-        for seq in self._admit():
+        Every admitted sequence samples and streams its first token right after the one prefill of the
+        round, before any decoding step: a burst of arrivals waits for one forward, not one per prompt."""
+        admitted = self._admit()
+        self._prefill_together(admitted)
+        for seq in admitted:
             self._guarded(seq, self._prefill)
             if seq.logits is not None:  # None: the prefill failed and the sequence has left
                 self._guarded(seq, self._sample)
@@ -440,9 +513,15 @@ class Engine:
             for seq in [s for s in self._waiting if s.cancelled]:
                 self._waiting.remove(seq)
                 cancelled.append(seq)
+            longest = 0
             for i in range(self.max_concurrent):
                 if self._slots[i] is None and self._waiting:
-                    seq = self._waiting.popleft()
+                    # Padded to the longest prompt: that is the prefill's work. The first one is taken
+                    # whatever its length; the ones that do not fit wait for a later round, in order.
+                    length = max(longest, len(self._waiting[0].prompt_ids))
+                    if admitted and length * (len(admitted) + 1) > self.max_prefill_tokens:
+                        break
+                    seq, longest = self._waiting.popleft(), length
                     seq.slot, self._slots[i] = i, seq
                     admitted.append(seq)
         for seq in cancelled:
@@ -468,9 +547,26 @@ class Engine:
             self.counts["failed"] += 1
             seq.emit(Event(finish_reason="error", error=f"{type(error).__name__}: {error}"))
 
+    def _prefill_together(self, seqs: list[Sequence]) -> None:
+        """Read the prompts of `seqs` in one forward (each sequence's logits wait in `prefilled`). If
+        that fails (memory, one bad prompt), each is read alone by `_prefill` and fails alone."""
+        if len(seqs) < 2:
+            return
+        try:
+            logits = prefill_step(self.model, self.cache, [s.slot for s in seqs], [s.prompt_ids for s in seqs])
+        except Exception:
+            log.exception("batched prefill of %d prompts failed; reading them one by one", len(seqs))
+            return
+        for i, seq in enumerate(seqs):
+            seq.prefilled = logits[i : i + 1]
+
     def _prefill(self, seq: Sequence) -> None:
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
-        seq.logits = self.model(ids, self.cache.slot(seq.slot), last_only=True)[:, -1]  # (1, V)
+        """Give `seq` its prompt's logits: from the round's batched prefill, or read alone."""
+        if seq.prefilled is not None:
+            seq.logits, seq.prefilled = seq.prefilled, None
+        else:
+            ids = torch.tensor([seq.prompt_ids], device=self.device)
+            seq.logits = self.model(ids, self.cache.slot(seq.slot), last_only=True)[:, -1]  # (1, V)
         seq.length = self.cache.start + len(seq.prompt_ids)
 
     def _sample(self, seq: Sequence) -> None:

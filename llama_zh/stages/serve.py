@@ -132,6 +132,7 @@ def run(cfg: DictConfig):
         raise ConfigError(f"stage.port must be an integer in [0, 65535] (0: a free port), got {port!r}")
     max_concurrent = _positive_int(stage, "max_concurrent", 1)
     max_queue = _positive_int(stage, "max_queue", 0)
+    max_prefill_tokens = _positive_int(stage, "max_prefill_tokens", 1)
     default_max_tokens = _positive_int(stage, "default_max_tokens", 1)
     context_length = None if stage.get("context_length") is None else _positive_int(stage, "context_length", 2)
     shutdown_timeout = _positive_int(stage, "shutdown_timeout", 0)
@@ -151,7 +152,12 @@ def run(cfg: DictConfig):
                 f"stage.context_length={context_length} exceeds the model's max_seq_len={model.config.max_seq_len}"
             )
         engine = Engine(
-            model, tokenizer, max_concurrent=max_concurrent, max_queue=max_queue, context_length=context_length
+            model,
+            tokenizer,
+            max_concurrent=max_concurrent,
+            max_queue=max_queue,
+            context_length=context_length,
+            max_prefill_tokens=max_prefill_tokens,
         )
         log.info(
             "engine: %d slots of %d tokens, KV cache %.1f MiB; queue up to %d",
