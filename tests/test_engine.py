@@ -123,8 +123,9 @@ def test_cancelled_and_finished_rows_free_their_slots_and_the_queue_is_bounded(m
 
 
 def test_each_admitted_request_streams_its_first_token_before_the_next_prompt_is_read(model, tok, monkeypatch):
-    """Requests that arrive together: the first one's first text leaves before the second's prefill,
-    so the k-th waits for k prompts rather than all of them; the answers stay the solo ones."""
+    """Requests that arrive together: each one's first text leaves right after its own prefill share is
+    taken (with batched prefill the prompts were read in one forward before that), not after every
+    admitted request has been handled; the answers stay the solo ones."""
     order = []
     engine = Engine(model, tok, max_concurrent=3)
     real = engine._prefill
