@@ -149,6 +149,20 @@ def extend_tokenizer(base: Path, extra: Path, out: Path, pad_token: str | None =
     )
 
 
+def _report(docs: int, chars: int, nbytes: int, tokens: int, byte_tokens: int, byte_chars: int) -> dict:
+    """The counts of either tokenizer kind as the report's fields (one place, so both kinds agree)."""
+    return {
+        "documents": docs,
+        "characters": chars,
+        "utf8_bytes": nbytes,
+        "tokens": tokens,
+        "tokens_per_char": tokens / max(chars, 1),
+        "tokens_per_byte": tokens / max(nbytes, 1),
+        "byte_token_share": byte_tokens / max(tokens, 1),
+        "byte_char_share": byte_chars / max(chars, 1),
+    }
+
+
 def tokenizer_report(tokenizer: Tokenizer | str | Path, texts: Iterable[str], batch: int = 512) -> dict:
     """How compactly `tokenizer` encodes `texts` (one document each), and how much falls back to bytes.
 
@@ -171,16 +185,7 @@ def tokenizer_report(tokenizer: Tokenizer | str | Path, texts: Iterable[str], ba
                 if sp.IsByte(p.id):
                     byte_tokens += 1
                     byte_chars += len(p.surface)  # the character sits on the last of its byte pieces
-    return {
-        "documents": docs,
-        "characters": chars,
-        "utf8_bytes": nbytes,
-        "tokens": tokens,
-        "tokens_per_char": tokens / max(chars, 1),
-        "tokens_per_byte": tokens / max(nbytes, 1),
-        "byte_token_share": byte_tokens / max(tokens, 1),
-        "byte_char_share": byte_chars / max(chars, 1),
-    }
+    return _report(docs, chars, nbytes, tokens, byte_tokens, byte_chars)
 
 
 def _bpe_report(tok: BPETokenizer, texts: Iterable[str], batch: int) -> dict:
@@ -208,16 +213,7 @@ def _bpe_report(tok: BPETokenizer, texts: Iterable[str], batch: int) -> dict:
                     byte_tokens += 1
                     spelled.update(range(begin, end))
             byte_chars += len(spelled)
-    return {
-        "documents": docs,
-        "characters": chars,
-        "utf8_bytes": nbytes,
-        "tokens": tokens,
-        "tokens_per_char": tokens / max(chars, 1),
-        "tokens_per_byte": tokens / max(nbytes, 1),
-        "byte_token_share": byte_tokens / max(tokens, 1),
-        "byte_char_share": byte_chars / max(chars, 1),
-    }
+    return _report(docs, chars, nbytes, tokens, byte_tokens, byte_chars)
 
 
 def _is_utf8(data: bytes) -> bool:
