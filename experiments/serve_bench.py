@@ -21,6 +21,13 @@ identical); mismatches are printed.
     python experiments/serve_bench.py                       # 130m, 16 clients, 64 tokens, 3 repeats
     python experiments/serve_bench.py --quick               # tiny, 16 clients, 16 tokens, 1 repeat
     python experiments/serve_bench.py --max-tokens 32 --threads 1
+    python experiments/serve_bench.py --prefill-layout padded   # the server's stage.prefill_layout
+
+After the server has stopped, `--floor` (on by default) times the prefill alone, in this process on
+the same checkpoint and prompts: each prompt read alone into its slot, and all of them read in one
+forward, right-padded and packed. No first token of a burst of simultaneous requests can leave before
+its prompt is read, so the batched forward's time over the lone request's TTFT is the least TTFT
+p95 ratio any scheduling could reach on this machine.
 
 The server is stopped (SIGTERM, then kill) whatever happens; --deadline bounds the whole run.
 """
@@ -65,7 +72,14 @@ class Server:
     """`python -m llama_zh stage=serve` on 127.0.0.1 and a free port; the address is read from its log."""
 
     def __init__(
-        self, checkpoint: Path, run_dir: Path, clients: int, context: int, threads: int | None, start_timeout: float
+        self,
+        checkpoint: Path,
+        run_dir: Path,
+        clients: int,
+        context: int,
+        threads: int | None,
+        start_timeout: float,
+        prefill_layout: str = "auto",
     ):
         env = dict(
             os.environ,
@@ -85,6 +99,7 @@ class Server:
             "stage.port=0",
             f"stage.max_concurrent={clients}",
             f"stage.context_length={context}",
+            f"stage.prefill_layout={prefill_layout}",
             "stage.access_log=false",
             "stage.model_name=bench",
             "trainer=cpu",
@@ -253,6 +268,45 @@ def report(rows: list[dict], prompts: list[str], args) -> bool:
     return not mismatches and not wrong_counts
 
 
+def prefill_floor(checkpoint: Path, prompts: list[str], context: int, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of the prefill alone: the median prompt read alone ("lone"), and all prompts read
+    in one forward, right-padded ("padded") and packed ("packed"); `repeats` rounds, alternating."""
+    import torch
+
+    from llama_zh.infer import load
+    from llama_zh.infer.engine import SlotCache, prefill_step
+
+    model, tokenizer, _ = load(checkpoint, rows=len(prompts))
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]  # as the server's /v1/completions does
+    slots = list(range(len(ids)))
+    times: dict[str, list[float]] = {"lone": [], "padded": [], "packed": []}
+    with torch.inference_mode():
+        cache = SlotCache.allocate(model.config, len(ids), context)
+        prefill_step(model, cache, slots, ids, "packed")  # warm-up
+        for _ in range(repeats):
+            lone = []
+            for slot, p in enumerate(ids):
+                t = time.perf_counter()
+                model(torch.tensor([p]), cache.slot(slot), last_only=True)
+                lone.append(time.perf_counter() - t)
+            times["lone"].append(statistics.median(lone) * 1e3)
+            for layout in ("padded", "packed"):
+                t = time.perf_counter()
+                prefill_step(model, cache, slots, ids, layout)
+                times[layout].append((time.perf_counter() - t) * 1e3)
+    print(
+        f"\nprefill alone (in process, {torch.get_num_threads()} threads; prompts of {min(map(len, ids))}-"
+        f"{max(map(len, ids))} tokens, {sum(map(len, ids))} in all; {repeats} rounds; load average {load_average()}):"
+    )
+    for kind, label in (
+        ("lone", "one prompt alone (median prompt)"),
+        ("padded", f"{len(ids)} right-padded"),
+        ("packed", f"{len(ids)} packed in one row"),
+    ):
+        print(f"  {label}: {spread(times[kind], '{:.1f}')} ms")
+    return times
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/llama_zh-serve-bench"))
@@ -264,6 +318,8 @@ def main() -> int:
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--deadline", type=float, default=3600.0, help="seconds for the whole run")
     ap.add_argument("--quick", action="store_true", help="tiny shape, 16 new tokens, one repeat")
+    ap.add_argument("--prefill-layout", choices=["auto", "packed", "padded"], default="auto")
+    ap.add_argument("--no-floor", dest="floor", action="store_false", help="skip the in-process prefill timing")
     args = ap.parse_args()
     if args.quick:
         args.shape, args.max_tokens, args.repeats = "tiny", 16, 1
@@ -288,10 +344,14 @@ def main() -> int:
         flush=True,
     )
     context = 256
-    server = Server(ckpt, args.workdir / "serve-run", args.clients, context, args.threads, start_timeout=300)
-    ok = False
+    server = Server(ckpt, args.workdir / "serve-run", args.clients, context, args.threads, 300, args.prefill_layout)
+    ok, rows = False, []
     try:
-        print(f"server {server.url} (stage.max_concurrent={args.clients}, stage.context_length={context})", flush=True)
+        print(
+            f"server {server.url} (stage.max_concurrent={args.clients}, stage.context_length={context}, "
+            f"stage.prefill_layout={args.prefill_layout})",
+            flush=True,
+        )
         rows = asyncio.run(asyncio.wait_for(bench(server.url, prompts, args), args.deadline))
         ok = report(rows, prompts, args)
     finally:
@@ -299,6 +359,19 @@ def main() -> int:
         print(f"server stopped (exit {rc}); load average {load_average()}")
         if rc != 0 or any("Traceback" in line for line in server.log):
             print("server log tail:\n" + "".join(server.log)[-3000:])
+    if args.floor and rows:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        times = prefill_floor(ckpt, prompts, context, max(3, args.repeats))
+        lone_ttft = statistics.median(percentile([a.ttft for a in row["solo"][0]], 0.5) * 1e3 for row in rows)
+        best = min(statistics.median(times["padded"]), statistics.median(times["packed"]))
+        print(
+            f"least TTFT p95 ratio this machine allows: the faster one-forward prefill {best:.0f} ms / the lone "
+            f"request's TTFT {lone_ttft:.0f} ms = {best / lone_ttft:.2f}x (goal <= 2x); packed / padded "
+            f"{statistics.median(times['packed']) / statistics.median(times['padded']):.2f}"
+        )
     return 0 if ok else 1
 
 

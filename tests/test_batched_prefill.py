@@ -1,13 +1,15 @@
-"""Batched prefill: requests admitted together are read in one forward, each still gets its solo
-greedy answer (prompts of different lengths, with a prefix too), and max_prefill_tokens splits a
-burst into rounds."""
+"""Batched prefill: requests admitted together are read in one forward (right-padded rows, or packed
+end to end in one row), each still gets its solo greedy answer (prompts of different lengths, with a
+prefix too), and max_prefill_tokens splits a burst into rounds."""
 
 import pytest
 import torch
+from helpers import llama_zh
 from tiny_checkpoints import make_checkpoint, train_tokenizer
 
+from llama_zh.config import ModelConfig
 from llama_zh.generate import SamplingConfig, generate
-from llama_zh.infer.engine import Completion, Engine
+from llama_zh.infer.engine import Completion, Engine, SlotCache, packing_pays, prefill_step
 from llama_zh.prefix import FrozenPrefix, attach_prefix
 
 PROMPTS = ["你好", "这个手机很好用，电池也耐用，屏幕清楚", "质量不好", "价格便宜，物流很快，包装也好"]
@@ -34,9 +36,18 @@ def greedy(n):
 
 
 def count_forwards(model):
-    """The prefills (forwards of more than one token) the model runs, with the rows of each."""
+    """The prefills (forwards of more than one token, or of one row holding several prompts) the
+    model runs: the ids' shape and the cache's slots of each."""
     calls = []
-    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape) if args[0].shape[1] > 1 else None)
+
+    def record(module, args, out):
+        ids, cache = args[0], args[1] if len(args) > 1 else None
+        slots = getattr(cache, "slots", None)
+        slots = slots.numel() if isinstance(slots, torch.Tensor) else len(set(cache.slot_of.tolist()))
+        if ids.shape[1] > 1:
+            calls.append((ids.shape, slots))
+
+    model.register_forward_hook(record)
     return calls
 
 
@@ -48,16 +59,19 @@ def run_together(engine, ids, budget=6):
     return seqs, first_round
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("prefix", [False, True])
-def test_requests_submitted_together_are_prefilled_in_one_forward(tok, tmp_path, prefix):
+def test_requests_submitted_together_are_prefilled_in_one_forward(tok, tmp_path, prefix, layout):
     model = build(tok, tmp_path, prefix)
     ids = [tok.encode(p, bos=True) for p in PROMPTS]
     assert len({len(p) for p in ids}) == len(ids)  # every prompt its own length: rows are padded
     solo = [generate(model, p, greedy(6), eos_id=tok.eos_id) for p in ids]
     prefills = count_forwards(model)
-    engine = Engine(model, tok, max_concurrent=4)
+    engine = Engine(model, tok, max_concurrent=4, prefill_layout=layout)
     seqs, first_round = run_together(engine, ids)
-    assert len(prefills) == 1 and prefills[0][0] == len(ids)
+    assert len(prefills) == 1 and prefills[0][1] == len(ids)
+    expected = (1, sum(map(len, ids))) if layout == "packed" else (len(ids), max(map(len, ids)))
+    assert tuple(prefills[0][0]) == expected
     assert [s.row.new_ids for s in seqs] == solo
     assert first_round == [a[:1] for a in solo]  # every first token streamed in the round of the prefill
 
@@ -68,11 +82,11 @@ def test_max_prefill_tokens_splits_a_burst_into_rounds(tok, tmp_path):
     longest = max(len(p) for p in ids)
     solo = [generate(model, p, greedy(6), eos_id=tok.eos_id) for p in ids]
     prefills = count_forwards(model)
-    engine = Engine(model, tok, max_concurrent=4, max_prefill_tokens=2 * longest)
+    engine = Engine(model, tok, max_concurrent=4, max_prefill_tokens=2 * longest, prefill_layout="padded")
     seqs, first_round = run_together(engine, ids)
-    assert len(prefills) >= 2 and all(rows * length <= 2 * longest for rows, length in prefills)
-    assert sum(rows for rows, _ in prefills) == len(ids)
-    assert sum(bool(f) for f in first_round) == prefills[0][0] < len(ids)  # the rest waited for a later round
+    assert len(prefills) >= 2 and all(rows * length <= 2 * longest for (rows, length), _ in prefills)
+    assert sum(rows for _, rows in prefills) == len(ids)
+    assert sum(bool(f) for f in first_round) == prefills[0][1] < len(ids)  # the rest waited for a later round
     assert [s.row.new_ids for s in seqs] == solo
 
 
@@ -89,3 +103,49 @@ def test_max_prefill_tokens_must_be_positive(tok, tmp_path):
     model = build(tok, tmp_path)
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         Engine(model, tok, max_prefill_tokens=0)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_packed_prefill_fills_each_slot_as_a_lone_prefill_does(tok, tmp_path, prefix):
+    """The keys and values a packed row writes into each slot, and each prompt's next-token logits,
+    equal those of the prompt read alone into its slot (another slot order than the prompts')."""
+    model = build(tok, tmp_path, prefix)
+    from llama_zh.prefix import fill_prefix
+
+    ids = [tok.encode(p, bos=True) for p in PROMPTS]
+    slots = [2, 0, 3, 1]
+    with torch.inference_mode():
+        packed, alone = (SlotCache.allocate(model.config, 4, 64) for _ in range(2))
+        packed.start = fill_prefix(model, packed.k, packed.v)
+        alone.start = fill_prefix(model, alone.k, alone.v)
+        logits = prefill_step(model, packed, slots, ids, layout="packed")
+        for i, (slot, p) in enumerate(zip(slots, ids, strict=True)):
+            own = model(torch.tensor([p]), alone.slot(slot), last_only=True)[:, -1]
+            torch.testing.assert_close(logits[i : i + 1], own, rtol=1e-4, atol=1e-4)
+            end = alone.start + len(p)
+            torch.testing.assert_close(packed.k[:, slot, :, :end], alone.k[:, slot, :, :end], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed.v[:, slot, :, :end], alone.v[:, slot, :, :end], rtol=1e-5, atol=1e-5)
+            assert not packed.k[:, slot, :, end:].any()  # nothing written past the prompt
+
+
+def test_packing_pays_for_short_prompts_of_different_lengths_only():
+    config = ModelConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048)
+    assert packing_pays(config, [8, 23, 12, 15, 9, 20])  # padding would be a third of the work
+    assert not packing_pays(config, [20, 20, 20, 20])  # nothing to save, the wider attention to pay
+    assert not packing_pays(config, [2000, 1500, 1800])  # the row's attention outgrows the saved padding
+
+
+def test_unknown_prefill_layout_is_refused(tok, tmp_path):
+    model = build(tok, tmp_path)
+    with pytest.raises(ValueError, match="prefill_layout"):
+        Engine(model, tok, prefill_layout="diagonal")
+    result = llama_zh(
+        "stage=serve",
+        f"stage.checkpoint={tmp_path}",
+        "stage.prefill_layout=diagonal",
+        "stage.port=0",
+        check=False,
+        run_dir=tmp_path / "run",
+    )
+    assert result.returncode != 0
+    assert "stage.prefill_layout=diagonal: expected one of auto, packed, padded" in result.stderr

@@ -403,6 +403,8 @@ def test_stage_serve_answers_with_the_checkpoint_template_and_exits_0_on_sigterm
         "stage.port=0",
         "stage.api_key_env=LLAMA_ZH_API_KEY",
         "stage.model_name=served",
+        "stage.max_prefill_tokens=77",
+        "stage.prefill_layout=packed",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
@@ -436,3 +438,4 @@ def test_stage_serve_answers_with_the_checkpoint_template_and_exits_0_on_sigterm
     while not lines.empty():
         output.append(lines.get())
     assert "server stopped" in "".join(output) and "Traceback" not in "".join(output)
+    assert "prefill up to 77 tokens a round (packed)" in "".join(output)  # the stage's settings reach the engine

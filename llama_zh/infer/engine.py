@@ -4,8 +4,9 @@ Each running sequence owns one slot of a KV cache allocated once (`max_concurren
 `context_length` positions). A lone new sequence's prompt is prefilled into its slot (the model's
 own forward on a view of the slot, the same computation as stream_generate's prefill of one
 prompt). Requests admitted together are prefilled in one forward (`prefill_step`: the weights are read
-once for all of them, right-padded, each row written into its own slot and read at its own last real
-token), up to `max_prefill_tokens` padded tokens a round, so a burst of arrivals waits for one
+once for all of them, either laid end to end in one row under a block-diagonal mask or right-padded
+to the longest, whichever costs less; each prompt written into its own slot and read at its own last
+token), up to `max_prefill_tokens` (prompts x the longest) a round, so a burst of arrivals waits for one
 prefill rather than one per prompt, and a huge batch of prompts is split over rounds with decoding
 steps between. Then each decoding step feeds the last token of every running sequence together through
 the model's own forward, each at its own position (`positions=`), attending to its own slot's keys
@@ -243,14 +244,95 @@ class SlotPrompts:
         pass
 
 
-def prefill_step(model: Transformer, cache: SlotCache, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+class PackedPrompts:
+    """Prompts laid end to end in one row, prompt i written from position `start` of cache slot
+    `slots[i]`: the other cache a batched prefill hands Transformer.forward. Each token takes the
+    rotary position it would have alone and attends to its own prompt's earlier tokens (and the
+    prefix) only, a block-diagonal causal mask; no padding is computed."""
+
+    def __init__(self, cache: SlotCache, slots: list[int], lengths: list[int]):
+        device = cache.k.device
+        self.cache, self.start, self.first = cache, cache.start, slots[0]
+        self.longest = max(lengths)
+        segment = torch.repeat_interleave(
+            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+        )
+        offsets = torch.tensor([0, *itertools.accumulate(lengths)][:-1], device=device)
+        within = torch.arange(segment.numel(), device=device) - offsets[segment]  # each token's index in its prompt
+        self.slot_of = torch.tensor(slots, device=device)[segment]  # (T,) the slot each token is written to
+        self.pos = self.start + within  # (T,)
+        order = torch.arange(segment.numel(), device=device)
+        packed = (segment[:, None] == segment[None, :]) & (order[None, :] <= order[:, None])  # (T, T)
+        self._mask = torch.cat((packed.new_ones(segment.numel(), self.start), packed), dim=1)  # prefix: seen by all
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def end(self, T: int) -> int:
+        return self.start + self.longest  # the furthest position any prompt reaches in its slot
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.pos[None, :]  # (1, T)
+
+    def mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
+        return self._mask, False  # (T, start + T)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cached_k, cached_v = self.cache.k[layer], self.cache.v[layer]  # (slots, K, S_max, D)
+        cached_k[self.slot_of, :, self.pos] = k[0].transpose(0, 1)  # (T, K, D): token t into its slot, position
+        cached_v[self.slot_of, :, self.pos] = v[0].transpose(0, 1)
+        if self.start == 0:
+            return k, v
+        prefix = slice(self.first, self.first + 1), slice(None), slice(0, self.start)  # the same in every slot
+        return torch.cat((cached_k[prefix], k), dim=2), torch.cat((cached_v[prefix], v), dim=2)
+
+    def advance(self, T: int) -> None:
+        pass
+
+
+PREFILL_LAYOUTS = ("auto", "packed", "padded")
+
+
+def packing_pays(config: ModelConfig, lengths: list[int], start: int = 0) -> bool:
+    """Whether one packed row of `lengths` costs fewer multiply-adds than the right-padded batch.
+
+    Per layer a token costs its projections (4 dim^2 + 3 dim ffn_dim) and a (query, key) pair the
+    score and the weighted sum (2 dim). Packing computes no padding tokens but lets every query face
+    every key of the row (SDPA computes the masked-out pairs too), so it wins for many short prompts
+    of different lengths and loses when the row grows long next to the model's width."""
+    d, f = config.dim, config.ffn_dim
+    per_token, per_pair = 4 * d * d + 3 * d * f, 2 * d
+    n, longest, total = len(lengths), max(lengths), sum(lengths)
+    padded = n * longest * (per_token + (start + longest) * per_pair)
+    packed = total * (per_token + (start + total) * per_pair)
+    return packed < padded
+
+
+def prefill_step(
+    model: Transformer, cache: SlotCache, slots: list[int], prompts: list[list[int]], layout: str = "auto"
+) -> torch.Tensor:
     """Logits (B, V) of the token after each of B prompts, read in one forward: prompt i is written
-    into cache slot slots[i] after the slot's prefix, and its logits are those of its last real token."""
-    T = max(len(p) for p in prompts)
+    into cache slot slots[i] after the slot's prefix, and its logits are those of its last token.
+
+    layout: `padded` (B rows, right-padded to the longest), `packed` (one row, end to end, a
+    block-diagonal mask), or `auto` (whichever `packing_pays` counts cheaper)."""
+    if layout not in PREFILL_LAYOUTS:
+        raise ValueError(f"prefill layout must be one of {', '.join(PREFILL_LAYOUTS)}, got {layout!r}")
+    lengths = [len(p) for p in prompts]
     device = cache.k.device
+    if layout == "auto":
+        layout = "packed" if packing_pays(model.config, lengths, cache.start) else "padded"
+    if layout == "packed":
+        ids = torch.tensor([[t for p in prompts for t in p]], device=device)  # (1, sum of lengths)
+        packed = PackedPrompts(cache, slots, lengths)
+        hidden = model(ids, packed, return_hidden=True)  # (1, T, C), each token at its position in its slot
+        last = torch.tensor(list(itertools.accumulate(lengths)), device=device) - 1
+        return model.head(hidden[0, last])  # (B, V)
+    T = max(lengths)
     ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T), right-padded
     hidden = model(ids, cache.prompts(slots, T), return_hidden=True)  # (B, T, C), normalised
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    last = torch.tensor([n - 1 for n in lengths], device=device)
     return model.head(hidden[torch.arange(len(prompts), device=device), last])  # (B, V)
 
 
@@ -322,6 +404,7 @@ class Engine:
         max_queue: int = 64,
         context_length: int | None = None,
         max_prefill_tokens: int = 2048,
+        prefill_layout: str = "auto",
     ):
         max_len = model.config.max_seq_len
         if not isinstance(max_concurrent, int) or max_concurrent < 1:
@@ -330,6 +413,8 @@ class Engine:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be an integer >= 1, got {max_prefill_tokens!r}")
+        if prefill_layout not in PREFILL_LAYOUTS:
+            raise ValueError(f"prefill_layout must be one of {', '.join(PREFILL_LAYOUTS)}, got {prefill_layout!r}")
         context_length = max_len if context_length is None else context_length
         if not isinstance(context_length, int) or not 2 <= context_length <= max_len:
             raise ValueError(
@@ -337,7 +422,7 @@ class Engine:
             )
         self.model, self.tokenizer = model, tokenizer
         self.max_concurrent, self.max_queue, self.context_length = max_concurrent, max_queue, context_length
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens, self.prefill_layout = max_prefill_tokens, prefill_layout
         # Norms are never quantized: their weight gives the activations' device and dtype.
         self.device, dtype = model.norm.weight.device, model.norm.weight.dtype
         with torch.inference_mode():  # written only by `step`, which runs in inference mode
@@ -553,7 +638,9 @@ class Engine:
         if len(seqs) < 2:
             return
         try:
-            logits = prefill_step(self.model, self.cache, [s.slot for s in seqs], [s.prompt_ids for s in seqs])
+            logits = prefill_step(
+                self.model, self.cache, [s.slot for s in seqs], [s.prompt_ids for s in seqs], self.prefill_layout
+            )
         except Exception:
             log.exception("batched prefill of %d prompts failed; reading them one by one", len(seqs))
             return

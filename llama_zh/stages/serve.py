@@ -123,7 +123,7 @@ def _signals_end_serving():
 def run(cfg: DictConfig):
     import uvicorn
 
-    from llama_zh.infer.engine import Engine
+    from llama_zh.infer.engine import PREFILL_LAYOUTS, Engine
     from llama_zh.infer.server import ServeOptions, create_app
 
     stage = cfg.stage
@@ -133,6 +133,9 @@ def run(cfg: DictConfig):
     max_concurrent = _positive_int(stage, "max_concurrent", 1)
     max_queue = _positive_int(stage, "max_queue", 0)
     max_prefill_tokens = _positive_int(stage, "max_prefill_tokens", 1)
+    prefill_layout = str(stage.prefill_layout)
+    if prefill_layout not in PREFILL_LAYOUTS:
+        raise ConfigError(f"stage.prefill_layout={prefill_layout}: expected one of {', '.join(PREFILL_LAYOUTS)}")
     default_max_tokens = _positive_int(stage, "default_max_tokens", 1)
     context_length = None if stage.get("context_length") is None else _positive_int(stage, "context_length", 2)
     shutdown_timeout = _positive_int(stage, "shutdown_timeout", 0)
@@ -158,13 +161,16 @@ def run(cfg: DictConfig):
             max_queue=max_queue,
             context_length=context_length,
             max_prefill_tokens=max_prefill_tokens,
+            prefill_layout=prefill_layout,
         )
         log.info(
-            "engine: %d slots of %d tokens, KV cache %.1f MiB; queue up to %d",
+            "engine: %d slots of %d tokens, KV cache %.1f MiB; queue up to %d; prefill up to %d tokens a round (%s)",
             max_concurrent,
             engine.context_length,
             engine.cache.nbytes / 2**20,
             max_queue,
+            engine.max_prefill_tokens,
+            engine.prefill_layout,
         )
         name = stage.get("model_name") or Path(str(stage.checkpoint)).resolve().name
         options = ServeOptions(
