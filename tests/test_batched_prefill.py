@@ -149,3 +149,34 @@ def test_unknown_prefill_layout_is_refused(tok, tmp_path):
     )
     assert result.returncode != 0
     assert "stage.prefill_layout=diagonal: expected one of auto, packed, padded" in result.stderr
+
+
+def logits_per_step(engine, ids, budget=6):
+    """Each request's next-token logits at every step, submitted together to `engine`."""
+    seen = {}
+    sample = engine._sample
+
+    def record(seq):
+        seen.setdefault(seq.id, []).append(seq.logits.clone())
+        sample(seq)
+
+    engine._sample = record
+    seqs = [engine.submit(p, greedy(budget), Completion().add) for p in ids]
+    engine.run_until_idle()
+    return [torch.cat(seen[s.id]) for s in seqs]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_dynamic_rope_rows_past_the_original_context_get_their_solo_logits(tok, tmp_path, layout):
+    """Dynamic RoPE's tables depend on the length they cover and a forward's rows share one table (its
+    longest row's): a row is read and decoded only with rows whose tables are its own, so every
+    step's logits are those of the request alone (its greedy answer too, whatever the margins)."""
+    scaling = {"type": "dynamic", "factor": 32.0, "original_max_position_embeddings": 8}
+    _, model = make_checkpoint(tmp_path, tok, sharpen=1.0, rope_scaling=scaling, max_seq_len=64)
+    prompts = ["你好", "质量", PROMPTS[1], PROMPTS[3]]  # two within 8 tokens, two past them
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    assert sorted(len(p) > 8 for p in ids) == [False, False, True, True]
+    alone = [logits_per_step(Engine(model, tok, max_concurrent=1), [p])[0] for p in ids]
+    together = logits_per_step(Engine(model, tok, max_concurrent=4, prefill_layout=layout), ids)
+    for own, batched in zip(alone, together, strict=True):
+        torch.testing.assert_close(batched, own, rtol=0, atol=2e-5)

@@ -13,7 +13,9 @@ the model's own forward, each at its own position (`positions=`), attending to i
 up to that position only (`SlotRows`, the cache the step hands the forward: `decode_step`). A
 sequence is therefore computed as it would be alone: greedy answers do not depend on what else is in
 the batch, and sampling draws from the sequence's own generator (seeded by the request, or at random),
-so a seeded answer does not depend on its neighbours either. A finished or cancelled sequence frees
+so a seeded answer does not depend on its neighbours either (under dynamic RoPE scaling, whose tables
+depend on the length, a row past the original context shares no forward with rows of other lengths:
+`rope_groups`). A finished or cancelled sequence frees
 its slot at once; the next queued request takes it at the next step.
 
 Sampling is generate.py's (`sample_next`, per sequence with its own SamplingConfig); stop ids, stop
@@ -292,6 +294,19 @@ class PackedPrompts:
 
 
 PREFILL_LAYOUTS = ("auto", "packed", "padded")
+
+
+def rope_groups(config: ModelConfig, ends: list[int]) -> list[list[int]]:
+    """The rows (indices into `ends`, each row's last position + 1) that may share one forward.
+
+    The rotary tables of a forward are those of its longest row. They are the same for every length
+    except under dynamic scaling past the original context, where the base grows with the length: there
+    each such row goes alone, so that it is computed as it would be alone (as stream_generate does)."""
+    if config.rope_type != "dynamic":
+        return [list(range(len(ends)))]
+    original = config.rope_scaling["original_max_position_embeddings"]
+    within = [i for i, end in enumerate(ends) if end <= original]
+    return ([within] if within else []) + [[i] for i, end in enumerate(ends) if end > original]
 
 
 def packing_pays(config: ModelConfig, lengths: list[int], start: int = 0) -> bool:
@@ -635,17 +650,23 @@ class Engine:
     def _prefill_together(self, seqs: list[Sequence]) -> None:
         """Read the prompts of `seqs` in one forward (each sequence's logits wait in `prefilled`). If
         that fails (memory, one bad prompt), each is read alone by `_prefill` and fails alone."""
-        if len(seqs) < 2:
-            return
-        try:
-            logits = prefill_step(
-                self.model, self.cache, [s.slot for s in seqs], [s.prompt_ids for s in seqs], self.prefill_layout
-            )
-        except Exception:
-            log.exception("batched prefill of %d prompts failed; reading them one by one", len(seqs))
-            return
-        for i, seq in enumerate(seqs):
-            seq.prefilled = logits[i : i + 1]
+        for group in rope_groups(self.model.config, [self.cache.start + len(s.prompt_ids) for s in seqs]):
+            together = [seqs[i] for i in group]
+            if len(together) < 2:
+                continue  # read alone by _prefill
+            try:
+                logits = prefill_step(
+                    self.model,
+                    self.cache,
+                    [s.slot for s in together],
+                    [s.prompt_ids for s in together],
+                    self.prefill_layout,
+                )
+            except Exception:
+                log.exception("batched prefill of %d prompts failed; reading them one by one", len(together))
+                continue
+            for i, seq in enumerate(together):
+                seq.prefilled = logits[i : i + 1]
 
     def _prefill(self, seq: Sequence) -> None:
         """Give `seq` its prompt's logits: from the round's batched prefill, or read alone."""
@@ -688,11 +709,14 @@ class Engine:
         return "length"
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        tokens = torch.tensor([s.next_token for s in seqs], device=self.device)
-        logits = decode_step(self.model, self.cache, [s.slot for s in seqs], tokens, [s.length for s in seqs])
-        for i, seq in enumerate(seqs):
-            seq.logits, seq.next_token = logits[i : i + 1], None
-            seq.length += 1
+        for group in rope_groups(self.model.config, [s.length + 1 for s in seqs]):
+            together = [seqs[i] for i in group]
+            tokens = torch.tensor([s.next_token for s in together], device=self.device)
+            positions = [s.length for s in together]
+            logits = decode_step(self.model, self.cache, [s.slot for s in together], tokens, positions)
+            for i, seq in enumerate(together):
+                seq.logits, seq.next_token = logits[i : i + 1], None
+                seq.length += 1
 
 
 @dataclass
