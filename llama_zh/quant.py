@@ -17,6 +17,7 @@ on every call; the warning is silenced).
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -97,13 +98,31 @@ class QuantReport:
 
 
 def import_bitsandbytes(method: str):
+    """bitsandbytes, imported without reaching for the network.
+
+    On a CPU with AVX512-BF16 (most recent GPU hosts), importing bitsandbytes asks the Hugging Face hub
+    for a CPU kernel through the `kernels` package, with no timeout: on an offline node that is a hang
+    or a wait for the TCP timeout, and elsewhere a download at run time. The import is done with
+    `kernels` hidden, so bitsandbytes keeps its own CPU implementation; its warning about the missing
+    kernel is held back for that moment."""
+    saved = sys.modules.get("kernels")
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
     try:
+        sys.modules["kernels"] = None  # an import of it raises ImportError
+        quiet.setLevel(logging.ERROR)
         import bitsandbytes as bnb
     except Exception as e:  # ImportError, or a broken native library raising anything at import
         raise QuantError(
             f"quant={method} needs bitsandbytes, which failed to import "
             f"({type(e).__name__}: {e}); pip install bitsandbytes, or use quant=none"
         ) from None
+    finally:
+        quiet.setLevel(level)
+        if saved is None:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = saved
     return bnb
 
 

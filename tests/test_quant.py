@@ -6,11 +6,14 @@ Stated tolerances, on CPU, against quant=none on the same weights (random init, 
 - logits: relative Frobenius error <= 0.02 for int8 (measured 0.009), <= 0.15 for nf4 (measured 0.087).
 """
 
+import os
+import subprocess
 import sys
 import weakref
 
 import pytest
 import torch
+from helpers import REPO
 
 from llama_zh.checkpoint import WeightStream, model_stream, save_checkpoint
 from llama_zh.config import ConfigError, ModelConfig, from_mapping
@@ -247,3 +250,33 @@ def test_hf_directory_loads_quantized(tmp_path):
     with torch.inference_mode():
         got = model(x)
     assert float((got - ref).norm() / ref.norm()) <= LOGIT_TOLERANCE["int8"]
+
+
+def test_bitsandbytes_is_imported_without_asking_the_hub_for_a_kernel(tmp_path):
+    """On a CPU with AVX512-BF16, a plain `import bitsandbytes` calls kernels.get_kernel (a download
+    from the Hugging Face hub); llama_zh's import does not. A stand-in `kernels` module records calls."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, types\n"
+        "calls = []\n"
+        "stub = types.ModuleType('kernels')\n"
+        "stub.get_kernel = lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(RuntimeError('offline'))\n"
+        "sys.modules['kernels'] = stub\n"
+        "if sys.argv[1] == 'plain':\n"
+        "    import bitsandbytes\n"
+        "else:\n"
+        "    from llama_zh.quant import import_bitsandbytes\n"
+        "    import_bitsandbytes('nf4')\n"
+        "    assert sys.modules['kernels'] is stub  # put back as it was\n"
+        "print('calls', len(calls))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    plain, ours = (
+        subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, env=env, timeout=300)
+        for how in ("plain", "ours")
+    )
+    assert plain.returncode == 0 and ours.returncode == 0, plain.stderr[-2000:] + ours.stderr[-2000:]
+    if "calls 0" in plain.stdout:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes asks for no hub kernel here")
+    assert "calls 0" in ours.stdout
+    assert "Failed to load CPU gemm_4bit_forward" not in ours.stderr
