@@ -30,16 +30,29 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
 WANDB_ID_FILE = "wandb_run_id"
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+def git_commit(package_dir: Path = PACKAGE_DIR) -> str | None:
+    """The commit of the checkout this package runs from, with "-dirty" when its tracked files have
+    changes; None when the package is not a checkout's own llama_zh/ (an installed copy, even one in
+    site-packages under some other project's repository, whose commit would say nothing of this code)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=package_dir)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() / package_dir.name != package_dir.resolve():
         return None
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return commit + ("-dirty" if dirty else "")
 
 
 @dataclass

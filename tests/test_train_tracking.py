@@ -3,6 +3,7 @@ prints (progress where no bar is seen, no noise from library internals)."""
 
 import csv
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_run_config_records_choices_mix_and_commit():
         "data": "sample_zh",
     }
     assert values["data_mix"] == {"news": 0.7, "reviews": 0.3}
-    assert values["git_commit"] and len(values["git_commit"]) == 40
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", values["git_commit"])
     assert values["finetune"]["rank"] == 8  # the resolved config itself
 
 
