@@ -247,7 +247,7 @@ def callbacks_slice(cfg: DictConfig) -> dict[str, Callable[..., Any]]:
     from llama_zh.train.fit import RUN_FACTS
 
     return {
-        str(name): instantiate_node(node, f"callbacks.{name}", supplied=RUN_FACTS, _partial_=True)
+        str(name): instantiate_node(node, f"callbacks.{name}", offered=RUN_FACTS, _partial_=True)
         for name, node in (cfg.callbacks or {}).items()
         if node is not None  # `callbacks.x=null` drops x as `~callbacks.x` does
     }

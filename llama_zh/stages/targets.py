@@ -63,11 +63,13 @@ def check_arguments(
     where: str,
     own: Iterable[str] = (),
     supplied: Iterable[str] = (),
+    offered: Iterable[str] = (),
 ) -> Callable:
     """Refuse a node whose keys are not arguments of its `_target_` (and nested nodes with a `_target_`
     of their own), or that leaves a required argument unset. `own`: the node's keys that are not
     arguments (dropped before instantiating); `supplied`: the arguments llama_zh passes itself when it
-    completes the object, which the node may not set (the library's value would win unseen)."""
+    completes the object, which the node may not set (the library's value would win unseen); `offered`:
+    the arguments llama_zh passes where the node does not set them."""
     target = locate(values, where)
     parameters, any_key = _parameters(target)
     supplied = set(supplied)
@@ -82,7 +84,7 @@ def check_arguments(
     missing = [
         name
         for name, p in parameters.items()
-        if p.default is inspect.Parameter.empty and name not in arguments and name not in supplied
+        if p.default is inspect.Parameter.empty and name not in arguments and name not in supplied | set(offered)
     ]
     if missing:
         raise ConfigError(f"{where}.{missing[0]}: missing (a required argument of {values['_target_']})")
@@ -97,17 +99,20 @@ def instantiate_node(
     where: str,
     own: Iterable[str] = (),
     supplied: Iterable[str] = (),
+    offered: Iterable[str] = (),
     **kwargs: Any,
 ) -> Any:
     """`hydra.utils.instantiate` of a config node (a DictConfig or plain mapping), checked first (see
-    `check_arguments`); `own` keys are dropped, `kwargs` passed on. Containers reach the target as plain
+    `check_arguments`); `own` keys are dropped, `kwargs` passed on (`_partial_=True`: a partial the
+    library completes with the `supplied` and `offered` arguments). Containers reach the target as plain
     lists and dicts. A constructor that refuses a value fails in one line naming the group."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-    check_arguments(values, where, own, supplied=set(supplied) | set(kwargs))
+    given = {k for k in kwargs if k not in HYDRA_KEYS}
+    check_arguments(values, where, own, supplied=set(supplied) | given, offered=offered)
     values = {k: v for k, v in values.items() if k not in set(own)}
     try:
         return instantiate(values, _convert_="all", **kwargs)

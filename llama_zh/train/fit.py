@@ -309,9 +309,19 @@ def configured_callbacks(factories: dict[str, Callable[..., Any]], facts: dict[s
     arguments and its node does not set; a constructor may give one callback, a list, or None."""
     built: list[pl.Callback] = []
     for name, factory in factories.items():
-        parameters = inspect.signature(factory).parameters
+        try:
+            parameters = inspect.signature(factory).parameters
+        except (TypeError, ValueError):  # a builtin without a signature names no fact
+            parameters = {}
         given = getattr(factory, "keywords", {})
-        made = factory(**{k: v for k, v in facts.items() if k in parameters and k not in given})
+        try:
+            made = factory(**{k: v for k, v in facts.items() if k in parameters and k not in given})
+        except LlamaZhError:
+            raise
+        except Exception as e:  # a value the constructor refuses: one line naming the entry
+            target = getattr(getattr(factory, "func", factory), "__qualname__", repr(factory))
+            first = str(e).strip().splitlines()
+            raise LlamaZhError(f"callbacks.{name} ({target}): {type(e).__name__}: {first[0] if first else ''}") from e
         made = [] if made is None else list(made) if isinstance(made, (list, tuple)) else [made]
         for callback in made:
             if not isinstance(callback, pl.Callback):

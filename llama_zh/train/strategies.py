@@ -22,7 +22,7 @@ from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
-from llama_zh.config import from_mapping
+from llama_zh.config import ConfigError, from_mapping
 from llama_zh.errors import LlamaZhError
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,11 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         if isinstance(self.deepspeed, Mapping):  # as instantiate passes the node's `deepspeed:` block
             self.deepspeed = from_mapping(DeepSpeedConfig, self.deepspeed, "strategy.deepspeed")
+        elif self.deepspeed is not None and not isinstance(self.deepspeed, DeepSpeedConfig):
+            raise ConfigError(
+                f"strategy.deepspeed={self.deepspeed!r}: expected a mapping of DeepSpeed settings, "
+                "or null (no DeepSpeed)"
+            )
 
 
 def is_deepspeed(strategy_cfg: StrategyConfig) -> bool:
