@@ -3,7 +3,8 @@
 The Hydra config stops here. A stage turns each group it reads into its typed object once, with the
 functions below (`trainer_slice(cfg)`, `data_slice(cfg)`, ...), and passes those down: the library
 below takes dataclasses, never a DictConfig, and reads no key with a default of its own, so that
-llama_zh/conf/ is the one place a default lives.
+llama_zh/conf/ is the one place a default lives. The groups that are a constructor's arguments (a
+`_target_`) are instantiated through stages/targets.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What a `trainer=` choice asks of the machine, checked before anything is launched.
+"""What a `trainer=` choice asks of the machine, checked before anything is launched, and what the
+`hardware=` node says of it (per-device memory, peak FLOP/s).
 
 - The hardware: a GPU trainer on a machine without CUDA fails at once, naming the CPU trainers.
 - The batch arithmetic: global batch = micro batch x devices x nodes x accumulation, printed at
