@@ -111,7 +111,8 @@ def test_a_callback_target_that_makes_no_callback_is_refused_by_name():
         (["+trainer.logger=false"], "trainer.logger: set by llama_zh itself when it builds pytorch_lightning.Trainer"),
         (
             ["strategy._target_=llama_zh.train.strategies.Nope"],
-            "strategy._target_=llama_zh.train.strategies.Nope: cannot be imported",
+            "strategy._target_=llama_zh.train.strategies.Nope: cannot be imported "
+            "(llama_zh.train.strategies has no attribute Nope)",
         ),
         (
             ["+strategy.activation_checkpoint=true"],

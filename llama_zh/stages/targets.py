@@ -9,6 +9,7 @@ is one line naming the group and the key (the closest argument, where one is clo
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -26,19 +27,35 @@ MOVED = {
 }
 
 
+def _import_object(path: str) -> Any:
+    """The object a dotted path names: the longest importable module prefix, then attributes. Hydra's
+    own lookup logs a multi-line error before it raises; this one only raises, with one line."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            found = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module_name.startswith(e.name):
+                continue  # this prefix is no module: try a shorter one
+            raise ImportError(f"importing {module_name}: {e}") from None  # a module that fails inside
+        for depth, attribute in enumerate(parts[cut:], start=cut):
+            if not hasattr(found, attribute):
+                raise ImportError(f"{'.'.join(parts[:depth])} has no attribute {attribute}")
+            found = getattr(found, attribute)
+        return found
+    raise ImportError(f"no module named {parts[0]}")
+
+
 def locate(values: Mapping[str, Any], where: str) -> Callable:
     """The callable a node's `_target_` names, refused in one line if there is none or it cannot be imported."""
-    from hydra.utils import get_object
-
     path = values.get("_target_")
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{where}._target_: missing (the class or function this node's keys are the arguments of)")
     try:
-        found = get_object(path)
-    except (ImportError, AttributeError, ValueError) as e:
-        cause = str(e.__cause__ or e).splitlines()
-        why = next((line for line in cause if "Error(" in line), cause[0] if cause else type(e).__name__)
-        raise ConfigError(f"{where}._target_={path}: cannot be imported ({why})") from None
+        found = _import_object(path)
+    except ImportError as e:
+        raise ConfigError(f"{where}._target_={path}: cannot be imported ({e})") from None
     if not callable(found):
         raise ConfigError(f"{where}._target_={path}: not a class or function")
     return found
