@@ -104,6 +104,7 @@ def test_only_the_entry_point_and_the_stages_import_hydra_or_omegaconf():
 # (slice function, the dataclass it builds, the key of the composed config it reads)
 SLICES = [
     (stages.trainer_slice, "llama_zh.train.hardware.TrainerConfig", "trainer"),
+    (stages.hardware_slice, "llama_zh.train.hardware.HardwareConfig", "hardware"),
     (stages.strategy_slice, "llama_zh.train.strategies.StrategyConfig", "strategy"),
     (stages.optim_slice, "llama_zh.train.module.OptimConfig", "optim"),
     (stages.finetune_slice, "llama_zh.train.finetune.FinetuneConfig", "finetune"),

@@ -7,8 +7,8 @@ from helpers import llama_zh
 from hydra import compose, initialize_config_dir
 
 from llama_zh.errors import LlamaZhError
-from llama_zh.stages import strategy_slice, trainer_slice
-from llama_zh.train.hardware import LLAMA_ZH_KEYS, TrainerConfig, batch_plan, check_hardware, lightning_args
+from llama_zh.stages import strategy_slice, trainer_factory, trainer_slice
+from llama_zh.train.hardware import LLAMA_ZH_KEYS, TrainerConfig, batch_plan, check_hardware
 from llama_zh.train.strategies import DeepSpeedAnyDevice, build_strategy
 
 CONF = str(Path(__file__).resolve().parents[1] / "llama_zh" / "conf")
@@ -52,7 +52,9 @@ def test_trainer_files_give_valid_lightning_arguments(trainer):
 
     import pytorch_lightning as pl
 
-    args = lightning_args(trainer_slice(config(f"trainer={trainer}")))
+    factory = trainer_factory(config(f"trainer={trainer}"))
+    assert factory.func is pl.Trainer
+    args = factory.keywords
     assert not set(args) & set(LLAMA_ZH_KEYS)
     assert set(args) <= set(inspect.signature(pl.Trainer.__init__).parameters)
 

@@ -111,7 +111,7 @@ def train(*overrides, tmp_path, env_extra=None):
 
 
 def test_run_over_the_plan_is_refused_unless_overridden(tmp_path):
-    small = ["trainer.memory_gb=0.2", "trainer.max_steps=1", "data.seq_len=32", "data.batch_size=2"]
+    small = ["hardware.memory_gb=0.2", "trainer.max_steps=1", "data.seq_len=32", "data.batch_size=2"]
     refused = train(*small, tmp_path=tmp_path)
     assert refused.returncode == 1 and "memory plan:" in refused.stderr and "memory_check=false" in refused.stderr
     assert "Traceback" not in refused.stderr

@@ -123,7 +123,7 @@ def tiny_run(tmp_path_factory):
         "data.seq_len=32",
         "data.batch_size=2",
         "trainer.max_steps=3",
-        "trainer.peak_tflops=1.0",
+        "hardware.peak_tflops=1.0",
         f"hydra.run.dir={root / 'run'}",
     ]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)

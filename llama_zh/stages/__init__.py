@@ -3,7 +3,8 @@
 The Hydra config stops here. A stage turns each group it reads into its typed object once, with the
 functions below (`trainer_slice(cfg)`, `data_slice(cfg)`, ...), and passes those down: the library
 below takes dataclasses, never a DictConfig, and reads no key with a default of its own, so that
-llama_zh/conf/ is the one place a default lives.
+llama_zh/conf/ is the one place a default lives. The groups that are a constructor's arguments (a
+`_target_`) are instantiated through stages/targets.py.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 from llama_zh.config import CONF_DIR, ConfigError, ModelConfig, check_keys, from_mapping, group_defaults
 
 if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
     from llama_zh.data.prepare import DataConfig, TokenizerConfig
     from llama_zh.eval.report import SweepJob
     from llama_zh.quant import QuantConfig
     from llama_zh.tracking import TrackingConfig
     from llama_zh.train.finetune import FinetuneConfig
     from llama_zh.train.fit import TrainSettings
-    from llama_zh.train.hardware import TrainerConfig
+    from llama_zh.train.hardware import HardwareConfig, TrainerConfig
     from llama_zh.train.module import OptimConfig
     from llama_zh.train.strategies import StrategyConfig
 
@@ -207,21 +210,48 @@ def model_slice(cfg: DictConfig) -> ModelConfig:
 
 
 def trainer_slice(cfg: DictConfig) -> TrainerConfig:
-    """trainer=: llama_zh's keys and the Lightning arguments it reads typed, the other Lightning arguments
-    passed through (`lightning`)."""
+    """trainer=: the Lightning arguments llama_zh itself reads, typed (the Trainer is `trainer_factory`'s)."""
     from llama_zh.train.hardware import TrainerConfig
 
-    values, read = plain(cfg.trainer), TrainerConfig.fields_read()
-    typed = {k: v for k, v in values.items() if k in read}
-    return from_mapping(
-        TrainerConfig, typed | {"lightning": {k: v for k, v in values.items() if k not in read}}, "trainer"
-    )
+    read = {f.name for f in dataclasses.fields(TrainerConfig)}
+    return from_mapping(TrainerConfig, {k: v for k, v in plain(cfg.trainer).items() if k in read}, "trainer")
+
+
+def trainer_factory(cfg: DictConfig) -> Callable[..., pl.Trainer]:
+    """trainer=: the pytorch_lightning.Trainer partial its `_target_` and arguments make, checked now
+    (an unknown argument is refused by name before anything runs); llama_zh.train.fit completes it with
+    the strategy, loggers and callbacks it builds."""
+    from llama_zh.stages.targets import instantiate_node
+    from llama_zh.train.fit import TRAINER_SUPPLIED
+    from llama_zh.train.hardware import LLAMA_ZH_KEYS
+
+    return instantiate_node(cfg.trainer, "trainer", own=LLAMA_ZH_KEYS, supplied=TRAINER_SUPPLIED)
+
+
+def hardware_slice(cfg: DictConfig) -> HardwareConfig:
+    from llama_zh.train.hardware import HardwareConfig
+
+    return from_mapping(HardwareConfig, plain(cfg.hardware), "hardware")
 
 
 def strategy_slice(cfg: DictConfig) -> StrategyConfig:
-    from llama_zh.train.strategies import StrategyConfig
+    """strategy=: its `_target_` (llama_zh.train.strategies.StrategyConfig) built from its arguments."""
+    from llama_zh.stages.targets import instantiate_node
 
-    return from_mapping(StrategyConfig, plain(cfg.strategy), "strategy")
+    return instantiate_node(cfg.strategy, "strategy")
+
+
+def callbacks_slice(cfg: DictConfig) -> dict[str, Callable[..., Any]]:
+    """callbacks: each entry's `_target_` as a partial, in the node's order; the training run completes
+    each with the facts it measures that the target names (llama_zh.train.fit.RUN_FACTS)."""
+    from llama_zh.stages.targets import instantiate_node
+    from llama_zh.train.fit import RUN_FACTS
+
+    return {
+        str(name): instantiate_node(node, f"callbacks.{name}", offered=RUN_FACTS, _partial_=True)
+        for name, node in (cfg.callbacks or {}).items()
+        if node is not None  # `callbacks.x=null` drops x as `~callbacks.x` does
+    }
 
 
 def optim_slice(cfg: DictConfig) -> OptimConfig:
@@ -282,13 +312,14 @@ def sweep_job() -> SweepJob | None:
 
 def tracking_slice(cfg: DictConfig) -> TrackingConfig:
     """What the loggers need: the stage, logger.wandb (null: metrics.csv only) and the resolved config."""
-    from llama_zh.tracking import TrackingConfig, WandbConfig
+    from llama_zh.stages.targets import instantiate_node
+    from llama_zh.tracking import TrackingConfig
 
-    wandb = plain(cfg.logger.wandb)
+    wandb = cfg.logger.wandb
     return TrackingConfig(
         stage=cfg.stage.name,
         experiment_name=cfg.experiment_name,
-        wandb=from_mapping(WandbConfig, wandb, "logger.wandb") if wandb is not None else None,
+        wandb=instantiate_node(wandb, "logger.wandb") if wandb is not None else None,
         config=plain(cfg),
         sweep_dir=sweep_dir(),
     )
@@ -315,7 +346,10 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     return TrainSettings(
         output_dir=Path(cfg.paths.output_dir),
         trainer=trainer_slice(cfg),
+        make_trainer=trainer_factory(cfg),
+        hardware=hardware_slice(cfg),
         strategy=strategy_slice(cfg),
+        callbacks=callbacks_slice(cfg),
         optim=optim_slice(cfg),
         finetune=finetune_slice(cfg),
         tracking=tracking_slice(cfg),

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -164,8 +165,8 @@ class MemoryReport(pl.Callback):
     """Compares the memory plan with what the run used: peak RSS on CPU (the device and the host
     are the same RAM), peak allocated CUDA memory on GPU. Logged per process at the end of training."""
 
-    def __init__(self, plan: MemoryPlan):
-        self.plan = plan
+    def __init__(self, memory_plan: MemoryPlan):
+        self.plan = memory_plan
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
@@ -365,6 +366,16 @@ class StepTQDMProgressBar(TQDMProgressBar):
 def step_progress_bar() -> pl.Callback:
     """The bar Lightning would pick by default (rich where it is installed), labelled in steps."""
     return StepRichProgressBar() if _RICH_AVAILABLE else StepTQDMProgressBar()
+
+
+def progress_callbacks(progress_bar: bool, every_s: float = 30.0, every_n_steps: int = 0) -> list[pl.Callback]:
+    """The progress bar (labelled in optimizer steps) where the Trainer shows one (`progress_bar`) and,
+    where no bar is seen (stdout not a terminal, or the bar turned off), progress lines in the log every
+    `every_s` seconds and/or `every_n_steps` optimizer steps."""
+    callbacks: list[pl.Callback] = [step_progress_bar()] if progress_bar else []
+    if not progress_bar or not sys.stdout.isatty():
+        callbacks.append(ProgressLog(float(every_s), int(every_n_steps)))
+    return callbacks
 
 
 def _fsync_tree(root: Path) -> None:

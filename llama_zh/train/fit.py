@@ -4,14 +4,15 @@ trainer and its callbacks, and `fit`."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 
@@ -23,24 +24,19 @@ from llama_zh.tokenizer import Tokenizer
 from llama_zh.tracking import TrackingConfig, build_loggers
 from llama_zh.train.build import ModelSource, model_builder
 from llama_zh.train.callbacks import (
-    MemoryReport,
-    MixtureShares,
     NativeCheckpoint,
-    ProgressLog,
-    Throughput,
     TrainingState,
     check_resumable,
     resolve_resume,
     state_checkpoint,
-    step_progress_bar,
 )
 from llama_zh.train.finetune import FinetuneConfig, apply_finetune, count_trainable
 from llama_zh.train.hardware import (
     BatchPlan,
+    HardwareConfig,
     TrainerConfig,
     batch_plan,
     check_hardware,
-    lightning_args,
     model_flops_per_token,
     peak_flops,
     uses_gpu,
@@ -59,16 +55,29 @@ from llama_zh.train.strategies import (
 
 log = logging.getLogger(__name__)
 
+# The Trainer arguments `build_trainer` passes itself: the trainer= node may not set them.
+TRAINER_SUPPLIED = ("strategy", "logger", "callbacks", "default_root_dir", "enable_checkpointing")
+# What a run knows only once it has planned the model and the data, passed to each configured callback
+# that names it as an argument (and whose node does not set it): the model FLOPs per trained token, the
+# device's peak FLOP/s (None: unknown), the data sources' names, the memory plan, and whether the
+# Trainer shows a progress bar.
+RUN_FACTS = ("flops_per_token", "peak_flops", "source_names", "memory_plan", "progress_bar")
+
 
 @dataclass
 class TrainSettings:
-    """What training reads of the config, typed once by `llama_zh.stages.train_settings` before anything
-    else runs: the groups (trainer=, strategy=, optim=, finetune=, logger=) and the root config's run keys,
-    which have no defaults here (they are llama_zh/conf/config.yaml's)."""
+    """What training reads of the config, built once by `llama_zh.stages.train_settings` before anything
+    else runs: the groups (trainer=, hardware=, strategy=, callbacks, optim=, finetune=, logger=) and the
+    root config's run keys, which have no defaults here (they are llama_zh/conf/config.yaml's).
+    `make_trainer` is the trainer= node's pytorch_lightning.Trainer partial; `trainer` the arguments of it
+    that llama_zh reads itself, typed; `callbacks` the callbacks node's constructors, by name."""
 
     output_dir: Path
     trainer: TrainerConfig
+    make_trainer: Callable[..., pl.Trainer]
+    hardware: HardwareConfig
     strategy: StrategyConfig
+    callbacks: dict[str, Callable[..., Any]]
     optim: OptimConfig
     finetune: FinetuneConfig
     tracking: TrackingConfig
@@ -252,12 +261,17 @@ def fit(settings: TrainSettings, job: TrainJob, pack: bool = False) -> TrainResu
         "resumed_from": str(resume_dir) if resume_dir else None,
     }
     resume_step = int(meta["global_step"]) if resume_dir is not None else None
-    throughput = Throughput(
-        model_flops_per_token(total, config.n_layers, config.dim, job.plan.seq_len, trainable_fraction),
-        peak_flops(settings.trainer),
-    )
-    # The step time last: it counts the saves in the step, as the run's throughput does.
-    callbacks = [MixtureShares(job.source_names), state, native, MemoryReport(memory), throughput]
+    facts = {
+        "flops_per_token": model_flops_per_token(
+            total, config.n_layers, config.dim, job.plan.seq_len, trainable_fraction
+        ),
+        "peak_flops": peak_flops(settings.hardware),
+        "source_names": job.source_names,
+        "memory_plan": memory,
+        "progress_bar": bool(settings.trainer.enable_progress_bar),
+    }
+    # The configured ones after the saves: a step's time (Throughput) counts the saves in it.
+    callbacks = [state, native, *configured_callbacks(settings.callbacks, facts)]
     trainer = build_trainer(settings, callbacks, hparams, job.plan, resume_step)
     trainer.fit(module, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=True)  # no pickled code
     if native.final is None:
@@ -290,14 +304,30 @@ def quiet_library_warnings() -> None:
     )
 
 
-def progress_callbacks(settings: TrainSettings, enable_bar: bool) -> list[pl.Callback]:
-    """The progress bar (labelled in optimizer steps) and, where no bar is seen (stdout not a
-    terminal, or the bar turned off), periodic progress lines in the log."""
-    callbacks: list[pl.Callback] = [step_progress_bar()] if enable_bar else []
-    if not enable_bar or not sys.stdout.isatty():
-        every_s, every_n = float(settings.log_progress_every_s), int(settings.log_progress_every_n_steps)
-        callbacks.append(ProgressLog(every_s, every_n))
-    return callbacks
+def configured_callbacks(factories: dict[str, Callable[..., Any]], facts: dict[str, Any]) -> list[pl.Callback]:
+    """The callbacks node's constructors called, in its order, each with the run `facts` it names as
+    arguments and its node does not set; a constructor may give one callback, a list, or None."""
+    built: list[pl.Callback] = []
+    for name, factory in factories.items():
+        try:
+            parameters = inspect.signature(factory).parameters
+        except (TypeError, ValueError):  # a builtin without a signature names no fact
+            parameters = {}
+        given = getattr(factory, "keywords", {})
+        try:
+            made = factory(**{k: v for k, v in facts.items() if k in parameters and k not in given})
+        except LlamaZhError:
+            raise
+        except Exception as e:  # a value the constructor refuses: one line naming the entry
+            target = getattr(getattr(factory, "func", factory), "__qualname__", repr(factory))
+            first = str(e).strip().splitlines()
+            raise LlamaZhError(f"callbacks.{name} ({target}): {type(e).__name__}: {first[0] if first else ''}") from e
+        made = [] if made is None else list(made) if isinstance(made, (list, tuple)) else [made]
+        for callback in made:
+            if not isinstance(callback, pl.Callback):
+                raise LlamaZhError(f"callbacks.{name}: made a {type(callback).__name__}, not a Lightning Callback")
+        built += made
+    return built
 
 
 def build_trainer(
@@ -307,16 +337,19 @@ def build_trainer(
     plan: BatchPlan | None = None,
     resume_step: int | None = None,
 ) -> pl.Trainer:
+    """The trainer= node's Trainer, completed with the strategy, loggers and callbacks of this run."""
     out = output_dir(settings.output_dir)
     quiet_library_warnings()
-    args = lightning_args(settings.trainer)
-    if plan is not None:
-        args["accumulate_grad_batches"] = plan.accumulation
-    args["strategy"] = build_strategy(settings.strategy, plan.micro_batch if plan else 1)
+    args = {"accumulate_grad_batches": plan.accumulation} if plan is not None else {}
+    strategy = build_strategy(settings.strategy, plan.micro_batch if plan else 1)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the other processes of a node wait for its build
         announce_jit_builds(settings.strategy, uses_gpu(settings.trainer))
-    callbacks = callbacks + progress_callbacks(settings, bool(args["enable_progress_bar"]))
     loggers = build_loggers(settings.tracking, out, extra_hparams, resume_step)
-    return pl.Trainer(
-        **args, logger=loggers, callbacks=callbacks, default_root_dir=str(out), enable_checkpointing=False
+    return settings.make_trainer(
+        **args,
+        strategy=strategy,
+        logger=loggers,
+        callbacks=callbacks,
+        default_root_dir=str(out),
+        enable_checkpointing=False,
     )

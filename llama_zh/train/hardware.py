@@ -1,4 +1,5 @@
-"""What a `trainer=` choice asks of the machine, checked before anything is launched.
+"""What a `trainer=` choice asks of the machine, checked before anything is launched, and what the
+`hardware=` node says of it (per-device memory, peak FLOP/s).
 
 - The hardware: a GPU trainer on a machine without CUDA fails at once, naming the CPU trainers.
 - The batch arithmetic: global batch = micro batch x devices x nodes x accumulation, printed at
@@ -7,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -19,20 +19,19 @@ from llama_zh.errors import LlamaZhError
 
 log = logging.getLogger(__name__)
 
-# Keys of a trainer config that are llama_zh's own; every other key is a pytorch_lightning.Trainer argument.
-LLAMA_ZH_KEYS = ("name", "memory_gb", "peak_tflops")
+# The key of a trainer= file that is not a pytorch_lightning.Trainer argument: the option's name, for
+# messages and the run's recorded choices (the stage drops it before instantiating the Trainer).
+LLAMA_ZH_KEYS = ("name",)
 GPU_ACCELERATORS = ("gpu", "cuda")
 
 
 @dataclass
 class TrainerConfig:
-    """The `trainer=` slice: llama_zh's facts about the hardware (LLAMA_ZH_KEYS), the Lightning arguments
-    llama_zh itself reads, and the other Lightning arguments passed through as they are (`lightning`).
-    The defaults are llama_zh/conf/trainer/cpu.yaml's (a test checks that they agree)."""
+    """The Lightning arguments of the `trainer=` node that llama_zh itself reads (the batch arithmetic,
+    the hardware check, the LR schedule's length), typed from the same node the stage instantiates the
+    Trainer from. The defaults are llama_zh/conf/trainer/cpu.yaml's (a test checks that they agree)."""
 
     name: str = "cpu"
-    memory_gb: float | None = None  # per device; None: detected
-    peak_tflops: float | None = None  # per device at `precision`; None: unknown (no MFU)
     accelerator: str = "cpu"
     devices: Any = 1  # a count, -1, "auto", "0,1,3" or a list of indices
     num_nodes: int = 1
@@ -40,16 +39,16 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     max_steps: int = 300  # the LR schedule's length too
     enable_progress_bar: bool = True  # off (or stdout not a terminal): progress lines in the log instead
-    lightning: dict[str, Any] = dataclasses.field(default_factory=dict)  # the other pytorch_lightning.Trainer arguments
-
-    @classmethod
-    def fields_read(cls) -> tuple[str, ...]:
-        return tuple(f for f in cls.__dataclass_fields__ if f != "lightning")
 
 
-def lightning_args(trainer_cfg: TrainerConfig) -> dict:
-    read = {k: getattr(trainer_cfg, k) for k in TrainerConfig.fields_read() if k not in LLAMA_ZH_KEYS}
-    return read | dict(trainer_cfg.lightning)
+@dataclass
+class HardwareConfig:
+    """The `hardware=` node: facts about the machine that no Trainer argument carries, per device.
+    The defaults are llama_zh/conf/hardware/cpu.yaml's (a test checks that they agree)."""
+
+    name: str = "cpu"
+    memory_gb: float | None = None  # None: detected (the GPU's memory, or RAM shared by the node's processes)
+    peak_tflops: float | None = None  # at trainer.precision; None: unknown (no MFU)
 
 
 def uses_gpu(trainer_cfg: TrainerConfig) -> bool:
@@ -159,17 +158,17 @@ def host_memory_bytes() -> int:
     return total
 
 
-def device_memory_bytes(trainer_cfg: TrainerConfig) -> int:
-    """Memory of one device: trainer.memory_gb if set; else the GPU's; else RAM shared by this node's processes."""
-    if trainer_cfg.memory_gb:
-        return int(float(trainer_cfg.memory_gb) * 1024**3)
+def device_memory_bytes(trainer_cfg: TrainerConfig, hardware: HardwareConfig) -> int:
+    """Memory of one device: hardware.memory_gb if set; else the GPU's; else RAM shared by this node's processes."""
+    if hardware.memory_gb:
+        return int(float(hardware.memory_gb) * 1024**3)
     if uses_gpu(trainer_cfg) and torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory
     return host_memory_bytes() // devices_per_node(trainer_cfg)
 
 
-def peak_flops(trainer_cfg: TrainerConfig) -> float | None:
-    tflops = trainer_cfg.peak_tflops
+def peak_flops(hardware: HardwareConfig) -> float | None:
+    tflops = hardware.peak_tflops
     return float(tflops) * 1e12 if tflops else None
 
 

@@ -97,7 +97,7 @@ def memory_plan_check(
         **(details or {}),
     )
     memory = plan_memory(inputs)
-    available = device_memory_bytes(trainer)
+    available = device_memory_bytes(trainer, settings.hardware)
     notes = "".join(
         [
             f", base {inputs.base_quant} ({inputs.quantized_layers} projections)" if inputs.base_quant else "",
@@ -105,9 +105,10 @@ def memory_plan_check(
         ]
     )
     log.info(
-        "memory plan per device (model %s, trainer=%s, strategy=%s, micro batch %d x %d tokens%s):\n%s",
+        "memory plan per device (model %s, trainer=%s, hardware=%s, strategy=%s, micro batch %d x %d tokens%s):\n%s",
         config.name,
         trainer.name,
+        settings.hardware.name,
         strategy.name,
         plan.micro_batch,
         plan.seq_len,

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
+from llama_zh.config import ConfigError, from_mapping
 from llama_zh.errors import LlamaZhError
 
 log = logging.getLogger(__name__)
@@ -82,11 +84,21 @@ class DeepSpeedConfig:
 
 @dataclass
 class StrategyConfig:
-    """The `strategy=` slice: auto, ddp, or a DeepSpeed ZeRO stage (`deepspeed` set)."""
+    """The `strategy=` node (this class is its `_target_`): auto, ddp, or a DeepSpeed ZeRO stage
+    (`deepspeed` set). `build_strategy` makes the Lightning strategy of it once the micro batch is known."""
 
     name: str
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     deepspeed: DeepSpeedConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.deepspeed, Mapping):  # as instantiate passes the node's `deepspeed:` block
+            self.deepspeed = from_mapping(DeepSpeedConfig, self.deepspeed, "strategy.deepspeed")
+        elif self.deepspeed is not None and not isinstance(self.deepspeed, DeepSpeedConfig):
+            raise ConfigError(
+                f"strategy.deepspeed={self.deepspeed!r}: expected a mapping of DeepSpeed settings, "
+                "or null (no DeepSpeed)"
+            )
 
 
 def is_deepspeed(strategy_cfg: StrategyConfig) -> bool:
