@@ -28,6 +28,7 @@ FORMATS: tuple[Format, ...] = (
 BY_NAME = {f.name: f for f in FORMATS}
 SOURCE_FORMATS = tuple(f.name for f in FORMATS if f.read is not None)
 DESTINATION_FORMATS = tuple(f.name for f in FORMATS if f.write is not None)
+ONE_FILE_FORMATS = tuple(f.name for f in FORMATS if f.write is not None and not f.sharded)
 
 
 def source(name: str) -> Format:
