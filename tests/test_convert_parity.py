@@ -220,3 +220,34 @@ def test_cached_decoding_equals_full_forward(tmp_path, shape):
     parts = [model(ids[:, :7], cache), model(ids[:, 7:12], cache)]
     parts += [model(ids[:, t : t + 1], cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_the_inference_loader_reads_hf_and_meta_directories(tmp_path, layout):
+    """llama_zh.infer.load takes every whole-model layout read_any reads, not only native directories."""
+    from llama_zh.infer import load
+
+    hf_model, hf_dir = make_hf(tmp_path, "mha")
+    if layout == "meta":
+        write_meta(hf_model, tmp_path / "meta", 2)
+    model, tokenizer, _ = load(hf_dir if layout == "hf" else tmp_path / "meta", backend="torch")
+    ids = torch.randint(0, SHAPES["mha"][5], (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_logits(hf_model, ids), atol=1e-5, rtol=0)
+    assert tokenizer is None  # neither directory has one
+
+
+@pytest.mark.parametrize("what", ["gguf", "peft"])
+def test_the_inference_loader_refuses_what_read_any_cannot_read(tmp_path, what):
+    from llama_zh.infer import load
+    from llama_zh.tensor_io import CheckpointError
+
+    if what == "gguf":
+        path = tmp_path / "m.gguf"
+        path.write_bytes(b"GGUF" + bytes(20))
+    else:
+        path = tmp_path / "adapter"
+        path.mkdir()
+        (path / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="GGUF file|PEFT adapter"):
+        load(path)

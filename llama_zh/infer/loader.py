@@ -1,7 +1,8 @@
 """The one way to get a model for inference: `load(path, device, dtype, quant, backend)`.
 
 stage=infer, stage=eval and stage=serve (through `load_for_stage`) and the benchmarks all load here:
-the checkpoint (native or Hugging Face) streams in one tensor at a time, quantized as it arrives
+the checkpoint (native, Hugging Face or Meta: whatever `llama_zh.convert.read_any` reads, told apart by
+what is on disk) streams in one tensor at a time, quantized as it arrives
 (llama_zh.quant), then the speed-up swaps of llama_zh.infer.swaps are applied once, for the chosen
 backend. Nothing re-lays or re-fuses weights afterwards. `llama_zh.load_checkpoint` stays the plain
 loader (the training architecture as stored: what merges, conversions and parity checks need).
@@ -113,7 +114,8 @@ def load(
     backend: str = "auto",
     rows: int = 1,
 ) -> tuple[Transformer, Tokenizer | None, LoadReport]:
-    """(model, tokenizer, report) from a native or Hugging Face directory; see `load_stream`. The
+    """(model, tokenizer, report) from a native, Hugging Face or Meta directory (`read_any`; a
+    TencentPretrain file, a GGUF file or a PEFT adapter is refused in one line); see `load_stream`. The
     tokenizer is None if the directory has none."""
     stream = read_any(Path(path))
     tokenizer = stream_tokenizer(stream)  # checked before the weights are read
@@ -140,7 +142,7 @@ def load_for_stage(
     prefix: str | None,
     rows: int = 1,
 ) -> tuple[Transformer, Tokenizer, LoadReport]:
-    """The checkpoint of stage.checkpoint (native or HF) on trainer='s device, quantized by quant=,
+    """The checkpoint of stage.checkpoint (native, HF or Meta: see `load`) on trainer='s device, quantized by quant=,
     swapped for stage.backend (None: auto), with the prefix of finetune=prefix beside it (or
     stage.prefix) attached; `rows`: the batch rows the stage decodes."""
     device, dtype = inference_target(trainer)
