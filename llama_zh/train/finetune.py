@@ -246,7 +246,10 @@ def apply_finetune(model: Transformer, ft: FinetuneConfig) -> Transformer:
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (ZeRO-3 placeholders counted by their full size)."""
-    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+
+    def numel(p: torch.Tensor) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
     return sum(numel(p) for p in model.parameters() if p.requires_grad), sum(numel(p) for p in model.parameters())
 
 
