@@ -13,9 +13,9 @@ from helpers import llama_zh
 
 transformers = pytest.importorskip("transformers")
 
-from llama_zh.checkpoint import CONFIG_FILE, load_checkpoint
+from llama_zh.checkpoint import CONFIG_FILE
 from llama_zh.config import ConfigError, ModelConfig
-from llama_zh.convert import FormatError, convert, read, write
+from llama_zh.convert import FormatError, convert, load_checkpoint, read, write
 from llama_zh.convert.registry import BY_NAME, DESTINATION_FORMATS, ONE_FILE_FORMATS
 from llama_zh.errors import LlamaZhError
 from llama_zh.tensor_io import CheckpointError

@@ -7,8 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from llama_zh.checkpoint import load_checkpoint
-from llama_zh.convert import convert
+from llama_zh.convert import convert, load_checkpoint
 from llama_zh.model import KVCache
 
 SHAPES = {

@@ -11,9 +11,9 @@ transformers = pytest.importorskip("transformers")
 from helpers import random_hf_llama
 from tiny_checkpoints import make_checkpoint
 
-from llama_zh.checkpoint import load_checkpoint, load_model, read_native, save_checkpoint
+from llama_zh.checkpoint import load_model, read_native, save_checkpoint
 from llama_zh.config import ConfigError, ModelConfig
-from llama_zh.convert import convert
+from llama_zh.convert import convert, load_checkpoint
 from llama_zh.errors import LlamaZhError
 from llama_zh.infer import load_stream
 from llama_zh.model import build_model

@@ -14,8 +14,8 @@ peft = pytest.importorskip("peft")
 from helpers import llama_zh
 from tiny_checkpoints import tiny_config
 
-from llama_zh.checkpoint import load_checkpoint, read_native, save_checkpoint, write_native
-from llama_zh.convert import convert, hf
+from llama_zh.checkpoint import read_native, save_checkpoint, write_native
+from llama_zh.convert import convert, hf, load_checkpoint
 from llama_zh.convert import peft as peft_io
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import build_model
