@@ -60,11 +60,8 @@ def resolve_backend(backend: str, device: str | torch.device, dtype: torch.dtype
     """The backend `backend` means on `device` for weights of `dtype` (None: as stored, fp32 assumed)
     when decoding about `rows` rows; `kernel` where it cannot run is a ConfigError.
 
-    auto: the kernel wherever it runs. The products of one 130m decoding step, one thread, median of 51
-    rounds (experiments/gemv_bench.py, experiments/inference.md): 1 row 19.0 ms through the kernel's
-    GEMV on 2 MiB pages, 34.4 ms F.linear with the wide weights column-major (the torch backend), 48.0
-    ms row-major; 2 rows 23.4 / 62.5 ms; 4 rows 37.1 / 80.6 ms; at 8 rows and more the tile kernel
-    (experiments/small_gemm.py: 64.1 / 126.0 ms). Chosen once: the weights keep that layout while the
+    auto: the kernel wherever it runs; it was the faster one at every row count measured
+    (experiments/inference.md, the backend choice). Chosen once: the weights keep that layout while the
     model lives."""
     if backend not in BACKENDS:
         raise ConfigError(f"stage.backend: {backend!r}; expected one of {', '.join(BACKENDS)}")
