@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import yaml
-from helpers import llama_zh
+from helpers import llama_zh, random_hf_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,20 +26,19 @@ SHAPE = (64, 3, 4, 2, 128, 300)
 
 def make_hf(tmp_path, max_shard_size=None, name="hf"):
     hidden, layers, heads, kv, ffn, vocab = SHAPE
-    cfg = transformers.LlamaConfig(
+    _, path = random_hf_llama(
+        tmp_path / name,
+        max_positions=128,
         vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=ffn,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv,
+        ffn=ffn,
+        eps=1e-6,  # LlamaConfig's default
+        random_norms=False,
+        max_shard_size=max_shard_size,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    path = tmp_path / name
-    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
 
 
