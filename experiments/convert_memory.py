@@ -166,7 +166,7 @@ def worker(op: str, src: str, dst: str, extra: str) -> dict:
         import torch
         import transformers
 
-        from llama_zh.checkpoint import load_checkpoint
+        from llama_zh.convert import load_checkpoint
 
         ref_model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         model, _ = load_checkpoint(dst)

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama_zh.checkpoint import load_checkpoint, save_checkpoint
+from llama_zh.checkpoint import save_checkpoint
 from llama_zh.config import ModelConfig
-from llama_zh.convert import convert
+from llama_zh.convert import convert, load_checkpoint
 from llama_zh.convert.gguf import GGUF_TYPES
 from llama_zh.data.corpus import Source, is_held_out
 from llama_zh.generate import SamplingConfig, generate

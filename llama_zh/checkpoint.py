@@ -222,18 +222,3 @@ def stream_tokenizer(stream: WeightStream) -> Tokenizer | None:
             f"the model's vocab_size is {stream.config.vocab_size}"
         )
     return tokenizer
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a checkpoint of any readable format (llama_zh.convert.registry.read_any: native,
-    Hugging Face, Meta); tokenizer is None if the checkpoint has none.
-
-    The plain training architecture as stored (what merges, conversions and parity checks compare);
-    for inference (quantization, the fused modules, the CPU kernel) use llama_zh.infer.load."""
-    # The registry reads every format into this module's WeightStream, so it sits above this module:
-    # imported here, when called, and never while this module loads.
-    from llama_zh.convert.registry import read_any
-
-    stream = read_any(Path(path))
-    tokenizer = stream_tokenizer(stream)
-    return load_model(stream, device, dtype).eval(), tokenizer

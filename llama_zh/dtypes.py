@@ -36,6 +36,11 @@ SAFETENSORS_DTYPES = {
 SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
+def is_sixteen_bit(precision: str) -> bool:
+    """Whether trainer.precision (Lightning's name) computes in 16 bits; an unknown name counts as fp32."""
+    return PRECISION_DTYPES.get(str(precision), torch.float32).itemsize == 2
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16": the spelling of FLOAT_DTYPES and of config.json's torch_dtype."""
     return str(dtype).removeprefix("torch.")

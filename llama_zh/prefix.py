@@ -40,6 +40,7 @@ from torch import nn
 
 from llama_zh.atomic import write_with
 from llama_zh.config import ModelConfig
+from llama_zh.dtypes import dtype_name
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import KVCache, Transformer
 
@@ -357,7 +358,7 @@ def save_prefix(
         "n_layers": config.n_layers,
         "n_kv_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
-        "dtype": str(tensors["layers.0.k"].dtype).removeprefix("torch."),
+        "dtype": dtype_name(tensors["layers.0.k"].dtype),
         "trained_with_mlp": bool(getattr(prefix, "hidden", 0)),
         "positions_from": "prefix_len",
         "base_model": config.to_dict(),

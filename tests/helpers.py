@@ -5,6 +5,7 @@ Plain functions rather than conftest fixtures because module-scoped fixtures and
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,30 +64,92 @@ def llama_zh(
 
 
 def random_hf_llama(
-    path: Path, *, rope_parameters: dict, max_positions: int, tied: bool = False, vocab_size: int = 300
+    path: Path,
+    *,
+    rope_parameters: dict | None = None,
+    max_positions: int = 256,
+    tied: bool = False,
+    vocab_size: int = 300,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 128,
+    eps: float = 1e-5,
+    seed: int = 0,
+    random_norms: bool = True,
+    safe_serialization: bool = True,
+    max_shard_size: str | None = None,
 ) -> tuple:
-    """A seeded random transformers LlamaForCausalLM (64 wide, 2 layers, 4 heads over 2 KV heads) saved to
-    `path`; returns (model, path). The norm weights are drawn from [0.5, 1.5] rather than left at 1, so
-    that a dropped or misplaced norm changes the logits a parity test compares."""
+    """A seeded random transformers LlamaForCausalLM (by default 64 wide, 2 layers, 4 heads over 2 KV heads,
+    rope theta 10000) saved to `path` (safetensors or .bin, sharded at `max_shard_size`); returns (model,
+    path). The norm weights are drawn from [0.5, 1.5] rather than left at 1 (`random_norms`), so that a
+    dropped or misplaced norm changes the logits a parity test compares."""
     import transformers
 
     cfg = transformers.LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        rms_norm_eps=1e-5,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+        rms_norm_eps=eps,
         max_position_embeddings=max_positions,
-        rope_parameters=rope_parameters,
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=tied,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(path)
+    if random_norms:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.uniform_(0.5, 1.5)
+    options = {"safe_serialization": safe_serialization}
+    if max_shard_size:
+        options["max_shard_size"] = max_shard_size
+    model.save_pretrained(path, **options)
     return model, path
+
+
+def write_meta_llama3(directory, hf_model, params_extra, drop_output=False):
+    """A Meta Llama-3 style release (one shard, interleaved q/k rows) from a transformers model."""
+    cfg, sd = hf_model.config, hf_model.state_dict()
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def interleave(w, n):
+        out, inp = w.shape
+        return w.reshape(n, 2, out // n // 2, inp).permute(0, 2, 1, 3).reshape(out, inp)
+
+    full = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    if not drop_output:
+        full["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        full |= {
+            f"layers.{i}.attention.wq.weight": interleave(sd[p + "self_attn.q_proj.weight"], heads),
+            f"layers.{i}.attention.wk.weight": interleave(sd[p + "self_attn.k_proj.weight"], kv),
+            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
+            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+        }
+    directory.mkdir(parents=True)
+    torch.save({k: v.clone() for k, v in full.items()}, directory / "consolidated.00.pth")
+    params = {
+        "dim": cfg.hidden_size,
+        "n_layers": cfg.num_hidden_layers,
+        "n_heads": heads,
+        "n_kv_heads": kv,
+        "vocab_size": cfg.vocab_size,
+        "multiple_of": 32,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": cfg.rms_norm_eps,
+        "rope_theta": 500000.0,
+        **params_extra,
+    }
+    (directory / "params.json").write_text(json.dumps(params))

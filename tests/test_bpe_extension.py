@@ -15,7 +15,7 @@ from bpe_fixture import CODE, ENGLISH, news_split
 from tiny_checkpoints import make_checkpoint
 
 from llama_zh.bpe import check_bpe_extension, holds_only_cjk, is_cjk
-from llama_zh.checkpoint import load_checkpoint
+from llama_zh.convert import load_checkpoint
 from llama_zh.tokenizer import Tokenizer, TokenizerError
 from llama_zh.vocab import extend_bpe_tokenizer, resize_checkpoint, tokenizer_report
 

@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 from bpe_fixture import CODE, ENGLISH, assert_same_ids, comparison_texts, news_split
 from tiny_checkpoints import make_checkpoint, train_tokenizer
 
-from llama_zh.checkpoint import load_checkpoint, read_native
+from llama_zh.checkpoint import read_native
+from llama_zh.convert import load_checkpoint
 from llama_zh.data.chat_template import ChatTemplate
 from llama_zh.data.corpus import DataError
 from llama_zh.data.packing import BlockEncoder, load_tokens, pack_corpus_file

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from tiny_checkpoints import make_checkpoint, train_tokenizer
 
-from llama_zh.checkpoint import CONFIG_FILE, load_checkpoint, read_native
+from llama_zh.checkpoint import CONFIG_FILE, read_native
 from llama_zh.config import ConfigError
-from llama_zh.convert import convert
+from llama_zh.convert import convert, load_checkpoint
 from llama_zh.tensor_io import CheckpointError
 from llama_zh.tokenizer import file_sha256
 from llama_zh.vocab import extend_tokenizer, resize_checkpoint

@@ -153,6 +153,15 @@ def test_dataclass_defaults_equal_the_composed_yaml_defaults():
         values = OmegaConf.to_container(compose_config(f"quant={method}").quant, resolve=True)
         del values["name"]  # the method itself: "none" by default
         differ += differing_defaults(dataclass_named("llama_zh.quant.QuantConfig"), values, f"quant={method}")
+    # One FinetuneConfig serves every method: each option file's keys default to that file's values.
+    options = group_options("finetune")
+    assert len(options) >= 4, options  # a renamed conf directory must not leave nothing to compare
+    for option in options:
+        values = OmegaConf.to_container(compose_config(f"finetune={option}").finetune, resolve=True)
+        del values["method"]  # the method itself: "full" by default
+        differ += differing_defaults(
+            dataclass_named("llama_zh.train.finetune.FinetuneConfig"), values, f"finetune={option}"
+        )
     assert differ == []
 
 

@@ -9,13 +9,14 @@ import re
 import pytest
 import torch
 import yaml
-from helpers import llama_zh
+from helpers import llama_zh, random_hf_llama
 
 transformers = pytest.importorskip("transformers")
 
-from llama_zh.checkpoint import CONFIG_FILE, load_checkpoint
+from llama_zh.checkpoint import CONFIG_FILE
 from llama_zh.config import ConfigError, ModelConfig
-from llama_zh.convert import FormatError, convert, read, write
+from llama_zh.convert import FormatError, convert, load_checkpoint, read, write
+from llama_zh.convert.registry import BY_NAME, DESTINATION_FORMATS, ONE_FILE_FORMATS
 from llama_zh.errors import LlamaZhError
 from llama_zh.tensor_io import CheckpointError
 
@@ -25,20 +26,19 @@ SHAPE = (64, 3, 4, 2, 128, 300)
 
 def make_hf(tmp_path, max_shard_size=None, name="hf"):
     hidden, layers, heads, kv, ffn, vocab = SHAPE
-    cfg = transformers.LlamaConfig(
+    _, path = random_hf_llama(
+        tmp_path / name,
+        max_positions=128,
         vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=ffn,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv,
+        ffn=ffn,
+        eps=1e-6,  # LlamaConfig's default
+        random_norms=False,
+        max_shard_size=max_shard_size,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    path = tmp_path / name
-    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
 
 
@@ -437,3 +437,15 @@ def test_convert_cli_refuses_options_it_would_ignore(tmp_path, overrides, messag
     assert result.returncode == 1 and f"llama_zh: error: {message}" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("dst_format", DESTINATION_FORMATS)
+def test_the_registry_knows_which_writers_shard(tmp_path, dst_format, tiny_checkpoint):
+    """Format.sharded (what stage=convert's max_shard_gb check reads) is what each writer does."""
+    # GGUF embeds a tokenizer (the tiny checkpoint's); TencentPretrain refuses to drop one (a bare HF model)
+    stream = read(tiny_checkpoint[0], "native") if dst_format == "gguf" else read(make_hf(tmp_path), "hf")
+    out = write(stream, tmp_path / "out", dst_format, max_shard_bytes=64 * 1024)
+    weight_files = [out] if out.is_file() else [p for p in out.rglob("*") if p.suffix in (".safetensors", ".bin")]
+    assert weight_files, out
+    assert (len(weight_files) > 1) == BY_NAME[dst_format].sharded, weight_files
+    assert (dst_format in ONE_FILE_FORMATS) == (not BY_NAME[dst_format].sharded)

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from helpers import random_hf_llama, write_meta_llama3
 
 transformers = pytest.importorskip("transformers")
 
-from llama_zh.checkpoint import load_checkpoint
-from llama_zh.convert import convert
+from llama_zh.convert import convert, load_checkpoint
 from llama_zh.model import KVCache
 
 SHAPES = {
@@ -21,31 +21,19 @@ SHAPES = {
 
 def make_hf(tmp_path, shape, safe=True, max_shard_size=None):
     hidden, layers, heads, kv, ffn, vocab, eps, theta = SHAPES[shape]
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=ffn,
-        rms_norm_eps=eps,
-        max_position_embeddings=256,
+    return random_hf_llama(
+        tmp_path / f"hf_{shape}",
         rope_parameters={"rope_type": "default", "rope_theta": theta},
-        tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv,
+        ffn=ffn,
+        eps=eps,
+        safe_serialization=safe,
+        max_shard_size=max_shard_size,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    # Random norm weights too, so a norm mapped to the wrong tensor cannot hide.
-    with torch.no_grad():
-        for _name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-    path = tmp_path / f"hf_{shape}"
-    kwargs = {"safe_serialization": safe}
-    if max_shard_size:
-        kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(path, **kwargs)
-    return model, path
 
 
 def hf_logits(model, ids):
@@ -200,14 +188,26 @@ def write_meta(hf_model, directory, n_shards):
     (directory / "params.json").write_text(json.dumps(params))
 
 
-@pytest.mark.parametrize("shape,n_shards", [("mha", 1), ("mha", 2), ("gqa", 2)])
-def test_meta_to_native(tmp_path, shape, n_shards):
-    hf_model, _ = make_hf(tmp_path, shape)
-    write_meta(hf_model, tmp_path / "meta", n_shards)
+@pytest.mark.parametrize(
+    "release,shape,n_shards", [("llama2", "mha", 1), ("llama2", "mha", 2), ("llama2", "gqa", 2), ("llama3", None, 1)]
+)
+def test_meta_to_native(tmp_path, release, shape, n_shards):
+    """A Meta release (Llama-2's layout, sharded; Llama-3's params.json with ffn_dim_multiplier, theta
+    500000, no use_scaled_rope) converts to weights that give transformers' logits."""
+    if release == "llama2":
+        hf_model, _ = make_hf(tmp_path, shape)
+        write_meta(hf_model, tmp_path / "meta", n_shards)
+    else:
+        rope = {"rope_type": "default", "rope_theta": 500000.0}
+        hf_model, _ = random_hf_llama(tmp_path / "hf", rope_parameters=rope, seed=1)
+        write_meta_llama3(tmp_path / "meta", hf_model, {})
     native = convert(tmp_path / "meta", "meta", tmp_path / "native", "native")
     model, _ = load_checkpoint(native)
-    ids = torch.randint(0, SHAPES[shape][5], (2, 13))
-    torch.testing.assert_close(model(ids), hf_logits(hf_model, ids), atol=1e-5, rtol=0)
+    if release == "llama3":
+        assert model.config.max_seq_len == 8192 and model.config.rope_scaling is None
+    ids = torch.randint(0, hf_model.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_logits(hf_model, ids), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -220,3 +220,34 @@ def test_cached_decoding_equals_full_forward(tmp_path, shape):
     parts = [model(ids[:, :7], cache), model(ids[:, 7:12], cache)]
     parts += [model(ids[:, t : t + 1], cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_the_inference_loader_reads_hf_and_meta_directories(tmp_path, layout):
+    """llama_zh.infer.load takes every whole-model layout read_any reads, not only native directories."""
+    from llama_zh.infer import load
+
+    hf_model, hf_dir = make_hf(tmp_path, "mha")
+    if layout == "meta":
+        write_meta(hf_model, tmp_path / "meta", 2)
+    model, tokenizer, _ = load(hf_dir if layout == "hf" else tmp_path / "meta", backend="torch")
+    ids = torch.randint(0, SHAPES["mha"][5], (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_logits(hf_model, ids), atol=1e-5, rtol=0)
+    assert tokenizer is None  # neither directory has one
+
+
+@pytest.mark.parametrize("what", ["gguf", "peft"])
+def test_the_inference_loader_refuses_what_read_any_cannot_read(tmp_path, what):
+    from llama_zh.infer import load
+    from llama_zh.tensor_io import CheckpointError
+
+    if what == "gguf":
+        path = tmp_path / "m.gguf"
+        path.write_bytes(b"GGUF" + bytes(20))
+    else:
+        path = tmp_path / "adapter"
+        path.mkdir()
+        (path / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="GGUF file|PEFT adapter"):
+        load(path)

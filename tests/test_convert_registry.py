@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_checkpoints import make_checkpoint, train_tokenizer
 
-from llama_zh.checkpoint import CONFIG_FILE, load_checkpoint, read_native, write_native
+from llama_zh.checkpoint import CONFIG_FILE, read_native, write_native
 from llama_zh.convert import (
     DESTINATION_FORMATS,
     FORMATS,
@@ -22,6 +22,7 @@ from llama_zh.convert import (
     detect,
     gguf,
     hf,
+    load_checkpoint,
     meta,
     native,
     read,
@@ -256,6 +257,16 @@ def test_no_import_cycle_among_checkpoint_and_the_converters():
 
     for name in graph:
         visit(name)
+
+
+@pytest.mark.parametrize("module", ["checkpoint.py", "tensor_io.py"])
+def test_the_modules_below_the_converters_import_them_nowhere(module):
+    """Not even inside a function: a deferred import is the circle waiting for its first caller
+    (load_checkpoint, which reads any format, sits in the registry above them)."""
+    tree = ast.parse((ROOT / "llama_zh" / module).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert imported and not [m for m in imported if m.startswith("llama_zh.convert")]
 
 
 def test_no_private_name_of_checkpoint_or_tensor_io_is_imported():

@@ -148,7 +148,9 @@ CONFIG = ModelConfig(name="t", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_
 
 def test_reference_with_lora_switched_off_is_the_base_model_exactly():
     base = build_model(CONFIG, seed=0)
-    model = apply_finetune(copy.deepcopy(base), FinetuneConfig(method="lora", rank=4, alpha=8, modules_to_save=[]))
+    model = apply_finetune(
+        copy.deepcopy(base), FinetuneConfig(method="lora", rank=4, alpha=8, dropout=0.0, modules_to_save=[])
+    )
     for module in model.modules():
         if isinstance(module, LoRALinear):  # B starts at zero: give it values so the adapters matter
             module.lora_b.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))

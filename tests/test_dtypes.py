@@ -4,12 +4,20 @@ import json
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama_zh.dtypes import FLOAT_DTYPES, PRECISION_DTYPES, SAFETENSORS_CODES, SAFETENSORS_DTYPES, dtype_name
+from llama_zh.dtypes import (
+    FLOAT_DTYPES,
+    PRECISION_DTYPES,
+    SAFETENSORS_CODES,
+    SAFETENSORS_DTYPES,
+    dtype_name,
+    is_sixteen_bit,
+)
 from llama_zh.tensor_io import SafetensorsWriter, iter_safetensors, safetensors_header
 
 
@@ -54,3 +62,24 @@ def test_precisions_name_a_16_bit_or_32_bit_dtype():
     for precision, dtype in PRECISION_DTYPES.items():
         expected = torch.bfloat16 if precision.startswith("bf16") else torch.float16
         assert dtype == (torch.float32 if precision.startswith("32") else expected), precision
+
+
+def test_sixteen_bit_precisions_are_the_ones_the_table_holds_in_16_bits():
+    for name, dtype in PRECISION_DTYPES.items():
+        assert is_sixteen_bit(name) == (dtype.itemsize == 2), name
+    assert not is_sixteen_bit("64-true")  # not a name the table knows: fp32 arithmetic
+
+
+def test_no_module_spells_dtype_names_outside_the_table():
+    """`str(dtype).removeprefix(...)` and tuples of Lightning precision names are the table's job."""
+    import llama_zh
+
+    package = Path(llama_zh.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "dtypes.py":
+            continue
+        text = path.read_text()
+        if 'removeprefix("torch.")' in text or '"bf16-mixed"' in text or '"16-mixed"' in text:
+            offenders.append(path.relative_to(package).as_posix())
+    assert offenders == []

@@ -147,7 +147,10 @@ def test_sources_accept_a_path_or_a_list_of_shards(tmp_path):
         name: np.array(t, dtype=np.uint16)
         for name, t in {"a.bin": [0, 1, 0, 1], "b0.bin": [1, 1], "b1.bin": [0, 0, 1]}.items()
     }
-    load = lambda p: shards[p.name]  # noqa: E731
+
+    def load(path):
+        return shards[path.name]
+
     results = source_perplexities(
         model, {"a": tmp_path / "a.bin", "b": [tmp_path / "b0.bin", tmp_path / "b1.bin"]}, load, window=2
     )

@@ -210,7 +210,7 @@ def test_stream_yields_what_generate_returns():
 
 def test_greedy_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from llama_zh.checkpoint import load_checkpoint
+    from llama_zh.convert import load_checkpoint
 
     vocab = 512
     hf_cfg = transformers.LlamaConfig(

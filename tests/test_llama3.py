@@ -8,12 +8,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import random_hf_llama
+from helpers import random_hf_llama, write_meta_llama3
 from tiny_checkpoints import make_checkpoint
 
-from llama_zh.checkpoint import load_checkpoint, load_model, read_native, save_checkpoint
+from llama_zh.checkpoint import load_model, read_native, save_checkpoint
 from llama_zh.config import ConfigError, ModelConfig
-from llama_zh.convert import convert
+from llama_zh.convert import convert, load_checkpoint
 from llama_zh.errors import LlamaZhError
 from llama_zh.infer import load_stream
 from llama_zh.model import build_model
@@ -117,7 +117,9 @@ def test_lora_on_a_tied_head_is_refused_and_elsewhere_works():
     model = build_model(tiny_tied(), seed=0)
     with pytest.raises(LlamaZhError, match="finetune.target_modules: head is tied"):
         apply_finetune(model, FinetuneConfig(method="lora", target_modules=["wq", "head"]))
-    model = apply_finetune(build_model(tiny_tied(), seed=0), FinetuneConfig(method="lora", target_modules=["wq"]))
+    model = apply_finetune(
+        build_model(tiny_tied(), seed=0), FinetuneConfig(method="lora", target_modules=["wq"], modules_to_save=[])
+    )
     assert model.head.weight is model.embed.weight and not model.embed.weight.requires_grad
 
 
@@ -129,7 +131,7 @@ def test_lora_with_a_trained_tied_embedding_exports_one_tied_matrix(tmp_path):
 
     model = apply_finetune(
         build_model(tiny_tied(), seed=0),
-        FinetuneConfig(method="lora", target_modules=["wq", "w_up"], modules_to_save=["embed"]),
+        FinetuneConfig(method="lora", dropout=0.0, target_modules=["wq", "w_up"], modules_to_save=["embed"]),
     )
     assert model.head.weight.requires_grad
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -311,48 +313,6 @@ def test_gguf_refuses_scalings_llama_cpp_cannot_run(tok, tmp_path, rope, message
 # ------------------------------------------------------------------------------ Meta's Llama-3 layout
 
 
-def write_meta_llama3(directory, hf_model, params_extra, drop_output=False):
-    """A Meta Llama-3 style release (one shard, interleaved q/k rows) from a transformers model."""
-    cfg, sd = hf_model.config, hf_model.state_dict()
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-
-    def interleave(w, n):
-        out, inp = w.shape
-        return w.reshape(n, 2, out // n // 2, inp).permute(0, 2, 1, 3).reshape(out, inp)
-
-    full = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
-    if not drop_output:
-        full["output.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        full |= {
-            f"layers.{i}.attention.wq.weight": interleave(sd[p + "self_attn.q_proj.weight"], heads),
-            f"layers.{i}.attention.wk.weight": interleave(sd[p + "self_attn.k_proj.weight"], kv),
-            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
-            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
-            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
-            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
-            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
-            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
-        }
-    directory.mkdir(parents=True)
-    torch.save({k: v.clone() for k, v in full.items()}, directory / "consolidated.00.pth")
-    params = {
-        "dim": cfg.hidden_size,
-        "n_layers": cfg.num_hidden_layers,
-        "n_heads": heads,
-        "n_kv_heads": kv,
-        "vocab_size": cfg.vocab_size,
-        "multiple_of": 32,
-        "ffn_dim_multiplier": 1.3,
-        "norm_eps": cfg.rms_norm_eps,
-        "rope_theta": 500000.0,
-        **params_extra,
-    }
-    (directory / "params.json").write_text(json.dumps(params))
-
-
 def test_meta_llama3_1_with_scaled_rope(tmp_path):
     hf_model, _ = make_hf_tied(tmp_path)  # its weights only: params.json carries the scaling
     write_meta_llama3(tmp_path / "meta", hf_model, {"use_scaled_rope": True})
@@ -374,28 +334,6 @@ def test_meta_llama3_2_without_output_is_tied_with_factor_32(tmp_path):
     write_meta_llama3(tmp_path / "meta", hf_model, {"use_scaled_rope": True}, drop_output=True)
     config = read_meta_config(tmp_path / "meta")
     assert config.tie_word_embeddings and config.rope_scaling["factor"] == 32.0
-
-
-def test_meta_llama3_weights_match_transformers(tmp_path):
-    """Without use_scaled_rope the converted weights must give transformers' logits (theta 500000, GQA)."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-    )
-    torch.manual_seed(1)
-    hf_model = transformers.LlamaForCausalLM(cfg).eval()
-    write_meta_llama3(tmp_path / "meta", hf_model, {})
-    model, _ = load_checkpoint(convert(tmp_path / "meta", "meta", tmp_path / "native", "native"))
-    assert model.config.max_seq_len == 8192 and model.config.rope_scaling is None
-    ids = torch.randint(0, 300, (2, 30))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf_model(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_meta_params_with_unknown_keys_are_refused(tmp_path):

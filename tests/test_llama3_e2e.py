@@ -64,7 +64,7 @@ def hf_llama32(directory, bpe_tokenizer):
 
 
 def test_llama3_checkpoint_through_every_stage(bpe_tokenizer, tmp_path):
-    from llama_zh.checkpoint import load_checkpoint
+    from llama_zh.convert import load_checkpoint
     from llama_zh.data.chat_template import ChatTemplate, checkpoint_template
     from llama_zh.generate import SamplingConfig, generate
 

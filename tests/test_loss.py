@@ -112,3 +112,27 @@ def test_the_loss_option_is_in_the_root_config_and_defaults_to_auto():
     from llama_zh.train.module import LOSS_KINDS
 
     assert OmegaConf.load(CONF_DIR / "config.yaml").loss == "auto" == LOSS_KINDS[0]
+
+
+def test_the_measurements_live_in_experiments_and_the_code_links_existing_files():
+    """Figures are kept in experiments/*.md; a docstring or comment names the file, which must exist."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    package = root / "llama_zh"
+    sources = [
+        package / "train" / "loss.py",
+        package / "infer" / "loader.py",
+        package / "infer" / "swaps.py",
+        *sorted((package / "kernels").iterdir()),
+    ]
+    links = set()
+    for path in sources:
+        if path.suffix not in (".py", ".c"):
+            continue
+        text = path.read_text()
+        assert not re.search(r"\d ms\b|\d us\b|\d{4}-\d\d-\d\d", text), f"{path.name} records a measurement"
+        links |= set(re.findall(r"experiments/[\w./-]+\.md", text))
+    assert links, "the code links no experiments file"
+    assert [link for link in sorted(links) if not (root / link).is_file()] == []

@@ -25,7 +25,10 @@ def make_examples(seed: int = 0, n: int = 9) -> list[list[tuple[list[int], bool]
     """Random examples as segments; some start with a trained segment, as a template may render them
     (the first token of an example is then a trained token that nothing in it predicts)."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda k: torch.randint(1, VOCAB, (k,), generator=g).tolist()  # noqa: E731
+
+    def rand(k):
+        return torch.randint(1, VOCAB, (k,), generator=g).tolist()
+
     examples = []
     for i in range(n):
         prompt, answer = rand(3 + (5 * i) % 11), rand(2 + (3 * i) % 7)

@@ -14,8 +14,8 @@ peft = pytest.importorskip("peft")
 from helpers import llama_zh
 from tiny_checkpoints import tiny_config
 
-from llama_zh.checkpoint import load_checkpoint, read_native, save_checkpoint, write_native
-from llama_zh.convert import convert, hf
+from llama_zh.checkpoint import read_native, save_checkpoint, write_native
+from llama_zh.convert import convert, hf, load_checkpoint
 from llama_zh.convert import peft as peft_io
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import build_model
@@ -59,7 +59,7 @@ def make_lora_run(tmp_path, tokenizer, modules_to_save=("embed", "head", "norm")
     model = build_model(tiny_config(vocab_size=tokenizer.vocab_size), seed=0).eval()
     _randomize(p for p in model.parameters() if p.ndim == 1)  # norms off 1: a misplaced norm shows
     base = save_checkpoint(model, tmp_path / "base", tokenizer=tokenizer.path)
-    ft = FinetuneConfig(method="lora", rank=4, alpha=8, modules_to_save=list(modules_to_save))
+    ft = FinetuneConfig(method="lora", rank=4, alpha=8, dropout=0.0, modules_to_save=list(modules_to_save))
     apply_finetune(model, ft)
     torch.manual_seed(1)
     _randomize((p for n, p in model.named_parameters() if "lora_" in n), std=0.2)
@@ -103,7 +103,9 @@ def test_export_of_q_k_adapters_alone_matches(tmp_path, tokenizer):
     """Only q and k adapted: a wrong row order of their B matrices (RoPE layout) cannot hide behind the rest."""
     model = build_model(tiny_config(vocab_size=tokenizer.vocab_size), seed=0).eval()
     base = save_checkpoint(model, tmp_path / "base", tokenizer=tokenizer.path)
-    ft = FinetuneConfig(method="lora", rank=4, alpha=4, target_modules=["q_proj", "k_proj"])
+    ft = FinetuneConfig(
+        method="lora", rank=4, alpha=4, dropout=0.0, target_modules=["q_proj", "k_proj"], modules_to_save=[]
+    )
     apply_finetune(model, ft)
     _randomize((p for n, p in model.named_parameters() if "lora_" in n), std=0.5)
     run = write_native(export_stream(model, tokenizer.path), tmp_path / "run")

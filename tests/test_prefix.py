@@ -386,7 +386,7 @@ def test_the_serving_engine_decodes_after_the_prefix(tokenizer, tmp_path):
 
 @pytest.mark.slow
 def test_infer_and_eval_use_the_saved_prefix(tuned, tmp_path):
-    from llama_zh.checkpoint import load_checkpoint
+    from llama_zh.convert import load_checkpoint
     from llama_zh.generate import generate
 
     _, _, final = tuned

@@ -89,8 +89,11 @@ def test_only_adapters_and_saved_modules_train_on_a_quantized_base(source, metho
         assert module.lora_a.dtype == module.lora_b.dtype == torch.float32
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{ab}" for n in wrapped for ab in ("lora_a", "lora_b")} | {"embed.weight", "head.weight"}
+
     # The projections' bytes: a quarter (int8) or an eighth (nf4) of fp32, plus scales.
-    projection_bytes = lambda m: sum(weight_bytes(m.get_submodule(n if m is full else f"{n}.base")) for n in wrapped)  # noqa: E731
+    def projection_bytes(m):
+        return sum(weight_bytes(m.get_submodule(n if m is full else f"{n}.base")) for n in wrapped)
+
     assert projection_bytes(model) < projection_bytes(full) * (0.3 if method == "int8" else 0.16)
 
 
@@ -139,7 +142,10 @@ def test_weight_decay_groups_as_adamw():
     model = apply_finetune(build_model(CONFIG, seed=0), FinetuneConfig(method="freeze", train_modules=["norm", "head"]))
     eight = causal_lm(model).configure_optimizers()["optimizer"]
     plain = causal_lm(model, "adamw").configure_optimizers()["optimizer"]
-    shapes = lambda opt: [(g["weight_decay"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups]  # noqa: E731
+
+    def shapes(opt):
+        return [(g["weight_decay"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups]
+
     assert shapes(eight) == shapes(plain) == [(0.1, [(300, 128)]), (0.0, [(128,)])]
 
 

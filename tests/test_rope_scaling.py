@@ -13,9 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 from helpers import random_hf_llama
 
-from llama_zh.checkpoint import load_checkpoint, read_native
+from llama_zh.checkpoint import read_native
 from llama_zh.config import ConfigError, ModelConfig
-from llama_zh.convert import convert
+from llama_zh.convert import convert, load_checkpoint
 from llama_zh.model import KVCache, build_model
 
 ORIGINAL = 64  # the "pretraining" context of the fixtures

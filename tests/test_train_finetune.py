@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers import llama_zh
 
-from llama_zh.checkpoint import load_checkpoint, write_native
+from llama_zh.checkpoint import write_native
 from llama_zh.config import ModelConfig
+from llama_zh.convert import load_checkpoint
 from llama_zh.errors import LlamaZhError
 from llama_zh.model import build_model
 from llama_zh.train.callbacks import NativeCheckpoint

@@ -89,8 +89,11 @@ def states(run_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_twice_then_rerun_equals_uninterrupted_run(reference, data_dir, tmp_path):
     run_dir = tmp_path / "run"
+
     # 1. Killed while the state of step 6 is being written: only the .tmp directory exists.
-    writing = lambda: any(n.startswith(".step-000006") for n in states(run_dir))  # noqa: E731
+    def writing():
+        return any(n.startswith(".step-000006") for n in states(run_dir))
+
     assert kill_when(run_dir, data_dir, writing), "the run finished before it could be killed"
     assert "step-000003" in states(run_dir)
     # 2. Rerun; killed again between states, once step 9's state exists and training went on a little.

@@ -49,6 +49,7 @@ class Format:
     write: Writer | None = None
     unreadable: str = ""  # why `read` is None, for a checkpoint detected as this format
     carries_template: bool = True  # whether a chat template can travel in it
+    sharded: bool = True  # whether the writer splits by max_shard_bytes (False: always one file)
 
 
 def starts_with(path: Path, magic: bytes) -> bool:

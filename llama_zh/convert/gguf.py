@@ -496,4 +496,5 @@ FORMAT = Format(
     is_gguf,
     write=_write,
     unreadable="a GGUF file, which llama_zh writes for llama.cpp but does not read back",
+    sharded=False,
 )

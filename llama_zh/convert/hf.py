@@ -13,6 +13,7 @@ from llama_zh.config import ROPE_SCALING, ConfigError, ModelConfig, check_rope_s
 from llama_zh.convert.format import Format, WriteOptions
 from llama_zh.convert.hf_tokenizer import SpecialPieces, bpe_tokenizer_files, build_hf_tokenizer
 from llama_zh.convert.keys import KeyMap
+from llama_zh.dtypes import dtype_name
 from llama_zh.tensor_io import (
     CheckpointDir,
     CheckpointError,
@@ -243,7 +244,7 @@ def write(
     chat_template: str | None = None,
 ) -> Path:
     check_specs(stream)
-    dtype = str(next(iter(stream.specs.values()))[0]).removeprefix("torch.")
+    dtype = dtype_name(next(iter(stream.specs.values()))[0])
     files = metadata_files(
         stream, dtype, chat_template
     )  # a tokenizer that cannot be exported is refused before any weight is written

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream
+import torch
+
+from llama_zh.checkpoint import DEFAULT_SHARD_BYTES, WeightStream, load_model, stream_tokenizer
 from llama_zh.config import ModelConfig
 from llama_zh.convert import gguf, hf, meta, native, peft, tencentpretrain
 from llama_zh.convert.format import Format, FormatError, WriteOptions
@@ -28,6 +30,7 @@ FORMATS: tuple[Format, ...] = (
 BY_NAME = {f.name: f for f in FORMATS}
 SOURCE_FORMATS = tuple(f.name for f in FORMATS if f.read is not None)
 DESTINATION_FORMATS = tuple(f.name for f in FORMATS if f.write is not None)
+ONE_FILE_FORMATS = tuple(f.name for f in FORMATS if f.write is not None and not f.sharded)
 
 
 def source(name: str) -> Format:
@@ -92,3 +95,14 @@ def write(
     fmt = destination(dst_format)
     options = WriteOptions(overwrite, max_shard_bytes, chat_template, gguf_type)
     return fmt.write(stream, Path(dst), options)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a checkpoint of any readable format (`read_any`: native, Hugging Face,
+    Meta); tokenizer is None if the checkpoint has none.
+
+    The plain training architecture as stored (what merges, conversions and parity checks compare);
+    for inference (quantization, the fused modules, the CPU kernel) use llama_zh.infer.load."""
+    stream = read_any(Path(path))
+    tokenizer = stream_tokenizer(stream)
+    return load_model(stream, device, dtype).eval(), tokenizer

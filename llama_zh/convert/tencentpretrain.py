@@ -114,4 +114,5 @@ FORMAT = Format(
     _read,
     _write,
     carries_template=False,
+    sharded=False,
 )

@@ -248,6 +248,9 @@ def rolling_perplexity(
 
 def combine_rolling(results: dict[str, dict]) -> dict:
     """The figures of several sources together (weighted by their tokens, bytes and words)."""
-    total = lambda k: sum(r[k] for r in results.values())  # noqa: E731
+
+    def total(key: str) -> float:
+        return sum(r[key] for r in results.values())
+
     nll = sum(r["loss"] * r["tokens"] for r in results.values() if r["tokens"])
     return rolling_summary(nll, total("tokens"), total("bytes"), total("words"), total("documents"))

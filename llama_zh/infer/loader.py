@@ -1,7 +1,8 @@
 """The one way to get a model for inference: `load(path, device, dtype, quant, backend)`.
 
 stage=infer, stage=eval and stage=serve (through `load_for_stage`) and the benchmarks all load here:
-the checkpoint (native or Hugging Face) streams in one tensor at a time, quantized as it arrives
+the checkpoint (native, Hugging Face or Meta: whatever `llama_zh.convert.read_any` reads, told apart by
+what is on disk) streams in one tensor at a time, quantized as it arrives
 (llama_zh.quant), then the speed-up swaps of llama_zh.infer.swaps are applied once, for the chosen
 backend. Nothing re-lays or re-fuses weights afterwards. `llama_zh.load_checkpoint` stays the plain
 loader (the training architecture as stored: what merges, conversions and parity checks need).
@@ -59,11 +60,8 @@ def resolve_backend(backend: str, device: str | torch.device, dtype: torch.dtype
     """The backend `backend` means on `device` for weights of `dtype` (None: as stored, fp32 assumed)
     when decoding about `rows` rows; `kernel` where it cannot run is a ConfigError.
 
-    auto: the kernel wherever it runs. The products of one 130m decoding step, one thread, median of 51
-    rounds (experiments/gemv_bench.py, experiments/inference.md): 1 row 19.0 ms through the kernel's
-    GEMV on 2 MiB pages, 34.4 ms F.linear with the wide weights column-major (the torch backend), 48.0
-    ms row-major; 2 rows 23.4 / 62.5 ms; 4 rows 37.1 / 80.6 ms; at 8 rows and more the tile kernel
-    (experiments/small_gemm.py: 64.1 / 126.0 ms). Chosen once: the weights keep that layout while the
+    auto: the kernel wherever it runs; it was the faster one at every row count measured
+    (experiments/inference.md, the backend choice). Chosen once: the weights keep that layout while the
     model lives."""
     if backend not in BACKENDS:
         raise ConfigError(f"stage.backend: {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -113,7 +111,8 @@ def load(
     backend: str = "auto",
     rows: int = 1,
 ) -> tuple[Transformer, Tokenizer | None, LoadReport]:
-    """(model, tokenizer, report) from a native or Hugging Face directory; see `load_stream`. The
+    """(model, tokenizer, report) from a native, Hugging Face or Meta directory (`read_any`; a
+    TencentPretrain file, a GGUF file or a PEFT adapter is refused in one line); see `load_stream`. The
     tokenizer is None if the directory has none."""
     stream = read_any(Path(path))
     tokenizer = stream_tokenizer(stream)  # checked before the weights are read
@@ -140,7 +139,7 @@ def load_for_stage(
     prefix: str | None,
     rows: int = 1,
 ) -> tuple[Transformer, Tokenizer, LoadReport]:
-    """The checkpoint of stage.checkpoint (native or HF) on trainer='s device, quantized by quant=,
+    """The checkpoint of stage.checkpoint (native, HF or Meta: see `load`) on trainer='s device, quantized by quant=,
     swapped for stage.backend (None: auto), with the prefix of finetune=prefix beside it (or
     stage.prefix) attached; `rows`: the batch rows the stage decodes."""
     device, dtype = inference_target(trainer)

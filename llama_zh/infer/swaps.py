@@ -37,10 +37,9 @@ WIDE = 4  # out_features / in_features from which a weight is read faster column
 def column_major(weight: torch.Tensor) -> torch.Tensor:
     """The same (out, in) matrix stored in-major: x @ W.T then reads W as rows of W.T, contiguous.
 
-    Measured on this project's CPU (2-core EPYC, MKL, fp32, one thread; experiments/inference.md),
-    for matrices at least WIDE times wider than deep, the product with 1 row runs faster this way,
-    with bit-identical results: 32000x768 1.71x, 4096x768 1.39x, 8000x128 1.50x; for squarer ones
-    it is a wash or slower (2304x768 0.98x, 768x2048 0.88x)."""
+    For matrices at least WIDE times wider than deep the product with 1 row runs faster this way, with
+    bit-identical results; for squarer ones it is a wash or slower (experiments/inference.md, the
+    column-major layout)."""
     return weight.T.contiguous().T
 
 

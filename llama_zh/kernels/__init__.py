@@ -30,14 +30,12 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("small_gemm.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-# Rows (batch x new tokens) up to which the kernel beats MKL on cold weights. The products of one
-# 130m decoding step, F.linear / kernel, 1 thread: 1 row 1.05x, 8 rows 2.10x, 32 1.23x, 64 1.07x,
-# 128 0.83x; 2 threads: 1.83x, 2.51x, 1.64x, 1.30x, 1.08x (experiments/small_gemm.py). Past it the
-# product is compute-bound and MKL's blocked GEMM wins.
+# Rows (batch x new tokens) up to which the kernel beats MKL on cold weights; past it the product is
+# compute-bound and MKL's blocked GEMM wins (figures: experiments/inference.md, the kernel's thresholds).
 MAX_ROWS = 64
-# Elements from which a weight goes to the kernel (1 MiB of fp32). Smaller weights stay in cache
-# from one decoding step to the next, where MKL is as fast (the tiny model's 704x128 gate/up at 8
-# rows: 37 us MKL, 38 us kernel) and the call through ctypes costs a few microseconds more.
+# Elements from which a weight goes to the kernel (1 MiB of fp32): smaller weights stay in cache from
+# one decoding step to the next, where MKL is as fast and the ctypes call costs more
+# (experiments/inference.md, the kernel's thresholds).
 MIN_WEIGHT = 1 << 18
 # Rows up to which llama_zh_gemv streams w once (small_gemm.c GEMV_MAX_ROWS); past it, the tiles.
 GEMV_ROWS = 4
@@ -118,7 +116,7 @@ def load() -> ctypes.CDLL | None:
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether linear(x, weight) takes the kernel. Called for every product of every decoding step
     (49 per 130m step), so written in the tensor attributes that cost least (is_cpu rather than
-    device.type, `is` on dtypes, the grad flags only when grad mode is on): 3.7 -> 1.5 us a call."""
+    device.type, `is` on dtypes, the grad flags only when grad mode is on; experiments/inference.md)."""
     if not _tried:
         load()
     f32 = torch.float32
@@ -156,8 +154,7 @@ def huge_page_copy(weight: torch.Tensor) -> torch.Tensor:
     (transparent huge pages, madvise); a plain contiguous copy where that cannot be asked.
 
     Why: a decoding step streams every weight once, 4 KiB pages cost a TLB miss every 64 cache lines
-    and stop the hardware prefetcher at every page boundary. The GEMV over the weights of one 130m
-    step, one thread, median of 25 rounds: 23.8 ms in torch's allocation, 19.1 ms in 2 MiB pages.
+    and stop the hardware prefetcher at every page boundary (figures: experiments/inference.md).
     The pages are asked for before the first write (a page already touched stays 4 KiB); only whole
     2 MiB ranges are asked for, so the tail stays in small pages and no memory is wasted
     (docs/reference.md#huge-pages)."""

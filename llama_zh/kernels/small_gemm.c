@@ -1,10 +1,8 @@
 /* y = x @ w.T in fp32 for the few rows of x a decoding step has (AVX2 + FMA, x86-64).
  *
  * Why our own: at a few rows the product should be bound by reading w, but MKL's sgemm on this
- * project's CPU (AMD EPYC, AVX2) reads it at well under the memory's speed. The products of one
- * decoding step of a 134M model (418 MiB of weights, cold), one thread: 8 rows 134.9 ms with
- * F.linear (MKL), 64.1 ms here, against 35.0 ms to sum the weights; 2 rows 84.7 / 38.1 ms
- * (experiments/small_gemm.py; experiments/inference.md has the table). The kernel keeps w row-major
+ * project's CPU reads it well under the memory's speed (figures: experiments/inference.md, the CPU
+ * kernel's thresholds and design choices). The kernel keeps w row-major
  * (PyTorch's nn.Linear layout), so nothing is repacked: each tile of outputs is a few rows of w
  * streamed once, with a software prefetch a couple of tiles ahead, against a few rows of x that
  * stay in L1; w is cut into chunks small enough (~128 KiB) to be read from L2 by the second and
@@ -156,11 +154,10 @@ void llama_zh_sgemm_nt(long M, long N, long K, const float *x, long ldx, const f
 
 /* ---- GEMV: 1 to GEMV_MAX_ROWS rows of x, w read as one sequential stream ----
  *
- * Why a second kernel: at one row the tiles above read 4 rows of w at once, 4 streams 3-8 KiB apart,
- * and reached 13-17 GB/s; F.linear (MKL) 12-15 GB/s. A row-major matrix read one row after the other
- * is a single forward stream through memory, which the hardware prefetcher follows on its own: a
- * software prefetch 1-4 KiB ahead measured slower (the products of one 130m step, median of 25
- * rounds: none 23.8 ms, 1 KiB 29.0, 4 KiB 31.7), 2 MiB pages (kernels.huge_page_copy) faster (19.1).
+ * Why a second kernel: at one row the tiles above read 4 rows of w at once (4 streams a few KiB
+ * apart), barely faster than F.linear. A row-major matrix read one row after the other is a single
+ * forward stream through memory, which the hardware prefetcher follows on its own: a software
+ * prefetch ahead of it was slower, 2 MiB pages (kernels.huge_page_copy) faster (experiments/inference.md).
  * Each row of w is one dot product per row of x, with independent accumulators so the FMA latency
  * does not bound the loop. AVX-512 where the CPU has it (chosen at run time: the library is compiled
  * for AVX2 + FMA), AVX2 otherwise.

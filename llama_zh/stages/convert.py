@@ -9,13 +9,11 @@ from omegaconf import DictConfig
 
 from llama_zh.config import ConfigError, group_defaults
 from llama_zh.convert import convert
+from llama_zh.convert.registry import ONE_FILE_FORMATS
 from llama_zh.dtypes import FLOAT_DTYPES
 from llama_zh.stages import chosen, model_slice
 
 log = logging.getLogger(__name__)
-
-
-ONE_FILE = ("tencentpretrain", "gguf")  # destination formats written as a single file, never sharded
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -33,7 +31,7 @@ def check_options(cfg: DictConfig) -> None:
     shard_gb = stage.max_shard_gb
     if isinstance(shard_gb, bool) or not isinstance(shard_gb, (int, float)) or not shard_gb > 0:
         raise ConfigError(f"stage.max_shard_gb must be a number > 0, got {shard_gb!r}")
-    if stage.dst_format in ONE_FILE and shard_gb != group_defaults("stage", "convert")["max_shard_gb"]:
+    if stage.dst_format in ONE_FILE_FORMATS and shard_gb != group_defaults("stage", "convert")["max_shard_gb"]:
         raise ConfigError(
             f"stage.max_shard_gb={shard_gb}: dst_format={stage.dst_format} is written as one file, "
             "never sharded; drop it"

@@ -201,7 +201,10 @@ def run_perplexity(cfg, model, tokenizer) -> dict:
         check_seq_len(cfg.data.seq_len, model.config, "data.seq_len")
     files = prepare_tokens(data, tokenizer, splits=[cfg.stage.split])  # the other split is not tokenized
     sources = files[cfg.stage.split]
-    load = lambda p: load_tokens(p, tokenizer)  # noqa: E731
+
+    def load(path):
+        return load_tokens(path, tokenizer)
+
     stride, batch, limit = cfg.stage.get("stride"), cfg.stage.batch_size, cfg.stage.max_batches
     # (window, stride, batches); with stage.lengths, max_batches counts batches of the longest window and
     # the shorter ones take as many batches as cover the same tokens: every length scores the same text

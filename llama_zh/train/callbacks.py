@@ -32,7 +32,8 @@ import torch
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
-from llama_zh.checkpoint import WeightStream, load_checkpoint, write_native
+from llama_zh.checkpoint import WeightStream, write_native
+from llama_zh.convert import load_checkpoint
 from llama_zh.errors import LlamaZhError
 from llama_zh.prefix import fingerprinted, save_prefix
 from llama_zh.tokenizer import copy_tokenizer

@@ -58,13 +58,16 @@ BASE_QUANTS = ("nf4", "int8")
 
 @dataclass
 class FinetuneConfig:
+    """One object for every method; each field's default is the value of the conf/finetune/ file of the
+    method that reads it (lora.yaml, freeze.yaml, prefix.yaml), so code and YAML build the same run."""
+
     method: str = "full"
     rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    alpha: float = 32.0
+    dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
-    modules_to_save: list[str] = field(default_factory=list)
-    train_modules: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=lambda: ["embed", "head"])
+    train_modules: list[str] = field(default_factory=lambda: ["embed", "head"])
     train_last_n_blocks: int = 0
     base_quant: str | None = None  # lora: nf4 | int8 quantizes the frozen block projections (QLoRA); null: none
     logit_gap: bool = (
@@ -243,7 +246,10 @@ def apply_finetune(model: Transformer, ft: FinetuneConfig) -> Transformer:
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (ZeRO-3 placeholders counted by their full size)."""
-    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+
+    def numel(p: torch.Tensor) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
     return sum(numel(p) for p in model.parameters() if p.requires_grad), sum(numel(p) for p in model.parameters())
 
 

@@ -2,28 +2,25 @@
 
 The plain way, `cross_entropy(hidden @ W.T, labels)`, writes the logits of every position (N x V
 floats: 64 MB for 2,048 tokens of an 8,000-piece vocabulary), reads them back for the log-softmax,
-writes that, and in backward reads and writes them twice more, plus a zero-filled N x V gradient.
-Those passes run at memory speed: log-softmax forward and backward took ~20% of a tiny-model
-training step on CPU (profile of 2026-12-02).
+writes that, and in backward reads and writes them twice more, plus a zero-filled N x V gradient,
+all at memory speed.
 
 Here the logits of `chunk` positions at a time are computed, reduced to their loss and turned into
 their gradient (softmax - one-hot) while they are still in cache, and the gradients of the hidden
 states and of W are accumulated in the forward pass; backward only scales them by the incoming
 gradient. The loss is the same quantity (mean over labelled positions, fp32), to rounding.
 
-It pays where the logits' memory passes dominate, not where the head's matrix products do.
-Measured on this project's CPU (2 threads, fp32, head + loss, forward and backward, median of 5):
-vocab 8,000 x width 128, 2,048 positions: plain 299 ms, chunks of 512 positions 206 ms (1.45x);
-vocab 32,000 x width 768, 1,024 positions: plain 1,849 ms, chunked 2,811 ms (0.66x: the gradient of
-the 98 MB head weight is read and written once per chunk). Hence `worthwhile`: fp32 on CPU with a
-width of at most 256. Plain PyTorch, no Lightning: `llama_zh.train.module.CausalLM` decides when to use it.
+It pays where the logits' memory passes dominate, not where the head's matrix products do (the
+gradient of a wide head's weight is read and written once per chunk), hence `worthwhile`: fp32 on
+CPU with a width of at most 256. Measurements: experiments/loss.md. Plain PyTorch, no Lightning:
+`llama_zh.train.module.CausalLM` decides when to use it.
 """
 
 from __future__ import annotations
 
 import torch
 
-CHUNK_BYTES = 16 << 20  # logits per chunk; 512 positions at vocab 8,000 (measured best of 64-1,024)
+CHUNK_BYTES = 16 << 20  # logits per chunk (512 positions at vocab 8,000): experiments/loss.md
 MAX_WIDTH = 256  # see the module docstring
 
 
@@ -32,8 +29,8 @@ def chunk_rows(vocab_size: int, itemsize: int = 4) -> int:
 
 
 def worthwhile(weight: torch.Tensor) -> bool:
-    """Whether the chunked loss is the faster one for a head `weight` (V, C) here, now (measured:
-    see the module docstring): fp32 on CPU, no autocast, C <= MAX_WIDTH."""
+    """Whether the chunked loss is the faster one for a head `weight` (V, C) here (experiments/loss.md):
+    fp32 on CPU, no autocast, C <= MAX_WIDTH."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32

@@ -30,13 +30,13 @@ import math
 from dataclasses import dataclass, field
 
 from llama_zh.config import ModelConfig
+from llama_zh.dtypes import is_sixteen_bit
 
 GiB = 1024**3
 # What Lightning's fit adds to a CPU process before the first step (trainer, loops, lazily imported
 # modules), measured on the development machine: RSS at fit start minus RSS at planning time,
 # model excluded (0.24 GiB with pytorch-lightning 2.6.6, torch 2.13).
 CPU_FIT_SETUP = GiB // 4
-SIXTEEN_BIT = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "bf16", "16", "fp16")
 
 
 @dataclass
@@ -178,7 +178,7 @@ def reset_peak_rss() -> bool:
 
 def plan_memory(p: PlanInputs, runtime_bytes: int | None = None) -> MemoryPlan:
     m, n, nt, w = p.model, p.model.n_params, p.trainable_params, p.world_size
-    sixteen = p.precision in SIXTEEN_BIT
+    sixteen = is_sixteen_bit(p.precision)
     plan = MemoryPlan(p)
     dev, host = plan.device, plan.host
     largest = max(block_params(m), m.vocab_size * m.dim)

@@ -230,8 +230,11 @@ class CausalLM(pl.LightningModule):
     def configure_optimizers(self):
         # Weight decay on matrices only: decaying norm gains pulls them toward zero for no benefit.
         params = [p for p in self.model.parameters() if p.requires_grad]
+
         # ZeRO-3 parameters are flattened placeholders: their true rank is in ds_shape.
-        ndim = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731
+        def ndim(p: torch.Tensor) -> int:
+            return len(getattr(p, "ds_shape", p.shape))
+
         decay = [p for p in params if ndim(p) >= 2]
         no_decay = [p for p in params if ndim(p) < 2]
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
