@@ -168,6 +168,15 @@ def default_choice(group: str) -> str | None:
     return None
 
 
+def _task_overrides() -> list[str]:
+    """The command line's overrides as typed: an override's value may hold an interpolation
+    (`+optim.x=${oc.env:...}`) that must not be resolved merely to read the override's key."""
+    from hydra.core.hydra_config import HydraConfig
+
+    task = HydraConfig.get().overrides.task
+    return list(OmegaConf.to_container(task, resolve=False) if OmegaConf.is_config(task) else task)
+
+
 def chosen(group: str) -> list[str]:
     """How the user chose `group` explicitly: the command-line overrides that set it or one of its keys
     (`model=llama_7b`, `model.dim=256`, `+model.x=1`), or `group=<option>` when an experiment's defaults
@@ -178,7 +187,7 @@ def chosen(group: str) -> list[str]:
         return []
     hydra_cfg = HydraConfig.get()
     found = []
-    for override in hydra_cfg.overrides.task:
+    for override in _task_overrides():
         key = override.split("=", 1)[0].lstrip("+~")
         if key == group or key.startswith(f"{group}."):
             found.append(override)
@@ -266,7 +275,7 @@ def check_unread(cfg: DictConfig, keep: list[str]) -> None:
         return
     exempt = _extra_overrides()
     name = cfg.stage.name
-    for override in HydraConfig.get().overrides.task:
+    for override in _task_overrides():
         key = override.split("=", 1)[0].lstrip("+~").split(".", 1)[0].split("@", 1)[0]
         if key in keep or key not in cfg:
             continue
