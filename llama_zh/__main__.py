@@ -15,12 +15,13 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from llama_zh.errors import LlamaZhError
+from llama_zh.stages import EXTRA_OVERRIDES_ENV
 
 log = logging.getLogger("llama_zh")
 
-# Overrides added to every command line, after the user's (so they win): a smoke test runs
-# documented commands exactly as written, only shorter, e.g. "trainer.max_steps=6".
-EXTRA_OVERRIDES_ENV = "LLAMA_ZH_EXTRA_OVERRIDES"
+# EXTRA_OVERRIDES_ENV: overrides added to every command line, after the user's (so they win): a smoke test runs
+# documented commands exactly as written, only shorter, e.g. "trainer.max_steps=6". A stage that does
+# not read a group they set ignores them (llama_zh.stages.check_unread), where it refuses the user's own.
 
 
 def extra_overrides(argv: list[str], value: str | None) -> list[str]:

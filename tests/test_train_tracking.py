@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from llama_zh.stages import strategy_slice, tracking_slice
+from llama_zh.stages import narrow, strategy_slice, tracking_slice
 from llama_zh.tracking import ResumingCSVLogger, build_loggers, run_config, truncate_metrics
 from llama_zh.train.callbacks import ProgressLog, step_description
 from llama_zh.train.fit import quiet_library_warnings
@@ -36,14 +36,13 @@ def test_run_config_records_choices_mix_and_commit():
         "paths.output_dir=/tmp/x",
         "paths.root_dir=/tmp",
     )
-    values = run_config(tracking_slice(cfg).config)
+    values = run_config(tracking_slice(narrow(cfg)).config)
     assert values["choices"] == {
         "stage": "pretrain",
         "model": "tiny",
         "trainer": "cpu_ddp2",
         "strategy": "ddp",
         "finetune": "lora",
-        "quant": "none",
         "data": "sample_zh",
     }
     assert values["data_mix"] == {"news": 0.7, "reviews": 0.3}
@@ -113,7 +112,15 @@ def tiny_run(tmp_path_factory):
     import sys
 
     root = tmp_path_factory.mktemp("tracking")
-    env = dict(os.environ, WANDB_MODE="offline", LLAMA_ZH_DATA=str(root / "data"))
+    # An unread group that cannot resolve, added the way a smoke test adds its overrides: pretrain
+    # never reads quant, so neither resolves nor records it.
+    env = dict(
+        os.environ,
+        WANDB_MODE="offline",
+        LLAMA_ZH_DATA=str(root / "data"),
+        LLAMA_ZH_EXTRA_OVERRIDES="+quant.unset=${oc.env:LLAMA_ZH_TEST_NEVER_SET}",
+    )
+    env.pop("LLAMA_ZH_TEST_NEVER_SET", None)
     args = [
         sys.executable,
         "-m",
@@ -130,7 +137,20 @@ def tiny_run(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(root / "run" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    return {"columns": {k for r in rows for k, v in r.items() if v}, "output": result.stdout + result.stderr}
+    return {
+        "columns": {k for r in rows for k, v in r.items() if v},
+        "output": result.stdout + result.stderr,
+        "run": root / "run",
+    }
+
+
+def test_run_records_only_the_groups_pretrain_reads(tiny_run):
+    import yaml
+
+    recorded = yaml.safe_load((tiny_run["run"] / "hparams.yaml").read_text())
+    assert "quant" not in recorded and "template" not in recorded
+    assert recorded["optim"]["lr"] > 0  # what a sweep report over optim.lr reads back
+    assert recorded["choices"]["finetune"] == "full"
 
 
 def test_output_has_progress_lines_when_not_a_terminal(tiny_run):

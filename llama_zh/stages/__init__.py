@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
+import os
+import re
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +36,9 @@ if TYPE_CHECKING:
     from llama_zh.train.hardware import HardwareConfig, TrainerConfig
     from llama_zh.train.module import OptimConfig
     from llama_zh.train.strategies import StrategyConfig
+
+
+log = logging.getLogger(__name__)
 
 
 # Each stage's run function, imported when that stage runs: a stage's imports (Lightning for training,
@@ -103,17 +110,39 @@ RUNS: dict[str, Callable[[DictConfig], Any]] = {
 }
 STAGES = tuple(RUNS)
 
-# The config groups each stage reads besides `stage`. Hydra's `+group.key=value` adds any key, and a
-# reader that looks keys up by name never sees a misspelt one: these are checked before the stage runs.
-READS = {
-    "prepare": ("data",),
-    "tokenizer": ("data",),
+# The root config's keys a training stage hands llama_zh.train.fit as they are.
+RUN_KEYS = (
+    "seed",
+    "global_batch_size",
+    "resume",
+    "state_every_n_steps",
+    "state_keep_last",
+    "log_progress_every_s",
+    "log_progress_every_n_steps",
+    "memory_check",
+    "loss",
+)
+# What tracking_slice reads, and what train_settings reads besides the stage's own groups.
+TRACKING_KEYS = ("logger", "experiment_name")
+TRAINING_KEYS = ("trainer", "strategy", "optim", "finetune", *TRACKING_KEYS, *RUN_KEYS)
+# Every stage reads its own `stage` group and writes into the run directory (paths).
+COMMON_KEYS = ("stage", "paths")
+
+# The root config's groups and keys each stage reads besides COMMON_KEYS, walked from stages/<name>.py
+# and the slices it builds. A stage is handed only these (and what their interpolations name): a group
+# it never reads is neither resolved (an unset ${oc.env:...} or ??? there cannot fail it) nor logged
+# with the run. Hydra's `+group.key=value` adds any key, and a reader that looks keys up by name never
+# sees a misspelt one: the groups listed here are checked before the stage runs.
+READS: dict[str, tuple[str, ...]] = {
+    "prepare": ("data", "tokenizer"),
+    "tokenizer": ("data", "seed", *TRACKING_KEYS),
     "convert": ("model",),
-    "pretrain": ("model", "data", "optim", "finetune"),
-    "sft": ("optim", "finetune"),
-    "eval": ("data", "quant"),
-    "infer": ("quant",),
-    "serve": ("quant",),
+    "pretrain": ("model", "tokenizer", "data", *TRAINING_KEYS),
+    "sft": ("template", *TRAINING_KEYS),
+    "dpo": ("template", *TRAINING_KEYS),
+    "eval": ("data", "template", "trainer", "quant", "seed", *TRACKING_KEYS),
+    "infer": ("template", "trainer", "quant"),
+    "serve": ("template", "trainer", "quant"),
 }
 
 
@@ -142,6 +171,15 @@ def default_choice(group: str) -> str | None:
     return None
 
 
+def _task_overrides() -> list[str]:
+    """The command line's overrides as typed: an override's value may hold an interpolation
+    (`+optim.x=${oc.env:...}`) that must not be resolved merely to read the override's key."""
+    from hydra.core.hydra_config import HydraConfig
+
+    task = HydraConfig.get().overrides.task
+    return list(OmegaConf.to_container(task, resolve=False) if OmegaConf.is_config(task) else task)
+
+
 def chosen(group: str) -> list[str]:
     """How the user chose `group` explicitly: the command-line overrides that set it or one of its keys
     (`model=llama_7b`, `model.dim=256`, `+model.x=1`), or `group=<option>` when an experiment's defaults
@@ -152,7 +190,7 @@ def chosen(group: str) -> list[str]:
         return []
     hydra_cfg = HydraConfig.get()
     found = []
-    for override in hydra_cfg.overrides.task:
+    for override in _task_overrides():
         key = override.split("=", 1)[0].lstrip("+~")
         if key == group or key.startswith(f"{group}."):
             found.append(override)
@@ -177,6 +215,8 @@ def check_options(cfg: DictConfig) -> None:
     if defaults is not None:
         check_keys(OmegaConf.to_container(cfg.stage, resolve=False), defaults, "stage")
     for group in READS.get(name, ()):
+        if group not in KNOWN:
+            continue
         node = cfg.get(group)
         known = KNOWN[group](node) if node is not None else None
         if known is not None:
@@ -189,12 +229,82 @@ def check_options(cfg: DictConfig) -> None:
             )
 
 
+# Overrides added to every command line by llama_zh/__main__.py (a smoke test's shortening).
+EXTRA_OVERRIDES_ENV = "LLAMA_ZH_EXTRA_OVERRIDES"
+
+# `${key...}` naming a root key, not a resolver call such as ${oc.env:...} or ${hydra:...} (whose
+# arguments may hold references of their own, found on their own).
+_REFERENCE = re.compile(r"\$\{([A-Za-z_]\w*)(?=[.}\[$])")
+
+
+def _references(cfg: DictConfig, key: str) -> set[str]:
+    """The root keys the interpolations under `key` name, read from the unresolved text."""
+    text = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [key]))
+    return set(_REFERENCE.findall(text))
+
+
+def kept_keys(cfg: DictConfig) -> list[str]:
+    """The root keys stage=<name> reads (READS and COMMON_KEYS), plus those their interpolations name
+    (an experiment's `arm`, `${data.name}` in logger.wandb.tags), in the config's own order."""
+    keep, pending = set(), [*COMMON_KEYS, *READS.get(cfg.stage.name, ())]
+    while pending:
+        key = pending.pop()
+        if key in keep or key not in cfg:
+            continue
+        keep.add(key)
+        pending.extend(_references(cfg, key))
+    return [key for key in cfg if key in keep]
+
+
+def _extra_overrides() -> set[str]:
+    try:
+        return set(shlex.split(os.environ.get(EXTRA_OVERRIDES_ENV, "")))
+    except ValueError:
+        return set()
+
+
+def check_unread(cfg: DictConfig, keep: list[str]) -> None:
+    """Refuse a command-line override of a root key or group the stage does not read.
+
+    It would be dropped without effect (`stage=convert optim.lr=1`), and a user who typed it expects it
+    to matter: one line naming it is better than a silent no-op. Exempt: the overrides added by
+    LLAMA_ZH_EXTRA_OVERRIDES, which a smoke test puts after every documented command alike
+    (`trainer.max_steps=6` after a convert too), and group choices that have no node of their own
+    (experiment=, debug=, hydra.*), which set keys of several groups at once.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    exempt = _extra_overrides()
+    name = cfg.stage.name
+    for override in _task_overrides():
+        key = override.split("=", 1)[0].lstrip("+~").split(".", 1)[0].split("@", 1)[0]
+        if key in keep or key not in cfg:
+            continue
+        if override in exempt:
+            log.info("%s: stage=%s does not read %s; ignored", override, name, key)
+            continue
+        raise ConfigError(f"{override}: stage={name} does not read {key}, so it would be ignored; drop it")
+
+
+def narrow(cfg: DictConfig) -> DictConfig:
+    """The composed config cut to the root keys `kept_keys` names, unresolved. A stage and its logs see
+    only this: the recorded config (hparams.yaml, W&B) holds what the run read, and nothing in an
+    unread group is ever resolved."""
+    narrowed = OmegaConf.masked_copy(cfg, kept_keys(cfg))
+    OmegaConf.set_struct(narrowed, OmegaConf.is_struct(cfg))
+    return narrowed
+
+
 def run_stage(cfg: DictConfig):
     name = cfg.stage.name
     if name not in RUNS:
         raise ConfigError(f"stage={name}: unknown stage; expected one of {', '.join(RUNS)}")
+    keep = kept_keys(cfg)
     check_options(cfg)
-    return RUNS[name](cfg)
+    check_unread(cfg, keep)
+    return RUNS[name](narrow(cfg))
 
 
 # ------------------------------------------------------------------------ config slices -> typed objects
@@ -323,20 +433,6 @@ def tracking_slice(cfg: DictConfig) -> TrackingConfig:
         config=plain(cfg),
         sweep_dir=sweep_dir(),
     )
-
-
-# The root config's keys TrainSettings takes as they are.
-RUN_KEYS = (
-    "seed",
-    "global_batch_size",
-    "resume",
-    "state_every_n_steps",
-    "state_keep_last",
-    "log_progress_every_s",
-    "log_progress_every_n_steps",
-    "memory_check",
-    "loss",
-)
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
