@@ -14,7 +14,7 @@ from llama_zh.stages import check_unread, kept_keys, narrow, plain, tracking_sli
 from llama_zh.tracking import run_config
 
 RUN = {*stages.RUN_KEYS, "experiment_name"}
-TRAINING = {"stage", "paths", "trainer", "strategy", "optim", "finetune", "logger", *RUN}
+TRAINING = {"stage", "paths", "trainer", "hardware", "strategy", "optim", "finetune", "callbacks", "logger", *RUN}
 # Written out by hand from the stages' code, not derived from READS: a change to READS must change this.
 EXPECTED = {
     "prepare": {"stage", "paths", "data", "tokenizer"},

@@ -124,7 +124,7 @@ RUN_KEYS = (
 )
 # What tracking_slice reads, and what train_settings reads besides the stage's own groups.
 TRACKING_KEYS = ("logger", "experiment_name")
-TRAINING_KEYS = ("trainer", "strategy", "optim", "finetune", *TRACKING_KEYS, *RUN_KEYS)
+TRAINING_KEYS = ("trainer", "hardware", "strategy", "optim", "finetune", "callbacks", *TRACKING_KEYS, *RUN_KEYS)
 # Every stage reads its own `stage` group and writes into the run directory (paths).
 COMMON_KEYS = ("stage", "paths")
 
