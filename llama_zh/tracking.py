@@ -82,6 +82,7 @@ CHOICE_KEYS = {
     "stage": "name",
     "model": "name",
     "trainer": "name",
+    "hardware": "name",
     "strategy": "name",
     "finetune": "method",
     "quant": "name",

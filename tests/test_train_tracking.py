@@ -41,6 +41,7 @@ def test_run_config_records_choices_mix_and_commit():
         "stage": "pretrain",
         "model": "tiny",
         "trainer": "cpu_ddp2",
+        "hardware": "cpu",
         "strategy": "ddp",
         "finetune": "lora",
         "data": "sample_zh",
