@@ -115,6 +115,8 @@ def test_overrides_of_read_groups_and_group_choices_pass(hydra_overrides, monkey
     cfg = config("stage=convert")
     hydra_overrides("stage=convert", "model=llama_7b", "paths.data_dir=/d", "debug=fast", "hydra.run.dir=/r")
     check_unread(cfg, kept_keys(cfg))
+    hydra_overrides("stage=convert", "logger=csv", "trainer=cpu", "optim=adamw8bit")  # a setup, not a value
+    check_unread(cfg, kept_keys(cfg))
 
 
 def test_the_smoke_test_overrides_are_exempt(hydra_overrides, monkeypatch):

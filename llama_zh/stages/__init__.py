@@ -269,8 +269,11 @@ def check_unread(cfg: DictConfig, keep: list[str]) -> None:
     It would be dropped without effect (`stage=convert optim.lr=1`), and a user who typed it expects it
     to matter: one line naming it is better than a silent no-op. Exempt: the overrides added by
     LLAMA_ZH_EXTRA_OVERRIDES, which a smoke test puts after every documented command alike
-    (`trainer.max_steps=6` after a convert too), and group choices that have no node of their own
-    (experiment=, debug=, hydra.*), which set keys of several groups at once.
+    (`trainer.max_steps=6` after a convert too), group choices that have no node of their own
+    (experiment=, debug=, hydra.*), which set keys of several groups at once, and the choice of an
+    option for an unread group (`logger=csv`, `trainer=cpu`): it names a setup, often kept in a shell
+    alias for every stage, and asks for no particular value (logged; `model=` is refused by
+    check_options, since a user naming a shape expects it to be used).
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -282,7 +285,8 @@ def check_unread(cfg: DictConfig, keep: list[str]) -> None:
         key = override.split("=", 1)[0].lstrip("+~").split(".", 1)[0].split("@", 1)[0]
         if key in keep or key not in cfg:
             continue
-        if override in exempt:
+        choice = "." not in override.split("=", 1)[0] and not override.startswith(("+", "~"))
+        if override in exempt or choice:
             log.info("%s: stage=%s does not read %s; ignored", override, name, key)
             continue
         raise ConfigError(f"{override}: stage={name} does not read {key}, so it would be ignored; drop it")
