@@ -113,23 +113,27 @@ def random_hf_llama(
     return model, path
 
 
-def write_meta_llama3(directory, hf_model, params_extra, drop_output=False):
-    """A Meta Llama-3 style release (one shard, interleaved q/k rows) from a transformers model."""
+def to_meta_interleaved(w, n_heads):
+    """HF's q/k row order back to Meta's: per head, (2, head_dim/2) rows to (head_dim/2, 2)
+    (docs/reference.md#formats)."""
+    out_dim, in_dim = w.shape
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, in_dim).permute(0, 2, 1, 3).reshape(out_dim, in_dim)
+
+
+def meta_state_dict(hf_model) -> dict:
+    """A transformers Llama's weights under Meta's keys, q/k rows interleaved."""
     cfg, sd = hf_model.config, hf_model.state_dict()
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-
-    def interleave(w, n):
-        out, inp = w.shape
-        return w.reshape(n, 2, out // n // 2, inp).permute(0, 2, 1, 3).reshape(out, inp)
-
-    full = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
-    if not drop_output:
-        full["output.weight"] = sd["lm_head.weight"]
+    full = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         full |= {
-            f"layers.{i}.attention.wq.weight": interleave(sd[p + "self_attn.q_proj.weight"], heads),
-            f"layers.{i}.attention.wk.weight": interleave(sd[p + "self_attn.k_proj.weight"], kv),
+            f"layers.{i}.attention.wq.weight": to_meta_interleaved(sd[p + "self_attn.q_proj.weight"], heads),
+            f"layers.{i}.attention.wk.weight": to_meta_interleaved(sd[p + "self_attn.k_proj.weight"], kv),
             f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
             f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
             f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
@@ -138,6 +142,16 @@ def write_meta_llama3(directory, hf_model, params_extra, drop_output=False):
             f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
             f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
         }
+    return full
+
+
+def write_meta_llama3(directory, hf_model, params_extra, drop_output=False):
+    """A Meta Llama-3 style release (one shard, interleaved q/k rows) from a transformers model."""
+    cfg = hf_model.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    full = meta_state_dict(hf_model)
+    if drop_output:
+        del full["output.weight"]
     directory.mkdir(parents=True)
     torch.save({k: v.clone() for k, v in full.items()}, directory / "consolidated.00.pth")
     params = {

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import random_hf_llama, write_meta_llama3
+from helpers import meta_state_dict, random_hf_llama, write_meta_llama3
 
 transformers = pytest.importorskip("transformers")
 
@@ -125,38 +125,12 @@ def test_hf_to_tencentpretrain_to_native(tmp_path, shape):
     torch.testing.assert_close(model(ids), hf_logits(hf_model, ids), atol=1e-5, rtol=0)
 
 
-def _to_meta_interleaved(w, n_heads):
-    # The test's own inverse of HF's permute, written from docs/reference.md#formats: (2, hd/2) back to (hd/2, 2).
-    out_dim, in_dim = w.shape
-    hd = out_dim // n_heads
-    return w.reshape(n_heads, 2, hd // 2, in_dim).permute(0, 2, 1, 3).reshape(out_dim, in_dim)
-
-
 def write_meta(hf_model, directory, n_shards):
     """A fake Meta release generated from an HF model: keys, permutation and shard split per
     docs/reference.md#formats."""
     cfg = hf_model.config
-    sd = hf_model.state_dict()
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    full = {
-        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
-        "norm.weight": sd["model.norm.weight"],
-        "output.weight": sd["lm_head.weight"],
-        "rope.freqs": torch.zeros(4),
-    }
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        full |= {
-            f"layers.{i}.attention.wq.weight": _to_meta_interleaved(sd[p + "self_attn.q_proj.weight"], heads),
-            f"layers.{i}.attention.wk.weight": _to_meta_interleaved(sd[p + "self_attn.k_proj.weight"], kv),
-            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
-            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
-            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
-            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
-            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
-            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
-        }
+    full = meta_state_dict(hf_model) | {"rope.freqs": torch.zeros(4)}
 
     def split_dim(k):
         return (
